@@ -1,0 +1,1073 @@
+/* config.c — YAML configuration loader (libyaml event API) and the small parsers it uses.
+ *
+ * Why the event API and not libyaml's document loader: the loader silently expands aliases into
+ * shared nodes (a billion-laughs vector and invisible in the result), while events show every anchor
+ * and alias so they can be refused at their exact position. The walk is driven by a static schema
+ * (struct field tables below): each mapping event is matched against the table of the section it
+ * belongs to, so the descent never goes deeper than the schema (3 levels) whatever the input nests,
+ * and the first problem in document order is the one reported.
+ *
+ * Loads are transactional: the YAML is applied to a deep copy of *c, which replaces *c only when the
+ * whole stream parsed and validated; on error *c is left exactly as it was.
+ *
+ * Policy decisions (documented in docs/configuration.md):
+ *  - anchors (&a), aliases (*a) and explicit tags (!!int, !foo) are refused;
+ *  - a section written with an empty/null value ("agent:", "limits: ~") is an empty mapping;
+ *  - one YAML document per file; an empty stream or empty document means "all defaults";
+ *  - integers are plain decimal: no sign, no 0x, no leading zeros (YAML 1.1 would read 010 as octal).
+ */
+#include "core/config.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/un.h>
+#include <unistd.h>
+#include <yaml.h>
+
+/* Quoted values in messages show at most this many input bytes, then "...". */
+#define VALUE_SHOW_MAX 60
+/* A config file is a few hundred bytes; refuse to slurp something that is clearly not one. */
+#define FILE_MAX (1024 * 1024)
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Small helpers                                                                                  */
+
+static bool is_digit(char ch)
+{
+    return ch >= '0' && ch <= '9';
+}
+
+static bool is_pow2(uint64_t v)
+{
+    return v != 0 && (v & (v - 1)) == 0;
+}
+
+/* Append s[0..n) to dst (capacity cap, current length *len), escaping so the result is one line of
+ * printable ASCII: '"' and '\\' are backslashed, anything outside 0x20..0x7e becomes \xNN. Stops
+ * (and appends "...") after max input bytes. Always NUL-terminates; never writes past cap. */
+static void append_escaped(char *dst, size_t cap, size_t *len, const char *s, size_t n, size_t max)
+{
+    static const char hex[] = "0123456789abcdef";
+    size_t l = *len;
+
+    for (size_t i = 0; i < n; i++) {
+        unsigned char ch = (unsigned char)s[i];
+        char tmp[4];
+        size_t t = 0;
+
+        if (i == max) {
+            if (l + 3 < cap) {
+                memcpy(dst + l, "...", 3);
+                l += 3;
+            }
+            break;
+        }
+        if (ch == '"' || ch == '\\') {
+            tmp[t++] = '\\';
+            tmp[t++] = (char)ch;
+        } else if (ch < 0x20 || ch > 0x7e) {
+            tmp[t++] = '\\';
+            tmp[t++] = 'x';
+            tmp[t++] = hex[ch >> 4];
+            tmp[t++] = hex[ch & 15];
+        } else {
+            tmp[t++] = (char)ch;
+        }
+        if (l + t >= cap)
+            break;
+        memcpy(dst + l, tmp, t);
+        l += t;
+    }
+    if (cap > 0)
+        dst[l < cap ? l : cap - 1] = '\0';
+    *len = l;
+}
+
+/* "value" quoted and escaped for an error message; the ellipsis goes outside the quotes so the
+ * quoted part is always an exact (escaped) prefix of the input. */
+static void quote_value(char *dst, size_t cap, const char *s, size_t n)
+{
+    size_t len = 0;
+
+    /* cap >= 8: room for the quotes, the ellipsis and the NUL is kept back from the escaper. */
+    dst[len++] = '"';
+    append_escaped(dst, cap - 4, &len, s, n < VALUE_SHOW_MAX ? n : VALUE_SHOW_MAX, SIZE_MAX);
+    dst[len++] = '"';
+    if (n > VALUE_SHOW_MAX) {
+        memcpy(dst + len, "...", 3);
+        len += 3;
+    }
+    dst[len] = '\0';
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Exported scalar parsers                                                                        */
+
+/* 1..5 decimal digits, at most 65535. Leading zeros are harmless for a port, so they are allowed. */
+static int parse_port(const char *s, uint16_t *port)
+{
+    uint32_t v = 0;
+    size_t n = 0;
+
+    for (; is_digit(s[n]); n++) {
+        if (n == 5)
+            return -EINVAL;
+        v = v * 10 + (uint32_t)(s[n] - '0');
+    }
+    if (n == 0 || s[n] != '\0' || v > 65535)
+        return -EINVAL;
+    *port = (uint16_t)v;
+    return 0;
+}
+
+int kd_config_parse_hostport(const char *s, struct sockaddr_storage *ss, socklen_t *len)
+{
+    char host[INET6_ADDRSTRLEN + 1];
+    struct sockaddr_storage tmp;
+    const char *colon;
+    uint16_t port;
+    size_t hl;
+
+    if (!s)
+        return -EINVAL;
+    colon = strrchr(s, ':');
+    if (!colon || parse_port(colon + 1, &port) < 0)
+        return -EINVAL;
+    hl = (size_t)(colon - s);
+    memset(&tmp, 0, sizeof(tmp));
+
+    if (hl >= 2 && s[0] == '[' && s[hl - 1] == ']') {
+        /* Only IPv6 goes in brackets; "[1.2.3.4]:80" fails inet_pton(AF_INET6) as it should. Zone
+         * ids ("%eth0") are not accepted by inet_pton either; nobody listens on link-local here. */
+        struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)&tmp;
+
+        if (hl - 2 >= sizeof(host))
+            return -EINVAL;
+        memcpy(host, s + 1, hl - 2);
+        host[hl - 2] = '\0';
+        if (inet_pton(AF_INET6, host, &sin6->sin6_addr) != 1)
+            return -EINVAL;
+        sin6->sin6_family = AF_INET6;
+        sin6->sin6_port = htons(port);
+        *len = sizeof(*sin6);
+    } else {
+        /* Unbracketed: IPv4 only. "::1:80" lands here with host "::1" and fails, which is right:
+         * without brackets the port cannot be told apart from the address. */
+        struct sockaddr_in *sin = (struct sockaddr_in *)&tmp;
+
+        if (hl >= sizeof(host))
+            return -EINVAL;
+        memcpy(host, s, hl);
+        host[hl] = '\0';
+        if (inet_pton(AF_INET, host, &sin->sin_addr) != 1)
+            return -EINVAL;
+        sin->sin_family = AF_INET;
+        sin->sin_port = htons(port);
+        *len = sizeof(*sin);
+    }
+    *ss = tmp;
+    return 0;
+}
+
+int kd_config_parse_duration(const char *s, uint64_t *ms)
+{
+    uint64_t total = 0;
+    const char *q = s;
+
+    if (!s || !*s)
+        return -EINVAL;
+    /* Go accepts a unitless zero and nothing else unitless. */
+    if (strcmp(s, "0") == 0) {
+        *ms = 0;
+        return 0;
+    }
+    while (*q) {
+        uint64_t v = 0, mult;
+        const char *unit;
+        size_t ul;
+
+        if (!is_digit(*q))
+            return -EINVAL;
+        for (; is_digit(*q); q++) {
+            unsigned d = (unsigned)(*q - '0');
+
+            if (v > (UINT64_MAX - d) / 10)
+                return -EINVAL;
+            v = v * 10 + d;
+        }
+        /* Like Go, the unit is everything up to the next digit: "1ms" is ms, "1m5s" is m then s. */
+        unit = q;
+        while (*q && !is_digit(*q))
+            q++;
+        ul = (size_t)(q - unit);
+        if (ul == 2 && memcmp(unit, "ms", 2) == 0)
+            mult = 1;
+        else if (ul == 1 && *unit == 's')
+            mult = 1000;
+        else if (ul == 1 && *unit == 'm')
+            mult = 60 * 1000;
+        else if (ul == 1 && *unit == 'h')
+            mult = 60 * 60 * 1000;
+        else
+            return -EINVAL;
+        if (v > UINT64_MAX / mult)
+            return -EINVAL;
+        v *= mult;
+        if (total > UINT64_MAX - v)
+            return -EINVAL;
+        total += v;
+    }
+    *ms = total;
+    return 0;
+}
+
+const char *kd_log_level_name(enum kd_log_level l)
+{
+    switch (l) {
+    case KD_LOG_DEBUG:
+        return "debug";
+    case KD_LOG_INFO:
+        return "info";
+    case KD_LOG_WARN:
+        return "warn";
+    case KD_LOG_ERROR:
+        return "error";
+    }
+    return "unknown";
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Ownership: every string of a kd_config                                                         */
+
+/* Every heap string a kd_config owns. A new char * member of struct kd_config must be added here,
+ * or it will leak on free and be shared (then double-freed) by the transactional copy. */
+#define NSTRINGS 14
+
+static void string_slots(struct kd_config *c, char **s[NSTRINGS])
+{
+    size_t i = 0;
+
+    s[i++] = &c->source;
+    s[i++] = &c->agent.listen.address;
+    s[i++] = &c->agent.listen.authentication_secret_file;
+    s[i++] = &c->agent.token_file;
+    s[i++] = &c->api.listen.address;
+    s[i++] = &c->api.listen.authentication_secret_file;
+    s[i++] = &c->private_api.listen.address;
+    s[i++] = &c->private_api.listen.authentication_secret_file;
+    s[i++] = &c->observability.listen.address;
+    s[i++] = &c->observability.listen.authentication_secret_file;
+    s[i++] = &c->redis.address;
+    s[i++] = &c->redis.username;
+    s[i++] = &c->redis.password_file;
+    s[i++] = &c->redis.key_prefix;
+}
+
+void kd_config_free(struct kd_config *c)
+{
+    char **s[NSTRINGS];
+
+    if (!c)
+        return;
+    string_slots(c, s);
+    for (size_t i = 0; i < NSTRINGS; i++)
+        free(*s[i]);
+    /* Zeroed, so a second free (or a load into it) is harmless. */
+    memset(c, 0, sizeof(*c));
+}
+
+/* Deep copy; on failure dst is zeroed and -ENOMEM returned. */
+static int config_copy(struct kd_config *dst, const struct kd_config *src)
+{
+    char **s[NSTRINGS];
+
+    *dst = *src;
+    string_slots(dst, s);
+    for (size_t i = 0; i < NSTRINGS; i++) {
+        char *d;
+
+        if (!*s[i])
+            continue;
+        d = strdup(*s[i]);
+        if (!d) {
+            /* The slots from i on still point at src's strings: forget them before freeing. */
+            for (size_t j = i; j < NSTRINGS; j++)
+                *s[j] = NULL;
+            kd_config_free(dst);
+            return -ENOMEM;
+        }
+        *s[i] = d;
+    }
+    return 0;
+}
+
+static int set_listen(struct kd_listen_cfg *l, const char *address)
+{
+    char *a = strdup(address);
+
+    if (!a)
+        return -ENOMEM;
+    if (kd_config_parse_hostport(a, &l->addr, &l->addrlen) < 0) {
+        free(a);
+        return -EINVAL;
+    }
+    free(l->address);
+    l->address = a;
+    return 0;
+}
+
+int kd_config_defaults(struct kd_config *c)
+{
+    /* *c may be uninitialised: it is overwritten, never freed. */
+    memset(c, 0, sizeof(*c));
+    c->shards = 0;
+    c->redis.configured = false;
+    c->redis.database = 0;
+    c->redis.dial_timeout_ms = 5000;
+    c->limits.connections_per_shard = 65536;
+    c->limits.recv_buffers = 1024;
+    c->limits.recv_buffer_size = 16384;
+    c->limits.router_ring_size = 4096;
+    c->limits.shutdown_grace_ms = 10000;
+    c->log.level = KD_LOG_INFO;
+
+    c->source = strdup("<defaults>");
+    c->redis.key_prefix = strdup("gitlab-kas");
+    if (!c->source || !c->redis.key_prefix || set_listen(&c->agent.listen, "127.0.0.1:8150") < 0 ||
+        set_listen(&c->api.listen, "127.0.0.1:8153") < 0 ||
+        set_listen(&c->private_api.listen, "127.0.0.1:8155") < 0 ||
+        set_listen(&c->observability.listen, "127.0.0.1:8151") < 0) {
+        kd_config_free(c);
+        return -ENOMEM;
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Schema                                                                                         */
+
+struct parse;
+
+enum kind {
+    K_MAP,        /* a section: sub lists its keys, done (optional) validates it afterwards */
+    K_LISTEN,     /* numeric host:port into the struct kd_listen_cfg at off */
+    K_STRING,     /* non-empty string into the char * at off */
+    K_UINT,       /* decimal integer in [min, max] into the unsigned at off */
+    K_POW2,       /* like K_UINT, and a power of two */
+    K_DURATION,   /* Go-style duration, in [min, max] milliseconds, into the uint32_t at off */
+    K_LOG_LEVEL,  /* debug | info | warn | error into the enum kd_log_level at off */
+    K_REDIS_ADDR, /* host:port (DNS names allowed: redis is dialled, not bound) or unix:/path */
+    K_KEY_PREFIX, /* non-empty, no whitespace or control bytes */
+};
+
+struct field {
+    const char *key;
+    enum kind kind;
+    size_t off;
+    uint64_t min, max;
+    const struct field *sub;     /* K_MAP: NULL-key terminated */
+    const char *example;         /* K_LISTEN: shown in the error message */
+    int (*done)(struct parse *p, yaml_mark_t at);
+};
+
+#define OFF(member) offsetof(struct kd_config, member)
+#define LISTEN_ADDRESS(section, ex)                                                                      \
+    {                                                                                                    \
+        .key = "address", .kind = K_LISTEN, .off = OFF(section.listen), .example = ex                   \
+    }
+#define SECRET_FILE(section)                                                                             \
+    {                                                                                                    \
+        .key = "authentication_secret_file", .kind = K_STRING,                                          \
+        .off = OFF(section.listen.authentication_secret_file)                                           \
+    }
+
+static int redis_done(struct parse *p, yaml_mark_t at);
+
+static const struct field agent_listen_keys[] = {LISTEN_ADDRESS(agent, "127.0.0.1:8150"), {0}};
+static const struct field agent_keys[] = {
+    {.key = "listen", .kind = K_MAP, .sub = agent_listen_keys},
+    {.key = "token_file", .kind = K_STRING, .off = OFF(agent.token_file)},
+    {0},
+};
+static const struct field api_listen_keys[] = {LISTEN_ADDRESS(api, "127.0.0.1:8153"), SECRET_FILE(api), {0}};
+static const struct field api_keys[] = {{.key = "listen", .kind = K_MAP, .sub = api_listen_keys}, {0}};
+static const struct field private_api_listen_keys[] = {
+    LISTEN_ADDRESS(private_api, "127.0.0.1:8155"),
+    SECRET_FILE(private_api),
+    {0},
+};
+static const struct field private_api_keys[] = {
+    {.key = "listen", .kind = K_MAP, .sub = private_api_listen_keys},
+    {0},
+};
+static const struct field observability_listen_keys[] = {LISTEN_ADDRESS(observability, "127.0.0.1:8151"), {0}};
+static const struct field observability_keys[] = {
+    {.key = "listen", .kind = K_MAP, .sub = observability_listen_keys},
+    {0},
+};
+static const struct field redis_server_keys[] = {
+    {.key = "address", .kind = K_REDIS_ADDR, .off = OFF(redis.address)},
+    {0},
+};
+static const struct field redis_keys[] = {
+    {.key = "server", .kind = K_MAP, .sub = redis_server_keys},
+    {.key = "username", .kind = K_STRING, .off = OFF(redis.username)},
+    {.key = "password_file", .kind = K_STRING, .off = OFF(redis.password_file)},
+    {.key = "database", .kind = K_UINT, .off = OFF(redis.database), .min = 0, .max = INT32_MAX},
+    {.key = "key_prefix", .kind = K_KEY_PREFIX, .off = OFF(redis.key_prefix)},
+    /* 0 would mean "no timeout" to some clients and "fail at once" to others: refuse it. */
+    {.key = "dial_timeout", .kind = K_DURATION, .off = OFF(redis.dial_timeout_ms), .min = 1, .max = UINT32_MAX},
+    {0},
+};
+static const struct field limits_keys[] = {
+    {.key = "connections_per_shard",
+     .kind = K_UINT,
+     .off = OFF(limits.connections_per_shard),
+     .min = 1,
+     .max = 16777216},
+    {.key = "recv_buffers_per_shard", .kind = K_POW2, .off = OFF(limits.recv_buffers), .min = 16, .max = 32768},
+    {.key = "recv_buffer_size", .kind = K_UINT, .off = OFF(limits.recv_buffer_size), .min = 1024, .max = 1048576},
+    {.key = "router_ring_size", .kind = K_POW2, .off = OFF(limits.router_ring_size), .min = 64, .max = 1048576},
+    {.key = "shutdown_grace", .kind = K_DURATION, .off = OFF(limits.shutdown_grace_ms), .min = 0, .max = UINT32_MAX},
+    {0},
+};
+static const struct field log_keys[] = {{.key = "level", .kind = K_LOG_LEVEL, .off = OFF(log.level)}, {0}};
+static const struct field top_keys[] = {
+    {.key = "shards", .kind = K_UINT, .off = OFF(shards), .min = 0, .max = 1024},
+    {.key = "agent", .kind = K_MAP, .sub = agent_keys},
+    {.key = "api", .kind = K_MAP, .sub = api_keys},
+    {.key = "private_api", .kind = K_MAP, .sub = private_api_keys},
+    {.key = "observability", .kind = K_MAP, .sub = observability_keys},
+    {.key = "redis", .kind = K_MAP, .sub = redis_keys, .done = redis_done},
+    {.key = "limits", .kind = K_MAP, .sub = limits_keys},
+    {.key = "log", .kind = K_MAP, .sub = log_keys},
+    {0},
+};
+
+/* ---------------------------------------------------------------------------------------------- */
+/* The walk                                                                                       */
+
+/* State of one load. Invariant: when have_ev, ev is the event under consideration and is owned here
+ * (deleted by the next next_event() or by the end of the load). path is the dotted key of the node
+ * being parsed ("" at the top level), already escaped for messages. */
+struct parse {
+    yaml_parser_t parser;
+    yaml_event_t ev;
+    bool have_ev;
+    struct kd_config *c;
+    const char *buf; /* the input, to turn a reader error's byte offset into line:col */
+    size_t len;
+    char name[512];  /* escaped source name */
+    char path[256];
+    size_t pathlen;
+    char *err;
+    size_t errlen;
+};
+
+static void set_error(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void set_error(char *err, size_t errlen, const char *fmt, ...)
+{
+    va_list ap;
+
+    if (!err || errlen == 0)
+        return;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+}
+
+/* "NAME:LINE:COL: PATH: MESSAGE" (PATH and its ": " are left out at the top level). Returns code. */
+static int fail_code(struct parse *p, int code, yaml_mark_t at, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static int fail_code(struct parse *p, int code, yaml_mark_t at, const char *fmt, ...)
+{
+    char msg[512];
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    set_error(p->err, p->errlen, "%s:%zu:%zu: %s%s%s", p->name, at.line + 1, at.column + 1, p->path,
+              p->pathlen ? ": " : "", msg);
+    return code;
+}
+
+#define fail(p, at, ...) fail_code(p, -EINVAL, at, __VA_ARGS__)
+
+static int fail_oom(struct parse *p, yaml_mark_t at)
+{
+    return fail_code(p, -ENOMEM, at, "out of memory");
+}
+
+/* Push a key onto the dotted path; returns the length to restore with pop. Keys that are not plain
+ * identifiers are shown quoted and escaped, so `agent."li sen"` and `agent.""` stay readable. */
+static size_t push(struct parse *p, const char *key, size_t n)
+{
+    size_t saved = p->pathlen;
+    bool plain = n > 0;
+
+    for (size_t i = 0; i < n && plain; i++) {
+        char ch = key[i];
+
+        plain = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || is_digit(ch) || ch == '_' || ch == '-';
+    }
+    if (p->pathlen)
+        append_escaped(p->path, sizeof(p->path), &p->pathlen, ".", 1, 1);
+    if (plain) {
+        append_escaped(p->path, sizeof(p->path), &p->pathlen, key, n, VALUE_SHOW_MAX);
+    } else {
+        char q[4 * VALUE_SHOW_MAX + 8];
+        size_t ql;
+
+        quote_value(q, sizeof(q), key, n);
+        ql = strlen(q);
+        /* Already escaped: copy as is (append_escaped would double the backslashes). */
+        if (p->pathlen + ql < sizeof(p->path)) {
+            memcpy(p->path + p->pathlen, q, ql + 1);
+            p->pathlen += ql;
+        }
+    }
+    return saved;
+}
+
+static void pop(struct parse *p, size_t saved)
+{
+    p->pathlen = saved;
+    p->path[saved] = '\0';
+}
+
+/* libyaml counts lines and columns of characters; a reader error only carries a byte offset. */
+static yaml_mark_t mark_of_offset(const struct parse *p, size_t off)
+{
+    yaml_mark_t m = {.index = off, .line = 0, .column = 0};
+
+    for (size_t i = 0; i < off && i < p->len; i++) {
+        unsigned char ch = (unsigned char)p->buf[i];
+
+        if (ch == '\n') {
+            m.line++;
+            m.column = 0;
+        } else if ((ch & 0xc0) != 0x80) {
+            m.column++;
+        }
+    }
+    return m;
+}
+
+/* Translate libyaml's error state into our message; the code is decided here, at the boundary. A
+ * syntax error belongs to the text, not to a key, so it is reported without the dotted path. */
+static int syntax_error(struct parse *p)
+{
+    const yaml_parser_t *y = &p->parser;
+    const char *problem = y->problem ? y->problem : "unknown error";
+    char ctx[160] = "";
+    yaml_mark_t at;
+
+    if (y->error == YAML_MEMORY_ERROR) {
+        set_error(p->err, p->errlen, "%s: out of memory", p->name);
+        return -ENOMEM;
+    }
+    if (y->error == YAML_READER_ERROR) {
+        at = mark_of_offset(p, y->problem_offset);
+        if (y->problem_value != -1)
+            snprintf(ctx, sizeof(ctx), " (0x%02X)", (unsigned)y->problem_value);
+    } else {
+        at = y->problem_mark;
+        if (y->context)
+            snprintf(ctx, sizeof(ctx), " (%s at %zu:%zu)", y->context, y->context_mark.line + 1,
+                     y->context_mark.column + 1);
+    }
+    set_error(p->err, p->errlen, "%s:%zu:%zu: YAML syntax error: %s%s", p->name, at.line + 1, at.column + 1,
+              problem, ctx);
+    return -EINVAL;
+}
+
+static const char *event_kind(const yaml_event_t *e)
+{
+    switch (e->type) {
+    case YAML_SCALAR_EVENT:
+        return "a scalar";
+    case YAML_SEQUENCE_START_EVENT:
+        return "a sequence";
+    case YAML_MAPPING_START_EVENT:
+        return "a mapping";
+    case YAML_ALIAS_EVENT:
+        return "an alias";
+    default:
+        return "nothing";
+    }
+}
+
+/* Fetch the next event into p->ev, refusing aliases, anchors and explicit tags on sight. */
+static int next_event(struct parse *p)
+{
+    yaml_event_t *e = &p->ev;
+    const yaml_char_t *anchor = NULL, *tag = NULL;
+    char q[4 * VALUE_SHOW_MAX + 8];
+
+    if (p->have_ev) {
+        yaml_event_delete(e);
+        p->have_ev = false;
+    }
+    if (!yaml_parser_parse(&p->parser, e))
+        return syntax_error(p);
+    p->have_ev = true;
+
+    switch (e->type) {
+    case YAML_ALIAS_EVENT:
+        anchor = e->data.alias.anchor;
+        quote_value(q, sizeof(q), (const char *)anchor, strlen((const char *)anchor));
+        return fail(p, e->start_mark, "aliases are not supported (alias %s)", q);
+    case YAML_SCALAR_EVENT:
+        anchor = e->data.scalar.anchor;
+        tag = e->data.scalar.tag;
+        break;
+    case YAML_SEQUENCE_START_EVENT:
+        anchor = e->data.sequence_start.anchor;
+        tag = e->data.sequence_start.tag;
+        break;
+    case YAML_MAPPING_START_EVENT:
+        anchor = e->data.mapping_start.anchor;
+        tag = e->data.mapping_start.tag;
+        break;
+    default:
+        break;
+    }
+    if (anchor) {
+        quote_value(q, sizeof(q), (const char *)anchor, strlen((const char *)anchor));
+        return fail(p, e->start_mark, "anchors are not supported (anchor %s)", q);
+    }
+    if (tag) {
+        quote_value(q, sizeof(q), (const char *)tag, strlen((const char *)tag));
+        return fail(p, e->start_mark, "tags are not supported (tag %s)", q);
+    }
+    return 0;
+}
+
+/* An unquoted empty, "~" or "null" scalar: YAML's null, written e.g. as "agent:" with all of its
+ * children commented out. */
+static bool is_null(const yaml_event_t *e)
+{
+    const char *v;
+
+    if (e->type != YAML_SCALAR_EVENT || e->data.scalar.style != YAML_PLAIN_SCALAR_STYLE)
+        return false;
+    v = (const char *)e->data.scalar.value;
+    return !strcmp(v, "") || !strcmp(v, "~") || !strcmp(v, "null") || !strcmp(v, "Null") || !strcmp(v, "NULL");
+}
+
+/* Strict decimal: digits only, no leading zero unless "0". -EINVAL on syntax, -ERANGE on overflow. */
+static int parse_u64(const char *s, size_t n, uint64_t *out)
+{
+    uint64_t v = 0;
+
+    if (n == 0 || (n > 1 && s[0] == '0'))
+        return -EINVAL;
+    for (size_t i = 0; i < n; i++) {
+        unsigned d;
+
+        if (!is_digit(s[i]))
+            return -EINVAL;
+        d = (unsigned)(s[i] - '0');
+        if (v > (UINT64_MAX - d) / 10) {
+            /* Keep scanning: "99999999999999999999x" is a syntax error, not a range error. */
+            for (; i < n; i++)
+                if (!is_digit(s[i]))
+                    return -EINVAL;
+            return -ERANGE;
+        }
+        v = v * 10 + d;
+    }
+    *out = v;
+    return 0;
+}
+
+static bool valid_redis_addr(const char *s)
+{
+    const char *colon, *h;
+    uint16_t port;
+    size_t hl;
+
+    if (strncmp(s, "unix:", 5) == 0) {
+        const char *path = s + 5;
+
+        return path[0] == '/' && strlen(path) < sizeof(((struct sockaddr_un *)0)->sun_path);
+    }
+    colon = strrchr(s, ':');
+    if (!colon || parse_port(colon + 1, &port) < 0 || port == 0)
+        return false;
+    hl = (size_t)(colon - s);
+    if (hl >= 2 && s[0] == '[' && s[hl - 1] == ']') {
+        char host[INET6_ADDRSTRLEN + 1];
+        struct in6_addr a6;
+
+        if (hl - 2 >= sizeof(host))
+            return false;
+        memcpy(host, s + 1, hl - 2);
+        host[hl - 2] = '\0';
+        return inet_pton(AF_INET6, host, &a6) == 1;
+    }
+    /* A DNS name or IPv4 literal; resolving it is the redis client's business, at dial time. */
+    if (hl == 0 || hl > 253)
+        return false;
+    for (h = s; h < colon; h++) {
+        char ch = *h;
+
+        if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || is_digit(ch) || ch == '.' || ch == '-' ||
+              ch == '_'))
+            return false;
+    }
+    return true;
+}
+
+static int set_string(struct parse *p, char **slot, const char *v, size_t n, yaml_mark_t at)
+{
+    char *d = strndup(v, n);
+
+    if (!d)
+        return fail_oom(p, at);
+    free(*slot);
+    *slot = d;
+    return 0;
+}
+
+/* p->ev is the scalar for field f. */
+static int parse_scalar(struct parse *p, const struct field *f)
+{
+    const yaml_event_t *e = &p->ev;
+    const char *v = (const char *)e->data.scalar.value;
+    size_t n = e->data.scalar.length;
+    yaml_mark_t at = e->start_mark;
+    char *base = (char *)p->c;
+    char got[4 * VALUE_SHOW_MAX + 8];
+    uint64_t u;
+    int r;
+
+    quote_value(got, sizeof(got), v, n);
+    /* A double-quoted "\0" puts a NUL inside the value; C strings would silently cut it there. */
+    if (memchr(v, '\0', n))
+        return fail(p, at, "must not contain NUL bytes, got %s", got);
+
+    switch (f->kind) {
+    case K_LISTEN: {
+        struct kd_listen_cfg *l = (struct kd_listen_cfg *)(base + f->off);
+        struct sockaddr_storage ss;
+        socklen_t sl;
+
+        if (kd_config_parse_hostport(v, &ss, &sl) < 0)
+            return fail(p, at, "expected host:port (like %s), got %s", f->example, got);
+        if ((r = set_string(p, &l->address, v, n, at)) < 0)
+            return r;
+        l->addr = ss;
+        l->addrlen = sl;
+        return 0;
+    }
+    case K_STRING:
+        if (n == 0)
+            return fail(p, at, "must not be empty");
+        return set_string(p, (char **)(base + f->off), v, n, at);
+    case K_KEY_PREFIX:
+        for (size_t i = 0; i < n; i++)
+            if ((unsigned char)v[i] <= 0x20 || (unsigned char)v[i] == 0x7f)
+                return fail(p, at, "must not contain spaces or control characters, got %s", got);
+        if (n == 0)
+            return fail(p, at, "must not be empty");
+        return set_string(p, (char **)(base + f->off), v, n, at);
+    case K_REDIS_ADDR:
+        if (!valid_redis_addr(v))
+            return fail(p, at, "expected host:port (like 127.0.0.1:6379) or unix:/path/to/socket, got %s", got);
+        return set_string(p, (char **)(base + f->off), v, n, at);
+    case K_UINT:
+    case K_POW2:
+        r = parse_u64(v, n, &u);
+        if (r == -EINVAL)
+            return fail(p, at, "expected a decimal integer, got %s", got);
+        if (f->kind == K_POW2 && (r < 0 || u < f->min || u > f->max || !is_pow2(u)))
+            return fail(p, at, "must be a power of two between %llu and %llu, got %s",
+                        (unsigned long long)f->min, (unsigned long long)f->max, got);
+        if (r < 0 || u < f->min || u > f->max)
+            return fail(p, at, "must be between %llu and %llu, got %s", (unsigned long long)f->min,
+                        (unsigned long long)f->max, got);
+        *(unsigned *)(base + f->off) = (unsigned)u;
+        return 0;
+    case K_DURATION:
+        if (kd_config_parse_duration(v, &u) < 0)
+            return fail(p, at, "expected a duration like 250ms, 10s, 1m30s or 2h, got %s", got);
+        if (u < f->min || u > f->max)
+            return fail(p, at, "must be between %llums and %llums, got %s", (unsigned long long)f->min,
+                        (unsigned long long)f->max, got);
+        *(uint32_t *)(base + f->off) = (uint32_t)u;
+        return 0;
+    case K_LOG_LEVEL: {
+        static const enum kd_log_level levels[] = {KD_LOG_DEBUG, KD_LOG_INFO, KD_LOG_WARN, KD_LOG_ERROR};
+
+        for (size_t i = 0; i < sizeof(levels) / sizeof(levels[0]); i++) {
+            if (!strcmp(v, kd_log_level_name(levels[i]))) {
+                *(enum kd_log_level *)(base + f->off) = levels[i];
+                return 0;
+            }
+        }
+        return fail(p, at, "expected one of: debug, info, warn, error, got %s", got);
+    }
+    case K_MAP:
+        break;
+    }
+    return fail(p, at, "internal error: unhandled field kind");
+}
+
+static int parse_map(struct parse *p, const struct field *fields);
+
+/* p->ev is the value node for field f. */
+static int parse_value(struct parse *p, const struct field *f)
+{
+    const yaml_event_t *e = &p->ev;
+    yaml_mark_t at = e->start_mark;
+    int r;
+
+    if (f->kind != K_MAP) {
+        if (e->type != YAML_SCALAR_EVENT)
+            return fail(p, at, "expected a scalar, got %s", event_kind(e));
+        return parse_scalar(p, f);
+    }
+    if (e->type == YAML_MAPPING_START_EVENT) {
+        if ((r = parse_map(p, f->sub)) < 0)
+            return r;
+    } else if (!is_null(e)) {
+        return fail(p, at, "expected a mapping, got %s", event_kind(e));
+    }
+    return f->done ? f->done(p, at) : 0;
+}
+
+/* p->ev is a MAPPING-START; consume up to and including its MAPPING-END. */
+static int parse_map(struct parse *p, const struct field *fields)
+{
+    yaml_mark_t first[32]; /* where each key of fields was first seen; bit i of seen says it was */
+    uint32_t seen = 0;
+    int r;
+
+    for (;;) {
+        const yaml_event_t *k = &p->ev;
+        const char *key;
+        size_t kl, i, saved;
+        yaml_mark_t at;
+
+        if ((r = next_event(p)) < 0)
+            return r;
+        if (k->type == YAML_MAPPING_END_EVENT)
+            return 0;
+        at = k->start_mark;
+        if (k->type != YAML_SCALAR_EVENT)
+            return fail(p, at, "keys must be scalars, got %s", event_kind(k));
+        key = (const char *)k->data.scalar.value;
+        kl = k->data.scalar.length;
+        for (i = 0; fields[i].key; i++)
+            if (strlen(fields[i].key) == kl && memcmp(fields[i].key, key, kl) == 0)
+                break;
+        saved = push(p, key, kl);
+        if (!fields[i].key) {
+            char expected[256];
+            size_t el = 0, nfields = 0;
+
+            /* The tables are short: the list always fits (at most ~90 bytes for the top level). */
+            expected[0] = '\0';
+            for (size_t j = 0; fields[j].key && el < sizeof(expected); j++, nfields++)
+                el += (size_t)snprintf(expected + el, sizeof(expected) - el, "%s%s", j ? ", " : "", fields[j].key);
+            return fail(p, at, "unknown key (expected%s%s)", nfields == 1 ? ": " : " one of: ", expected);
+        }
+        if (seen & (1u << i))
+            return fail(p, at, "duplicate key (first given at line %zu)", first[i].line + 1);
+        seen |= 1u << i;
+        first[i] = at;
+        if ((r = next_event(p)) < 0 || (r = parse_value(p, &fields[i])) < 0)
+            return r;
+        pop(p, saved);
+    }
+}
+
+/* A redis section means "use this external server", which is meaningless without its address. */
+static int redis_done(struct parse *p, yaml_mark_t at)
+{
+    size_t saved;
+    int r;
+
+    p->c->redis.configured = true;
+    if (p->c->redis.address)
+        return 0;
+    saved = push(p, "server", 6);
+    push(p, "address", 7);
+    r = fail(p, at, "required when a redis section is given (like 127.0.0.1:6379 or unix:/path/to/socket)");
+    pop(p, saved);
+    return r;
+}
+
+/* STREAM-START, at most one document whose root is a mapping (or null), STREAM-END. */
+static int parse_stream(struct parse *p)
+{
+    int r;
+
+    if ((r = next_event(p)) < 0)
+        return r;
+    /* STREAM-START, then DOCUMENT-START or (empty stream) STREAM-END. */
+    if ((r = next_event(p)) < 0)
+        return r;
+    if (p->ev.type == YAML_STREAM_END_EVENT)
+        return 0;
+    if ((r = next_event(p)) < 0)
+        return r;
+    if (p->ev.type == YAML_MAPPING_START_EVENT) {
+        if ((r = parse_map(p, top_keys)) < 0)
+            return r;
+    } else if (!is_null(&p->ev)) {
+        return fail(p, p->ev.start_mark, "expected a mapping at the top level, got %s", event_kind(&p->ev));
+    }
+    /* DOCUMENT-END, then STREAM-END; reading to the end also surfaces trailing syntax errors. */
+    if ((r = next_event(p)) < 0 || (r = next_event(p)) < 0)
+        return r;
+    if (p->ev.type != YAML_STREAM_END_EVENT)
+        return fail(p, p->ev.start_mark, "only one YAML document is allowed");
+    return 0;
+}
+
+int kd_config_load_string(struct kd_config *c, const char *name, const char *yaml, size_t len, char *err,
+                          size_t errlen)
+{
+    struct kd_config work;
+    struct parse *p;
+    size_t nl = 0;
+    int r;
+
+    if (!name)
+        name = "<string>";
+    if (!yaml) {
+        yaml = "";
+        len = 0;
+    }
+    if (err && errlen)
+        err[0] = '\0';
+    /* The parse state is ~1 KiB plus libyaml's parser; keep it off the (possibly small) stack. */
+    p = calloc(1, sizeof(*p));
+    if (!p) {
+        set_error(err, errlen, "%s: out of memory", name);
+        return -ENOMEM;
+    }
+    if (config_copy(&work, c) < 0) {
+        free(p);
+        set_error(err, errlen, "%s: out of memory", name);
+        return -ENOMEM;
+    }
+    p->c = &work;
+    p->buf = yaml;
+    p->len = len;
+    p->err = err;
+    p->errlen = errlen;
+    append_escaped(p->name, sizeof(p->name), &nl, name, strlen(name), sizeof(p->name) / 4 - 4);
+    if (!yaml_parser_initialize(&p->parser)) {
+        kd_config_free(&work);
+        free(p);
+        set_error(err, errlen, "%s: out of memory", name);
+        return -ENOMEM;
+    }
+    yaml_parser_set_input_string(&p->parser, (const unsigned char *)yaml, len);
+
+    r = parse_stream(p);
+    if (r == 0) {
+        char *src = strdup(name);
+
+        if (src) {
+            free(work.source);
+            work.source = src;
+        } else {
+            r = -ENOMEM;
+            set_error(err, errlen, "%s: out of memory", name);
+        }
+    }
+    if (p->have_ev)
+        yaml_event_delete(&p->ev);
+    yaml_parser_delete(&p->parser);
+    free(p);
+
+    if (r < 0) {
+        kd_config_free(&work);
+        return r;
+    }
+    kd_config_free(c);
+    *c = work;
+    return 0;
+}
+
+/* Whole file into a malloc'd buffer. 0 or -errno. */
+static int read_file(const char *path, char **out, size_t *outlen)
+{
+    size_t cap = 4096, len = 0;
+    char *buf = NULL;
+    int fd, r = 0;
+
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    for (;;) {
+        ssize_t n;
+
+        if (!buf || len == cap) {
+            char *nb;
+
+            if (buf)
+                cap *= 2;
+            nb = realloc(buf, cap);
+            if (!nb) {
+                r = -ENOMEM;
+                break;
+            }
+            buf = nb;
+        }
+        n = read(fd, buf + len, cap - len);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0) {
+            r = -errno;
+            break;
+        }
+        if (n == 0)
+            break;
+        len += (size_t)n;
+        if (len > FILE_MAX) {
+            r = -EFBIG;
+            break;
+        }
+    }
+    close(fd);
+    if (r < 0) {
+        free(buf);
+        return r;
+    }
+    *out = buf;
+    *outlen = len;
+    return 0;
+}
+
+int kd_config_load_file(struct kd_config *c, const char *path, char *err, size_t errlen)
+{
+    char name[512];
+    size_t nl = 0, len = 0;
+    char *buf = NULL;
+    int r;
+
+    r = read_file(path, &buf, &len);
+    if (r < 0) {
+        append_escaped(name, sizeof(name), &nl, path, strlen(path), sizeof(name) / 4 - 4);
+        if (r == -EFBIG)
+            set_error(err, errlen, "%s: cannot read config: larger than %d bytes", name, FILE_MAX);
+        else
+            set_error(err, errlen, "%s: cannot read config: %s", name, strerror(-r));
+        return r;
+    }
+    r = kd_config_load_string(c, path, buf, len, err, errlen);
+    free(buf);
+    return r;
+}

@@ -1,0 +1,89 @@
+/* config.h — kasd's configuration: YAML (libyaml) into a validated struct.
+ * Concurrency: loaded once by the main thread before shards start; read-only afterwards.
+ * Ownership: kd_config owns every string in it; kd_config_free() releases them.
+ *
+ * Keys follow GitLab kas where kas has them (agent.listen.address, api.listen.address,
+ * redis.server.address, ...). Unknown keys are errors. Every error names the file, line and column,
+ * the dotted key and what was expected, e.g.
+ *   kasd.yaml:7:14: api.listen.address: expected host:port (like 127.0.0.1:8153), got "localhost"
+ * The reference of every key lives in docs/configuration.md.
+ */
+#ifndef KD_CORE_CONFIG_H
+#define KD_CORE_CONFIG_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/socket.h>
+
+enum kd_log_level { KD_LOG_DEBUG = 0, KD_LOG_INFO = 1, KD_LOG_WARN = 2, KD_LOG_ERROR = 3 };
+
+struct kd_listen_cfg {
+    char *address;                    /* as written: "127.0.0.1:8150", "[::1]:8150"; port 0 = ephemeral */
+    struct sockaddr_storage addr;     /* parsed numerically (no DNS lookups at start) */
+    socklen_t addrlen;
+    char *authentication_secret_file; /* api / private_api: JWT secret, base64 in the file; else NULL */
+};
+
+struct kd_config {
+    char *source; /* file name used in messages, "<defaults>" when built-in */
+
+    unsigned shards; /* 0 = one per online CPU */
+
+    struct {
+        struct kd_listen_cfg listen;
+        char *token_file; /* embedded token resolver: token -> agent (NULL: none configured) */
+    } agent;
+    struct {
+        struct kd_listen_cfg listen;
+    } api;
+    struct {
+        struct kd_listen_cfg listen;
+    } private_api;
+    struct {
+        struct kd_listen_cfg listen;
+    } observability;
+
+    struct {
+        bool configured;     /* false: kasd starts its own redis-server on a loopback port */
+        char *address;       /* redis.server.address: "host:port" or "unix:/path" */
+        char *username;      /* redis.username, NULL when unset */
+        char *password_file; /* redis.password_file, NULL when unset */
+        unsigned database;   /* redis.database */
+        char *key_prefix;    /* redis.key_prefix, default "gitlab-kas" */
+        uint32_t dial_timeout_ms;
+    } redis;
+
+    struct {
+        unsigned connections_per_shard; /* limits.connections_per_shard: accepted beyond it are refused */
+        unsigned recv_buffers;          /* limits.recv_buffers_per_shard: power of two */
+        unsigned recv_buffer_size;      /* limits.recv_buffer_size: bytes per provided buffer */
+        unsigned router_ring_size;      /* limits.router_ring_size: messages per shard pair */
+        uint32_t shutdown_grace_ms;     /* limits.shutdown_grace: in-flight work may finish this long */
+    } limits;
+
+    struct {
+        enum kd_log_level level; /* log.level: debug | info | warn | error */
+    } log;
+};
+
+/* Fill *c with the built-in defaults (listeners on 127.0.0.1 at kas's ports, embedded Redis). */
+int kd_config_defaults(struct kd_config *c);
+
+/* Parse YAML over the defaults already in *c. On error returns -EINVAL (or -errno for I/O) and
+ * writes one line naming file:line:col, key and expectation into err. *c stays freeable either way. */
+int kd_config_load_file(struct kd_config *c, const char *path, char *err, size_t errlen);
+int kd_config_load_string(struct kd_config *c, const char *name, const char *yaml, size_t len, char *err,
+                          size_t errlen);
+
+void kd_config_free(struct kd_config *c);
+
+/* Parse "host:port" / "[v6]:port" numerically. 0 or -EINVAL. Exposed for reuse and tests. */
+int kd_config_parse_hostport(const char *s, struct sockaddr_storage *ss, socklen_t *len);
+
+/* Parse a Go-style duration ("250ms", "10s", "2h", "1m30s") into milliseconds. 0 or -EINVAL. */
+int kd_config_parse_duration(const char *s, uint64_t *ms);
+
+const char *kd_log_level_name(enum kd_log_level l);
+
+#endif

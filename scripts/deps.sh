@@ -1,0 +1,35 @@
+#!/bin/bash
+# Install kasd's build, run and test dependencies from Debian 12's packages (idempotent: apt-get
+# runs only when something is missing). Needs root.
+set -euo pipefail
+
+KASD_PACKAGES=(
+  gcc libc6-dev pkg-config meson ninja-build
+  liburing-dev libyaml-dev
+  redis-server
+  python3
+)
+KASD_TEST_PACKAGES=(
+  libcriterion-dev
+  clang libclang-rt-14-dev   # libFuzzer drivers
+  curl
+)
+
+kasd_install() {
+  local missing=()
+  for p in "$@"; do
+    # strip trailing comments from the arrays above
+    [[ "$p" == \#* ]] && break
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if ((${#missing[@]})); then
+    if [[ $(id -u) -ne 0 ]]; then
+      echo "kasd: missing packages (${missing[*]}); run as root to install them" >&2
+      exit 1
+    fi
+    echo "kasd: installing ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+}

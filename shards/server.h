@@ -1,0 +1,88 @@
+/* server.h — the set of shard threads behind kasd's listeners.
+ * Concurrency: kd_server_* are called from one controlling thread (main, or a test); shards run on
+ * their own threads. kd_server_stop() is async-signal-unsafe but thread-safe (a flag + eventfd).
+ * Ownership: the server owns the shards, the router and every listening socket; the caller keeps
+ * the option strings and ops tables alive until kd_server_destroy().
+ *
+ *   kd_server_create  binds every listener (one SO_REUSEPORT socket per shard), sizes tables
+ *   kd_server_start   starts N pinned shard threads; returns once each has its io_uring or failed
+ *   kd_server_stop    asks shards to stop accepting and finish (graceful), returns at once
+ *   kd_server_wait    joins the shards
+ *   kd_server_destroy frees everything
+ */
+#ifndef KD_SHARDS_SERVER_H
+#define KD_SHARDS_SERVER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/socket.h>
+
+#include "core/stat.h"
+#include "router/ring.h"
+
+struct kd_server;
+struct kd_shard;
+struct kd_conn_ops;
+struct kd_router;
+
+#define KD_MAX_LISTENERS 8
+
+struct kd_server_listener {
+    const char *name; /* "agent", "api", ... (logs, metrics) */
+    struct sockaddr_storage addr;
+    socklen_t addrlen;
+    const struct kd_conn_ops *ops;
+    const void *cfg; /* protocol configuration, reachable with kd_conn_listener_cfg() */
+};
+
+struct kd_server_opts {
+    unsigned shards; /* 0 = online CPUs */
+    bool pin;        /* pin shard i to CPU i % ncpu */
+    struct kd_server_listener listeners[KD_MAX_LISTENERS];
+    unsigned nlisteners;
+    uint32_t connections_per_shard;
+    uint32_t recv_buffers;     /* per shard, power of two */
+    uint32_t recv_buffer_size; /* bytes */
+    uint32_t ring_size;        /* router ring capacity per shard pair, power of two */
+    uint32_t shutdown_grace_ms;
+    /* Optional hooks, each called on the shard's own thread. */
+    void *user;                                                     /* borrowed; kd_server_user() */
+    int (*on_shard_start)(struct kd_shard *s);                      /* <0 aborts start */
+    void (*on_shard_stop)(struct kd_shard *s);                      /* after the last connection */
+    void (*on_message)(struct kd_shard *s, const struct kd_msg *m); /* router types >= KD_MSG_SHARD_USER */
+};
+
+/* Per-shard counters: written by the shard, readable from any thread. */
+struct kd_shard_stats {
+    kd_stat accepted;
+    kd_stat refused; /* accepted but closed at once: connection table full */
+    kd_stat closed;
+    kd_stat handoffs_out;
+    kd_stat handoffs_in;
+    kd_stat handoffs_refused; /* arrived but the table was full */
+    kd_stat recv_bytes;
+    kd_stat sent_bytes;
+    kd_stat enobufs; /* recv re-armed after the buffer ring ran dry */
+    kd_stat stale_cqes;
+    kd_stat loops;
+    kd_stat sleeps;
+    kd_stat accept_errors;
+};
+
+int kd_server_create(const struct kd_server_opts *opts, struct kd_server **out, char *err, size_t errlen);
+int kd_server_start(struct kd_server *srv, char *err, size_t errlen);
+void kd_server_stop(struct kd_server *srv);
+int kd_server_wait(struct kd_server *srv);
+void kd_server_destroy(struct kd_server *srv);
+
+unsigned kd_server_nshards(const struct kd_server *srv);
+/* The port listener i is bound to (resolves port 0). */
+int kd_server_port(const struct kd_server *srv, unsigned listener);
+/* The address listener i is bound to, formatted "127.0.0.1:41234" / "[::1]:41234". */
+void kd_server_address(const struct kd_server *srv, unsigned listener, char *buf, size_t len);
+const struct kd_shard_stats *kd_server_shard_stats(const struct kd_server *srv, unsigned shard);
+struct kd_router *kd_server_router(struct kd_server *srv);
+void *kd_server_user(const struct kd_server *srv);
+
+#endif

@@ -1,0 +1,341 @@
+/* shard.c — the shard thread: its io_uring, its provided buffers, and the loop of shard.h. */
+#include "shards/shard.h"
+
+#include <errno.h>
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "core/clock.h"
+#include "core/log.h"
+
+#define RING_ENTRIES 4096
+#define CQ_ENTRIES 16384
+
+struct kd_router *kd_shard_router(const struct kd_shard *s)
+{
+    return s->srv->router;
+}
+
+unsigned kd_shard_count(const struct kd_shard *s)
+{
+    return s->srv->n;
+}
+
+const struct kd_conn_ops *kd_shard_listener_ops(const struct kd_shard *s, unsigned listener)
+{
+    return s->srv->opts.listeners[listener].ops;
+}
+
+void kd_shard_send(struct kd_shard *s, unsigned to, struct kd_msg *m)
+{
+    kd_router_send(s->srv->router, s->id, to, m);
+}
+
+struct io_uring_sqe *kd_shard_sqe(struct kd_shard *s)
+{
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&s->ring);
+    while (sqe == NULL) {
+        /* SQ full: push what we have to the kernel and take a fresh slot. */
+        io_uring_submit(&s->ring);
+        sqe = io_uring_get_sqe(&s->ring);
+    }
+    return sqe;
+}
+
+void kd_shard_wake(struct kd_shard *s)
+{
+    uint64_t one = 1;
+    ssize_t rc = write(s->eventfd, &one, sizeof(one));
+    (void)rc; /* EAGAIN means the counter is already non-zero: the shard will wake anyway */
+}
+
+void kd_shard_buf_return(struct kd_shard *s, uint16_t bid)
+{
+    io_uring_buf_ring_add(s->br, s->bufs + (size_t)bid * s->buf_size, s->buf_size, bid,
+                          io_uring_buf_ring_mask(s->nbufs), (int)s->br_pending);
+    s->br_pending++;
+}
+
+/* Provided buffer ring, registered by hand (liburing 2.3 has no io_uring_setup_buf_ring). */
+static int setup_buffers(struct kd_shard *s)
+{
+    const struct kd_server_opts *o = &s->srv->opts;
+    s->nbufs = o->recv_buffers;
+    s->buf_size = o->recv_buffer_size;
+    s->br_map_len = (size_t)s->nbufs * sizeof(struct io_uring_buf);
+    void *map = mmap(NULL, s->br_map_len, PROT_READ | PROT_WRITE, MAP_ANONYMOUS | MAP_PRIVATE, -1, 0);
+    if (map == MAP_FAILED)
+        return -errno;
+    s->br = map;
+    s->bufs = malloc((size_t)s->nbufs * s->buf_size);
+    if (s->bufs == NULL)
+        return -ENOMEM;
+    struct io_uring_buf_reg reg = {.ring_addr = (uintptr_t)s->br, .ring_entries = s->nbufs, .bgid = 0};
+    int rc = io_uring_register_buf_ring(&s->ring, &reg, 0);
+    if (rc < 0)
+        return rc;
+    io_uring_buf_ring_init(s->br);
+    for (uint32_t i = 0; i < s->nbufs; i++)
+        io_uring_buf_ring_add(s->br, s->bufs + (size_t)i * s->buf_size, s->buf_size, (unsigned short)i,
+                              io_uring_buf_ring_mask(s->nbufs), (int)i);
+    io_uring_buf_ring_advance(s->br, (int)s->nbufs);
+    return 0;
+}
+
+static int setup_ring(struct kd_shard *s)
+{
+    struct io_uring_params p;
+    memset(&p, 0, sizeof(p));
+    p.flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_CQSIZE;
+    p.cq_entries = CQ_ENTRIES;
+    int rc = io_uring_queue_init_params(RING_ENTRIES, &s->ring, &p);
+    if (rc == -EINVAL) {
+        /* Kernels before 6.1 lack DEFER_TASKRUN (and before 6.0 SINGLE_ISSUER): run without. */
+        memset(&p, 0, sizeof(p));
+        p.flags = IORING_SETUP_CQSIZE;
+        p.cq_entries = CQ_ENTRIES;
+        rc = io_uring_queue_init_params(RING_ENTRIES, &s->ring, &p);
+        if (rc == 0 && s->id == 0)
+            kd_log_msg(KD_LOG_WARN, "io_uring_degraded",
+                       "SINGLE_ISSUER/DEFER_TASKRUN unavailable; running without them");
+    }
+    if (rc < 0) {
+        snprintf(s->start_msg, sizeof(s->start_msg),
+                 "io_uring is unavailable (io_uring_setup: %s); kasd needs Linux >= 6.0 with io_uring "
+                 "enabled (sysctl kernel.io_uring_disabled=0, no seccomp filter blocking it)",
+                 strerror(-rc));
+        return rc;
+    }
+    s->ring_ok = true;
+    if (!(p.features & IORING_FEAT_EXT_ARG)) {
+        snprintf(s->start_msg, sizeof(s->start_msg), "io_uring lacks IORING_FEAT_EXT_ARG (Linux >= 5.11)");
+        return -ENOTSUP;
+    }
+    return 0;
+}
+
+static void arm_eventfd(struct kd_shard *s)
+{
+    struct io_uring_sqe *sqe = kd_shard_sqe(s);
+    io_uring_prep_read(sqe, s->eventfd, &s->eventfd_val, sizeof(s->eventfd_val), 0);
+    io_uring_sqe_set_data64(sqe, kd_ud_make(KD_OP_EVENTFD, 0, 0));
+    s->eventfd_armed = true;
+    s->ops_inflight++;
+}
+
+static void on_router_msg(void *ctx, const struct kd_msg *m)
+{
+    struct kd_shard *s = ctx;
+    if (m->type == KD_MSG_HANDOFF) {
+        kd_conn_adopt(s, m->ptr);
+    } else if (m->type >= KD_MSG_SHARD_USER && s->srv->opts.on_message != NULL) {
+        s->srv->opts.on_message(s, m);
+    } else {
+        kd_log_msg(KD_LOG_ERROR, "router_unknown_message", "type %u from %u dropped", m->type, m->from);
+    }
+}
+
+static void stop_timer_cb(struct kd_timer *t)
+{
+    struct kd_shard *s = KD_CONTAINER_OF(t, struct kd_shard, stop_timer);
+    if (s->conns.live > 0) {
+        struct kd_logline l;
+        kd_log_begin(&l, KD_LOG_WARN, "shutdown_grace_expired");
+        kd_log_uint(&l, "connections_closed", s->conns.live);
+        kd_log_end(&l);
+    }
+    kd_conn_shutdown_all(s, true);
+}
+
+static void begin_stop(struct kd_shard *s)
+{
+    s->stopping = true;
+    kd_listener_close_all(s);
+    kd_conn_shutdown_all(s, false);
+    kd_timerwheel_add(&s->timers, &s->stop_timer, s->now_ms + s->srv->opts.shutdown_grace_ms);
+}
+
+static void dispatch(struct kd_shard *s, struct io_uring_cqe *cqe)
+{
+    switch (kd_ud_op(cqe->user_data)) {
+    case KD_OP_RECV:
+    case KD_OP_SEND:
+    case KD_OP_CANCEL:
+    case KD_OP_CONNECT:
+        kd_conn_complete(s, cqe);
+        break;
+    case KD_OP_ACCEPT:
+        kd_listener_complete(s, cqe);
+        break;
+    case KD_OP_LCANCEL:
+        s->ops_inflight--;
+        break;
+    case KD_OP_EVENTFD:
+        s->eventfd_armed = false;
+        s->ops_inflight--;
+        break;
+    case KD_OP_DOORBELL:
+        /* A wake-up (or a failed msg_ring we sent, which the target's own checks cover). */
+        break;
+    default:
+        kd_stat_inc(&s->stats.stale_cqes);
+        break;
+    }
+}
+
+/* Reap up to budget completions. Returns how many. */
+static unsigned reap(struct kd_shard *s, unsigned budget)
+{
+    struct io_uring_cqe *cqes[64];
+    unsigned total = 0;
+    while (total < budget) {
+        unsigned want = budget - total < 64 ? budget - total : 64;
+        unsigned n = io_uring_peek_batch_cqe(&s->ring, cqes, want);
+        if (n == 0)
+            break;
+        for (unsigned i = 0; i < n; i++)
+            dispatch(s, cqes[i]);
+        io_uring_cq_advance(&s->ring, n);
+        total += n;
+    }
+    if (s->br_pending > 0) {
+        io_uring_buf_ring_advance(s->br, (int)s->br_pending);
+        s->br_pending = 0;
+    }
+    return total;
+}
+
+static void loop(struct kd_shard *s)
+{
+    struct kd_server *srv = s->srv;
+    struct kd_router *r = srv->router;
+    for (;;) {
+        kd_stat_inc(&s->stats.loops);
+        s->now_ms = kd_clock_ms();
+        unsigned reaped = reap(s, KD_SHARD_CQE_BUDGET);
+        unsigned drained = kd_router_drain(r, s->id, KD_SHARD_MSG_BUDGET);
+        if (!s->stopping && atomic_load_explicit(&srv->stopping, memory_order_acquire))
+            begin_stop(s);
+        s->now_ms = kd_clock_ms();
+        size_t fired = kd_timerwheel_run(&s->timers, s->now_ms, KD_SHARD_TIMER_BUDGET);
+        kd_conn_flush_all(s);
+        if (s->eventfd_armed == false && !s->stopping)
+            arm_eventfd(s);
+
+        uint32_t own_ops = s->ops_inflight - (s->eventfd_armed ? 1u : 0u);
+        if (s->stopping && s->conns.live == 0 && s->listeners_open == 0 && own_ops == 0)
+            break;
+
+        bool busy = reaped == KD_SHARD_CQE_BUDGET || drained == KD_SHARD_MSG_BUDGET ||
+                    fired == KD_SHARD_TIMER_BUDGET || !kd_list_is_empty(&s->dirty);
+        if (busy) {
+            io_uring_submit_and_get_events(&s->ring);
+            continue;
+        }
+        uint64_t next = kd_timerwheel_next(&s->timers);
+        uint64_t wait_ms = next == UINT64_MAX ? 60000 : (next > s->now_ms ? next - s->now_ms : 0);
+        if (kd_router_has_backlog(r, s->id) && wait_ms > 1)
+            wait_ms = 1; /* our overflow waits for room in a ring: nobody will ring us for that */
+        if (wait_ms == 0 || !kd_router_prepare_sleep(r, s->id)) {
+            io_uring_submit_and_get_events(&s->ring);
+            continue;
+        }
+        struct __kernel_timespec ts = {.tv_sec = (long long)(wait_ms / 1000),
+                                       .tv_nsec = (long long)(wait_ms % 1000) * 1000000};
+        struct io_uring_cqe *cqe;
+        kd_stat_inc(&s->stats.sleeps);
+        io_uring_submit_and_wait_timeout(&s->ring, &cqe, 1, &ts, NULL);
+        kd_router_awake(r, s->id);
+    }
+}
+
+static int setup(struct kd_shard *s)
+{
+    struct kd_server *srv = s->srv;
+    int rc = setup_ring(s);
+    if (rc < 0)
+        return rc;
+    rc = setup_buffers(s);
+    if (rc < 0) {
+        snprintf(s->start_msg, sizeof(s->start_msg), "provided buffer ring (%u x %u bytes): %s", s->nbufs,
+                 s->buf_size, strerror(-rc));
+        return rc;
+    }
+    rc = kd_conntable_init(&s->conns, srv->opts.connections_per_shard);
+    if (rc < 0) {
+        snprintf(s->start_msg, sizeof(s->start_msg), "connection table (%u): %s",
+                 srv->opts.connections_per_shard, strerror(-rc));
+        return rc;
+    }
+    kd_list_init(&s->dirty);
+    s->now_ms = kd_clock_ms();
+    kd_timerwheel_init(&s->timers, s->now_ms);
+    kd_timer_init(&s->stop_timer, stop_timer_cb);
+    rc = kd_router_attach(srv->router, s->id, &s->ring, kd_ud_make(KD_OP_DOORBELL, 0, 0), s->eventfd,
+                          on_router_msg, s);
+    if (rc < 0) {
+        snprintf(s->start_msg, sizeof(s->start_msg), "router attach: %s", strerror(-rc));
+        return rc;
+    }
+    if (srv->opts.on_shard_start != NULL) {
+        rc = srv->opts.on_shard_start(s);
+        if (rc < 0) {
+            if (s->start_msg[0] == '\0')
+                snprintf(s->start_msg, sizeof(s->start_msg), "shard start hook: %s", strerror(-rc));
+            return rc;
+        }
+    }
+    return 0;
+}
+
+static void teardown(struct kd_shard *s)
+{
+    if (s->ring_ok) {
+        if (s->br != NULL)
+            io_uring_unregister_buf_ring(&s->ring, 0);
+        io_uring_queue_exit(&s->ring);
+        s->ring_ok = false;
+    }
+    if (s->br != NULL)
+        munmap(s->br, s->br_map_len);
+    s->br = NULL;
+    free(s->bufs);
+    s->bufs = NULL;
+    kd_conntable_fini(&s->conns);
+}
+
+void *kd_shard_main(void *arg)
+{
+    struct kd_shard *s = arg;
+    struct kd_server *srv = s->srv;
+    char name[16];
+    kd_log_set_shard((int)s->id);
+    snprintf(name, sizeof(name), "kasd-shard%u", s->id);
+    pthread_setname_np(pthread_self(), name);
+    if (srv->opts.pin && srv->ncpu > 0) {
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        CPU_SET(s->id % srv->ncpu, &set);
+        pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
+    }
+    s->start_err = setup(s);
+    sem_post(&srv->ready);
+    while (sem_wait(&srv->go) < 0 && errno == EINTR)
+        ;
+    if (s->start_err == 0 && !atomic_load(&srv->abort_start)) {
+        for (unsigned i = 0; i < s->nlisteners; i++)
+            kd_listener_arm(s, i);
+        arm_eventfd(s);
+        loop(s);
+        if (srv->opts.on_shard_stop != NULL)
+            srv->opts.on_shard_stop(s);
+    }
+    /* Listener fds not yet closed (failed start) are closed by the server. */
+    teardown(s);
+    return NULL;
+}

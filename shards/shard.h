@@ -1,0 +1,162 @@
+/* shard.h — one shard: a thread, its io_uring, its connections, timers and mailboxes.
+ * Concurrency: everything here is touched only by the shard's own thread, except what the router
+ * and kd_shard_stats document. Nothing under shards/ takes a lock.
+ * Ownership: the shard owns its ring, provided buffers, connection table and timer wheel.
+ *
+ * The loop (style.md rule 7), one turn:
+ *
+ *   ┌─> reap completions (≤ KD_SHARD_CQE_BUDGET)      accept / recv / send / cancel / doorbells
+ *   │   drain mailboxes   (≤ KD_SHARD_MSG_BUDGET)     hand-offs, routed work
+ *   │   run timers        (≤ KD_SHARD_TIMER_BUDGET)
+ *   │   flush             on_flush() of dirty conns, then one send per conn with output
+ *   │   stop check        stopping && no connection && no op in flight -> exit
+ *   │   if work is left (budget hit): submit, no wait
+ *   │   else prepare_sleep (router) -> submit_and_wait(timeout = next timer) -> awake
+ *   └───────────────────────────────────────────────┘
+ */
+#ifndef KD_SHARDS_SHARD_H
+#define KD_SHARDS_SHARD_H
+
+#include <liburing.h>
+#include <pthread.h>
+#include <semaphore.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "core/timerwheel.h"
+#include "router/router.h"
+#include "shards/conn.h"
+#include "shards/server.h"
+
+#define KD_SHARD_CQE_BUDGET 512
+#define KD_SHARD_MSG_BUDGET 512
+#define KD_SHARD_TIMER_BUDGET 1024
+
+/* Router message types owned by the shard layer; protocols use >= KD_MSG_SHARD_USER. */
+enum {
+    KD_MSG_HANDOFF = KD_MSG_USER, /* ptr: struct kd_handoff */
+    KD_MSG_SHARD_USER = KD_MSG_USER + 16,
+};
+
+/* What travels with a connection between shards. Allocated by the sender with
+ * kd_router_payload_alloc() and released by the receiver, so it is freed where it was made. */
+struct kd_handoff {
+    int fd;
+    uint8_t listener;
+    const struct kd_conn_ops *ops;
+    void *ctx;
+};
+
+struct kd_shard_listener {
+    struct kd_shard *shard;
+    unsigned index;
+    struct kd_timer rearm; /* re-arm accept a little later after an error such as EMFILE */
+    int fd;
+    bool armed;   /* multishot accept in flight */
+    bool closing; /* cancel sent; close fd when the accept terminates */
+};
+
+struct kd_shard {
+    unsigned id;
+    struct kd_server *srv;
+    pthread_t thread;
+    struct io_uring ring;
+    bool ring_ok;
+    int eventfd;
+    uint64_t eventfd_val;
+    bool eventfd_armed;
+    int start_err;        /* set by the thread before the start barrier */
+    char start_msg[256];  /* what failed, for kd_server_start's error */
+
+    /* provided buffer ring (bgid 0), registered by hand: liburing 2.3 lacks io_uring_setup_buf_ring */
+    struct io_uring_buf_ring *br;
+    size_t br_map_len;
+    uint8_t *bufs;
+    uint32_t nbufs, buf_size;
+    uint32_t br_pending; /* buffers added since the last advance */
+
+    struct kd_shard_listener listeners[KD_MAX_LISTENERS];
+    unsigned nlisteners;
+    unsigned listeners_open;
+
+    struct kd_conntable conns;
+    struct kd_list dirty; /* connections needing on_flush or a send this turn */
+    struct kd_timerwheel timers;
+    uint64_t now_ms;
+    uint32_t ops_inflight; /* every op of this shard (conns, listeners, eventfd) */
+
+    bool stopping;          /* stop seen: listeners closing, connections told */
+    uint64_t stop_deadline; /* force-close remaining connections at this time */
+    struct kd_timer stop_timer;
+
+    void *user; /* protocol's per-shard state */
+    struct kd_shard_stats stats;
+};
+
+/* The server as shards see it (defined here, not in server.h: only shards/ looks inside). */
+struct kd_server {
+    struct kd_server_opts opts;
+    unsigned n; /* shards; router participant n is the control thread */
+    unsigned ncpu;
+    struct kd_router *router;
+    struct kd_shard *shards;
+    struct sockaddr_storage bound[KD_MAX_LISTENERS];
+    _Atomic bool stopping;
+    sem_t ready; /* each shard posts once it is set up (or failed) */
+    sem_t go;    /* main posts once per shard when all are set up */
+    _Atomic bool abort_start;
+    bool started;
+    bool joined;
+};
+
+/* --- used by protocols and the server --- */
+static inline unsigned kd_shard_id(const struct kd_shard *s)
+{
+    return s->id;
+}
+static inline uint64_t kd_shard_now_ms(const struct kd_shard *s)
+{
+    return s->now_ms;
+}
+static inline struct kd_timerwheel *kd_shard_timers(struct kd_shard *s)
+{
+    return &s->timers;
+}
+static inline void *kd_shard_user(const struct kd_shard *s)
+{
+    return s->user;
+}
+static inline void kd_shard_set_user(struct kd_shard *s, void *user)
+{
+    s->user = user;
+}
+struct kd_shard *kd_conn_shard(const struct kd_conn *c);
+struct kd_router *kd_shard_router(const struct kd_shard *s);
+unsigned kd_shard_count(const struct kd_shard *s);
+/* Send a router message from this shard (m->type >= KD_MSG_SHARD_USER for protocols). */
+void kd_shard_send(struct kd_shard *s, unsigned to, struct kd_msg *m);
+
+/* --- internal to shards/ --- */
+void *kd_shard_main(void *arg);
+struct io_uring_sqe *kd_shard_sqe(struct kd_shard *s);
+void kd_shard_wake(struct kd_shard *s); /* eventfd write, from any thread */
+
+/* conn.c */
+void kd_conn_accepted(struct kd_shard *s, int fd, unsigned listener);
+void kd_conn_adopt(struct kd_shard *s, struct kd_handoff *h);
+void kd_conn_complete(struct kd_shard *s, struct io_uring_cqe *cqe);
+void kd_conn_flush_all(struct kd_shard *s);
+void kd_conn_shutdown_all(struct kd_shard *s, bool force);
+void kd_shard_buf_return(struct kd_shard *s, uint16_t bid);
+const struct kd_conn_ops *kd_shard_listener_ops(const struct kd_shard *s, unsigned listener);
+
+/* listener.c */
+int kd_listener_bind(const struct sockaddr_storage *addr, socklen_t len, int *fd, char *err, size_t errlen);
+void kd_listener_arm(struct kd_shard *s, unsigned i);
+void kd_listener_complete(struct kd_shard *s, struct io_uring_cqe *cqe);
+void kd_listener_close_all(struct kd_shard *s);
+void kd_listener_init(struct kd_shard *s, unsigned i, int fd);
+void kd_listener_format(const struct sockaddr_storage *ss, char *buf, size_t len);
+
+#endif

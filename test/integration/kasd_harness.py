@@ -1,0 +1,147 @@
+"""Start and stop a real kasd process for integration tests.
+
+Every kasd here listens on 127.0.0.1 with ephemeral ports, is bounded by timeouts, and is killed
+if a test leaves it running."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+
+KASD = os.environ.get("KASD_BIN", "build/cmd/kasd")
+
+BASE_CONFIG = """\
+shards: 2
+agent:
+  listen:
+    address: 127.0.0.1:0
+api:
+  listen:
+    address: 127.0.0.1:0
+private_api:
+  listen:
+    address: 127.0.0.1:0
+limits:
+  shutdown_grace: 5s
+"""
+
+
+class Kasd:
+    def __init__(self, config=BASE_CONFIG, args=(), start_timeout=20):
+        self.dir = tempfile.mkdtemp(prefix="kasd-test-")
+        self.config_path = os.path.join(self.dir, "kasd.yaml")
+        with open(self.config_path, "w") as f:
+            f.write(config)
+        self.lines = []
+        self.events = []
+        self.listeners = {}
+        self.redis_address = None
+        self._cond = threading.Condition()
+        self.proc = subprocess.Popen(
+            [KASD, "--config", self.config_path, *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=self.dir)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.stdout = b""
+        self._started = self.wait_event("started", start_timeout, allow_exit=True)
+
+    def _read(self):
+        for raw in self.proc.stderr:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            with self._cond:
+                self.lines.append(line)
+                try:
+                    ev = json.loads(line)
+                except ValueError:
+                    ev = None
+                if isinstance(ev, dict):
+                    self.events.append(ev)
+                    if ev.get("event") == "listening":
+                        host, port = ev["address"].rsplit(":", 1)
+                        self.listeners[ev["listener"]] = (host.strip("[]"), int(port))
+                    if ev.get("event") == "redis_embedded":
+                        self.redis_address = ev["address"]
+                self._cond.notify_all()
+
+    def wait_event(self, name, timeout, allow_exit=False):
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for ev in self.events:
+                    if ev.get("event") == name:
+                        return ev
+                if self.proc.poll() is not None and allow_exit:
+                    self._cond.wait(0.2)  # let the reader take the last lines
+                    for ev in self.events:
+                        if ev.get("event") == name:
+                            return ev
+                    return None
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"kasd: no '{name}' event within {timeout}s; log:\n" +
+                                       "\n".join(self.lines))
+                self._cond.wait(min(left, 0.2))
+
+    @property
+    def started(self):
+        return self._started is not None
+
+    def signal(self, sig):
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout=30):
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise
+        self._reader.join(5)
+        self.stdout = self.proc.stdout.read()
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+        return rc
+
+    def stop(self, timeout=30):
+        if self.proc.poll() is None:
+            self.signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        for f in (self.proc.stdout, self.proc.stderr):
+            if not f.closed:
+                try:
+                    f.close()
+                except OSError:
+                    pass
+
+    def log(self):
+        with self._cond:
+            return "\n".join(self.lines)
+
+
+def connect(addr, timeout=5):
+    s = socket.create_connection(addr, timeout=timeout)
+    s.settimeout(timeout)
+    return s
+
+
+def port_open(host, port):
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def redis_ping(address, timeout=2):
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(b"PING\r\n")
+        return s.recv(16).startswith(b"+PONG")

@@ -1,0 +1,182 @@
+"""kasd as a process: options, configuration errors, start on ephemeral loopback ports, accept
+connections on every listener, the embedded Redis, graceful stop on SIGTERM/SIGINT with exit 0."""
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+sys.path.insert(0, os.path.dirname(__file__))
+from kasd_harness import BASE_CONFIG, KASD, Kasd, connect, port_open, redis_ping  # noqa: E402
+
+
+def run(*args, timeout=20):
+    return subprocess.run([KASD, *args], capture_output=True, text=True, timeout=timeout)
+
+
+class Options(unittest.TestCase):
+    def test_version(self):
+        r = run("--version")
+        self.assertEqual(r.returncode, 0)
+        self.assertRegex(r.stdout, r"^kasd \d+\.\d+\.\d+\n$")
+
+    def test_help(self):
+        r = run("--help")
+        self.assertEqual(r.returncode, 0)
+        for word in ("--config", "--check-config", "--dev", "--version"):
+            self.assertIn(word, r.stdout)
+
+    def test_unknown_option(self):
+        r = run("--no-such-option")
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("usage:", r.stderr)
+
+    def write(self, text):
+        fd, path = tempfile.mkstemp(suffix=".yaml")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        self.addCleanup(os.unlink, path)
+        return path
+
+    def test_check_config_valid(self):
+        path = self.write(BASE_CONFIG)
+        r = run("--check-config", path)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("valid", r.stdout)
+
+    def test_check_config_unknown_key_names_file_line_and_key(self):
+        path = self.write("agent:\n  listen:\n    adress: 127.0.0.1:1\n")
+        r = run("--check-config", path)
+        self.assertEqual(r.returncode, 2)
+        self.assertIn(f"{path}:3:", r.stderr)
+        self.assertIn("agent.listen.adress", r.stderr)
+        self.assertIn("unknown key", r.stderr)
+
+    def test_bad_config_fails_start_with_exit_2(self):
+        path = self.write("api:\n  listen:\n    address: localhost\n")
+        r = run("--config", path)
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("api.listen.address", r.stderr)
+        self.assertIn(f"{path}:3:", r.stderr)
+
+    def test_missing_config_file(self):
+        r = run("--config", "/nonexistent/kasd.yaml")
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("/nonexistent/kasd.yaml", r.stderr)
+
+
+class Lifecycle(unittest.TestCase):
+    def start(self, *a, **kw):
+        k = Kasd(*a, **kw)
+        self.addCleanup(k.kill)
+        return k
+
+    def check_json_log(self, k):
+        for line in k.lines:
+            ev = json.loads(line)  # every line is one JSON object
+            self.assertIn("level", ev)
+            self.assertIn("event", ev)
+            self.assertIn("ts", ev)
+
+    def test_start_connect_sigterm_exit_0(self):
+        k = self.start()
+        self.assertTrue(k.started, k.log())
+        self.assertEqual(set(k.listeners), {"agent", "api", "private_api"})
+        socks = []
+        for name, addr in k.listeners.items():
+            self.assertEqual(addr[0], "127.0.0.1")
+            self.assertNotEqual(addr[1], 0, "port 0 is resolved to the bound port")
+            s = connect(addr)
+            s.sendall(b"hello " + name.encode())
+            socks.append(s)
+        # the embedded redis-server is up and answering
+        self.assertIsNotNone(k.redis_address)
+        self.assertTrue(redis_ping(k.redis_address))
+        k.signal(signal.SIGTERM)
+        rc = k.wait(30)
+        self.assertEqual(rc, 0, k.log())
+        for s in socks:  # connections were closed by the stop (FIN, or RST if bytes were unread)
+            try:
+                self.assertEqual(s.recv(1), b"")
+            except ConnectionResetError:
+                pass
+            s.close()
+        self.assertIsNotNone(k.wait_event("stopping", 1))
+        self.assertIsNotNone(k.wait_event("stopped", 1))
+        host, port = k.redis_address.rsplit(":", 1)
+        self.assertFalse(port_open(host, int(port)), "the embedded redis-server is stopped with kasd")
+        for addr in k.listeners.values():
+            self.assertFalse(port_open(*addr))
+        self.check_json_log(k)
+        started = k.wait_event("started", 1)
+        self.assertEqual(started["shards"], 2)
+
+    def test_sigint_also_stops_cleanly(self):
+        k = self.start()
+        self.assertTrue(k.started, k.log())
+        k.signal(signal.SIGINT)
+        self.assertEqual(k.wait(30), 0, k.log())
+
+    def test_busy_port_fails_start_naming_listener(self):
+        hold = socket.socket()
+        hold.bind(("127.0.0.1", 0))
+        hold.listen(1)
+        self.addCleanup(hold.close)
+        port = hold.getsockname()[1]
+        cfg = BASE_CONFIG.replace("api:\n  listen:\n    address: 127.0.0.1:0",
+                                  f"api:\n  listen:\n    address: 127.0.0.1:{port}")
+        k = self.start(config=cfg)
+        self.assertFalse(k.started)
+        rc = k.wait(30)
+        self.assertEqual(rc, 1)
+        log = k.log()
+        self.assertIn("Address already in use", log)
+        self.assertIn("api listener", log)
+        # the embedded redis it had started is gone too
+        if k.redis_address:
+            host, p = k.redis_address.rsplit(":", 1)
+            self.assertFalse(port_open(host, int(p)))
+
+    def test_many_connections_then_stop(self):
+        k = self.start()
+        self.assertTrue(k.started, k.log())
+        socks = [connect(k.listeners["agent"]) for _ in range(200)]
+        k.signal(signal.SIGTERM)
+        self.assertEqual(k.wait(30), 0, k.log())
+        for s in socks:
+            s.close()
+
+    def test_dev_mode_creates_files_once(self):
+        state = tempfile.mkdtemp(prefix="kasd-dev-")
+        k = self.start(args=("--dev", "--state-dir", state))
+        self.assertTrue(k.started, k.log())
+        self.assertEqual(k.stop(), 0, k.log())
+        out1 = k.stdout.decode()
+        files = {}
+        for name in ("api-secret", "private-api-secret", "agent-tokens.yaml"):
+            path = os.path.join(state, name)
+            self.assertIn(path, out1)
+            st = os.stat(path)
+            self.assertEqual(stat.S_IMODE(st.st_mode), 0o600, name)
+            with open(path) as f:
+                files[name] = f.read()
+        self.assertIn("agent_id: 1", files["agent-tokens.yaml"])
+        # idempotent: a second start reuses the same secrets and token
+        k2 = self.start(args=("--dev", "--state-dir", state))
+        self.assertTrue(k2.started, k2.log())
+        self.assertEqual(k2.stop(), 0)
+        for name, content in files.items():
+            with open(os.path.join(state, name)) as f:
+                self.assertEqual(f.read(), content)
+
+
+if __name__ == "__main__":
+    result = unittest.main(exit=False, verbosity=2).result
+    failed = len(result.failures) + len(result.errors)
+    print(f"{result.testsRun - failed} passed, {failed} failed")
+    sys.exit(1 if failed else 0)

@@ -1,0 +1,1054 @@
+/* config_test.c — the YAML loader: defaults, every key, every error path and its exact message,
+ * layering and transactional loads, and the host:port and duration parsers.
+ * Leaks are checked by LSan when each test worker exits (build with -fsanitize=address). */
+#include "core/config.h"
+
+#include <arpa/inet.h>
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define NAME "kasd.yaml"
+
+/* Defaults, then yaml on top. The caller frees c. */
+static int load(struct kd_config *c, const char *yaml, char *err, size_t errlen)
+{
+    cr_assert_eq(kd_config_defaults(c), 0);
+    return kd_config_load_string(c, NAME, yaml, strlen(yaml), err, errlen);
+}
+
+static void expect_ok(struct kd_config *c, const char *yaml)
+{
+    char err[512] = "";
+    int r = load(c, yaml, err, sizeof(err));
+
+    cr_assert_eq(r, 0, "load failed for <<%s>>: %s", yaml, err);
+    cr_assert_str_eq(c->source, NAME);
+}
+
+/* The exact message, one line, and a config left as it was (defaults). */
+static void expect_error(const char *yaml, const char *want)
+{
+    struct kd_config c;
+    char err[512] = "";
+    int r = load(&c, yaml, err, sizeof(err));
+
+    cr_expect_eq(r, -EINVAL, "want -EINVAL for <<%s>>, got %d", yaml, r);
+    cr_expect_str_eq(err, want, "for <<%s>>\n got: %s\nwant: %s", yaml, err, want);
+    cr_expect_null(strchr(err, '\n'), "message is not one line: %s", err);
+    cr_expect_str_eq(c.source, "<defaults>", "a failed load must leave the config unchanged");
+    kd_config_free(&c);
+}
+
+struct error_case {
+    const char *yaml;
+    const char *want;
+};
+
+static void expect_errors(const struct error_case *cases, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        expect_error(cases[i].yaml, cases[i].want);
+}
+
+#define EXPECT_ERRORS(cases) expect_errors(cases, sizeof(cases) / sizeof(cases[0]))
+
+static void expect_inet(const struct kd_listen_cfg *l, const char *ip, uint16_t port)
+{
+    const struct sockaddr_in *sin = (const struct sockaddr_in *)&l->addr;
+    char buf[INET_ADDRSTRLEN];
+
+    cr_assert_eq(l->addrlen, sizeof(struct sockaddr_in));
+    cr_assert_eq(sin->sin_family, AF_INET);
+    cr_assert_eq(ntohs(sin->sin_port), port);
+    cr_assert_not_null(inet_ntop(AF_INET, &sin->sin_addr, buf, sizeof(buf)));
+    cr_assert_str_eq(buf, ip);
+}
+
+static void expect_inet6(const struct kd_listen_cfg *l, const char *ip, uint16_t port)
+{
+    const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)&l->addr;
+    char buf[INET6_ADDRSTRLEN];
+
+    cr_assert_eq(l->addrlen, sizeof(struct sockaddr_in6));
+    cr_assert_eq(sin6->sin6_family, AF_INET6);
+    cr_assert_eq(ntohs(sin6->sin6_port), port);
+    cr_assert_not_null(inet_ntop(AF_INET6, &sin6->sin6_addr, buf, sizeof(buf)));
+    cr_assert_str_eq(buf, ip);
+}
+
+static void expect_defaults(const struct kd_config *c)
+{
+    cr_assert_eq(c->shards, 0);
+    cr_assert_str_eq(c->agent.listen.address, "127.0.0.1:8150");
+    expect_inet(&c->agent.listen, "127.0.0.1", 8150);
+    cr_assert_null(c->agent.listen.authentication_secret_file);
+    cr_assert_null(c->agent.token_file);
+    cr_assert_str_eq(c->api.listen.address, "127.0.0.1:8153");
+    expect_inet(&c->api.listen, "127.0.0.1", 8153);
+    cr_assert_null(c->api.listen.authentication_secret_file);
+    cr_assert_str_eq(c->private_api.listen.address, "127.0.0.1:8155");
+    expect_inet(&c->private_api.listen, "127.0.0.1", 8155);
+    cr_assert_null(c->private_api.listen.authentication_secret_file);
+    cr_assert_str_eq(c->observability.listen.address, "127.0.0.1:8151");
+    expect_inet(&c->observability.listen, "127.0.0.1", 8151);
+    cr_assert_null(c->observability.listen.authentication_secret_file);
+    cr_assert_eq(c->redis.configured, false);
+    cr_assert_null(c->redis.address);
+    cr_assert_null(c->redis.username);
+    cr_assert_null(c->redis.password_file);
+    cr_assert_eq(c->redis.database, 0);
+    cr_assert_str_eq(c->redis.key_prefix, "gitlab-kas");
+    cr_assert_eq(c->redis.dial_timeout_ms, 5000);
+    cr_assert_eq(c->limits.connections_per_shard, 65536);
+    cr_assert_eq(c->limits.recv_buffers, 1024);
+    cr_assert_eq(c->limits.recv_buffer_size, 16384);
+    cr_assert_eq(c->limits.router_ring_size, 4096);
+    cr_assert_eq(c->limits.shutdown_grace_ms, 10000);
+    cr_assert_eq(c->log.level, KD_LOG_INFO);
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Defaults and valid input                                                                        */
+
+Test(config, defaults)
+{
+    struct kd_config c;
+
+    cr_assert_eq(kd_config_defaults(&c), 0);
+    expect_defaults(&c);
+    cr_assert_str_eq(c.source, "<defaults>");
+    kd_config_free(&c);
+    kd_config_free(&c); /* zeroed by the first free: harmless */
+    kd_config_free(NULL);
+}
+
+Test(config, empty_inputs_mean_defaults)
+{
+    static const char *inputs[] = {
+        "", "\n", "# nothing configured yet\n", "---\n", "---\n...\n", "~\n", "null\n", "%YAML 1.1\n---\n",
+    };
+
+    for (size_t i = 0; i < sizeof(inputs) / sizeof(inputs[0]); i++) {
+        struct kd_config c;
+
+        expect_ok(&c, inputs[i]);
+        expect_defaults(&c);
+        kd_config_free(&c);
+    }
+}
+
+Test(config, null_pointer_input_means_defaults)
+{
+    struct kd_config c;
+    char err[128];
+
+    cr_assert_eq(kd_config_defaults(&c), 0);
+    cr_assert_eq(kd_config_load_string(&c, NULL, NULL, 0, err, sizeof(err)), 0);
+    cr_assert_str_eq(c.source, "<string>");
+    expect_defaults(&c);
+    kd_config_free(&c);
+}
+
+Test(config, null_sections_are_empty)
+{
+    struct kd_config c;
+
+    expect_ok(&c, "agent:\nlimits: ~\napi: null\nlog: Null\nobservability: NULL\nprivate_api:\n"
+                  "  listen:\n");
+    expect_defaults(&c);
+    kd_config_free(&c);
+}
+
+static const char full_config[] = "# every key kasd knows\n"
+                                  "shards: 8\n"
+                                  "agent:\n"
+                                  "  listen:\n"
+                                  "    address: 0.0.0.0:8150\n"
+                                  "  token_file: /etc/kasd/tokens.yaml\n"
+                                  "api:\n"
+                                  "  listen:\n"
+                                  "    address: \"[::1]:8153\"\n"
+                                  "    authentication_secret_file: /etc/kasd/api-secret\n"
+                                  "private_api:\n"
+                                  "  listen:\n"
+                                  "    address: 10.1.2.3:8155\n"
+                                  "    authentication_secret_file: /etc/kasd/private-api-secret\n"
+                                  "observability:\n"
+                                  "  listen:\n"
+                                  "    address: '[::]:0'\n"
+                                  "redis:\n"
+                                  "  server:\n"
+                                  "    address: redis.example.com:6379\n"
+                                  "  username: kas\n"
+                                  "  password_file: /etc/kasd/redis-password\n"
+                                  "  database: 3\n"
+                                  "  key_prefix: my-kas\n"
+                                  "  dial_timeout: 1m30s\n"
+                                  "limits:\n"
+                                  "  connections_per_shard: 16777216\n"
+                                  "  recv_buffers_per_shard: 32768\n"
+                                  "  recv_buffer_size: 1048576\n"
+                                  "  router_ring_size: 1048576\n"
+                                  "  shutdown_grace: 250ms\n"
+                                  "log:\n"
+                                  "  level: debug\n";
+
+Test(config, every_key)
+{
+    struct kd_config c;
+
+    expect_ok(&c, full_config);
+    cr_assert_eq(c.shards, 8);
+    cr_assert_str_eq(c.agent.listen.address, "0.0.0.0:8150");
+    expect_inet(&c.agent.listen, "0.0.0.0", 8150);
+    cr_assert_str_eq(c.agent.token_file, "/etc/kasd/tokens.yaml");
+    cr_assert_str_eq(c.api.listen.address, "[::1]:8153");
+    expect_inet6(&c.api.listen, "::1", 8153);
+    cr_assert_str_eq(c.api.listen.authentication_secret_file, "/etc/kasd/api-secret");
+    cr_assert_str_eq(c.private_api.listen.address, "10.1.2.3:8155");
+    expect_inet(&c.private_api.listen, "10.1.2.3", 8155);
+    cr_assert_str_eq(c.private_api.listen.authentication_secret_file, "/etc/kasd/private-api-secret");
+    cr_assert_str_eq(c.observability.listen.address, "[::]:0");
+    expect_inet6(&c.observability.listen, "::", 0);
+    cr_assert_null(c.observability.listen.authentication_secret_file);
+    cr_assert(c.redis.configured);
+    cr_assert_str_eq(c.redis.address, "redis.example.com:6379");
+    cr_assert_str_eq(c.redis.username, "kas");
+    cr_assert_str_eq(c.redis.password_file, "/etc/kasd/redis-password");
+    cr_assert_eq(c.redis.database, 3);
+    cr_assert_str_eq(c.redis.key_prefix, "my-kas");
+    cr_assert_eq(c.redis.dial_timeout_ms, 90000);
+    cr_assert_eq(c.limits.connections_per_shard, 16777216);
+    cr_assert_eq(c.limits.recv_buffers, 32768);
+    cr_assert_eq(c.limits.recv_buffer_size, 1048576);
+    cr_assert_eq(c.limits.router_ring_size, 1048576);
+    cr_assert_eq(c.limits.shutdown_grace_ms, 250);
+    cr_assert_eq(c.log.level, KD_LOG_DEBUG);
+    kd_config_free(&c);
+}
+
+Test(config, flow_style_and_lower_bounds)
+{
+    struct kd_config c;
+
+    expect_ok(&c, "{shards: 0, limits: {connections_per_shard: 1, recv_buffers_per_shard: 16,"
+                  " recv_buffer_size: 1024, router_ring_size: 64, shutdown_grace: 0},"
+                  " redis: {server: {address: 'unix:/run/redis/redis.sock'}, database: 2147483647,"
+                  " dial_timeout: 1ms}, log: {level: error}}\n");
+    cr_assert_eq(c.shards, 0);
+    cr_assert_eq(c.limits.connections_per_shard, 1);
+    cr_assert_eq(c.limits.recv_buffers, 16);
+    cr_assert_eq(c.limits.recv_buffer_size, 1024);
+    cr_assert_eq(c.limits.router_ring_size, 64);
+    cr_assert_eq(c.limits.shutdown_grace_ms, 0);
+    cr_assert(c.redis.configured);
+    cr_assert_str_eq(c.redis.address, "unix:/run/redis/redis.sock");
+    cr_assert_eq(c.redis.database, 2147483647);
+    cr_assert_eq(c.redis.dial_timeout_ms, 1);
+    cr_assert_eq(c.log.level, KD_LOG_ERROR);
+    kd_config_free(&c);
+}
+
+Test(config, quoted_scalars_are_accepted)
+{
+    struct kd_config c;
+
+    expect_ok(&c, "shards: \"4\"\nlog:\n  level: 'warn'\nlimits:\n  shutdown_grace: \"1h\"\n");
+    cr_assert_eq(c.shards, 4);
+    cr_assert_eq(c.log.level, KD_LOG_WARN);
+    cr_assert_eq(c.limits.shutdown_grace_ms, 3600000);
+    kd_config_free(&c);
+}
+
+Test(config, every_log_level)
+{
+    static const struct {
+        const char *name;
+        enum kd_log_level level;
+    } levels[] = {{"debug", KD_LOG_DEBUG}, {"info", KD_LOG_INFO}, {"warn", KD_LOG_WARN}, {"error", KD_LOG_ERROR}};
+
+    for (size_t i = 0; i < 4; i++) {
+        struct kd_config c;
+        char yaml[64];
+
+        snprintf(yaml, sizeof(yaml), "log:\n  level: %s\n", levels[i].name);
+        expect_ok(&c, yaml);
+        cr_assert_eq(c.log.level, levels[i].level);
+        cr_assert_str_eq(kd_log_level_name(c.log.level), levels[i].name);
+        kd_config_free(&c);
+    }
+    cr_assert_str_eq(kd_log_level_name((enum kd_log_level)42), "unknown");
+}
+
+Test(config, redis_addresses)
+{
+    static const char *good[] = {
+        "redis.example.com:6379", "10.0.0.1:6379", "[::1]:6379", "unix:/run/redis.sock", "redis_1:1",
+        "localhost:65535",
+    };
+
+    for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++) {
+        struct kd_config c;
+        char yaml[128];
+
+        snprintf(yaml, sizeof(yaml), "redis:\n  server:\n    address: '%s'\n", good[i]);
+        expect_ok(&c, yaml);
+        cr_assert(c.redis.configured);
+        cr_assert_str_eq(c.redis.address, good[i]);
+        kd_config_free(&c);
+    }
+}
+
+Test(config, redis_section_without_address_is_fine_when_a_previous_layer_set_it)
+{
+    struct kd_config c;
+    char err[256];
+
+    expect_ok(&c, "redis:\n  server:\n    address: 10.0.0.1:6379\n");
+    cr_assert_eq(kd_config_load_string(&c, "b.yaml", "redis:\n  database: 2\n", 21, err, sizeof(err)), 0, "%s",
+                 err);
+    cr_assert_str_eq(c.redis.address, "10.0.0.1:6379");
+    cr_assert_eq(c.redis.database, 2);
+    kd_config_free(&c);
+}
+
+Test(config, layered_loads_replace_strings)
+{
+    struct kd_config c;
+    char err[256];
+    const char *second = "agent:\n  token_file: /b\napi:\n  listen:\n    address: 127.0.0.2:1\n";
+
+    expect_ok(&c, "shards: 4\nagent:\n  token_file: /a\nredis:\n  server:\n    address: r:1\n"
+                  "  username: u1\n  key_prefix: p1\n");
+    cr_assert_eq(kd_config_load_string(&c, "second.yaml", second, strlen(second), err, sizeof(err)), 0, "%s",
+                 err);
+    cr_assert_str_eq(c.source, "second.yaml");
+    cr_assert_eq(c.shards, 4);
+    cr_assert_str_eq(c.agent.token_file, "/b");
+    cr_assert_str_eq(c.api.listen.address, "127.0.0.2:1");
+    expect_inet(&c.api.listen, "127.0.0.2", 1);
+    cr_assert_str_eq(c.redis.username, "u1");
+    cr_assert_str_eq(c.redis.key_prefix, "p1");
+    kd_config_free(&c);
+}
+
+Test(config, failed_load_leaves_config_unchanged)
+{
+    struct kd_config c;
+    char err[256];
+    const char *bad = "shards: 7\nagent:\n  token_file: /changed\n  listen:\n    address: nowhere\n";
+
+    expect_ok(&c, "shards: 3\nagent:\n  token_file: /kept\n");
+    cr_assert_eq(kd_config_load_string(&c, "bad.yaml", bad, strlen(bad), err, sizeof(err)), -EINVAL);
+    cr_assert_str_eq(err, "bad.yaml:5:14: agent.listen.address: expected host:port (like 127.0.0.1:8150), "
+                          "got \"nowhere\"");
+    cr_assert_eq(c.shards, 3);
+    cr_assert_str_eq(c.agent.token_file, "/kept");
+    cr_assert_str_eq(c.source, NAME);
+    kd_config_free(&c);
+}
+
+/* Run under ASan: LSan reports anything these loads leak when the worker exits. */
+Test(config, repeated_loads_do_not_leak)
+{
+    struct kd_config c;
+    char err[256];
+
+    cr_assert_eq(kd_config_defaults(&c), 0);
+    for (int i = 0; i < 200; i++) {
+        /* Every third load fails half-way, after strings were already replaced in the copy. */
+        const char *yaml = (i % 3 == 2) ? "agent:\n  token_file: /x\nlog:\n  level: loud\n" : full_config;
+        int r = kd_config_load_string(&c, i % 2 ? "a.yaml" : "b.yaml", yaml, strlen(yaml), err, sizeof(err));
+
+        cr_assert_eq(r, i % 3 == 2 ? -EINVAL : 0, "iteration %d: %s", i, err);
+    }
+    kd_config_free(&c);
+    for (int i = 0; i < 50; i++) {
+        cr_assert_eq(kd_config_defaults(&c), 0);
+        kd_config_free(&c);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Error paths                                                                                     */
+
+Test(config, header_example_message)
+{
+    expect_error("shards: 2\n"
+                 "agent:\n"
+                 "  listen:\n"
+                 "    address: 127.0.0.1:8150\n"
+                 "api:\n"
+                 "  listen:\n"
+                 "    address: localhost\n",
+                 "kasd.yaml:7:14: api.listen.address: expected host:port (like 127.0.0.1:8153), got \"localhost\"");
+}
+
+Test(config, unknown_keys_everywhere)
+{
+    static const struct error_case cases[] = {
+        {"lisen: 1\n", "kasd.yaml:1:1: lisen: unknown key (expected one of: shards, agent, api, private_api, "
+                       "observability, redis, limits, log)"},
+        {"agent:\n  lisen: 1\n", "kasd.yaml:2:3: agent.lisen: unknown key (expected one of: listen, token_file)"},
+        {"agent:\n  listen:\n    authentication_secret_file: x\n",
+         "kasd.yaml:3:5: agent.listen.authentication_secret_file: unknown key (expected: address)"},
+        {"api:\n  token_file: x\n", "kasd.yaml:2:3: api.token_file: unknown key (expected: listen)"},
+        {"api:\n  listen:\n    adress: x\n",
+         "kasd.yaml:3:5: api.listen.adress: unknown key (expected one of: address, authentication_secret_file)"},
+        {"private_api:\n  lsten: {}\n", "kasd.yaml:2:3: private_api.lsten: unknown key (expected: listen)"},
+        {"private_api:\n  listen:\n    network: tcp\n", "kasd.yaml:3:5: private_api.listen.network: unknown key "
+                                                         "(expected one of: address, authentication_secret_file)"},
+        {"observability:\n  port: 1\n", "kasd.yaml:2:3: observability.port: unknown key (expected: listen)"},
+        {"observability:\n  listen:\n    authentication_secret_file: s\n",
+         "kasd.yaml:3:5: observability.listen.authentication_secret_file: unknown key (expected: address)"},
+        {"redis:\n  host: x\n", "kasd.yaml:2:3: redis.host: unknown key (expected one of: server, username, "
+                                "password_file, database, key_prefix, dial_timeout)"},
+        {"redis:\n  server:\n    addr: x\n", "kasd.yaml:3:5: redis.server.addr: unknown key (expected: address)"},
+        {"limits:\n  max_conns: 1\n",
+         "kasd.yaml:2:3: limits.max_conns: unknown key (expected one of: connections_per_shard, "
+         "recv_buffers_per_shard, recv_buffer_size, router_ring_size, shutdown_grace)"},
+        {"log:\n  lvl: debug\n", "kasd.yaml:2:3: log.lvl: unknown key (expected: level)"},
+        /* Keys are case-sensitive, like kas's. */
+        {"Shards: 1\n", "kasd.yaml:1:1: Shards: unknown key (expected one of: shards, agent, api, private_api, "
+                        "observability, redis, limits, log)"},
+    };
+
+    EXPECT_ERRORS(cases);
+}
+
+Test(config, odd_keys_are_quoted_and_escaped)
+{
+    static const struct error_case cases[] = {
+        {"'': 1\n", "kasd.yaml:1:1: \"\": unknown key (expected one of: shards, agent, api, private_api, "
+                    "observability, redis, limits, log)"},
+        {"log:\n  \"le vel\\t\": x\n", "kasd.yaml:2:3: log.\"le vel\\x09\": unknown key (expected: level)"},
+        {"log:\n  \"l\\u00e9vel\": x\n", "kasd.yaml:2:3: log.\"l\\xc3\\xa9vel\": unknown key (expected: level)"},
+        {"log:\n  <<: x\n", "kasd.yaml:2:3: log.\"<<\": unknown key (expected: level)"},
+        {"log:\n  1: x\n", "kasd.yaml:2:3: log.1: unknown key (expected: level)"},
+        {"log:\n  \"level\\0\": x\n", "kasd.yaml:2:3: log.\"level\\x00\": unknown key (expected: level)"},
+    };
+
+    EXPECT_ERRORS(cases);
+}
+
+Test(config, wrong_node_kinds)
+{
+    static const struct error_case cases[] = {
+        {"agent: 5\n", "kasd.yaml:1:8: agent: expected a mapping, got a scalar"},
+        {"agent: [1]\n", "kasd.yaml:1:8: agent: expected a mapping, got a sequence"},
+        {"agent: ''\n", "kasd.yaml:1:8: agent: expected a mapping, got a scalar"},
+        {"agent:\n  listen: x\n", "kasd.yaml:2:11: agent.listen: expected a mapping, got a scalar"},
+        {"redis:\n  server: unix:/x\n", "kasd.yaml:2:11: redis.server: expected a mapping, got a scalar"},
+        {"shards: {a: 1}\n", "kasd.yaml:1:9: shards: expected a scalar, got a mapping"},
+        {"shards: [1]\n", "kasd.yaml:1:9: shards: expected a scalar, got a sequence"},
+        {"api:\n  listen:\n    address: [a]\n", "kasd.yaml:3:14: api.listen.address: expected a scalar, got a sequence"},
+        {"log:\n  level:\n    x: 1\n", "kasd.yaml:3:5: log.level: expected a scalar, got a mapping"},
+        {"limits:\n  shutdown_grace:\n  - 1s\n", "kasd.yaml:3:3: limits.shutdown_grace: expected a scalar, got a sequence"},
+        {"hello\n", "kasd.yaml:1:1: expected a mapping at the top level, got a scalar"},
+        {"'~'\n", "kasd.yaml:1:1: expected a mapping at the top level, got a scalar"},
+        {"- shards: 1\n", "kasd.yaml:1:1: expected a mapping at the top level, got a sequence"},
+        {"? [a]\n: 1\n", "kasd.yaml:1:3: keys must be scalars, got a sequence"},
+        {"agent:\n  ? {a: 1}\n  : 1\n", "kasd.yaml:2:5: agent: keys must be scalars, got a mapping"},
+    };
+
+    EXPECT_ERRORS(cases);
+}
+
+Test(config, bad_listen_addresses)
+{
+    static const struct error_case cases[] = {
+        {"agent:\n  listen:\n    address: localhost:8150\n",
+         "kasd.yaml:3:14: agent.listen.address: expected host:port (like 127.0.0.1:8150), got \"localhost:8150\""},
+        {"private_api:\n  listen:\n    address: 127.0.0.1\n", "kasd.yaml:3:14: private_api.listen.address: "
+                                                             "expected host:port (like 127.0.0.1:8155), got \"127.0.0.1\""},
+        {"observability:\n  listen:\n    address: '[::1]'\n", "kasd.yaml:3:14: observability.listen.address: "
+                                                             "expected host:port (like 127.0.0.1:8151), got \"[::1]\""},
+        {"api:\n  listen:\n    address: '::1:8153'\n",
+         "kasd.yaml:3:14: api.listen.address: expected host:port (like 127.0.0.1:8153), got \"::1:8153\""},
+        {"api:\n  listen:\n    address: 127.0.0.1:65536\n",
+         "kasd.yaml:3:14: api.listen.address: expected host:port (like 127.0.0.1:8153), got \"127.0.0.1:65536\""},
+        {"api:\n  listen:\n    address: ' 127.0.0.1:1'\n",
+         "kasd.yaml:3:14: api.listen.address: expected host:port (like 127.0.0.1:8153), got \" 127.0.0.1:1\""},
+        {"api:\n  listen:\n    address: :8153\n",
+         "kasd.yaml:3:14: api.listen.address: expected host:port (like 127.0.0.1:8153), got \":8153\""},
+        {"api:\n  listen:\n    address: 8153\n",
+         "kasd.yaml:3:14: api.listen.address: expected host:port (like 127.0.0.1:8153), got \"8153\""},
+        {"agent:\n  listen:\n    address:\n",
+         "kasd.yaml:3:13: agent.listen.address: expected host:port (like 127.0.0.1:8150), got \"\""},
+    };
+
+    EXPECT_ERRORS(cases);
+}
+
+Test(config, empty_strings)
+{
+    static const struct error_case cases[] = {
+        {"agent:\n  token_file: ''\n", "kasd.yaml:2:15: agent.token_file: must not be empty"},
+        {"api:\n  listen:\n    authentication_secret_file: \"\"\n",
+         "kasd.yaml:3:33: api.listen.authentication_secret_file: must not be empty"},
+        {"private_api:\n  listen:\n    authentication_secret_file: ''\n",
+         "kasd.yaml:3:33: private_api.listen.authentication_secret_file: must not be empty"},
+        {"redis:\n  username: ''\n", "kasd.yaml:2:13: redis.username: must not be empty"},
+        {"redis:\n  password_file: ''\n", "kasd.yaml:2:18: redis.password_file: must not be empty"},
+        {"redis:\n  key_prefix: ''\n", "kasd.yaml:2:15: redis.key_prefix: must not be empty"},
+    };
+
+    EXPECT_ERRORS(cases);
+}
+
+Test(config, bad_integers)
+{
+    static const struct error_case cases[] = {
+        {"shards: -1\n", "kasd.yaml:1:9: shards: expected a decimal integer, got \"-1\""},
+        {"shards: +1\n", "kasd.yaml:1:9: shards: expected a decimal integer, got \"+1\""},
+        {"shards: 1.5\n", "kasd.yaml:1:9: shards: expected a decimal integer, got \"1.5\""},
+        {"shards: 0x10\n", "kasd.yaml:1:9: shards: expected a decimal integer, got \"0x10\""},
+        {"shards: 010\n", "kasd.yaml:1:9: shards: expected a decimal integer, got \"010\""},
+        {"shards: 1_000\n", "kasd.yaml:1:9: shards: expected a decimal integer, got \"1_000\""},
+        {"shards: 1e3\n", "kasd.yaml:1:9: shards: expected a decimal integer, got \"1e3\""},
+        {"shards: four\n", "kasd.yaml:1:9: shards: expected a decimal integer, got \"four\""},
+        {"shards: ' 4'\n", "kasd.yaml:1:9: shards: expected a decimal integer, got \" 4\""},
+        {"shards:\n", "kasd.yaml:1:8: shards: expected a decimal integer, got \"\""},
+        {"shards: 99999999999999999999x\n",
+         "kasd.yaml:1:9: shards: expected a decimal integer, got \"99999999999999999999x\""},
+        /* Overflowing uint64 is reported as out of range, like any other too-large value. */
+        {"shards: 99999999999999999999999\n",
+         "kasd.yaml:1:9: shards: must be between 0 and 1024, got \"99999999999999999999999\""},
+        {"shards: 18446744073709551616\n",
+         "kasd.yaml:1:9: shards: must be between 0 and 1024, got \"18446744073709551616\""},
+        {"redis:\n  database: -1\n", "kasd.yaml:2:13: redis.database: expected a decimal integer, got \"-1\""},
+    };
+
+    EXPECT_ERRORS(cases);
+}
+
+Test(config, out_of_range_integers)
+{
+    static const struct error_case cases[] = {
+        {"shards: 1025\n", "kasd.yaml:1:9: shards: must be between 0 and 1024, got \"1025\""},
+        {"shards: 4294967296\n", "kasd.yaml:1:9: shards: must be between 0 and 1024, got \"4294967296\""},
+        {"limits:\n  connections_per_shard: 0\n",
+         "kasd.yaml:2:26: limits.connections_per_shard: must be between 1 and 16777216, got \"0\""},
+        {"limits:\n  connections_per_shard: 16777217\n",
+         "kasd.yaml:2:26: limits.connections_per_shard: must be between 1 and 16777216, got \"16777217\""},
+        {"limits:\n  recv_buffer_size: 1023\n",
+         "kasd.yaml:2:21: limits.recv_buffer_size: must be between 1024 and 1048576, got \"1023\""},
+        {"limits:\n  recv_buffer_size: 1048577\n",
+         "kasd.yaml:2:21: limits.recv_buffer_size: must be between 1024 and 1048576, got \"1048577\""},
+        {"redis:\n  server:\n    address: r:1\n  database: 2147483648\n",
+         "kasd.yaml:4:13: redis.database: must be between 0 and 2147483647, got \"2147483648\""},
+    };
+
+    EXPECT_ERRORS(cases);
+}
+
+Test(config, powers_of_two)
+{
+    static const struct error_case cases[] = {
+        {"limits:\n  recv_buffers_per_shard: 1000\n",
+         "kasd.yaml:2:27: limits.recv_buffers_per_shard: must be a power of two between 16 and 32768, got \"1000\""},
+        {"limits:\n  recv_buffers_per_shard: 8\n",
+         "kasd.yaml:2:27: limits.recv_buffers_per_shard: must be a power of two between 16 and 32768, got \"8\""},
+        {"limits:\n  recv_buffers_per_shard: 0\n",
+         "kasd.yaml:2:27: limits.recv_buffers_per_shard: must be a power of two between 16 and 32768, got \"0\""},
+        {"limits:\n  recv_buffers_per_shard: 65536\n",
+         "kasd.yaml:2:27: limits.recv_buffers_per_shard: must be a power of two between 16 and 32768, got "
+         "\"65536\""},
+        {"limits:\n  router_ring_size: 100\n",
+         "kasd.yaml:2:21: limits.router_ring_size: must be a power of two between 64 and 1048576, got \"100\""},
+        {"limits:\n  router_ring_size: 32\n",
+         "kasd.yaml:2:21: limits.router_ring_size: must be a power of two between 64 and 1048576, got \"32\""},
+        {"limits:\n  router_ring_size: 2097152\n",
+         "kasd.yaml:2:21: limits.router_ring_size: must be a power of two between 64 and 1048576, got \"2097152\""},
+        {"limits:\n  router_ring_size: 36893488147419103232\n",
+         "kasd.yaml:2:21: limits.router_ring_size: must be a power of two between 64 and 1048576, got "
+         "\"36893488147419103232\""},
+        {"limits:\n  router_ring_size: 0x100\n",
+         "kasd.yaml:2:21: limits.router_ring_size: expected a decimal integer, got \"0x100\""},
+    };
+    struct kd_config c;
+
+    EXPECT_ERRORS(cases);
+    for (unsigned v = 16; v <= 32768; v *= 2) {
+        char yaml[64];
+
+        snprintf(yaml, sizeof(yaml), "limits:\n  recv_buffers_per_shard: %u\n", v);
+        expect_ok(&c, yaml);
+        cr_assert_eq(c.limits.recv_buffers, v);
+        kd_config_free(&c);
+    }
+}
+
+Test(config, bad_durations)
+{
+    static const struct error_case cases[] = {
+        {"limits:\n  shutdown_grace: 10\n",
+         "kasd.yaml:2:19: limits.shutdown_grace: expected a duration like 250ms, 10s, 1m30s or 2h, got \"10\""},
+        {"limits:\n  shutdown_grace: 10x\n",
+         "kasd.yaml:2:19: limits.shutdown_grace: expected a duration like 250ms, 10s, 1m30s or 2h, got \"10x\""},
+        {"limits:\n  shutdown_grace: 1.5s\n",
+         "kasd.yaml:2:19: limits.shutdown_grace: expected a duration like 250ms, 10s, 1m30s or 2h, got \"1.5s\""},
+        {"limits:\n  shutdown_grace: -1s\n",
+         "kasd.yaml:2:19: limits.shutdown_grace: expected a duration like 250ms, 10s, 1m30s or 2h, got \"-1s\""},
+        {"limits:\n  shutdown_grace: 1 s\n",
+         "kasd.yaml:2:19: limits.shutdown_grace: expected a duration like 250ms, 10s, 1m30s or 2h, got \"1 s\""},
+        {"limits:\n  shutdown_grace:\n",
+         "kasd.yaml:2:18: limits.shutdown_grace: expected a duration like 250ms, 10s, 1m30s or 2h, got \"\""},
+        {"limits:\n  shutdown_grace: 99999999999999999999h\n",
+         "kasd.yaml:2:19: limits.shutdown_grace: expected a duration like 250ms, 10s, 1m30s or 2h, got "
+         "\"99999999999999999999h\""},
+        /* 1200h does not fit the uint32_t milliseconds of the struct. */
+        {"limits:\n  shutdown_grace: 1200h\n",
+         "kasd.yaml:2:19: limits.shutdown_grace: must be between 0ms and 4294967295ms, got \"1200h\""},
+        {"redis:\n  dial_timeout: 0\n",
+         "kasd.yaml:2:17: redis.dial_timeout: must be between 1ms and 4294967295ms, got \"0\""},
+        {"redis:\n  dial_timeout: 0s\n",
+         "kasd.yaml:2:17: redis.dial_timeout: must be between 1ms and 4294967295ms, got \"0s\""},
+        {"redis:\n  dial_timeout: 5 seconds\n",
+         "kasd.yaml:2:17: redis.dial_timeout: expected a duration like 250ms, 10s, 1m30s or 2h, got \"5 seconds\""},
+    };
+    struct kd_config c;
+
+    EXPECT_ERRORS(cases);
+    expect_ok(&c, "limits:\n  shutdown_grace: 1193h2m47s295ms\n");
+    cr_assert_eq(c.limits.shutdown_grace_ms, UINT32_MAX);
+    kd_config_free(&c);
+}
+
+Test(config, bad_log_level)
+{
+    static const struct error_case cases[] = {
+        {"log:\n  level: verbose\n",
+         "kasd.yaml:2:10: log.level: expected one of: debug, info, warn, error, got \"verbose\""},
+        {"log:\n  level: INFO\n", "kasd.yaml:2:10: log.level: expected one of: debug, info, warn, error, got \"INFO\""},
+        {"log:\n  level: warning\n",
+         "kasd.yaml:2:10: log.level: expected one of: debug, info, warn, error, got \"warning\""},
+        {"log:\n  level:\n", "kasd.yaml:2:9: log.level: expected one of: debug, info, warn, error, got \"\""},
+    };
+
+    EXPECT_ERRORS(cases);
+}
+
+Test(config, redis_requires_server_address)
+{
+    static const struct error_case cases[] = {
+        {"redis: {}\n", "kasd.yaml:1:8: redis.server.address: required when a redis section is given "
+                        "(like 127.0.0.1:6379 or unix:/path/to/socket)"},
+        {"redis:\n", "kasd.yaml:1:7: redis.server.address: required when a redis section is given "
+                     "(like 127.0.0.1:6379 or unix:/path/to/socket)"},
+        {"shards: 1\nredis:\n  username: kas\n  database: 1\n",
+         "kasd.yaml:3:3: redis.server.address: required when a redis section is given "
+         "(like 127.0.0.1:6379 or unix:/path/to/socket)"},
+        {"redis:\n  server: {}\n", "kasd.yaml:2:3: redis.server.address: required when a redis section is given "
+                                   "(like 127.0.0.1:6379 or unix:/path/to/socket)"},
+    };
+
+    EXPECT_ERRORS(cases);
+}
+
+Test(config, bad_redis_addresses)
+{
+    static const char *bad[] = {
+        "redis", "unix:", "unix:relative/path", "host:0", "host:99999", "[::1:6379", "ho st:1", ":6379",
+        "host:", "[1.2.3.4]:1", "a/b:1", "[::1]", "tcp://host:1",
+    };
+    char yaml[256], want[512];
+
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        snprintf(yaml, sizeof(yaml), "redis:\n  server:\n    address: '%s'\n", bad[i]);
+        snprintf(want, sizeof(want),
+                 "kasd.yaml:3:14: redis.server.address: expected host:port (like 127.0.0.1:6379) or "
+                 "unix:/path/to/socket, got \"%s\"",
+                 bad[i]);
+        expect_error(yaml, want);
+    }
+    /* sun_path holds 107 bytes and a NUL. */
+    char path[120];
+
+    memset(path, 'p', sizeof(path));
+    path[0] = '/';
+    path[108] = '\0';
+    snprintf(yaml, sizeof(yaml), "redis:\n  server:\n    address: unix:%s\n", path);
+    struct kd_config c;
+    char err[512];
+
+    cr_assert_eq(load(&c, yaml, err, sizeof(err)), -EINVAL);
+    cr_assert(strstr(err, "kasd.yaml:3:14: redis.server.address: expected host:port") == err, "%s", err);
+    kd_config_free(&c);
+    path[107] = '\0';
+    snprintf(yaml, sizeof(yaml), "redis:\n  server:\n    address: unix:%s\n", path);
+    expect_ok(&c, yaml);
+    kd_config_free(&c);
+}
+
+Test(config, bad_key_prefix)
+{
+    static const struct error_case cases[] = {
+        {"redis:\n  key_prefix: 'a b'\n",
+         "kasd.yaml:2:15: redis.key_prefix: must not contain spaces or control characters, got \"a b\""},
+        {"redis:\n  key_prefix: \"a\\tb\"\n",
+         "kasd.yaml:2:15: redis.key_prefix: must not contain spaces or control characters, got \"a\\x09b\""},
+        {"redis:\n  key_prefix: \"a\\x7fb\"\n",
+         "kasd.yaml:2:15: redis.key_prefix: must not contain spaces or control characters, got \"a\\x7fb\""},
+    };
+
+    EXPECT_ERRORS(cases);
+}
+
+Test(config, duplicate_keys)
+{
+    static const struct error_case cases[] = {
+        {"shards: 1\nshards: 2\n", "kasd.yaml:2:1: shards: duplicate key (first given at line 1)"},
+        {"agent:\n  listen:\n    address: 1.2.3.4:80\n  listen: {}\n",
+         "kasd.yaml:4:3: agent.listen: duplicate key (first given at line 2)"},
+        {"limits:\n  recv_buffer_size: 2048\n  shutdown_grace: 1s\n  recv_buffer_size: 4096\n",
+         "kasd.yaml:4:3: limits.recv_buffer_size: duplicate key (first given at line 2)"},
+        {"log: {level: info, level: debug}\n", "kasd.yaml:1:20: log.level: duplicate key (first given at line 1)"},
+        /* A quoted key is the same key. */
+        {"log:\n  level: info\n  'level': info\n", "kasd.yaml:3:3: log.level: duplicate key (first given at line 2)"},
+        {"log: {}\nlog: {}\n", "kasd.yaml:2:1: log: duplicate key (first given at line 1)"},
+    };
+
+    EXPECT_ERRORS(cases);
+}
+
+Test(config, anchors_aliases_and_tags_are_refused)
+{
+    static const struct error_case cases[] = {
+        {"shards: &n 4\n", "kasd.yaml:1:9: shards: anchors are not supported (anchor \"n\")"},
+        {"shards: *n\n", "kasd.yaml:1:9: shards: aliases are not supported (alias \"n\")"},
+        {"agent: &a\n  token_file: x\napi: *a\n", "kasd.yaml:1:8: agent: anchors are not supported (anchor \"a\")"},
+        {"*a : 1\n", "kasd.yaml:1:1: aliases are not supported (alias \"a\")"},
+        {"&top\nshards: 1\n", "kasd.yaml:1:1: anchors are not supported (anchor \"top\")"},
+        {"a: &a [1, 2]\nb: &b [*a, *a]\n", "kasd.yaml:1:1: a: unknown key (expected one of: shards, agent, api, "
+                                           "private_api, observability, redis, limits, log)"},
+        {"log:\n  level: &l info\n", "kasd.yaml:2:10: log.level: anchors are not supported (anchor \"l\")"},
+        {"shards: !!int 4\n", "kasd.yaml:1:9: shards: tags are not supported (tag \"tag:yaml.org,2002:int\")"},
+        {"agent: !foo {}\n", "kasd.yaml:1:8: agent: tags are not supported (tag \"!foo\")"},
+        {"!!map\nshards: 1\n", "kasd.yaml:1:1: tags are not supported (tag \"tag:yaml.org,2002:map\")"},
+    };
+
+    EXPECT_ERRORS(cases);
+}
+
+Test(config, billion_laughs_is_refused_at_the_first_anchor)
+{
+    expect_error("log:\n  level: &a [lol, lol]\n  b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n",
+                 "kasd.yaml:2:10: log.level: anchors are not supported (anchor \"a\")");
+}
+
+Test(config, yaml_syntax_errors)
+{
+    static const struct error_case cases[] = {
+        {"shards: 4\nagent:\n  listen:\n    address: \"1.2.3.4:80\n",
+         "kasd.yaml:5:1: YAML syntax error: found unexpected end of stream (while scanning a quoted scalar at 4:14)"},
+        {"shards: 4\nlog: {level: info\n",
+         "kasd.yaml:3:1: YAML syntax error: did not find expected ',' or '}' (while parsing a flow mapping at 2:6)"},
+        {"shards: 4\n]\n", "kasd.yaml:2:1: YAML syntax error: did not find expected key (while parsing a block "
+                           "mapping at 1:1)"},
+        {"log:\n  level: info\n level: debug\n", "kasd.yaml:3:2: YAML syntax error: did not find expected key "
+                                                 "(while parsing a block mapping at 1:1)"},
+        {"shards: 4: 5\n", "kasd.yaml:1:10: YAML syntax error: mapping values are not allowed in this context"},
+        {"agent:\n\tlisten: {}\n", "kasd.yaml:2:1: YAML syntax error: found character that cannot start any token "
+                                   "(while scanning for the next token at 2:1)"},
+        /* Reader errors carry only a byte offset; line:col are recomputed from it. */
+        {"shards: 4\nlog:\n  level: \xff\n", "kasd.yaml:3:10: YAML syntax error: invalid leading UTF-8 octet (0xFF)"},
+    };
+
+    EXPECT_ERRORS(cases);
+}
+
+Test(config, one_document_only)
+{
+    expect_error("shards: 1\n---\nshards: 2\n", "kasd.yaml:2:1: only one YAML document is allowed");
+    expect_error("---\n...\n---\n", "kasd.yaml:3:1: only one YAML document is allowed");
+}
+
+Test(config, values_in_messages_are_escaped_and_truncated)
+{
+    char long_yaml[256], want[512];
+    char x100[101];
+
+    expect_error("shards: \"a\\x01\\\"b\\\\\"\n", "kasd.yaml:1:9: shards: expected a decimal integer, got "
+                                                 "\"a\\x01\\\"b\\\\\"");
+    /* An escaped newline must not break the one-line message. */
+    expect_error("agent:\n  listen:\n    address: \"1.2.3.4:80\\nX\"\n",
+                 "kasd.yaml:3:14: agent.listen.address: expected host:port (like 127.0.0.1:8150), got "
+                 "\"1.2.3.4:80\\x0aX\"");
+    expect_error("log:\n  level: d\xc3\xa9\x62ug\n",
+                 "kasd.yaml:2:10: log.level: expected one of: debug, info, warn, error, got \"d\\xc3\\xa9bug\"");
+    expect_error("log:\n  level: \"x\\0y\"\n", "kasd.yaml:2:10: log.level: must not contain NUL bytes, got \"x\\x00y\"");
+    expect_error("agent:\n  token_file: \"/etc/\\0/x\"\n",
+                 "kasd.yaml:2:15: agent.token_file: must not contain NUL bytes, got \"/etc/\\x00/x\"");
+
+    memset(x100, 'x', 100);
+    x100[100] = '\0';
+    snprintf(long_yaml, sizeof(long_yaml), "shards: %s\n", x100);
+    snprintf(want, sizeof(want), "kasd.yaml:1:9: shards: expected a decimal integer, got \"%.60s\"...", x100);
+    expect_error(long_yaml, want);
+    /* Exactly at the cap: no ellipsis. */
+    snprintf(long_yaml, sizeof(long_yaml), "shards: %.60s\n", x100);
+    snprintf(want, sizeof(want), "kasd.yaml:1:9: shards: expected a decimal integer, got \"%.60s\"", x100);
+    expect_error(long_yaml, want);
+    /* 60 bytes that all need \xNN still fit the message. */
+    snprintf(long_yaml, sizeof(long_yaml), "shards: \"%s\"\n",
+             "\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01"
+             "\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01"
+             "\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01"
+             "\\x01");
+    struct kd_config c;
+    char err[1024];
+
+    cr_assert_eq(load(&c, long_yaml, err, sizeof(err)), -EINVAL);
+    cr_assert_eq(strlen(err), strlen("kasd.yaml:1:9: shards: expected a decimal integer, got \"\"...") + 60 * 4,
+                 "%s", err);
+    kd_config_free(&c);
+}
+
+Test(config, source_name_is_escaped)
+{
+    struct kd_config c;
+    char err[256];
+
+    cr_assert_eq(kd_config_defaults(&c), 0);
+    cr_assert_eq(kd_config_load_string(&c, "a\nb.yaml", "x: 1\n", 5, err, sizeof(err)), -EINVAL);
+    cr_assert(strncmp(err, "a\\x0ab.yaml:1:1: x: unknown key", 31) == 0, "%s", err);
+    kd_config_free(&c);
+}
+
+Test(config, small_or_missing_error_buffer)
+{
+    struct kd_config c;
+    char err[10];
+
+    cr_assert_eq(kd_config_defaults(&c), 0);
+    memset(err, 'Z', sizeof(err));
+    cr_assert_eq(kd_config_load_string(&c, NAME, "shards: x\n", 10, err, sizeof(err)), -EINVAL);
+    cr_assert_str_eq(err, "kasd.yaml");
+    cr_assert_eq(kd_config_load_string(&c, NAME, "shards: x\n", 10, NULL, 0), -EINVAL);
+    cr_assert_eq(kd_config_load_string(&c, NAME, "shards: x\n", 10, err, 0), -EINVAL);
+    cr_assert_eq(kd_config_load_string(&c, NAME, "}", 1, err, 1), -EINVAL);
+    cr_assert_eq(err[0], '\0');
+    kd_config_free(&c);
+}
+
+Test(config, length_is_respected)
+{
+    struct kd_config c;
+    char err[256];
+    const char *yaml = "shards: 4\nshards: 5\n";
+
+    cr_assert_eq(kd_config_defaults(&c), 0);
+    /* Only the first line is given: the duplicate after it is never seen. */
+    cr_assert_eq(kd_config_load_string(&c, NAME, yaml, 10, err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(c.shards, 4);
+    kd_config_free(&c);
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Files                                                                                           */
+
+static char *write_temp(const char *content, size_t len)
+{
+    char *path = strdup("/tmp/kasd-config-test-XXXXXX");
+    int fd;
+
+    cr_assert_not_null(path);
+    fd = mkstemp(path);
+    cr_assert_geq(fd, 0);
+    cr_assert_eq(write(fd, content, len), (ssize_t)len);
+    close(fd);
+    return path;
+}
+
+Test(config, load_file)
+{
+    struct kd_config c;
+    char err[256] = "";
+    char *path = write_temp(full_config, strlen(full_config));
+
+    cr_assert_eq(kd_config_defaults(&c), 0);
+    cr_assert_eq(kd_config_load_file(&c, path, err, sizeof(err)), 0, "%s", err);
+    cr_assert_str_eq(c.source, path);
+    cr_assert_eq(c.shards, 8);
+    kd_config_free(&c);
+    unlink(path);
+    free(path);
+}
+
+Test(config, load_file_error_names_the_file)
+{
+    struct kd_config c;
+    char err[256] = "", want[256];
+    char *path = write_temp("shards: 4\nlog:\n  level: loud\n", 28);
+
+    cr_assert_eq(kd_config_defaults(&c), 0);
+    cr_assert_eq(kd_config_load_file(&c, path, err, sizeof(err)), -EINVAL);
+    snprintf(want, sizeof(want), "%s:3:10: log.level: expected one of: debug, info, warn, error, got \"loud\"", path);
+    cr_assert_str_eq(err, want);
+    cr_assert_str_eq(c.source, "<defaults>");
+    kd_config_free(&c);
+    unlink(path);
+    free(path);
+}
+
+Test(config, load_file_io_errors)
+{
+    struct kd_config c;
+    char err[256] = "";
+
+    cr_assert_eq(kd_config_defaults(&c), 0);
+    cr_assert_eq(kd_config_load_file(&c, "/nonexistent-kasd-dir/kasd.yaml", err, sizeof(err)), -ENOENT);
+    cr_assert_str_eq(err, "/nonexistent-kasd-dir/kasd.yaml: cannot read config: No such file or directory");
+    cr_assert_eq(kd_config_load_file(&c, "/", err, sizeof(err)), -EISDIR);
+    cr_assert_str_eq(err, "/: cannot read config: Is a directory");
+    cr_assert_str_eq(c.source, "<defaults>");
+    expect_defaults(&c);
+    kd_config_free(&c);
+}
+
+Test(config, load_file_too_large)
+{
+    struct kd_config c;
+    char err[256] = "", want[256];
+    size_t len = 1024 * 1024 + 1;
+    char *big = malloc(len);
+    char *path;
+
+    cr_assert_not_null(big);
+    memset(big, '#', len);
+    path = write_temp(big, len);
+    cr_assert_eq(kd_config_defaults(&c), 0);
+    cr_assert_eq(kd_config_load_file(&c, path, err, sizeof(err)), -EFBIG);
+    snprintf(want, sizeof(want), "%s: cannot read config: larger than 1048576 bytes", path);
+    cr_assert_str_eq(err, want);
+    kd_config_free(&c);
+    unlink(path);
+    free(path);
+    free(big);
+}
+
+Test(config, empty_file)
+{
+    struct kd_config c;
+    char err[256] = "";
+    char *path = write_temp("", 0);
+
+    cr_assert_eq(kd_config_defaults(&c), 0);
+    cr_assert_eq(kd_config_load_file(&c, path, err, sizeof(err)), 0, "%s", err);
+    expect_defaults(&c);
+    cr_assert_str_eq(c.source, path);
+    kd_config_free(&c);
+    unlink(path);
+    free(path);
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* kd_config_parse_hostport                                                                        */
+
+Test(hostport, valid)
+{
+    static const struct {
+        const char *in;
+        int family;
+        const char *ip;
+        uint16_t port;
+    } cases[] = {
+        {"1.2.3.4:80", AF_INET, "1.2.3.4", 80},
+        {"0.0.0.0:0", AF_INET, "0.0.0.0", 0},
+        {"255.255.255.255:65535", AF_INET, "255.255.255.255", 65535},
+        {"127.0.0.1:080", AF_INET, "127.0.0.1", 80},
+        {"[::1]:80", AF_INET6, "::1", 80},
+        {"[::]:0", AF_INET6, "::", 0},
+        {"[::ffff:1.2.3.4]:443", AF_INET6, "::ffff:1.2.3.4", 443},
+        {"[2001:db8::1]:8150", AF_INET6, "2001:db8::1", 8150},
+        {"[2001:0db8:0000:0000:0000:ff00:0042:8329]:1", AF_INET6, "2001:db8::ff00:42:8329", 1},
+    };
+
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        struct kd_listen_cfg l;
+
+        memset(&l, 0, sizeof(l));
+        cr_assert_eq(kd_config_parse_hostport(cases[i].in, &l.addr, &l.addrlen), 0, "%s", cases[i].in);
+        if (cases[i].family == AF_INET)
+            expect_inet(&l, cases[i].ip, cases[i].port);
+        else
+            expect_inet6(&l, cases[i].ip, cases[i].port);
+    }
+}
+
+Test(hostport, invalid)
+{
+    static const char *cases[] = {
+        "", ":", ":80", "1.2.3.4", "1.2.3.4:", "1.2.3.4:65536", "1.2.3.4:100000", "1.2.3.4:-1", "1.2.3.4:+80",
+        "1.2.3.4:80a", "1.2.3.4: 80", " 1.2.3.4:80", "1.2.3.4 :80", "localhost:80", "example.com:443", "::1:80",
+        "::1", "[::1]", "[::1]80", "[1.2.3.4]:80", "[::1:80", "::1]:80", "[fe80::1%eth0]:80", "1.2.3:80",
+        "1.2.3.4.5:80", "[]:80", "[:80", "]:80", "1.2.3.256:80", "01.2.3.4:80",
+        "[1111:2222:3333:4444:5555:6666:7777:8888:9999]:80",
+        "[aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa]:80",
+        "1111111111111111111111111111111111111111111111111111111111111111111111:80",
+        "1.2.3.4:000080",
+    };
+    struct sockaddr_storage ss;
+    socklen_t len = 1234;
+
+    memset(&ss, 0xab, sizeof(ss));
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
+        cr_assert_eq(kd_config_parse_hostport(cases[i], &ss, &len), -EINVAL, "accepted \"%s\"", cases[i]);
+    cr_assert_eq(kd_config_parse_hostport(NULL, &ss, &len), -EINVAL);
+    /* Outputs are untouched on failure. */
+    cr_assert_eq(len, 1234);
+    cr_assert_eq(((unsigned char *)&ss)[0], 0xab);
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* kd_config_parse_duration                                                                        */
+
+Test(duration, valid)
+{
+    static const struct {
+        const char *in;
+        uint64_t ms;
+    } cases[] = {
+        {"0", 0},
+        {"0s", 0},
+        {"0ms", 0},
+        {"250ms", 250},
+        {"10s", 10000},
+        {"1m30s", 90000},
+        {"2h", 7200000},
+        {"1h1m1s1ms", 3661001},
+        {"1s1m", 61000},
+        {"010s", 10000},
+        {"1m1ms", 60001},
+        {"18446744073709551615ms", UINT64_MAX},
+        {"5124095576030h", 5124095576030ull * 3600000ull},
+    };
+
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        uint64_t ms = 42;
+
+        cr_assert_eq(kd_config_parse_duration(cases[i].in, &ms), 0, "%s", cases[i].in);
+        cr_assert_eq(ms, cases[i].ms, "%s: %llu", cases[i].in, (unsigned long long)ms);
+    }
+}
+
+Test(duration, invalid)
+{
+    static const char *cases[] = {
+        "", "10", "00", "s", "ms", "1.5s", "-1s", "+1s", "1 s", " 1s", "1s ", "1S", "1us", "1ns", "1d", "1msx",
+        "1sm", "1hh", "1m30", "h1", "18446744073709551616ms", "5124095576031h", "18446744073709551615ms1ms",
+        "99999999999999999999999s",
+    };
+    uint64_t ms = 42;
+
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
+        cr_assert_eq(kd_config_parse_duration(cases[i], &ms), -EINVAL, "accepted \"%s\"", cases[i]);
+    cr_assert_eq(kd_config_parse_duration(NULL, &ms), -EINVAL);
+    cr_assert_eq(ms, 42);
+}

@@ -1,0 +1,108 @@
+/* conn_test.c — the connection table: generations, staleness, capacity, invariants. */
+#include <criterion/criterion.h>
+#include <errno.h>
+
+#include "shards/conn.h"
+
+Test(conn, user_data_round_trip)
+{
+    uint64_t ud = kd_ud_make(KD_OP_SEND, 0xabcdef, 0xfffffffeu);
+    cr_assert_eq(kd_ud_op(ud), KD_OP_SEND);
+    cr_assert_eq(kd_ud_gen(ud), 0xabcdef);
+    cr_assert_eq(kd_ud_slot(ud), 0xfffffffeu);
+    /* the generation is cut to 24 bits, never spilling into the op */
+    ud = kd_ud_make(KD_OP_RECV, 0xff123456u, 7);
+    cr_assert_eq(kd_ud_op(ud), KD_OP_RECV);
+    cr_assert_eq(kd_ud_gen(ud), 0x123456);
+}
+
+Test(conn, zero_capacity_rejected)
+{
+    struct kd_conntable t;
+    cr_assert_eq(kd_conntable_init(&t, 0), -EINVAL);
+}
+
+Test(conn, alloc_until_full_then_refuse)
+{
+    struct kd_conntable t;
+    cr_assert_eq(kd_conntable_init(&t, 8), 0);
+    struct kd_conn *c[8];
+    for (int i = 0; i < 8; i++) {
+        c[i] = kd_conntable_alloc(&t);
+        cr_assert_not_null(c[i]);
+        cr_assert_eq(c[i]->state, KD_CONN_OPEN);
+        cr_assert_eq(kd_conntable_validate(&t), 0);
+    }
+    cr_assert_eq(t.live, 8);
+    cr_assert_null(kd_conntable_alloc(&t), "a full table refuses instead of growing");
+    kd_conntable_free(&t, c[3]);
+    cr_assert_eq(kd_conntable_validate(&t), 0);
+    struct kd_conn *again = kd_conntable_alloc(&t);
+    cr_assert_eq(again, c[3], "the freed slot is reused");
+    cr_assert_eq(kd_conntable_validate(&t), 0);
+    kd_conntable_fini(&t);
+}
+
+Test(conn, stale_generation_is_dropped)
+{
+    struct kd_conntable t;
+    cr_assert_eq(kd_conntable_init(&t, 4), 0);
+    struct kd_conn *c = kd_conntable_alloc(&t);
+    uint64_t ud = kd_ud_make(KD_OP_RECV, c->gen, c->slot);
+    cr_assert_eq(kd_conntable_lookup(&t, ud), c);
+    kd_conntable_free(&t, c);
+    cr_assert_null(kd_conntable_lookup(&t, ud), "a free slot is never live");
+    struct kd_conn *c2 = kd_conntable_alloc(&t);
+    cr_assert_eq(c2, c);
+    cr_assert_null(kd_conntable_lookup(&t, ud), "the old generation is stale after reuse");
+    cr_assert_eq(kd_conntable_lookup(&t, kd_ud_make(KD_OP_RECV, c2->gen, c2->slot)), c2);
+    cr_assert_null(kd_conntable_lookup(&t, kd_ud_make(KD_OP_RECV, c2->gen, 99)), "out of range slot");
+    kd_conntable_fini(&t);
+}
+
+Test(conn, generation_wraps_without_zero)
+{
+    struct kd_conntable t;
+    cr_assert_eq(kd_conntable_init(&t, 1), 0);
+    struct kd_conn *c = kd_conntable_alloc(&t);
+    c->gen = KD_GEN_MASK; /* last generation before the wrap */
+    kd_conntable_free(&t, c);
+    cr_assert_eq(c->gen, 1, "generation 0 is skipped so a zeroed user_data never matches");
+    cr_assert_eq(kd_conntable_validate(&t), 0);
+    kd_conntable_fini(&t);
+}
+
+Test(conn, random_alloc_free_keeps_invariants)
+{
+    struct kd_conntable t;
+    enum { CAP = 64 };
+    struct kd_conn *live[CAP];
+    uint64_t uds[CAP];
+    int nlive = 0;
+    unsigned seed = 12345;
+    cr_assert_eq(kd_conntable_init(&t, CAP), 0);
+    for (int step = 0; step < 20000; step++) {
+        seed = seed * 1103515245u + 12345u;
+        if ((seed >> 16) % 2 == 0 && nlive < CAP) {
+            struct kd_conn *c = kd_conntable_alloc(&t);
+            cr_assert_not_null(c);
+            live[nlive] = c;
+            uds[nlive] = kd_ud_make(KD_OP_RECV, c->gen, c->slot);
+            nlive++;
+        } else if (nlive > 0) {
+            int i = (int)((seed >> 8) % (unsigned)nlive);
+            uint64_t ud = uds[i];
+            cr_assert_eq(kd_conntable_lookup(&t, ud), live[i]);
+            kd_conntable_free(&t, live[i]);
+            cr_assert_null(kd_conntable_lookup(&t, ud));
+            live[i] = live[nlive - 1];
+            uds[i] = uds[nlive - 1];
+            nlive--;
+        }
+        cr_assert_eq(t.live, (uint32_t)nlive);
+        if (step % 97 == 0)
+            cr_assert_eq(kd_conntable_validate(&t), 0);
+    }
+    cr_assert_eq(kd_conntable_validate(&t), 0);
+    kd_conntable_fini(&t);
+}
