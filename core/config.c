@@ -371,20 +371,20 @@ struct field {
     enum kind kind;
     size_t off;
     uint64_t min, max;
-    const struct field *sub;     /* K_MAP: NULL-key terminated */
-    const char *example;         /* K_LISTEN: shown in the error message */
+    const struct field *sub; /* K_MAP: NULL-key terminated */
+    const char *example;     /* K_LISTEN: shown in the error message */
     int (*done)(struct parse *p, yaml_mark_t at);
 };
 
 #define OFF(member) offsetof(struct kd_config, member)
-#define LISTEN_ADDRESS(section, ex)                                                                      \
-    {                                                                                                    \
-        .key = "address", .kind = K_LISTEN, .off = OFF(section.listen), .example = ex                   \
+#define LISTEN_ADDRESS(section, ex)                                                                          \
+    {                                                                                                        \
+        .key = "address", .kind = K_LISTEN, .off = OFF(section.listen), .example = ex                        \
     }
-#define SECRET_FILE(section)                                                                             \
-    {                                                                                                    \
-        .key = "authentication_secret_file", .kind = K_STRING,                                          \
-        .off = OFF(section.listen.authentication_secret_file)                                           \
+#define SECRET_FILE(section)                                                                                 \
+    {                                                                                                        \
+        .key = "authentication_secret_file", .kind = K_STRING,                                               \
+        .off = OFF(section.listen.authentication_secret_file)                                                \
     }
 
 static int redis_done(struct parse *p, yaml_mark_t at);
@@ -406,7 +406,8 @@ static const struct field private_api_keys[] = {
     {.key = "listen", .kind = K_MAP, .sub = private_api_listen_keys},
     {0},
 };
-static const struct field observability_listen_keys[] = {LISTEN_ADDRESS(observability, "127.0.0.1:8151"), {0}};
+static const struct field observability_listen_keys[] = {LISTEN_ADDRESS(observability, "127.0.0.1:8151"),
+                                                         {0}};
 static const struct field observability_keys[] = {
     {.key = "listen", .kind = K_MAP, .sub = observability_listen_keys},
     {0},
@@ -422,7 +423,11 @@ static const struct field redis_keys[] = {
     {.key = "database", .kind = K_UINT, .off = OFF(redis.database), .min = 0, .max = INT32_MAX},
     {.key = "key_prefix", .kind = K_KEY_PREFIX, .off = OFF(redis.key_prefix)},
     /* 0 would mean "no timeout" to some clients and "fail at once" to others: refuse it. */
-    {.key = "dial_timeout", .kind = K_DURATION, .off = OFF(redis.dial_timeout_ms), .min = 1, .max = UINT32_MAX},
+    {.key = "dial_timeout",
+     .kind = K_DURATION,
+     .off = OFF(redis.dial_timeout_ms),
+     .min = 1,
+     .max = UINT32_MAX},
     {0},
 };
 static const struct field limits_keys[] = {
@@ -431,10 +436,26 @@ static const struct field limits_keys[] = {
      .off = OFF(limits.connections_per_shard),
      .min = 1,
      .max = 16777216},
-    {.key = "recv_buffers_per_shard", .kind = K_POW2, .off = OFF(limits.recv_buffers), .min = 16, .max = 32768},
-    {.key = "recv_buffer_size", .kind = K_UINT, .off = OFF(limits.recv_buffer_size), .min = 1024, .max = 1048576},
-    {.key = "router_ring_size", .kind = K_POW2, .off = OFF(limits.router_ring_size), .min = 64, .max = 1048576},
-    {.key = "shutdown_grace", .kind = K_DURATION, .off = OFF(limits.shutdown_grace_ms), .min = 0, .max = UINT32_MAX},
+    {.key = "recv_buffers_per_shard",
+     .kind = K_POW2,
+     .off = OFF(limits.recv_buffers),
+     .min = 16,
+     .max = 32768},
+    {.key = "recv_buffer_size",
+     .kind = K_UINT,
+     .off = OFF(limits.recv_buffer_size),
+     .min = 1024,
+     .max = 1048576},
+    {.key = "router_ring_size",
+     .kind = K_POW2,
+     .off = OFF(limits.router_ring_size),
+     .min = 64,
+     .max = 1048576},
+    {.key = "shutdown_grace",
+     .kind = K_DURATION,
+     .off = OFF(limits.shutdown_grace_ms),
+     .min = 0,
+     .max = UINT32_MAX},
     {0},
 };
 static const struct field log_keys[] = {{.key = "level", .kind = K_LOG_LEVEL, .off = OFF(log.level)}, {0}};
@@ -463,7 +484,7 @@ struct parse {
     struct kd_config *c;
     const char *buf; /* the input, to turn a reader error's byte offset into line:col */
     size_t len;
-    char name[512];  /* escaped source name */
+    char name[512]; /* escaped source name */
     char path[256];
     size_t pathlen;
     char *err;
@@ -515,7 +536,8 @@ static size_t push(struct parse *p, const char *key, size_t n)
     for (size_t i = 0; i < n && plain; i++) {
         char ch = key[i];
 
-        plain = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || is_digit(ch) || ch == '_' || ch == '-';
+        plain =
+            (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || is_digit(ch) || ch == '_' || ch == '-';
     }
     if (p->pathlen)
         append_escaped(p->path, sizeof(p->path), &p->pathlen, ".", 1, 1);
@@ -659,7 +681,8 @@ static bool is_null(const yaml_event_t *e)
     if (e->type != YAML_SCALAR_EVENT || e->data.scalar.style != YAML_PLAIN_SCALAR_STYLE)
         return false;
     v = (const char *)e->data.scalar.value;
-    return !strcmp(v, "") || !strcmp(v, "~") || !strcmp(v, "null") || !strcmp(v, "Null") || !strcmp(v, "NULL");
+    return !strcmp(v, "") || !strcmp(v, "~") || !strcmp(v, "null") || !strcmp(v, "Null") ||
+           !strcmp(v, "NULL");
 }
 
 /* Strict decimal: digits only, no leading zero unless "0". -EINVAL on syntax, -ERANGE on overflow. */
@@ -719,8 +742,8 @@ static bool valid_redis_addr(const char *s)
     for (h = s; h < colon; h++) {
         char ch = *h;
 
-        if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || is_digit(ch) || ch == '.' || ch == '-' ||
-              ch == '_'))
+        if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || is_digit(ch) || ch == '.' ||
+              ch == '-' || ch == '_'))
             return false;
     }
     return true;
@@ -781,7 +804,8 @@ static int parse_scalar(struct parse *p, const struct field *f)
         return set_string(p, (char **)(base + f->off), v, n, at);
     case K_REDIS_ADDR:
         if (!valid_redis_addr(v))
-            return fail(p, at, "expected host:port (like 127.0.0.1:6379) or unix:/path/to/socket, got %s", got);
+            return fail(p, at, "expected host:port (like 127.0.0.1:6379) or unix:/path/to/socket, got %s",
+                        got);
         return set_string(p, (char **)(base + f->off), v, n, at);
     case K_UINT:
     case K_POW2:
@@ -877,7 +901,8 @@ static int parse_map(struct parse *p, const struct field *fields)
             /* The tables are short: the list always fits (at most ~90 bytes for the top level). */
             expected[0] = '\0';
             for (size_t j = 0; fields[j].key && el < sizeof(expected); j++, nfields++)
-                el += (size_t)snprintf(expected + el, sizeof(expected) - el, "%s%s", j ? ", " : "", fields[j].key);
+                el += (size_t)snprintf(expected + el, sizeof(expected) - el, "%s%s", j ? ", " : "",
+                                       fields[j].key);
             return fail(p, at, "unknown key (expected%s%s)", nfields == 1 ? ": " : " one of: ", expected);
         }
         if (seen & (1u << i))

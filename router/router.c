@@ -33,6 +33,9 @@
  * producer's ring tagged with the producer's own doorbell_tag, so its loop treats it as a
  * (spurious) doorbell. Consequence for callers: do not call kd_router_send() between
  * io_uring_get_sqe() and the end of filling that SQE, because a full SQ makes the router submit.
+ *
+ * Handlers run inside kd_router_drain() (or inside kd_router_send() for a self-send). They may send
+ * and release payloads, but must not call kd_router_drain() themselves: drain is not re-entrant.
  */
 #include "router/router.h"
 
@@ -71,7 +74,8 @@ struct ovf_chunk {
  *   first -> [head..tail) -> [head..tail) -> ... -> last -> NULL      empty: first == last == NULL
  *
  * Invariants: count == sum of (tail - head) over the chunks; count == 0 iff first == NULL; only the
- * last chunk may have tail < OVF_CHUNK_MSGS; a chunk is freed as soon as it is emptied.
+ * last chunk may have tail < OVF_CHUNK_MSGS; an emptied chunk leaves the list at once (kept as the
+ * participant's spare or freed).
  * FIFO: while count > 0 every new message to the target is appended here, never pushed to the ring,
  * so nothing overtakes an older message of the same pair. */
 struct ovf_queue {

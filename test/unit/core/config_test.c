@@ -270,7 +270,8 @@ Test(config, every_log_level)
     static const struct {
         const char *name;
         enum kd_log_level level;
-    } levels[] = {{"debug", KD_LOG_DEBUG}, {"info", KD_LOG_INFO}, {"warn", KD_LOG_WARN}, {"error", KD_LOG_ERROR}};
+    } levels[] = {
+        {"debug", KD_LOG_DEBUG}, {"info", KD_LOG_INFO}, {"warn", KD_LOG_WARN}, {"error", KD_LOG_ERROR}};
 
     for (size_t i = 0; i < 4; i++) {
         struct kd_config c;
@@ -288,8 +289,8 @@ Test(config, every_log_level)
 Test(config, redis_addresses)
 {
     static const char *good[] = {
-        "redis.example.com:6379", "10.0.0.1:6379", "[::1]:6379", "unix:/run/redis.sock", "redis_1:1",
-        "localhost:65535",
+        "redis.example.com:6379", "10.0.0.1:6379", "[::1]:6379",
+        "unix:/run/redis.sock",   "redis_1:1",     "localhost:65535",
     };
 
     for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++) {
@@ -310,8 +311,8 @@ Test(config, redis_section_without_address_is_fine_when_a_previous_layer_set_it)
     char err[256];
 
     expect_ok(&c, "redis:\n  server:\n    address: 10.0.0.1:6379\n");
-    cr_assert_eq(kd_config_load_string(&c, "b.yaml", "redis:\n  database: 2\n", 21, err, sizeof(err)), 0, "%s",
-                 err);
+    cr_assert_eq(kd_config_load_string(&c, "b.yaml", "redis:\n  database: 2\n", 21, err, sizeof(err)), 0,
+                 "%s", err);
     cr_assert_str_eq(c.redis.address, "10.0.0.1:6379");
     cr_assert_eq(c.redis.database, 2);
     kd_config_free(&c);
@@ -379,14 +380,15 @@ Test(config, repeated_loads_do_not_leak)
 
 Test(config, header_example_message)
 {
-    expect_error("shards: 2\n"
-                 "agent:\n"
-                 "  listen:\n"
-                 "    address: 127.0.0.1:8150\n"
-                 "api:\n"
-                 "  listen:\n"
-                 "    address: localhost\n",
-                 "kasd.yaml:7:14: api.listen.address: expected host:port (like 127.0.0.1:8153), got \"localhost\"");
+    expect_error(
+        "shards: 2\n"
+        "agent:\n"
+        "  listen:\n"
+        "    address: 127.0.0.1:8150\n"
+        "api:\n"
+        "  listen:\n"
+        "    address: localhost\n",
+        "kasd.yaml:7:14: api.listen.address: expected host:port (like 127.0.0.1:8153), got \"localhost\"");
 }
 
 Test(config, unknown_keys_everywhere)
@@ -394,28 +396,32 @@ Test(config, unknown_keys_everywhere)
     static const struct error_case cases[] = {
         {"lisen: 1\n", "kasd.yaml:1:1: lisen: unknown key (expected one of: shards, agent, api, private_api, "
                        "observability, redis, limits, log)"},
-        {"agent:\n  lisen: 1\n", "kasd.yaml:2:3: agent.lisen: unknown key (expected one of: listen, token_file)"},
+        {"agent:\n  lisen: 1\n",
+         "kasd.yaml:2:3: agent.lisen: unknown key (expected one of: listen, token_file)"},
         {"agent:\n  listen:\n    authentication_secret_file: x\n",
          "kasd.yaml:3:5: agent.listen.authentication_secret_file: unknown key (expected: address)"},
         {"api:\n  token_file: x\n", "kasd.yaml:2:3: api.token_file: unknown key (expected: listen)"},
-        {"api:\n  listen:\n    adress: x\n",
-         "kasd.yaml:3:5: api.listen.adress: unknown key (expected one of: address, authentication_secret_file)"},
+        {"api:\n  listen:\n    adress: x\n", "kasd.yaml:3:5: api.listen.adress: unknown key (expected one "
+                                             "of: address, authentication_secret_file)"},
         {"private_api:\n  lsten: {}\n", "kasd.yaml:2:3: private_api.lsten: unknown key (expected: listen)"},
-        {"private_api:\n  listen:\n    network: tcp\n", "kasd.yaml:3:5: private_api.listen.network: unknown key "
-                                                         "(expected one of: address, authentication_secret_file)"},
+        {"private_api:\n  listen:\n    network: tcp\n",
+         "kasd.yaml:3:5: private_api.listen.network: unknown key "
+         "(expected one of: address, authentication_secret_file)"},
         {"observability:\n  port: 1\n", "kasd.yaml:2:3: observability.port: unknown key (expected: listen)"},
         {"observability:\n  listen:\n    authentication_secret_file: s\n",
          "kasd.yaml:3:5: observability.listen.authentication_secret_file: unknown key (expected: address)"},
         {"redis:\n  host: x\n", "kasd.yaml:2:3: redis.host: unknown key (expected one of: server, username, "
                                 "password_file, database, key_prefix, dial_timeout)"},
-        {"redis:\n  server:\n    addr: x\n", "kasd.yaml:3:5: redis.server.addr: unknown key (expected: address)"},
+        {"redis:\n  server:\n    addr: x\n",
+         "kasd.yaml:3:5: redis.server.addr: unknown key (expected: address)"},
         {"limits:\n  max_conns: 1\n",
          "kasd.yaml:2:3: limits.max_conns: unknown key (expected one of: connections_per_shard, "
          "recv_buffers_per_shard, recv_buffer_size, router_ring_size, shutdown_grace)"},
         {"log:\n  lvl: debug\n", "kasd.yaml:2:3: log.lvl: unknown key (expected: level)"},
         /* Keys are case-sensitive, like kas's. */
-        {"Shards: 1\n", "kasd.yaml:1:1: Shards: unknown key (expected one of: shards, agent, api, private_api, "
-                        "observability, redis, limits, log)"},
+        {"Shards: 1\n",
+         "kasd.yaml:1:1: Shards: unknown key (expected one of: shards, agent, api, private_api, "
+         "observability, redis, limits, log)"},
     };
 
     EXPECT_ERRORS(cases);
@@ -427,7 +433,8 @@ Test(config, odd_keys_are_quoted_and_escaped)
         {"'': 1\n", "kasd.yaml:1:1: \"\": unknown key (expected one of: shards, agent, api, private_api, "
                     "observability, redis, limits, log)"},
         {"log:\n  \"le vel\\t\": x\n", "kasd.yaml:2:3: log.\"le vel\\x09\": unknown key (expected: level)"},
-        {"log:\n  \"l\\u00e9vel\": x\n", "kasd.yaml:2:3: log.\"l\\xc3\\xa9vel\": unknown key (expected: level)"},
+        {"log:\n  \"l\\u00e9vel\": x\n",
+         "kasd.yaml:2:3: log.\"l\\xc3\\xa9vel\": unknown key (expected: level)"},
         {"log:\n  <<: x\n", "kasd.yaml:2:3: log.\"<<\": unknown key (expected: level)"},
         {"log:\n  1: x\n", "kasd.yaml:2:3: log.1: unknown key (expected: level)"},
         {"log:\n  \"level\\0\": x\n", "kasd.yaml:2:3: log.\"level\\x00\": unknown key (expected: level)"},
@@ -446,9 +453,11 @@ Test(config, wrong_node_kinds)
         {"redis:\n  server: unix:/x\n", "kasd.yaml:2:11: redis.server: expected a mapping, got a scalar"},
         {"shards: {a: 1}\n", "kasd.yaml:1:9: shards: expected a scalar, got a mapping"},
         {"shards: [1]\n", "kasd.yaml:1:9: shards: expected a scalar, got a sequence"},
-        {"api:\n  listen:\n    address: [a]\n", "kasd.yaml:3:14: api.listen.address: expected a scalar, got a sequence"},
+        {"api:\n  listen:\n    address: [a]\n",
+         "kasd.yaml:3:14: api.listen.address: expected a scalar, got a sequence"},
         {"log:\n  level:\n    x: 1\n", "kasd.yaml:3:5: log.level: expected a scalar, got a mapping"},
-        {"limits:\n  shutdown_grace:\n  - 1s\n", "kasd.yaml:3:3: limits.shutdown_grace: expected a scalar, got a sequence"},
+        {"limits:\n  shutdown_grace:\n  - 1s\n",
+         "kasd.yaml:3:3: limits.shutdown_grace: expected a scalar, got a sequence"},
         {"hello\n", "kasd.yaml:1:1: expected a mapping at the top level, got a scalar"},
         {"'~'\n", "kasd.yaml:1:1: expected a mapping at the top level, got a scalar"},
         {"- shards: 1\n", "kasd.yaml:1:1: expected a mapping at the top level, got a sequence"},
@@ -463,17 +472,22 @@ Test(config, bad_listen_addresses)
 {
     static const struct error_case cases[] = {
         {"agent:\n  listen:\n    address: localhost:8150\n",
-         "kasd.yaml:3:14: agent.listen.address: expected host:port (like 127.0.0.1:8150), got \"localhost:8150\""},
-        {"private_api:\n  listen:\n    address: 127.0.0.1\n", "kasd.yaml:3:14: private_api.listen.address: "
-                                                             "expected host:port (like 127.0.0.1:8155), got \"127.0.0.1\""},
-        {"observability:\n  listen:\n    address: '[::1]'\n", "kasd.yaml:3:14: observability.listen.address: "
-                                                             "expected host:port (like 127.0.0.1:8151), got \"[::1]\""},
+         "kasd.yaml:3:14: agent.listen.address: expected host:port (like 127.0.0.1:8150), got "
+         "\"localhost:8150\""},
+        {"private_api:\n  listen:\n    address: 127.0.0.1\n",
+         "kasd.yaml:3:14: private_api.listen.address: "
+         "expected host:port (like 127.0.0.1:8155), got \"127.0.0.1\""},
+        {"observability:\n  listen:\n    address: '[::1]'\n",
+         "kasd.yaml:3:14: observability.listen.address: "
+         "expected host:port (like 127.0.0.1:8151), got \"[::1]\""},
         {"api:\n  listen:\n    address: '::1:8153'\n",
          "kasd.yaml:3:14: api.listen.address: expected host:port (like 127.0.0.1:8153), got \"::1:8153\""},
         {"api:\n  listen:\n    address: 127.0.0.1:65536\n",
-         "kasd.yaml:3:14: api.listen.address: expected host:port (like 127.0.0.1:8153), got \"127.0.0.1:65536\""},
+         "kasd.yaml:3:14: api.listen.address: expected host:port (like 127.0.0.1:8153), got "
+         "\"127.0.0.1:65536\""},
         {"api:\n  listen:\n    address: ' 127.0.0.1:1'\n",
-         "kasd.yaml:3:14: api.listen.address: expected host:port (like 127.0.0.1:8153), got \" 127.0.0.1:1\""},
+         "kasd.yaml:3:14: api.listen.address: expected host:port (like 127.0.0.1:8153), got \" "
+         "127.0.0.1:1\""},
         {"api:\n  listen:\n    address: :8153\n",
          "kasd.yaml:3:14: api.listen.address: expected host:port (like 127.0.0.1:8153), got \":8153\""},
         {"api:\n  listen:\n    address: 8153\n",
@@ -521,7 +535,8 @@ Test(config, bad_integers)
          "kasd.yaml:1:9: shards: must be between 0 and 1024, got \"99999999999999999999999\""},
         {"shards: 18446744073709551616\n",
          "kasd.yaml:1:9: shards: must be between 0 and 1024, got \"18446744073709551616\""},
-        {"redis:\n  database: -1\n", "kasd.yaml:2:13: redis.database: expected a decimal integer, got \"-1\""},
+        {"redis:\n  database: -1\n",
+         "kasd.yaml:2:13: redis.database: expected a decimal integer, got \"-1\""},
     };
 
     EXPECT_ERRORS(cases);
@@ -550,21 +565,21 @@ Test(config, out_of_range_integers)
 Test(config, powers_of_two)
 {
     static const struct error_case cases[] = {
-        {"limits:\n  recv_buffers_per_shard: 1000\n",
-         "kasd.yaml:2:27: limits.recv_buffers_per_shard: must be a power of two between 16 and 32768, got \"1000\""},
-        {"limits:\n  recv_buffers_per_shard: 8\n",
-         "kasd.yaml:2:27: limits.recv_buffers_per_shard: must be a power of two between 16 and 32768, got \"8\""},
-        {"limits:\n  recv_buffers_per_shard: 0\n",
-         "kasd.yaml:2:27: limits.recv_buffers_per_shard: must be a power of two between 16 and 32768, got \"0\""},
+        {"limits:\n  recv_buffers_per_shard: 1000\n", "kasd.yaml:2:27: limits.recv_buffers_per_shard: must "
+                                                      "be a power of two between 16 and 32768, got \"1000\""},
+        {"limits:\n  recv_buffers_per_shard: 8\n", "kasd.yaml:2:27: limits.recv_buffers_per_shard: must be a "
+                                                   "power of two between 16 and 32768, got \"8\""},
+        {"limits:\n  recv_buffers_per_shard: 0\n", "kasd.yaml:2:27: limits.recv_buffers_per_shard: must be a "
+                                                   "power of two between 16 and 32768, got \"0\""},
         {"limits:\n  recv_buffers_per_shard: 65536\n",
          "kasd.yaml:2:27: limits.recv_buffers_per_shard: must be a power of two between 16 and 32768, got "
          "\"65536\""},
-        {"limits:\n  router_ring_size: 100\n",
-         "kasd.yaml:2:21: limits.router_ring_size: must be a power of two between 64 and 1048576, got \"100\""},
-        {"limits:\n  router_ring_size: 32\n",
-         "kasd.yaml:2:21: limits.router_ring_size: must be a power of two between 64 and 1048576, got \"32\""},
-        {"limits:\n  router_ring_size: 2097152\n",
-         "kasd.yaml:2:21: limits.router_ring_size: must be a power of two between 64 and 1048576, got \"2097152\""},
+        {"limits:\n  router_ring_size: 100\n", "kasd.yaml:2:21: limits.router_ring_size: must be a power of "
+                                               "two between 64 and 1048576, got \"100\""},
+        {"limits:\n  router_ring_size: 32\n", "kasd.yaml:2:21: limits.router_ring_size: must be a power of "
+                                              "two between 64 and 1048576, got \"32\""},
+        {"limits:\n  router_ring_size: 2097152\n", "kasd.yaml:2:21: limits.router_ring_size: must be a power "
+                                                   "of two between 64 and 1048576, got \"2097152\""},
         {"limits:\n  router_ring_size: 36893488147419103232\n",
          "kasd.yaml:2:21: limits.router_ring_size: must be a power of two between 64 and 1048576, got "
          "\"36893488147419103232\""},
@@ -587,16 +602,16 @@ Test(config, powers_of_two)
 Test(config, bad_durations)
 {
     static const struct error_case cases[] = {
-        {"limits:\n  shutdown_grace: 10\n",
-         "kasd.yaml:2:19: limits.shutdown_grace: expected a duration like 250ms, 10s, 1m30s or 2h, got \"10\""},
-        {"limits:\n  shutdown_grace: 10x\n",
-         "kasd.yaml:2:19: limits.shutdown_grace: expected a duration like 250ms, 10s, 1m30s or 2h, got \"10x\""},
-        {"limits:\n  shutdown_grace: 1.5s\n",
-         "kasd.yaml:2:19: limits.shutdown_grace: expected a duration like 250ms, 10s, 1m30s or 2h, got \"1.5s\""},
-        {"limits:\n  shutdown_grace: -1s\n",
-         "kasd.yaml:2:19: limits.shutdown_grace: expected a duration like 250ms, 10s, 1m30s or 2h, got \"-1s\""},
-        {"limits:\n  shutdown_grace: 1 s\n",
-         "kasd.yaml:2:19: limits.shutdown_grace: expected a duration like 250ms, 10s, 1m30s or 2h, got \"1 s\""},
+        {"limits:\n  shutdown_grace: 10\n", "kasd.yaml:2:19: limits.shutdown_grace: expected a duration like "
+                                            "250ms, 10s, 1m30s or 2h, got \"10\""},
+        {"limits:\n  shutdown_grace: 10x\n", "kasd.yaml:2:19: limits.shutdown_grace: expected a duration "
+                                             "like 250ms, 10s, 1m30s or 2h, got \"10x\""},
+        {"limits:\n  shutdown_grace: 1.5s\n", "kasd.yaml:2:19: limits.shutdown_grace: expected a duration "
+                                              "like 250ms, 10s, 1m30s or 2h, got \"1.5s\""},
+        {"limits:\n  shutdown_grace: -1s\n", "kasd.yaml:2:19: limits.shutdown_grace: expected a duration "
+                                             "like 250ms, 10s, 1m30s or 2h, got \"-1s\""},
+        {"limits:\n  shutdown_grace: 1 s\n", "kasd.yaml:2:19: limits.shutdown_grace: expected a duration "
+                                             "like 250ms, 10s, 1m30s or 2h, got \"1 s\""},
         {"limits:\n  shutdown_grace:\n",
          "kasd.yaml:2:18: limits.shutdown_grace: expected a duration like 250ms, 10s, 1m30s or 2h, got \"\""},
         {"limits:\n  shutdown_grace: 99999999999999999999h\n",
@@ -609,8 +624,8 @@ Test(config, bad_durations)
          "kasd.yaml:2:17: redis.dial_timeout: must be between 1ms and 4294967295ms, got \"0\""},
         {"redis:\n  dial_timeout: 0s\n",
          "kasd.yaml:2:17: redis.dial_timeout: must be between 1ms and 4294967295ms, got \"0s\""},
-        {"redis:\n  dial_timeout: 5 seconds\n",
-         "kasd.yaml:2:17: redis.dial_timeout: expected a duration like 250ms, 10s, 1m30s or 2h, got \"5 seconds\""},
+        {"redis:\n  dial_timeout: 5 seconds\n", "kasd.yaml:2:17: redis.dial_timeout: expected a duration "
+                                                "like 250ms, 10s, 1m30s or 2h, got \"5 seconds\""},
     };
     struct kd_config c;
 
@@ -625,7 +640,8 @@ Test(config, bad_log_level)
     static const struct error_case cases[] = {
         {"log:\n  level: verbose\n",
          "kasd.yaml:2:10: log.level: expected one of: debug, info, warn, error, got \"verbose\""},
-        {"log:\n  level: INFO\n", "kasd.yaml:2:10: log.level: expected one of: debug, info, warn, error, got \"INFO\""},
+        {"log:\n  level: INFO\n",
+         "kasd.yaml:2:10: log.level: expected one of: debug, info, warn, error, got \"INFO\""},
         {"log:\n  level: warning\n",
          "kasd.yaml:2:10: log.level: expected one of: debug, info, warn, error, got \"warning\""},
         {"log:\n  level:\n", "kasd.yaml:2:9: log.level: expected one of: debug, info, warn, error, got \"\""},
@@ -644,8 +660,9 @@ Test(config, redis_requires_server_address)
         {"shards: 1\nredis:\n  username: kas\n  database: 1\n",
          "kasd.yaml:3:3: redis.server.address: required when a redis section is given "
          "(like 127.0.0.1:6379 or unix:/path/to/socket)"},
-        {"redis:\n  server: {}\n", "kasd.yaml:2:3: redis.server.address: required when a redis section is given "
-                                   "(like 127.0.0.1:6379 or unix:/path/to/socket)"},
+        {"redis:\n  server: {}\n",
+         "kasd.yaml:2:3: redis.server.address: required when a redis section is given "
+         "(like 127.0.0.1:6379 or unix:/path/to/socket)"},
     };
 
     EXPECT_ERRORS(cases);
@@ -654,8 +671,8 @@ Test(config, redis_requires_server_address)
 Test(config, bad_redis_addresses)
 {
     static const char *bad[] = {
-        "redis", "unix:", "unix:relative/path", "host:0", "host:99999", "[::1:6379", "ho st:1", ":6379",
-        "host:", "[1.2.3.4]:1", "a/b:1", "[::1]", "tcp://host:1",
+        "redis", "unix:", "unix:relative/path", "host:0", "host:99999", "[::1:6379",    "ho st:1",
+        ":6379", "host:", "[1.2.3.4]:1",        "a/b:1",  "[::1]",      "tcp://host:1",
     };
     char yaml[256], want[512];
 
@@ -708,9 +725,11 @@ Test(config, duplicate_keys)
          "kasd.yaml:4:3: agent.listen: duplicate key (first given at line 2)"},
         {"limits:\n  recv_buffer_size: 2048\n  shutdown_grace: 1s\n  recv_buffer_size: 4096\n",
          "kasd.yaml:4:3: limits.recv_buffer_size: duplicate key (first given at line 2)"},
-        {"log: {level: info, level: debug}\n", "kasd.yaml:1:20: log.level: duplicate key (first given at line 1)"},
+        {"log: {level: info, level: debug}\n",
+         "kasd.yaml:1:20: log.level: duplicate key (first given at line 1)"},
         /* A quoted key is the same key. */
-        {"log:\n  level: info\n  'level': info\n", "kasd.yaml:3:3: log.level: duplicate key (first given at line 2)"},
+        {"log:\n  level: info\n  'level': info\n",
+         "kasd.yaml:3:3: log.level: duplicate key (first given at line 2)"},
         {"log: {}\nlog: {}\n", "kasd.yaml:2:1: log: duplicate key (first given at line 1)"},
     };
 
@@ -722,13 +741,16 @@ Test(config, anchors_aliases_and_tags_are_refused)
     static const struct error_case cases[] = {
         {"shards: &n 4\n", "kasd.yaml:1:9: shards: anchors are not supported (anchor \"n\")"},
         {"shards: *n\n", "kasd.yaml:1:9: shards: aliases are not supported (alias \"n\")"},
-        {"agent: &a\n  token_file: x\napi: *a\n", "kasd.yaml:1:8: agent: anchors are not supported (anchor \"a\")"},
+        {"agent: &a\n  token_file: x\napi: *a\n",
+         "kasd.yaml:1:8: agent: anchors are not supported (anchor \"a\")"},
         {"*a : 1\n", "kasd.yaml:1:1: aliases are not supported (alias \"a\")"},
         {"&top\nshards: 1\n", "kasd.yaml:1:1: anchors are not supported (anchor \"top\")"},
-        {"a: &a [1, 2]\nb: &b [*a, *a]\n", "kasd.yaml:1:1: a: unknown key (expected one of: shards, agent, api, "
-                                           "private_api, observability, redis, limits, log)"},
+        {"a: &a [1, 2]\nb: &b [*a, *a]\n",
+         "kasd.yaml:1:1: a: unknown key (expected one of: shards, agent, api, "
+         "private_api, observability, redis, limits, log)"},
         {"log:\n  level: &l info\n", "kasd.yaml:2:10: log.level: anchors are not supported (anchor \"l\")"},
-        {"shards: !!int 4\n", "kasd.yaml:1:9: shards: tags are not supported (tag \"tag:yaml.org,2002:int\")"},
+        {"shards: !!int 4\n",
+         "kasd.yaml:1:9: shards: tags are not supported (tag \"tag:yaml.org,2002:int\")"},
         {"agent: !foo {}\n", "kasd.yaml:1:8: agent: tags are not supported (tag \"!foo\")"},
         {"!!map\nshards: 1\n", "kasd.yaml:1:1: tags are not supported (tag \"tag:yaml.org,2002:map\")"},
     };
@@ -746,18 +768,24 @@ Test(config, yaml_syntax_errors)
 {
     static const struct error_case cases[] = {
         {"shards: 4\nagent:\n  listen:\n    address: \"1.2.3.4:80\n",
-         "kasd.yaml:5:1: YAML syntax error: found unexpected end of stream (while scanning a quoted scalar at 4:14)"},
-        {"shards: 4\nlog: {level: info\n",
-         "kasd.yaml:3:1: YAML syntax error: did not find expected ',' or '}' (while parsing a flow mapping at 2:6)"},
-        {"shards: 4\n]\n", "kasd.yaml:2:1: YAML syntax error: did not find expected key (while parsing a block "
-                           "mapping at 1:1)"},
-        {"log:\n  level: info\n level: debug\n", "kasd.yaml:3:2: YAML syntax error: did not find expected key "
-                                                 "(while parsing a block mapping at 1:1)"},
-        {"shards: 4: 5\n", "kasd.yaml:1:10: YAML syntax error: mapping values are not allowed in this context"},
-        {"agent:\n\tlisten: {}\n", "kasd.yaml:2:1: YAML syntax error: found character that cannot start any token "
-                                   "(while scanning for the next token at 2:1)"},
+         "kasd.yaml:5:1: YAML syntax error: found unexpected end of stream (while scanning a quoted scalar "
+         "at 4:14)"},
+        {"shards: 4\nlog: {level: info\n", "kasd.yaml:3:1: YAML syntax error: did not find expected ',' or "
+                                           "'}' (while parsing a flow mapping at 2:6)"},
+        {"shards: 4\n]\n",
+         "kasd.yaml:2:1: YAML syntax error: did not find expected key (while parsing a block "
+         "mapping at 1:1)"},
+        {"log:\n  level: info\n level: debug\n",
+         "kasd.yaml:3:2: YAML syntax error: did not find expected key "
+         "(while parsing a block mapping at 1:1)"},
+        {"shards: 4: 5\n",
+         "kasd.yaml:1:10: YAML syntax error: mapping values are not allowed in this context"},
+        {"agent:\n\tlisten: {}\n",
+         "kasd.yaml:2:1: YAML syntax error: found character that cannot start any token "
+         "(while scanning for the next token at 2:1)"},
         /* Reader errors carry only a byte offset; line:col are recomputed from it. */
-        {"shards: 4\nlog:\n  level: \xff\n", "kasd.yaml:3:10: YAML syntax error: invalid leading UTF-8 octet (0xFF)"},
+        {"shards: 4\nlog:\n  level: \xff\n",
+         "kasd.yaml:3:10: YAML syntax error: invalid leading UTF-8 octet (0xFF)"},
     };
 
     EXPECT_ERRORS(cases);
@@ -775,14 +803,16 @@ Test(config, values_in_messages_are_escaped_and_truncated)
     char x100[101];
 
     expect_error("shards: \"a\\x01\\\"b\\\\\"\n", "kasd.yaml:1:9: shards: expected a decimal integer, got "
-                                                 "\"a\\x01\\\"b\\\\\"");
+                                                  "\"a\\x01\\\"b\\\\\"");
     /* An escaped newline must not break the one-line message. */
     expect_error("agent:\n  listen:\n    address: \"1.2.3.4:80\\nX\"\n",
                  "kasd.yaml:3:14: agent.listen.address: expected host:port (like 127.0.0.1:8150), got "
                  "\"1.2.3.4:80\\x0aX\"");
-    expect_error("log:\n  level: d\xc3\xa9\x62ug\n",
-                 "kasd.yaml:2:10: log.level: expected one of: debug, info, warn, error, got \"d\\xc3\\xa9bug\"");
-    expect_error("log:\n  level: \"x\\0y\"\n", "kasd.yaml:2:10: log.level: must not contain NUL bytes, got \"x\\x00y\"");
+    expect_error(
+        "log:\n  level: d\xc3\xa9\x62ug\n",
+        "kasd.yaml:2:10: log.level: expected one of: debug, info, warn, error, got \"d\\xc3\\xa9bug\"");
+    expect_error("log:\n  level: \"x\\0y\"\n",
+                 "kasd.yaml:2:10: log.level: must not contain NUL bytes, got \"x\\x00y\"");
     expect_error("agent:\n  token_file: \"/etc/\\0/x\"\n",
                  "kasd.yaml:2:15: agent.token_file: must not contain NUL bytes, got \"/etc/\\x00/x\"");
 
@@ -796,17 +826,19 @@ Test(config, values_in_messages_are_escaped_and_truncated)
     snprintf(want, sizeof(want), "kasd.yaml:1:9: shards: expected a decimal integer, got \"%.60s\"", x100);
     expect_error(long_yaml, want);
     /* 60 bytes that all need \xNN still fit the message. */
-    snprintf(long_yaml, sizeof(long_yaml), "shards: \"%s\"\n",
-             "\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01"
-             "\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01"
-             "\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01"
-             "\\x01");
+    snprintf(
+        long_yaml, sizeof(long_yaml), "shards: \"%s\"\n",
+        "\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01"
+        "\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01"
+        "\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01"
+        "\\x01");
     struct kd_config c;
     char err[1024];
 
     cr_assert_eq(load(&c, long_yaml, err, sizeof(err)), -EINVAL);
-    cr_assert_eq(strlen(err), strlen("kasd.yaml:1:9: shards: expected a decimal integer, got \"\"...") + 60 * 4,
-                 "%s", err);
+    cr_assert_eq(strlen(err),
+                 strlen("kasd.yaml:1:9: shards: expected a decimal integer, got \"\"...") + 60 * 4, "%s",
+                 err);
     kd_config_free(&c);
 }
 
@@ -889,7 +921,8 @@ Test(config, load_file_error_names_the_file)
 
     cr_assert_eq(kd_config_defaults(&c), 0);
     cr_assert_eq(kd_config_load_file(&c, path, err, sizeof(err)), -EINVAL);
-    snprintf(want, sizeof(want), "%s:3:10: log.level: expected one of: debug, info, warn, error, got \"loud\"", path);
+    snprintf(want, sizeof(want),
+             "%s:3:10: log.level: expected one of: debug, info, warn, error, got \"loud\"", path);
     cr_assert_str_eq(err, want);
     cr_assert_str_eq(c.source, "<defaults>");
     kd_config_free(&c);
@@ -985,10 +1018,36 @@ Test(hostport, valid)
 Test(hostport, invalid)
 {
     static const char *cases[] = {
-        "", ":", ":80", "1.2.3.4", "1.2.3.4:", "1.2.3.4:65536", "1.2.3.4:100000", "1.2.3.4:-1", "1.2.3.4:+80",
-        "1.2.3.4:80a", "1.2.3.4: 80", " 1.2.3.4:80", "1.2.3.4 :80", "localhost:80", "example.com:443", "::1:80",
-        "::1", "[::1]", "[::1]80", "[1.2.3.4]:80", "[::1:80", "::1]:80", "[fe80::1%eth0]:80", "1.2.3:80",
-        "1.2.3.4.5:80", "[]:80", "[:80", "]:80", "1.2.3.256:80", "01.2.3.4:80",
+        "",
+        ":",
+        ":80",
+        "1.2.3.4",
+        "1.2.3.4:",
+        "1.2.3.4:65536",
+        "1.2.3.4:100000",
+        "1.2.3.4:-1",
+        "1.2.3.4:+80",
+        "1.2.3.4:80a",
+        "1.2.3.4: 80",
+        " 1.2.3.4:80",
+        "1.2.3.4 :80",
+        "localhost:80",
+        "example.com:443",
+        "::1:80",
+        "::1",
+        "[::1]",
+        "[::1]80",
+        "[1.2.3.4]:80",
+        "[::1:80",
+        "::1]:80",
+        "[fe80::1%eth0]:80",
+        "1.2.3:80",
+        "1.2.3.4.5:80",
+        "[]:80",
+        "[:80",
+        "]:80",
+        "1.2.3.256:80",
+        "01.2.3.4:80",
         "[1111:2222:3333:4444:5555:6666:7777:8888:9999]:80",
         "[aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa]:80",
         "1111111111111111111111111111111111111111111111111111111111111111111111:80",
@@ -1041,8 +1100,29 @@ Test(duration, valid)
 Test(duration, invalid)
 {
     static const char *cases[] = {
-        "", "10", "00", "s", "ms", "1.5s", "-1s", "+1s", "1 s", " 1s", "1s ", "1S", "1us", "1ns", "1d", "1msx",
-        "1sm", "1hh", "1m30", "h1", "18446744073709551616ms", "5124095576031h", "18446744073709551615ms1ms",
+        "",
+        "10",
+        "00",
+        "s",
+        "ms",
+        "1.5s",
+        "-1s",
+        "+1s",
+        "1 s",
+        " 1s",
+        "1s ",
+        "1S",
+        "1us",
+        "1ns",
+        "1d",
+        "1msx",
+        "1sm",
+        "1hh",
+        "1m30",
+        "h1",
+        "18446744073709551616ms",
+        "5124095576031h",
+        "18446744073709551615ms1ms",
         "99999999999999999999999s",
     };
     uint64_t ms = 42;
