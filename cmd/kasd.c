@@ -10,20 +10,41 @@
 #include "cmd/dev.h"
 #include "core/config.h"
 #include "core/log.h"
+#include "core/jwt.h"
+#include "core/tls.h"
+#include "core/tokens.h"
+#include "shards/kas.h"
 #include "shards/conn.h"
+#include "shards/grpc.h"
 #include "shards/server.h"
 
-/* Until the gRPC layer is on a listener, its connections are held and their input discarded: the
- * listener is open (so orchestration and tests see the port) but serves no protocol yet. */
-static int held_on_data(struct kd_conn *c, const uint8_t *data, size_t len)
+static void wake_shard(void *ud, unsigned slot)
 {
-    (void)c;
-    (void)data;
-    (void)len;
-    return 0;
+    kd_server_wake(ud, slot);
 }
 
-static const struct kd_conn_ops held_ops = {.name = "held", .on_data = held_on_data};
+/* SIGHUP: load the token file again and swap it in; the old table is freed once every shard has
+ * passed a quiescent point (no shard can still hold a pointer into it). */
+static void reload_tokens(const struct kd_config *cfg, struct kd_kas *kas, struct kd_server *srv)
+{
+    char err[512];
+    struct kd_tokens *t;
+    if (cfg->agent.token_file == NULL || kas->tokens == NULL) {
+        kd_log_msg(KD_LOG_INFO, "sighup", "no agent.token_file configured: nothing to reload");
+        return;
+    }
+    if (kd_tokens_load_file(cfg->agent.token_file, &t, err, sizeof(err)) < 0) {
+        kd_log_msg(KD_LOG_ERROR, "tokens_reload_failed", "%s (keeping the previous tokens)", err);
+        return;
+    }
+    struct kd_tokens *old = kd_tokens_handle_swap(kas->tokens, t);
+    if (kd_epoch_synchronize(kas->epoch, wake_shard, srv, 5000) == 0)
+        kd_tokens_free(old);
+    else
+        kd_log_msg(KD_LOG_WARN, "tokens_reload", "a shard did not pass a quiescent point in 5 s; the old "
+                                                 "table is kept (not freed)");
+    kd_log_msg(KD_LOG_INFO, "tokens_reloaded", "%s", cfg->agent.token_file);
+}
 
 static void usage(FILE *f)
 {
@@ -48,7 +69,31 @@ static void usage(FILE *f)
 struct listener_spec {
     const char *name;
     struct kd_listen_cfg *cfg;
+    bool mtls;
+    struct kd_grpc_server_cfg grpc;
+    struct kd_tls_ctx *tls;
 };
+
+/* TLS for a listener that has certificate_file and key_file; the error names the listener. */
+static int listener_tls(struct listener_spec *l, char *err, size_t errlen)
+{
+    char why[400];
+    if (l->cfg->certificate_file == NULL)
+        return 0;
+    struct kd_tls_ctx_opts o = {
+        .server = true,
+        .cert_file = l->cfg->certificate_file,
+        .key_file = l->cfg->key_file,
+        .ca_file = l->cfg->client_ca_file,
+        .require_client_cert = l->cfg->client_ca_file != NULL,
+        .alpn = "h2",
+        .min_version = 12,
+    };
+    int rc = kd_tls_ctx_create(&o, &l->tls, why, sizeof(why));
+    if (rc < 0)
+        snprintf(err, errlen, "%s.listen TLS: %s", l->name, why);
+    return rc;
+}
 
 int main(int argc, char **argv)
 {
@@ -133,6 +178,43 @@ int main(int argc, char **argv)
         fprintf(stderr, "kasd: logger thread unavailable, logging synchronously\n");
 
     int exit_code = 1;
+    struct listener_spec specs[] = {
+        {.name = "agent", .cfg = &cfg.agent.listen},
+        {.name = "api", .cfg = &cfg.api.listen},
+        {.name = "private_api", .cfg = &cfg.private_api.listen},
+    };
+    const struct kd_grpc_method agent_methods[] = {kd_grpc_health_method, kd_kas_connect_method,
+                                                   kd_kas_register_method};
+    const struct kd_grpc_method api_methods[] = {kd_grpc_health_method};
+    const struct kd_grpc_method private_methods[] = {kd_grpc_health_method};
+    struct kd_kas kas = {.routing_timeout_ms = cfg.limits.routing_timeout_ms};
+    struct kd_tokens_handle tokens_handle;
+    struct kd_tokens *tokens = NULL;
+    if (cfg.agent.token_file != NULL) {
+        if (kd_tokens_load_file(cfg.agent.token_file, &tokens, err, sizeof(err)) < 0) {
+            kd_log_msg(KD_LOG_ERROR, "start_failed", "agent.token_file: %s", err);
+            kd_log_stop();
+            kd_config_free(&cfg);
+            return 2;
+        }
+        kd_tokens_handle_init(&tokens_handle, tokens);
+        kas.tokens = &tokens_handle;
+    } else {
+        kd_log_msg(KD_LOG_WARN, "no_agent_tokens", "no agent.token_file: every agent is refused");
+    }
+    if (cfg.api.listen.authentication_secret_file != NULL) {
+        if (kd_jwt_secret_load(cfg.api.listen.authentication_secret_file, kas.api_secret,
+                               sizeof(kas.api_secret), &kas.api_secret_len, err, sizeof(err)) < 0) {
+            kd_log_msg(KD_LOG_ERROR, "start_failed", "api.listen.authentication_secret_file: %s", err);
+            kd_tokens_free(tokens);
+            kd_log_stop();
+            kd_config_free(&cfg);
+            return 2;
+        }
+    } else {
+        kd_log_msg(KD_LOG_WARN, "no_api_secret", "no api.listen.authentication_secret_file: every api call is "
+                                                 "refused");
+    }
     struct kd_embedded_redis redis = {.pid = -1};
     struct kd_server *srv = NULL;
     if (!cfg.redis.configured) {
@@ -148,11 +230,6 @@ int main(int argc, char **argv)
         kd_log_end(&l);
     }
 
-    struct listener_spec specs[] = {
-        {"agent", &cfg.agent.listen},
-        {"api", &cfg.api.listen},
-        {"private_api", &cfg.private_api.listen},
-    };
     struct kd_server_opts o = {
         .shards = cfg.shards,
         .pin = true,
@@ -161,15 +238,49 @@ int main(int argc, char **argv)
         .recv_buffer_size = cfg.limits.recv_buffer_size,
         .ring_size = cfg.limits.router_ring_size,
         .shutdown_grace_ms = cfg.limits.shutdown_grace_ms,
+        .user = &kas,
+        .on_shard_start = kd_kas_shard_start,
+        .on_shard_stop = kd_kas_shard_stop,
+        .on_message = kd_kas_on_message,
+        .on_turn = kd_kas_on_turn,
     };
     for (size_t i = 0; i < sizeof(specs) / sizeof(specs[0]); i++) {
+        struct listener_spec *sp = &specs[i];
+        if (listener_tls(sp, err, sizeof(err)) < 0) {
+            kd_log_msg(KD_LOG_ERROR, "start_failed", "%s", err);
+            goto out;
+        }
+        sp->grpc.name = sp->name;
+        if (i == 0) {
+            sp->grpc.methods = agent_methods;
+            sp->grpc.nmethods = sizeof(agent_methods) / sizeof(agent_methods[0]);
+            sp->grpc.on_conn_close = kd_kas_agent_conn_close;
+        } else if (i == 1) {
+            sp->grpc.methods = api_methods;
+            sp->grpc.nmethods = sizeof(api_methods) / sizeof(api_methods[0]);
+            sp->grpc.fallback = &kd_kas_route_method;
+        } else {
+            sp->grpc.methods = private_methods;
+            sp->grpc.nmethods = sizeof(private_methods) / sizeof(private_methods[0]);
+        }
+        sp->grpc.tls = sp->tls;
+        sp->grpc.max_message = cfg.limits.grpc_max_message_size;
+        sp->grpc.max_concurrent_streams = cfg.limits.grpc_max_concurrent_streams;
+        sp->grpc.max_connection_age_ms = sp->cfg->max_connection_age_ms;
+        kd_grpc_server_cfg_defaults(&sp->grpc);
         struct kd_server_listener *l = &o.listeners[o.nlisteners++];
-        l->name = specs[i].name;
-        l->addr = specs[i].cfg->addr;
-        l->addrlen = specs[i].cfg->addrlen;
-        l->ops = &held_ops;
+        l->name = sp->name;
+        l->addr = sp->cfg->addr;
+        l->addrlen = sp->cfg->addrlen;
+        l->ops = &kd_grpc_server_ops;
+        l->cfg = &sp->grpc;
     }
-    if (kd_server_create(&o, &srv, err, sizeof(err)) < 0 || kd_server_start(srv, err, sizeof(err)) < 0) {
+    if (kd_server_create(&o, &srv, err, sizeof(err)) < 0) {
+        kd_log_msg(KD_LOG_ERROR, "start_failed", "%s", err);
+        goto out;
+    }
+    kas.nshards = kd_server_nshards(srv);
+    if (kd_epoch_create(kas.nshards, &kas.epoch) < 0 || kd_server_start(srv, err, sizeof(err)) < 0) {
         kd_log_msg(KD_LOG_ERROR, "start_failed", "%s", err);
         goto out;
     }
@@ -180,12 +291,14 @@ int main(int argc, char **argv)
         kd_log_begin(&l, KD_LOG_INFO, "listening");
         kd_log_str(&l, "listener", o.listeners[i].name);
         kd_log_str(&l, "address", addr);
+        kd_log_str(&l, "protocol", specs[i].tls ? "grpc+tls" : "grpc+h2c");
         kd_log_end(&l);
     }
     {
         struct kd_logline l;
         kd_log_begin(&l, KD_LOG_INFO, "started");
         kd_log_str(&l, "version", KD_VERSION);
+        kd_log_str(&l, "tls_backend", kd_tls_backend());
         kd_log_uint(&l, "shards", kd_server_nshards(srv));
         kd_log_int(&l, "pid", getpid());
         kd_log_str(&l, "config", cfg.source);
@@ -197,7 +310,7 @@ int main(int argc, char **argv)
         if (sigwait(&sigs, &sig) != 0)
             continue;
         if (sig == SIGHUP) {
-            kd_log_msg(KD_LOG_INFO, "sighup", "nothing to reload yet");
+            reload_tokens(&cfg, &kas, srv);
             continue;
         }
         struct kd_logline l;
@@ -212,6 +325,13 @@ int main(int argc, char **argv)
     exit_code = 0;
 out:
     kd_server_destroy(srv);
+    if (kas.epoch != NULL)
+        kd_epoch_destroy(kas.epoch);
+    if (kas.tokens != NULL)
+        kd_tokens_free(kd_tokens_handle_swap(kas.tokens, NULL));
+    for (size_t i = 0; i < sizeof(specs) / sizeof(specs[0]); i++)
+        if (specs[i].tls != NULL)
+            kd_tls_ctx_destroy(specs[i].tls);
     kd_redis_embedded_stop(&redis);
     if (exit_code == 0)
         kd_log_msg(KD_LOG_INFO, "stopped", "clean exit");

@@ -247,7 +247,7 @@ const char *kd_log_level_name(enum kd_log_level l)
 
 /* Every heap string a kd_config owns. A new char * member of struct kd_config must be added here,
  * or it will leak on free and be shared (then double-freed) by the transactional copy. */
-#define NSTRINGS 14
+#define NSTRINGS 26
 
 static void string_slots(struct kd_config *c, char **s[NSTRINGS])
 {
@@ -267,6 +267,13 @@ static void string_slots(struct kd_config *c, char **s[NSTRINGS])
     s[i++] = &c->redis.username;
     s[i++] = &c->redis.password_file;
     s[i++] = &c->redis.key_prefix;
+    struct kd_listen_cfg *ls[] = {&c->agent.listen, &c->api.listen, &c->private_api.listen,
+                                  &c->observability.listen};
+    for (size_t j = 0; j < 4; j++) {
+        s[i++] = &ls[j]->certificate_file;
+        s[i++] = &ls[j]->key_file;
+        s[i++] = &ls[j]->client_ca_file;
+    }
 }
 
 void kd_config_free(struct kd_config *c)
@@ -335,6 +342,10 @@ int kd_config_defaults(struct kd_config *c)
     c->limits.recv_buffer_size = 16384;
     c->limits.router_ring_size = 4096;
     c->limits.shutdown_grace_ms = 10000;
+    c->limits.grpc_max_message_size = 4u << 20;
+    c->limits.grpc_max_concurrent_streams = 500;
+    c->limits.routing_timeout_ms = 20000; /* GitLab kas: 20 s */
+    c->agent.listen.max_connection_age_ms = 2u * 3600u * 1000u; /* GitLab kas: 2 h */
     c->log.level = KD_LOG_INFO;
 
     c->source = strdup("<defaults>");
@@ -387,23 +398,51 @@ struct field {
         .off = OFF(section.listen.authentication_secret_file)                                                \
     }
 
-static int redis_done(struct parse *p, yaml_mark_t at);
+#define TLS_FILES(section)                                                                                   \
+    {.key = "certificate_file", .kind = K_STRING, .off = OFF(section.listen.certificate_file)},              \
+    {                                                                                                        \
+        .key = "key_file", .kind = K_STRING, .off = OFF(section.listen.key_file)                             \
+    }
 
-static const struct field agent_listen_keys[] = {LISTEN_ADDRESS(agent, "127.0.0.1:8150"), {0}};
+static int redis_done(struct parse *p, yaml_mark_t at);
+static int agent_listen_done(struct parse *p, yaml_mark_t at);
+static int api_listen_done(struct parse *p, yaml_mark_t at);
+static int private_api_listen_done(struct parse *p, yaml_mark_t at);
+
+static const struct field agent_listen_keys[] = {
+    LISTEN_ADDRESS(agent, "127.0.0.1:8150"),
+    TLS_FILES(agent),
+    {.key = "max_connection_age",
+     .kind = K_DURATION,
+     .off = OFF(agent.listen.max_connection_age_ms),
+     .min = 0,
+     .max = UINT32_MAX},
+    {0},
+};
 static const struct field agent_keys[] = {
-    {.key = "listen", .kind = K_MAP, .sub = agent_listen_keys},
+    {.key = "listen", .kind = K_MAP, .sub = agent_listen_keys, .done = agent_listen_done},
     {.key = "token_file", .kind = K_STRING, .off = OFF(agent.token_file)},
     {0},
 };
-static const struct field api_listen_keys[] = {LISTEN_ADDRESS(api, "127.0.0.1:8153"), SECRET_FILE(api), {0}};
-static const struct field api_keys[] = {{.key = "listen", .kind = K_MAP, .sub = api_listen_keys}, {0}};
+static const struct field api_listen_keys[] = {
+    LISTEN_ADDRESS(api, "127.0.0.1:8153"),
+    SECRET_FILE(api),
+    TLS_FILES(api),
+    {0},
+};
+static const struct field api_keys[] = {
+    {.key = "listen", .kind = K_MAP, .sub = api_listen_keys, .done = api_listen_done},
+    {0},
+};
 static const struct field private_api_listen_keys[] = {
     LISTEN_ADDRESS(private_api, "127.0.0.1:8155"),
     SECRET_FILE(private_api),
+    TLS_FILES(private_api),
+    {.key = "client_ca_file", .kind = K_STRING, .off = OFF(private_api.listen.client_ca_file)},
     {0},
 };
 static const struct field private_api_keys[] = {
-    {.key = "listen", .kind = K_MAP, .sub = private_api_listen_keys},
+    {.key = "listen", .kind = K_MAP, .sub = private_api_listen_keys, .done = private_api_listen_done},
     {0},
 };
 static const struct field observability_listen_keys[] = {LISTEN_ADDRESS(observability, "127.0.0.1:8151"),
@@ -456,6 +495,21 @@ static const struct field limits_keys[] = {
      .off = OFF(limits.shutdown_grace_ms),
      .min = 0,
      .max = UINT32_MAX},
+    {.key = "grpc_max_message_size",
+     .kind = K_UINT,
+     .off = OFF(limits.grpc_max_message_size),
+     .min = 1024,
+     .max = 1073741824},
+    {.key = "grpc_max_concurrent_streams",
+     .kind = K_UINT,
+     .off = OFF(limits.grpc_max_concurrent_streams),
+     .min = 1,
+     .max = 1000000},
+    {.key = "routing_timeout",
+     .kind = K_DURATION,
+     .off = OFF(limits.routing_timeout_ms),
+     .min = 1,
+     .max = 3600000},
     {0},
 };
 static const struct field log_keys[] = {{.key = "level", .kind = K_LOG_LEVEL, .off = OFF(log.level)}, {0}};
@@ -913,6 +967,39 @@ static int parse_map(struct parse *p, const struct field *fields)
             return r;
         pop(p, saved);
     }
+}
+
+/* TLS needs both halves: a certificate without its key (or the reverse) is a mistake, not h2c. */
+static int tls_pair_done(struct parse *p, yaml_mark_t at, const struct kd_listen_cfg *l)
+{
+    size_t saved;
+    int r = 0;
+    if ((l->certificate_file == NULL) != (l->key_file == NULL)) {
+        saved = push(p, l->certificate_file ? "key_file" : "certificate_file", l->certificate_file ? 8 : 16);
+        r = fail(p, at, "required with %s (TLS needs a certificate and its key)",
+                 l->certificate_file ? "certificate_file" : "key_file");
+        pop(p, saved);
+    } else if (l->client_ca_file != NULL && l->certificate_file == NULL) {
+        saved = push(p, "client_ca_file", 14);
+        r = fail(p, at, "needs certificate_file and key_file (client certificates are checked over TLS)");
+        pop(p, saved);
+    }
+    return r;
+}
+
+static int agent_listen_done(struct parse *p, yaml_mark_t at)
+{
+    return tls_pair_done(p, at, &p->c->agent.listen);
+}
+
+static int api_listen_done(struct parse *p, yaml_mark_t at)
+{
+    return tls_pair_done(p, at, &p->c->api.listen);
+}
+
+static int private_api_listen_done(struct parse *p, yaml_mark_t at)
+{
+    return tls_pair_done(p, at, &p->c->private_api.listen);
 }
 
 /* A redis section means "use this external server", which is meaningless without its address. */

@@ -23,6 +23,10 @@ struct kd_listen_cfg {
     struct sockaddr_storage addr;     /* parsed numerically (no DNS lookups at start) */
     socklen_t addrlen;
     char *authentication_secret_file; /* api / private_api: JWT secret, base64 in the file; else NULL */
+    char *certificate_file;           /* TLS: PEM chain; with key_file, the listener speaks TLS (ALPN h2) */
+    char *key_file;                   /* TLS: PEM private key */
+    char *client_ca_file;             /* private_api: require client certificates from these CAs (mTLS) */
+    uint32_t max_connection_age_ms;   /* agent: GOAWAY after this age (± 10 % jitter); 0 = never */
 };
 
 struct kd_config {
@@ -60,6 +64,9 @@ struct kd_config {
         unsigned recv_buffer_size;      /* limits.recv_buffer_size: bytes per provided buffer */
         unsigned router_ring_size;      /* limits.router_ring_size: messages per shard pair */
         uint32_t shutdown_grace_ms;     /* limits.shutdown_grace: in-flight work may finish this long */
+        uint32_t grpc_max_message_size; /* limits.grpc_max_message_size: bytes per gRPC message */
+        uint32_t grpc_max_concurrent_streams; /* limits.grpc_max_concurrent_streams: per connection */
+        uint32_t routing_timeout_ms;    /* limits.routing_timeout: longest wait for an agent's tunnel */
     } limits;
 
     struct {

@@ -5,12 +5,14 @@ set -euo pipefail
 
 KASD_PACKAGES=(
   gcc libc6-dev pkg-config meson ninja-build
-  liburing-dev libyaml-dev
+  liburing-dev libyaml-dev libnghttp2-dev libwolfssl-dev libssl-dev
+  libprotobuf-c-dev protobuf-c-compiler
   redis-server
   python3
 )
 KASD_TEST_PACKAGES=(
   libcriterion-dev
+  python3-grpcio python3-protobuf protobuf-compiler   # interop tests with real gRPC peers
   clang libclang-rt-14-dev   # libFuzzer drivers
   curl
 )

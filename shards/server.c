@@ -209,3 +209,9 @@ void *kd_server_user(const struct kd_server *srv)
 {
     return srv->opts.user;
 }
+
+void kd_server_wake(struct kd_server *srv, unsigned shard)
+{
+    if (shard < srv->n)
+        kd_shard_wake(&srv->shards[shard]);
+}

@@ -51,6 +51,7 @@ struct kd_server_opts {
     int (*on_shard_start)(struct kd_shard *s);                      /* <0 aborts start */
     void (*on_shard_stop)(struct kd_shard *s);                      /* after the last connection */
     void (*on_message)(struct kd_shard *s, const struct kd_msg *m); /* router types >= KD_MSG_SHARD_USER */
+    void (*on_turn)(struct kd_shard *s); /* once per loop turn, before the shard may sleep */
 };
 
 /* Per-shard counters: written by the shard, readable from any thread. */
@@ -84,5 +85,7 @@ void kd_server_address(const struct kd_server *srv, unsigned listener, char *buf
 const struct kd_shard_stats *kd_server_shard_stats(const struct kd_server *srv, unsigned shard);
 struct kd_router *kd_server_router(struct kd_server *srv);
 void *kd_server_user(const struct kd_server *srv);
+/* Wake shard i (eventfd), from any thread: it runs a loop turn. */
+void kd_server_wake(struct kd_server *srv, unsigned shard);
 
 #endif

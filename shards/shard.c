@@ -16,6 +16,8 @@
 #define RING_ENTRIES 4096
 #define CQ_ENTRIES 16384
 
+static void on_router_msg(void *ctx, const struct kd_msg *m);
+
 struct kd_router *kd_shard_router(const struct kd_shard *s)
 {
     return s->srv->router;
@@ -34,6 +36,42 @@ const struct kd_conn_ops *kd_shard_listener_ops(const struct kd_shard *s, unsign
 void kd_shard_send(struct kd_shard *s, unsigned to, struct kd_msg *m)
 {
     kd_router_send(s->srv->router, s->id, to, m);
+}
+
+void kd_shard_post(struct kd_shard *s, unsigned to, struct kd_msg *m)
+{
+    if (to != s->id) {
+        kd_router_send(s->srv->router, s->id, to, m);
+        return;
+    }
+    if (s->local_len == s->local_cap) {
+        uint32_t ncap = s->local_cap ? s->local_cap * 2 : 64;
+        struct kd_msg *n = malloc(ncap * sizeof(*n));
+        if (n == NULL)
+            abort(); /* as the router's overflow: a lost message would corrupt a call's state */
+        for (uint32_t i = 0; i < s->local_len; i++)
+            n[i] = s->local[(s->local_head + i) % s->local_cap];
+        free(s->local);
+        s->local = n;
+        s->local_head = 0;
+        s->local_cap = ncap;
+    }
+    m->from = (uint16_t)s->id;
+    s->local[(s->local_head + s->local_len) % s->local_cap] = *m;
+    s->local_len++;
+}
+
+static unsigned drain_local(struct kd_shard *s, unsigned budget)
+{
+    unsigned n = 0;
+    while (s->local_len > 0 && n < budget) {
+        struct kd_msg m = s->local[s->local_head];
+        s->local_head = (s->local_head + 1) % s->local_cap;
+        s->local_len--;
+        on_router_msg(s, &m);
+        n++;
+    }
+    return n;
 }
 
 struct io_uring_sqe *kd_shard_sqe(struct kd_shard *s)
@@ -219,6 +257,7 @@ static void loop(struct kd_shard *s)
         s->now_ms = kd_clock_ms();
         unsigned reaped = reap(s, KD_SHARD_CQE_BUDGET);
         unsigned drained = kd_router_drain(r, s->id, KD_SHARD_MSG_BUDGET);
+        drained += drain_local(s, KD_SHARD_MSG_BUDGET);
         if (!s->stopping && atomic_load_explicit(&srv->stopping, memory_order_acquire))
             begin_stop(s);
         s->now_ms = kd_clock_ms();
@@ -227,11 +266,14 @@ static void loop(struct kd_shard *s)
         if (s->eventfd_armed == false && !s->stopping)
             arm_eventfd(s);
 
+        if (srv->opts.on_turn != NULL)
+            srv->opts.on_turn(s);
+
         uint32_t own_ops = s->ops_inflight - (s->eventfd_armed ? 1u : 0u);
         if (s->stopping && s->conns.live == 0 && s->listeners_open == 0 && own_ops == 0)
             break;
 
-        bool busy = reaped == KD_SHARD_CQE_BUDGET || drained == KD_SHARD_MSG_BUDGET ||
+        bool busy = reaped == KD_SHARD_CQE_BUDGET || drained >= KD_SHARD_MSG_BUDGET || s->local_len > 0 ||
                     fired == KD_SHARD_TIMER_BUDGET || !kd_list_is_empty(&s->dirty);
         if (busy) {
             io_uring_submit_and_get_events(&s->ring);
@@ -307,6 +349,8 @@ static void teardown(struct kd_shard *s)
     free(s->bufs);
     s->bufs = NULL;
     kd_conntable_fini(&s->conns);
+    free(s->local);
+    s->local = NULL;
 }
 
 void *kd_shard_main(void *arg)

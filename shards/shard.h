@@ -90,6 +90,10 @@ struct kd_shard {
     uint64_t stop_deadline; /* force-close remaining connections at this time */
     struct kd_timer stop_timer;
 
+    /* Messages a shard posts to itself, delivered at the next mailbox step (see kd_shard_post). */
+    struct kd_msg *local;
+    uint32_t local_head, local_len, local_cap;
+
     void *user; /* protocol's per-shard state */
     struct kd_shard_stats stats;
 };
@@ -136,6 +140,12 @@ struct kd_router *kd_shard_router(const struct kd_shard *s);
 unsigned kd_shard_count(const struct kd_shard *s);
 /* Send a router message from this shard (m->type >= KD_MSG_SHARD_USER for protocols). */
 void kd_shard_send(struct kd_shard *s, unsigned to, struct kd_msg *m);
+/* Like kd_shard_send, but a message to this very shard is queued and delivered at the next
+ * mailbox step instead of by a direct call. Why (a deviation from "send to self is a direct
+ * call"): routed calls post from inside HTTP/2 callbacks; delivering the reply re-entrantly could
+ * finish and free the very call whose callback is still on the stack. The queue keeps the cost of
+ * a self-send at a copy, with no ring and no doorbell. */
+void kd_shard_post(struct kd_shard *s, unsigned to, struct kd_msg *m);
 
 /* --- internal to shards/ --- */
 void *kd_shard_main(void *arg);

@@ -100,9 +100,10 @@ class Lifecycle(unittest.TestCase):
         k.signal(signal.SIGTERM)
         rc = k.wait(30)
         self.assertEqual(rc, 0, k.log())
-        for s in socks:  # connections were closed by the stop (FIN, or RST if bytes were unread)
+        for s in socks:  # connections were closed (after the server's HTTP/2 frames: SETTINGS, GOAWAY)
             try:
-                self.assertEqual(s.recv(1), b"")
+                while s.recv(65536):
+                    pass
             except ConnectionResetError:
                 pass
             s.close()

@@ -399,14 +399,16 @@ Test(config, unknown_keys_everywhere)
         {"agent:\n  lisen: 1\n",
          "kasd.yaml:2:3: agent.lisen: unknown key (expected one of: listen, token_file)"},
         {"agent:\n  listen:\n    authentication_secret_file: x\n",
-         "kasd.yaml:3:5: agent.listen.authentication_secret_file: unknown key (expected: address)"},
+         "kasd.yaml:3:5: agent.listen.authentication_secret_file: unknown key (expected one of: address, "
+         "certificate_file, key_file, max_connection_age)"},
         {"api:\n  token_file: x\n", "kasd.yaml:2:3: api.token_file: unknown key (expected: listen)"},
         {"api:\n  listen:\n    adress: x\n", "kasd.yaml:3:5: api.listen.adress: unknown key (expected one "
-                                             "of: address, authentication_secret_file)"},
+                                             "of: address, authentication_secret_file, certificate_file, "
+                                             "key_file)"},
         {"private_api:\n  lsten: {}\n", "kasd.yaml:2:3: private_api.lsten: unknown key (expected: listen)"},
         {"private_api:\n  listen:\n    network: tcp\n",
          "kasd.yaml:3:5: private_api.listen.network: unknown key "
-         "(expected one of: address, authentication_secret_file)"},
+         "(expected one of: address, authentication_secret_file, certificate_file, key_file, client_ca_file)"},
         {"observability:\n  port: 1\n", "kasd.yaml:2:3: observability.port: unknown key (expected: listen)"},
         {"observability:\n  listen:\n    authentication_secret_file: s\n",
          "kasd.yaml:3:5: observability.listen.authentication_secret_file: unknown key (expected: address)"},
@@ -416,7 +418,8 @@ Test(config, unknown_keys_everywhere)
          "kasd.yaml:3:5: redis.server.addr: unknown key (expected: address)"},
         {"limits:\n  max_conns: 1\n",
          "kasd.yaml:2:3: limits.max_conns: unknown key (expected one of: connections_per_shard, "
-         "recv_buffers_per_shard, recv_buffer_size, router_ring_size, shutdown_grace)"},
+         "recv_buffers_per_shard, recv_buffer_size, router_ring_size, shutdown_grace, grpc_max_message_size, "
+         "grpc_max_concurrent_streams, routing_timeout)"},
         {"log:\n  lvl: debug\n", "kasd.yaml:2:3: log.lvl: unknown key (expected: level)"},
         /* Keys are case-sensitive, like kas's. */
         {"Shards: 1\n",
@@ -1131,4 +1134,34 @@ Test(duration, invalid)
         cr_assert_eq(kd_config_parse_duration(cases[i], &ms), -EINVAL, "accepted \"%s\"", cases[i]);
     cr_assert_eq(kd_config_parse_duration(NULL, &ms), -EINVAL);
     cr_assert_eq(ms, 42);
+}
+
+Test(config, tls_and_grpc_keys)
+{
+    struct kd_config c;
+    char err[512];
+    kd_config_defaults(&c);
+    cr_assert_eq(c.agent.listen.max_connection_age_ms, 7200000, "GitLab kas default: 2h");
+    cr_assert_eq(c.limits.grpc_max_message_size, 4u << 20);
+    static const char ok[] = "agent:\n  listen:\n    certificate_file: /c.pem\n    key_file: /k.pem\n"
+                             "    max_connection_age: 30m\n"
+                             "private_api:\n  listen:\n    certificate_file: /c.pem\n    key_file: /k.pem\n"
+                             "    client_ca_file: /ca.pem\n"
+                             "limits:\n  grpc_max_message_size: 1048576\n  grpc_max_concurrent_streams: 100\n";
+    cr_assert_eq(kd_config_load_string(&c, "kasd.yaml", ok, sizeof(ok) - 1, err, sizeof(err)), 0, "%s", err);
+    cr_assert_str_eq(c.agent.listen.certificate_file, "/c.pem");
+    cr_assert_str_eq(c.private_api.listen.client_ca_file, "/ca.pem");
+    cr_assert_eq(c.agent.listen.max_connection_age_ms, 1800000);
+    cr_assert_eq(c.limits.grpc_max_message_size, 1048576);
+    cr_assert_eq(c.limits.grpc_max_concurrent_streams, 100);
+    kd_config_free(&c);
+
+    kd_config_defaults(&c);
+    static const char half[] = "api:\n  listen:\n    certificate_file: /c.pem\n";
+    cr_assert_eq(kd_config_load_string(&c, "kasd.yaml", half, sizeof(half) - 1, err, sizeof(err)), -EINVAL);
+    cr_assert(strstr(err, "api.listen.key_file: required with certificate_file") != NULL, "%s", err);
+    static const char mtls[] = "private_api:\n  listen:\n    client_ca_file: /ca.pem\n";
+    cr_assert_eq(kd_config_load_string(&c, "kasd.yaml", mtls, sizeof(mtls) - 1, err, sizeof(err)), -EINVAL);
+    cr_assert(strstr(err, "private_api.listen.client_ca_file: needs certificate_file") != NULL, "%s", err);
+    kd_config_free(&c);
 }

@@ -1,0 +1,986 @@
+/* h2.c — gRPC over HTTP/2 on nghttp2; the only file that includes nghttp2 (style.md rule 9).
+ *
+ * Why this shape: nghttp2 is driven purely from memory (mem_recv / mem_send), so the shard loop
+ * stays the only place that does I/O. A call's life is split in two:
+ *   - "done": the handler has had on_done and may no longer be called (handler = NULL);
+ *   - "freed": nghttp2 closed the stream (on_stream_close); only then is the struct freed, because
+ *     nghttp2 may still call us about the stream (data provider, frame sent) until then.
+ * Outbound messages wait in the call's queue; a deferred data provider pulls them, so HTTP/2 flow
+ * control (the peer's window) decides how fast they leave. Inbound bytes are acknowledged with
+ * nghttp2_session_consume only after the handler took them (manual window updates), so a peer
+ * can never make us hold more than its window per stream.
+ */
+#include "core/h2.h"
+
+#include <errno.h>
+#include <nghttp2/nghttp2.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/clock.h"
+#include "core/grpc.h"
+#include "core/list.h"
+
+#define LOW_WATER (KD_H2_CALL_HIGH_WATER / 2)
+#define CHUNK_SIZE 16384u
+#define PING_STRIKES_MAX 2
+
+struct hdr_ref {
+    uint32_t noff, nlen, voff, vlen;
+};
+
+/* Header block storage: copies in one growable arena, entries as offsets (arena may move). */
+struct hdrs {
+    struct hdr_ref *v;
+    size_t n, cap;
+    char *arena;
+    size_t len, acap;
+    size_t bytes; /* name + value + 32 per entry, as SETTINGS_MAX_HEADER_LIST_SIZE counts */
+};
+
+struct chunk {
+    struct chunk *next;
+    uint32_t off, len, cap;
+    uint8_t data[];
+};
+
+struct kd_h2_call {
+    struct kd_h2 *h;
+    int32_t sid;
+    const struct kd_h2_handler *handler; /* NULL once done */
+    void *user;
+    struct hdrs hdr; /* server: request headers; client: response headers */
+    struct hdrs trl; /* client: trailers (or the only block of a trailers-only response) */
+    struct hdrs fin; /* server: trailers to send */
+    uint64_t deadline;
+    struct kd_grpc_deframer df;
+    struct chunk *out_head, *out_tail;
+    size_t out_bytes;
+    size_t unconsumed; /* inbound bytes not yet acknowledged (held input) */
+    bool hold_input;
+    bool headers_sent;   /* server: response HEADERS submitted */
+    bool provider_live;  /* a data provider is attached to the stream */
+    bool deferred;       /* the provider returned DEFERRED and waits for resume */
+    bool finish_pending; /* server: trailers go after the queued data */
+    bool finished;       /* server: finish called */
+    bool close_pending;  /* client: END_STREAM after the queued data */
+    bool remote_closed;  /* peer sent END_STREAM */
+    bool got_headers;    /* client: response headers seen */
+    bool over_high;      /* send_message returned 1: on_writable owed */
+    bool writable_due;   /* on_writable to run after mem_send */
+    bool in_trailers;    /* receiving the second header block */
+    int fin_status;
+    struct kd_list link;     /* h->calls */
+    struct kd_list writable; /* h->writable_list */
+};
+
+struct kd_h2 {
+    nghttp2_session *s;
+    struct kd_h2_opts o;
+    struct kd_list calls;
+    struct kd_list writable_list;
+    size_t live;
+    uint64_t last_ping_us;
+    unsigned strikes;
+    bool fatal;
+    const char *fatal_msg;
+    struct kd_h2_counters counters;
+};
+
+/* ---- small helpers ---- */
+
+static int hdrs_add(struct hdrs *hs, const uint8_t *name, size_t nlen, const uint8_t *value, size_t vlen)
+{
+    if (hs->n == hs->cap) {
+        size_t ncap = hs->cap ? hs->cap * 2 : 8;
+        struct hdr_ref *nv = realloc(hs->v, ncap * sizeof(*nv));
+        if (nv == NULL)
+            return -ENOMEM;
+        hs->v = nv;
+        hs->cap = ncap;
+    }
+    if (hs->len + nlen + vlen + 2 > hs->acap) {
+        size_t ncap = hs->acap ? hs->acap : 256;
+        while (ncap < hs->len + nlen + vlen + 2)
+            ncap *= 2;
+        char *na = realloc(hs->arena, ncap);
+        if (na == NULL)
+            return -ENOMEM;
+        hs->arena = na;
+        hs->acap = ncap;
+    }
+    struct hdr_ref *r = &hs->v[hs->n++];
+    r->noff = (uint32_t)hs->len;
+    r->nlen = (uint32_t)nlen;
+    memcpy(hs->arena + hs->len, name, nlen);
+    hs->len += nlen;
+    hs->arena[hs->len++] = '\0';
+    r->voff = (uint32_t)hs->len;
+    r->vlen = (uint32_t)vlen;
+    memcpy(hs->arena + hs->len, value, vlen);
+    hs->len += vlen;
+    hs->arena[hs->len++] = '\0';
+    hs->bytes += nlen + vlen + 32;
+    return 0;
+}
+
+static void hdrs_free(struct hdrs *hs)
+{
+    free(hs->v);
+    free(hs->arena);
+    memset(hs, 0, sizeof(*hs));
+}
+
+static bool hdrs_get(const struct hdrs *hs, size_t i, struct kd_h2_header *out)
+{
+    if (i >= hs->n)
+        return false;
+    out->name = hs->arena + hs->v[i].noff;
+    out->namelen = hs->v[i].nlen;
+    out->value = hs->arena + hs->v[i].voff;
+    out->valuelen = hs->v[i].vlen;
+    return true;
+}
+
+static const char *hdrs_find(const struct hdrs *hs, const char *name, size_t *len)
+{
+    size_t nl = strlen(name);
+    for (size_t i = 0; i < hs->n; i++) {
+        if (hs->v[i].nlen == nl && memcmp(hs->arena + hs->v[i].noff, name, nl) == 0) {
+            if (len)
+                *len = hs->v[i].vlen;
+            return hs->arena + hs->v[i].voff;
+        }
+    }
+    return NULL;
+}
+
+static nghttp2_nv mknv(const char *name, size_t nlen, const char *value, size_t vlen)
+{
+    nghttp2_nv nv = {(uint8_t *)(uintptr_t)name, (uint8_t *)(uintptr_t)value, nlen, vlen,
+                     NGHTTP2_NV_FLAG_NONE};
+    return nv;
+}
+
+#define NV_LIT(n, v) mknv(n, sizeof(n) - 1, v, strlen(v))
+
+static uint64_t now_us(void)
+{
+    return kd_clock_ns() / 1000u;
+}
+
+static int queue_bytes(struct kd_h2_call *c, const uint8_t *p, size_t len)
+{
+    while (len > 0) {
+        struct chunk *t = c->out_tail;
+        if (t == NULL || t->len == t->cap) {
+            size_t cap = len > CHUNK_SIZE ? len : CHUNK_SIZE;
+            t = malloc(sizeof(*t) + cap);
+            if (t == NULL)
+                return -ENOMEM;
+            t->next = NULL;
+            t->off = t->len = 0;
+            t->cap = (uint32_t)cap;
+            if (c->out_tail)
+                c->out_tail->next = t;
+            else
+                c->out_head = t;
+            c->out_tail = t;
+        }
+        size_t take = t->cap - t->len < len ? t->cap - t->len : len;
+        memcpy(t->data + t->len, p, take);
+        t->len += (uint32_t)take;
+        c->out_bytes += take;
+        p += take;
+        len -= take;
+    }
+    return 0;
+}
+
+static void drop_output(struct kd_h2_call *c)
+{
+    struct chunk *ch = c->out_head;
+    while (ch) {
+        struct chunk *n = ch->next;
+        free(ch);
+        ch = n;
+    }
+    c->out_head = c->out_tail = NULL;
+    c->out_bytes = 0;
+}
+
+static void call_free(struct kd_h2_call *c)
+{
+    if (kd_list_is_linked(&c->link))
+        kd_list_unlink(&c->link);
+    if (kd_list_is_linked(&c->writable))
+        kd_list_unlink(&c->writable);
+    hdrs_free(&c->hdr);
+    hdrs_free(&c->trl);
+    hdrs_free(&c->fin);
+    kd_grpc_deframer_free(&c->df);
+    drop_output(c);
+    free(c);
+}
+
+static struct kd_h2_call *call_new(struct kd_h2 *h)
+{
+    struct kd_h2_call *c = calloc(1, sizeof(*c));
+    if (c == NULL)
+        return NULL;
+    c->h = h;
+    kd_grpc_deframer_init(&c->df, h->o.max_message);
+    kd_list_node_init(&c->writable);
+    kd_list_push_back(&h->calls, &c->link);
+    h->counters.calls_started++;
+    return c;
+}
+
+/* Tell the handler the call is over (once). */
+static void call_done(struct kd_h2_call *c, int status, const char *message)
+{
+    const struct kd_h2_handler *hd = c->handler;
+    if (hd == NULL)
+        return;
+    c->handler = NULL;
+    c->h->live--;
+    if (kd_list_is_linked(&c->writable))
+        kd_list_unlink(&c->writable);
+    if (hd->on_done)
+        hd->on_done(c, status, message ? message : "");
+}
+
+static void resume(struct kd_h2_call *c)
+{
+    if (c->provider_live && c->deferred) {
+        c->deferred = false;
+        nghttp2_session_resume_data(c->h->s, c->sid);
+    }
+}
+
+/* ---- data provider: pulls queued messages, ends with trailers or END_STREAM ---- */
+
+static ssize_t read_cb(nghttp2_session *s, int32_t sid, uint8_t *buf, size_t length, uint32_t *flags,
+                       nghttp2_data_source *src, void *ud)
+{
+    struct kd_h2_call *c = src->ptr;
+    size_t n = 0;
+    while (n < length && c->out_head != NULL) {
+        struct chunk *ch = c->out_head;
+        size_t take = ch->len - ch->off;
+        if (take > length - n)
+            take = length - n;
+        memcpy(buf + n, ch->data + ch->off, take);
+        ch->off += (uint32_t)take;
+        n += take;
+        c->out_bytes -= take;
+        if (ch->off == ch->len) {
+            c->out_head = ch->next;
+            if (c->out_head == NULL)
+                c->out_tail = NULL;
+            free(ch);
+        }
+    }
+    if (c->over_high && c->out_bytes < LOW_WATER && c->handler != NULL) {
+        c->over_high = false;
+        c->writable_due = true;
+        if (!kd_list_is_linked(&c->writable))
+            kd_list_push_back(&c->h->writable_list, &c->writable);
+    }
+    if (c->out_bytes > 0)
+        return (ssize_t)n;
+    if (c->finish_pending) {
+        /* Last data: end it here and put the status in trailers. */
+        nghttp2_nv nva[64];
+        size_t nn = 0;
+        struct kd_h2_header hh;
+        for (size_t i = 0; hdrs_get(&c->fin, i, &hh) && nn < 64; i++)
+            nva[nn++] = mknv(hh.name, hh.namelen, hh.value, hh.valuelen);
+        *flags |= NGHTTP2_DATA_FLAG_EOF | NGHTTP2_DATA_FLAG_NO_END_STREAM;
+        c->finish_pending = false;
+        c->provider_live = false;
+        if (nghttp2_submit_trailer(s, sid, nva, nn) != 0)
+            return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+        return (ssize_t)n;
+    }
+    if (c->close_pending) {
+        *flags |= NGHTTP2_DATA_FLAG_EOF;
+        c->close_pending = false;
+        c->provider_live = false;
+        return (ssize_t)n;
+    }
+    if (n == 0) {
+        c->deferred = true;
+        return NGHTTP2_ERR_DEFERRED;
+    }
+    return (ssize_t)n;
+}
+
+/* ---- server: request side ---- */
+
+static int fail_server_call(struct kd_h2_call *c, int status, const char *msg)
+{
+    if (!c->finished)
+        kd_h2_call_finish(c, status, msg, NULL, 0);
+    call_done(c, status, msg);
+    return 0;
+}
+
+static void consume(struct kd_h2_call *c, size_t len)
+{
+    if (c->hold_input) {
+        c->unconsumed += len;
+    } else {
+        nghttp2_session_consume(c->h->s, c->sid, len);
+    }
+}
+
+static int deliver(void *ud, const uint8_t *msg, size_t len)
+{
+    struct kd_h2_call *c = ud;
+    if (c->handler == NULL || c->handler->on_message == NULL)
+        return 0;
+    return c->handler->on_message(c, msg, len);
+}
+
+static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t sid, const uint8_t *data, size_t len,
+                         void *ud)
+{
+    struct kd_h2_call *c = nghttp2_session_get_stream_user_data(s, sid);
+    if (c == NULL) {
+        nghttp2_session_consume(s, sid, len);
+        return 0;
+    }
+    if (c->handler == NULL) {
+        /* Done already (e.g. finished early): drop, but keep the windows open. */
+        nghttp2_session_consume(s, sid, len);
+        return 0;
+    }
+    int rc = kd_grpc_deframer_feed(&c->df, data, len, deliver, c);
+    consume(c, len);
+    if (rc == -EMSGSIZE) {
+        char msg[128];
+        snprintf(msg, sizeof(msg), "grpc: received message larger than max (%u bytes)", c->h->o.max_message);
+        if (c->h->o.server) {
+            fail_server_call(c, KD_GRPC_RESOURCE_EXHAUSTED, msg);
+        } else {
+            kd_h2_call_cancel(c, KD_GRPC_RESOURCE_EXHAUSTED, msg);
+        }
+    } else if (rc == -EPROTO) {
+        const char *msg = "grpc: compressed messages are not supported (no grpc-encoding negotiated)";
+        if (c->h->o.server)
+            fail_server_call(c, KD_GRPC_INTERNAL, msg);
+        else
+            kd_h2_call_cancel(c, KD_GRPC_INTERNAL, msg);
+    } else if (rc < 0) {
+        if (c->h->o.server)
+            fail_server_call(c, KD_GRPC_INTERNAL, "grpc: handler failed");
+        else
+            kd_h2_call_cancel(c, KD_GRPC_CANCELLED, "grpc: handler failed");
+    }
+    return 0;
+}
+
+static int on_begin_headers(nghttp2_session *s, const nghttp2_frame *f, void *ud)
+{
+    struct kd_h2 *h = ud;
+    if (!h->o.server || f->hd.type != NGHTTP2_HEADERS || f->headers.cat != NGHTTP2_HCAT_REQUEST)
+        return 0;
+    struct kd_h2_call *c = call_new(h);
+    if (c == NULL)
+        return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+    c->sid = f->hd.stream_id;
+    nghttp2_session_set_stream_user_data(s, c->sid, c);
+    return 0;
+}
+
+static int on_header(nghttp2_session *s, const nghttp2_frame *f, const uint8_t *name, size_t nlen,
+                     const uint8_t *value, size_t vlen, uint8_t flags, void *ud)
+{
+    struct kd_h2 *h = ud;
+    if (f->hd.type != NGHTTP2_HEADERS)
+        return 0;
+    struct kd_h2_call *c = nghttp2_session_get_stream_user_data(s, f->hd.stream_id);
+    if (c == NULL)
+        return 0;
+    struct hdrs *hs;
+    if (h->o.server) {
+        if (f->headers.cat != NGHTTP2_HCAT_REQUEST)
+            return 0; /* client trailers carry nothing gRPC uses */
+        hs = &c->hdr;
+    } else {
+        /* A response HEADERS with END_STREAM and no earlier headers is trailers-only. */
+        bool trailers = c->got_headers || (f->hd.flags & NGHTTP2_FLAG_END_STREAM);
+        hs = trailers ? &c->trl : &c->hdr;
+    }
+    if (hs->bytes + nlen + vlen + 32 > h->o.max_header_list)
+        return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE; /* nghttp2 resets the stream */
+    if (hdrs_add(hs, name, nlen, value, vlen) < 0)
+        return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+    return 0;
+}
+
+static int server_request_ready(struct kd_h2 *h, struct kd_h2_call *c, bool end_stream)
+{
+    size_t ctlen = 0;
+    const char *method = hdrs_find(&c->hdr, ":method", NULL);
+    const char *ct = hdrs_find(&c->hdr, "content-type", &ctlen);
+    if (method == NULL || strcmp(method, "POST") != 0 || ct == NULL || ctlen < 16 ||
+        memcmp(ct, "application/grpc", 16) != 0 || (ctlen > 16 && ct[16] != '+' && ct[16] != ';')) {
+        /* Not gRPC: answer in HTTP terms (415), as gRPC servers do. */
+        nghttp2_nv nva[] = {NV_LIT(":status", "415"), NV_LIT("content-type", "text/plain")};
+        c->finished = true;
+        nghttp2_submit_response(h->s, c->sid, nva, 2, NULL);
+        return 0;
+    }
+    size_t tlen;
+    const char *t = hdrs_find(&c->hdr, "grpc-timeout", &tlen);
+    if (t != NULL) {
+        uint64_t us;
+        if (kd_grpc_timeout_parse(t, tlen, &us) == 0) {
+            c->deadline = now_us() + us;
+        } else {
+            kd_h2_call_finish(c, KD_GRPC_INTERNAL, "grpc: malformed grpc-timeout", NULL, 0);
+            return 0;
+        }
+    }
+    c->remote_closed = end_stream;
+    int rc = h->o.on_call ? h->o.on_call(h->o.ud, c) : KD_GRPC_UNIMPLEMENTED;
+    if (rc != 0 || c->handler == NULL) {
+        /* Rejected, or answered already inside on_call without a handler. */
+        if (!c->finished)
+            kd_h2_call_finish(c, rc > 0 ? rc : KD_GRPC_UNIMPLEMENTED, rc > 0 ? NULL : "no handler", NULL, 0);
+        call_done(c, rc > 0 ? rc : KD_GRPC_UNIMPLEMENTED, NULL);
+        return 0;
+    }
+    if (end_stream && c->handler && c->handler->on_half_close)
+        c->handler->on_half_close(c);
+    return 0;
+}
+
+static void client_final(struct kd_h2_call *c)
+{
+    /* Status from the trailers (or the trailers-only block). */
+    size_t len = 0, mlen = 0;
+    const char *st = hdrs_find(&c->trl, "grpc-status", &len);
+    const char *msg = hdrs_find(&c->trl, "grpc-message", &mlen);
+    char decoded[1024];
+    int status;
+    if (st != NULL) {
+        status = 0;
+        for (size_t i = 0; i < len && i < 4; i++)
+            status = status * 10 + (st[i] - '0');
+        if (len == 0 || len > 2 || st[0] < '0' || st[0] > '9')
+            status = KD_GRPC_UNKNOWN;
+    } else {
+        const char *hs = hdrs_find(&c->hdr, ":status", NULL);
+        if (hs == NULL)
+            hs = hdrs_find(&c->trl, ":status", NULL);
+        int http = hs ? atoi(hs) : 0;
+        /* The gRPC mapping of HTTP statuses for responses without grpc-status. */
+        status = http == 400 ? KD_GRPC_INTERNAL
+                 : http == 401 ? KD_GRPC_UNAUTHENTICATED
+                 : http == 403 ? KD_GRPC_PERMISSION_DENIED
+                 : http == 404 ? KD_GRPC_UNIMPLEMENTED
+                 : (http == 429 || http == 502 || http == 503 || http == 504) ? KD_GRPC_UNAVAILABLE
+                                                                             : KD_GRPC_UNKNOWN;
+        msg = "missing grpc-status";
+        mlen = strlen(msg);
+    }
+    if (msg != NULL)
+        kd_grpc_message_decode(msg, mlen, decoded, sizeof(decoded));
+    else
+        decoded[0] = '\0';
+    call_done(c, status, decoded);
+}
+
+static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *f, void *ud)
+{
+    struct kd_h2 *h = ud;
+    bool end = (f->hd.flags & NGHTTP2_FLAG_END_STREAM) != 0;
+    struct kd_h2_call *c = f->hd.stream_id ? nghttp2_session_get_stream_user_data(s, f->hd.stream_id) : NULL;
+    switch (f->hd.type) {
+    case NGHTTP2_HEADERS:
+        if (c == NULL)
+            break;
+        if (h->o.server) {
+            if (f->headers.cat == NGHTTP2_HCAT_REQUEST)
+                return server_request_ready(h, c, end);
+            /* trailers from the client: a half-close */
+            if (end && !c->remote_closed) {
+                c->remote_closed = true;
+                if (c->handler && c->handler->on_half_close)
+                    c->handler->on_half_close(c);
+            }
+        } else {
+            if (!c->got_headers && !end) {
+                c->got_headers = true;
+                if (c->handler && c->handler->on_headers && c->handler->on_headers(c) < 0)
+                    kd_h2_call_cancel(c, KD_GRPC_CANCELLED, "grpc: handler refused headers");
+            } else if (end) {
+                c->remote_closed = true;
+                if (!kd_grpc_deframer_idle(&c->df))
+                    call_done(c, KD_GRPC_INTERNAL, "grpc: stream ended inside a message");
+                else
+                    client_final(c);
+            }
+        }
+        break;
+    case NGHTTP2_DATA:
+        if (c == NULL || !end)
+            break;
+        c->remote_closed = true;
+        if (h->o.server) {
+            if (!kd_grpc_deframer_idle(&c->df))
+                fail_server_call(c, KD_GRPC_INTERNAL, "grpc: stream ended inside a message");
+            else if (c->handler && c->handler->on_half_close)
+                c->handler->on_half_close(c);
+        } else {
+            /* DATA with END_STREAM and no trailers: the status is missing. */
+            call_done(c, KD_GRPC_INTERNAL, "grpc: response ended without trailers");
+        }
+        break;
+    case NGHTTP2_PING:
+        if (f->hd.flags & NGHTTP2_FLAG_ACK)
+            break;
+        h->counters.pings_received++;
+        if (h->o.server && h->o.ping_min_interval_ms > 0) {
+            uint64_t t = now_us();
+            if (h->last_ping_us != 0 && t - h->last_ping_us < (uint64_t)h->o.ping_min_interval_ms * 1000u) {
+                h->strikes++;
+                h->counters.ping_strikes++;
+                if (h->strikes > PING_STRIKES_MAX) {
+                    static const char dbg[] = "too_many_pings";
+                    nghttp2_submit_goaway(s, NGHTTP2_FLAG_NONE, nghttp2_session_get_last_proc_stream_id(s),
+                                          NGHTTP2_ENHANCE_YOUR_CALM, (const uint8_t *)dbg, sizeof(dbg) - 1);
+                    h->fatal = true;
+                    h->fatal_msg = "client pinged too often (GOAWAY ENHANCE_YOUR_CALM too_many_pings)";
+                }
+            }
+            h->last_ping_us = t;
+        }
+        break;
+    case NGHTTP2_GOAWAY:
+        if (h->o.on_goaway)
+            h->o.on_goaway(h->o.ud, f->goaway.error_code);
+        break;
+    default:
+        break;
+    }
+    return 0;
+}
+
+static int on_frame_send(nghttp2_session *s, const nghttp2_frame *f, void *ud)
+{
+    struct kd_h2 *h = ud;
+    if (f->hd.type == NGHTTP2_HEADERS || f->hd.type == NGHTTP2_DATA)
+        h->strikes = 0; /* as grpc-go: pings are fine while we are sending */
+    if (h->o.server && f->hd.type == NGHTTP2_HEADERS && (f->hd.flags & NGHTTP2_FLAG_END_STREAM)) {
+        /* Status sent. If the client is still sending, stop it: the call is over. */
+        if (!nghttp2_session_get_stream_remote_close(s, f->hd.stream_id))
+            nghttp2_submit_rst_stream(s, NGHTTP2_FLAG_NONE, f->hd.stream_id, NGHTTP2_NO_ERROR);
+    }
+    return 0;
+}
+
+static int on_stream_close(nghttp2_session *s, int32_t sid, uint32_t error_code, void *ud)
+{
+    struct kd_h2 *h = ud;
+    struct kd_h2_call *c = nghttp2_session_get_stream_user_data(s, sid);
+    if (c == NULL)
+        return 0;
+    if (c->handler != NULL) {
+        if (h->o.server) {
+            if (c->finished && error_code == NGHTTP2_NO_ERROR)
+                call_done(c, c->fin_status, NULL);
+            else
+                call_done(c, KD_GRPC_CANCELLED, "stream reset by the client");
+        } else {
+            call_done(c, error_code == NGHTTP2_REFUSED_STREAM ? KD_GRPC_UNAVAILABLE : KD_GRPC_CANCELLED,
+                      error_code == NGHTTP2_REFUSED_STREAM ? "stream refused by the server"
+                                                           : "stream reset by the server");
+        }
+    }
+    nghttp2_session_set_stream_user_data(s, sid, NULL);
+    call_free(c);
+    return 0;
+}
+
+/* ---- session ---- */
+
+struct kd_h2 *kd_h2_new(const struct kd_h2_opts *o)
+{
+    struct kd_h2 *h = calloc(1, sizeof(*h));
+    nghttp2_session_callbacks *cb;
+    nghttp2_option *opt;
+    if (h == NULL)
+        return NULL;
+    h->o = *o;
+    kd_list_init(&h->calls);
+    kd_list_init(&h->writable_list);
+    if (nghttp2_session_callbacks_new(&cb) != 0) {
+        free(h);
+        return NULL;
+    }
+    nghttp2_session_callbacks_set_on_begin_headers_callback(cb, on_begin_headers);
+    nghttp2_session_callbacks_set_on_header_callback(cb, on_header);
+    nghttp2_session_callbacks_set_on_frame_recv_callback(cb, on_frame_recv);
+    nghttp2_session_callbacks_set_on_frame_send_callback(cb, on_frame_send);
+    nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cb, on_data_chunk);
+    nghttp2_session_callbacks_set_on_stream_close_callback(cb, on_stream_close);
+    nghttp2_option_new(&opt);
+    nghttp2_option_set_no_auto_window_update(opt, 1);
+    nghttp2_option_set_max_send_header_block_length(opt, 65536);
+    int rc = o->server ? nghttp2_session_server_new2(&h->s, cb, h, opt) : nghttp2_session_client_new2(&h->s, cb, h, opt);
+    nghttp2_option_del(opt);
+    nghttp2_session_callbacks_del(cb);
+    if (rc != 0) {
+        free(h);
+        return NULL;
+    }
+    nghttp2_settings_entry iv[] = {
+        {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, o->max_concurrent_streams ? o->max_concurrent_streams : 100},
+        {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, o->initial_window ? o->initial_window : 65535},
+        {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, o->max_header_list},
+    };
+    nghttp2_submit_settings(h->s, NGHTTP2_FLAG_NONE, iv, 3);
+    /* A connection-level window larger than one stream's, so one slow stream cannot stall the others
+     * while its own window is held. */
+    nghttp2_session_set_local_window_size(h->s, NGHTTP2_FLAG_NONE, 0, 16 << 20);
+    return h;
+}
+
+void *kd_h2_ud(const struct kd_h2 *h)
+{
+    return h->o.ud;
+}
+
+void kd_h2_abort(struct kd_h2 *h, int status, const char *message)
+{
+    /* Handlers hear about it while every call is still valid; a handler may start nothing new on
+     * this session (it is going away), so the list cannot grow under us. */
+    for (struct kd_list *n = h->calls.next; n != &h->calls; n = n->next) {
+        struct kd_h2_call *c = KD_CONTAINER_OF(n, struct kd_h2_call, link);
+        call_done(c, status, message);
+    }
+}
+
+void kd_h2_free(struct kd_h2 *h)
+{
+    if (h == NULL)
+        return;
+    struct kd_list *n;
+    kd_h2_abort(h, KD_GRPC_UNAVAILABLE, "connection closed");
+    while ((n = kd_list_pop_front(&h->calls)) != NULL) {
+        struct kd_h2_call *c = KD_CONTAINER_OF(n, struct kd_h2_call, link);
+        kd_list_node_init(&c->link);
+        call_free(c);
+    }
+    nghttp2_session_del(h->s);
+    free(h);
+}
+
+int kd_h2_recv(struct kd_h2 *h, const uint8_t *data, size_t len, const char **err)
+{
+    ssize_t rc = nghttp2_session_mem_recv(h->s, data, len);
+    if (rc < 0) {
+        *err = nghttp2_strerror((int)rc);
+        return rc == NGHTTP2_ERR_NOMEM ? -ENOMEM : -EPROTO;
+    }
+    if (h->fatal) {
+        *err = h->fatal_msg;
+        return -EPROTO;
+    }
+    return 0;
+}
+
+int kd_h2_send(struct kd_h2 *h, kd_h2_write_fn write, void *ud)
+{
+    for (;;) {
+        const uint8_t *data;
+        ssize_t n = nghttp2_session_mem_send(h->s, &data);
+        if (n < 0)
+            return n == NGHTTP2_ERR_NOMEM ? -ENOMEM : -EPROTO;
+        if (n == 0)
+            break;
+        int rc = write(ud, data, (size_t)n);
+        if (rc < 0)
+            return rc;
+    }
+    /* on_writable runs here, outside nghttp2's callbacks, so handlers may do anything. */
+    struct kd_list *n;
+    while ((n = kd_list_pop_front(&h->writable_list)) != NULL) {
+        struct kd_h2_call *c = KD_CONTAINER_OF(n, struct kd_h2_call, writable);
+        c->writable_due = false;
+        if (c->handler && c->handler->on_writable)
+            c->handler->on_writable(c);
+    }
+    return 0;
+}
+
+bool kd_h2_finished(const struct kd_h2 *h)
+{
+    return !nghttp2_session_want_read(h->s) && !nghttp2_session_want_write(h->s);
+}
+
+bool kd_h2_want_write(const struct kd_h2 *h)
+{
+    return nghttp2_session_want_write(h->s) != 0;
+}
+
+void kd_h2_goaway(struct kd_h2 *h, uint32_t error_code, const char *debug)
+{
+    size_t dl = debug ? strlen(debug) : 0;
+    int32_t last = h->o.server ? nghttp2_session_get_last_proc_stream_id(h->s) : 0;
+    nghttp2_submit_goaway(h->s, NGHTTP2_FLAG_NONE, last, error_code, (const uint8_t *)debug, dl);
+}
+
+void kd_h2_ping(struct kd_h2 *h)
+{
+    nghttp2_submit_ping(h->s, NGHTTP2_FLAG_NONE, NULL);
+}
+
+uint64_t kd_h2_expire(struct kd_h2 *h, uint64_t now)
+{
+    uint64_t next = UINT64_MAX;
+    struct kd_list *n, *nx;
+    for (n = h->calls.next; n != &h->calls; n = nx) {
+        nx = n->next;
+        struct kd_h2_call *c = KD_CONTAINER_OF(n, struct kd_h2_call, link);
+        if (c->deadline == 0 || c->handler == NULL)
+            continue;
+        if (c->deadline <= now) {
+            if (h->o.server) {
+                drop_output(c);
+                c->finish_pending = false;
+                if (!c->finished)
+                    kd_h2_call_finish(c, KD_GRPC_DEADLINE_EXCEEDED, "deadline exceeded", NULL, 0);
+                call_done(c, KD_GRPC_DEADLINE_EXCEEDED, "deadline exceeded");
+            } else {
+                kd_h2_call_cancel(c, KD_GRPC_DEADLINE_EXCEEDED, "deadline exceeded");
+            }
+        } else if (c->deadline < next) {
+            next = c->deadline;
+        }
+    }
+    return next;
+}
+
+size_t kd_h2_live_calls(const struct kd_h2 *h)
+{
+    return h->live;
+}
+
+const struct kd_h2_counters *kd_h2_counters(const struct kd_h2 *h)
+{
+    return &h->counters;
+}
+
+/* ---- calls ---- */
+
+struct kd_h2_call *kd_h2_call_start(struct kd_h2 *h, const char *path, const char *authority,
+                                    const struct kd_h2_header *md, size_t nmd, uint64_t now,
+                                    uint64_t timeout_us, const struct kd_h2_handler *handler, void *user)
+{
+    nghttp2_nv nva[72];
+    size_t n = 0;
+    char tbuf[16];
+    if (nmd > 64)
+        return NULL;
+    struct kd_h2_call *c = call_new(h);
+    if (c == NULL)
+        return NULL;
+    kd_h2_call_set_handler(c, handler, user);
+    nva[n++] = NV_LIT(":method", "POST");
+    nva[n++] = NV_LIT(":scheme", "http");
+    nva[n++] = mknv(":path", 5, path, strlen(path));
+    nva[n++] = mknv(":authority", 10, authority, strlen(authority));
+    nva[n++] = NV_LIT("content-type", "application/grpc");
+    nva[n++] = NV_LIT("te", "trailers");
+    if (timeout_us > 0) {
+        kd_grpc_timeout_format(timeout_us, tbuf);
+        nva[n++] = mknv("grpc-timeout", 12, tbuf, strlen(tbuf));
+        c->deadline = now + timeout_us;
+    }
+    for (size_t i = 0; i < nmd; i++)
+        nva[n++] = mknv(md[i].name, md[i].namelen, md[i].value, md[i].valuelen);
+    nghttp2_data_provider prd = {.source.ptr = c, .read_callback = read_cb};
+    c->provider_live = true;
+    int32_t sid = nghttp2_submit_request(h->s, NULL, nva, n, &prd, c);
+    if (sid < 0) {
+        c->handler = NULL;
+        h->live--;
+        call_free(c);
+        return NULL;
+    }
+    c->sid = sid;
+    return c;
+}
+
+void kd_h2_call_set_handler(struct kd_h2_call *c, const struct kd_h2_handler *handler, void *user)
+{
+    /* `live` counts calls whose handler has not had on_done yet. */
+    if (c->handler == NULL && handler != NULL)
+        c->h->live++;
+    else if (c->handler != NULL && handler == NULL)
+        c->h->live--;
+    c->handler = handler;
+    c->user = user;
+}
+
+void *kd_h2_call_user(const struct kd_h2_call *c)
+{
+    return c->user;
+}
+
+const struct kd_h2_handler *kd_h2_call_handler(const struct kd_h2_call *c)
+{
+    return c->handler;
+}
+
+struct kd_h2 *kd_h2_call_session(const struct kd_h2_call *c)
+{
+    return c->h;
+}
+
+const char *kd_h2_call_path(const struct kd_h2_call *c)
+{
+    const char *p = hdrs_find(&c->hdr, ":path", NULL);
+    return p ? p : "";
+}
+
+bool kd_h2_call_header(const struct kd_h2_call *c, size_t i, struct kd_h2_header *out)
+{
+    return hdrs_get(&c->hdr, i, out);
+}
+
+const char *kd_h2_call_header_value(const struct kd_h2_call *c, const char *name, size_t *len)
+{
+    return hdrs_find(&c->hdr, name, len);
+}
+
+bool kd_h2_call_trailer(const struct kd_h2_call *c, size_t i, struct kd_h2_header *out)
+{
+    return hdrs_get(&c->trl, i, out);
+}
+
+uint64_t kd_h2_call_deadline(const struct kd_h2_call *c)
+{
+    return c->deadline;
+}
+
+static int submit_response_headers(struct kd_h2_call *c, const struct kd_h2_header *md, size_t n)
+{
+    nghttp2_nv nva[72];
+    size_t k = 0;
+    if (n > 64)
+        return -EINVAL;
+    nva[k++] = NV_LIT(":status", "200");
+    nva[k++] = NV_LIT("content-type", "application/grpc");
+    for (size_t i = 0; i < n; i++)
+        nva[k++] = mknv(md[i].name, md[i].namelen, md[i].value, md[i].valuelen);
+    nghttp2_data_provider prd = {.source.ptr = c, .read_callback = read_cb};
+    c->headers_sent = true;
+    c->provider_live = true;
+    return nghttp2_submit_response(c->h->s, c->sid, nva, k, &prd) == 0 ? 0 : -EPROTO;
+}
+
+int kd_h2_call_send_headers(struct kd_h2_call *c, const struct kd_h2_header *md, size_t n)
+{
+    if (!c->h->o.server || c->headers_sent || c->finished)
+        return -EINVAL;
+    return submit_response_headers(c, md, n);
+}
+
+int kd_h2_call_send_message(struct kd_h2_call *c, const uint8_t *data, size_t len)
+{
+    uint8_t pfx[KD_GRPC_PREFIX];
+    if (c->finished || c->handler == NULL || (!c->h->o.server && !c->provider_live))
+        return -EPIPE;
+    if (len > UINT32_MAX)
+        return -EMSGSIZE;
+    kd_grpc_frame_prefix(pfx, (uint32_t)len);
+    if (queue_bytes(c, pfx, sizeof(pfx)) < 0 || queue_bytes(c, data, len) < 0)
+        return -ENOMEM;
+    if (c->h->o.server && !c->headers_sent) {
+        int rc = submit_response_headers(c, NULL, 0);
+        if (rc < 0)
+            return rc;
+    } else {
+        resume(c);
+    }
+    if (c->out_bytes > KD_H2_CALL_HIGH_WATER) {
+        c->over_high = true;
+        return 1;
+    }
+    return 0;
+}
+
+int kd_h2_call_finish(struct kd_h2_call *c, int status, const char *message, const struct kd_h2_header *md,
+                      size_t n)
+{
+    char st[8], enc[1024];
+    if (!c->h->o.server || c->finished)
+        return -EINVAL;
+    c->finished = true;
+    c->fin_status = status;
+    snprintf(st, sizeof(st), "%d", status);
+    size_t elen = message ? kd_grpc_message_encode(message, strlen(message), enc, sizeof(enc)) : 0;
+    if (!c->headers_sent) {
+        /* Trailers-only: one HEADERS frame with END_STREAM carries the status. */
+        nghttp2_nv nva[72];
+        size_t k = 0;
+        if (n > 64)
+            n = 64;
+        nva[k++] = NV_LIT(":status", "200");
+        nva[k++] = NV_LIT("content-type", "application/grpc");
+        nva[k++] = mknv("grpc-status", 11, st, strlen(st));
+        if (elen > 0)
+            nva[k++] = mknv("grpc-message", 12, enc, elen);
+        for (size_t i = 0; i < n; i++)
+            nva[k++] = mknv(md[i].name, md[i].namelen, md[i].value, md[i].valuelen);
+        c->headers_sent = true;
+        return nghttp2_submit_response(c->h->s, c->sid, nva, k, NULL) == 0 ? 0 : -EPROTO;
+    }
+    hdrs_add(&c->fin, (const uint8_t *)"grpc-status", 11, (const uint8_t *)st, strlen(st));
+    if (elen > 0)
+        hdrs_add(&c->fin, (const uint8_t *)"grpc-message", 12, (const uint8_t *)enc, elen);
+    for (size_t i = 0; i < n; i++)
+        hdrs_add(&c->fin, (const uint8_t *)md[i].name, md[i].namelen, (const uint8_t *)md[i].value,
+                 md[i].valuelen);
+    c->finish_pending = true;
+    resume(c);
+    return 0;
+}
+
+int kd_h2_call_close_send(struct kd_h2_call *c)
+{
+    if (c->h->o.server || !c->provider_live)
+        return -EINVAL;
+    c->close_pending = true;
+    resume(c);
+    return 0;
+}
+
+void kd_h2_call_cancel(struct kd_h2_call *c, int status, const char *message)
+{
+    drop_output(c);
+    c->finish_pending = c->close_pending = false;
+    nghttp2_submit_rst_stream(c->h->s, NGHTTP2_FLAG_NONE, c->sid, NGHTTP2_CANCEL);
+    call_done(c, status, message);
+}
+
+void kd_h2_call_hold_input(struct kd_h2_call *c, bool hold)
+{
+    c->hold_input = hold;
+    if (!hold && c->unconsumed > 0) {
+        nghttp2_session_consume(c->h->s, c->sid, c->unconsumed);
+        c->unconsumed = 0;
+    }
+}
+
+size_t kd_h2_call_queued(const struct kd_h2_call *c)
+{
+    return c->out_bytes;
+}

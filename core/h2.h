@@ -1,0 +1,142 @@
+/* h2.h — gRPC over one HTTP/2 connection, server or client side, driven from memory buffers.
+ * This module is the only one that knows nghttp2 (core/h2.c); nothing of nghttp2 shows here.
+ * Concurrency: a kd_h2 and its calls belong to the thread that owns the connection (they move
+ * with it in a hand-off). No locks.
+ * Ownership: the session owns its calls; a call lives from its start until its handler's
+ * on_done returns (then it is freed: the handler must drop its pointer there). Message bytes
+ * given to callbacks are borrowed for the call; bytes given to send functions are copied.
+ *
+ * Server side: on_call(call) runs when a request's headers are complete. It returns 0 after
+ * setting a handler (kd_h2_call_set_handler), or a gRPC status > 0 to answer at once with a
+ * trailers-only response. Unknown paths are the caller's business (it returns UNIMPLEMENTED).
+ *
+ * Flow control: inbound bytes are acknowledged (WINDOW_UPDATE) once the handler's on_message has
+ * returned, unless the handler holds input (kd_h2_call_hold_input) — a relay holds input while
+ * its other side is congested, so the peer stops at its window. Outbound, kd_h2_call_send_message
+ * returns 1 once the call's queued bytes pass KD_H2_CALL_HIGH_WATER: the handler should stop
+ * producing until on_writable.
+ */
+#ifndef KD_CORE_H2_H
+#define KD_CORE_H2_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct kd_h2;
+struct kd_h2_call;
+
+#define KD_H2_CALL_HIGH_WATER (256u << 10)
+
+struct kd_h2_header {
+    const char *name;
+    size_t namelen;
+    const char *value;
+    size_t valuelen;
+};
+
+struct kd_h2_handler {
+    /* Client: the response headers arrived (metadata via kd_h2_call_header). */
+    int (*on_headers)(struct kd_h2_call *c);
+    /* One whole message. <0: the call fails (server: INTERNAL, client: cancelled). */
+    int (*on_message)(struct kd_h2_call *c, const uint8_t *msg, size_t len);
+    /* Server: the client half-closed (no more messages). */
+    void (*on_half_close)(struct kd_h2_call *c);
+    /* Queued output drained below the low-water mark after send_message returned 1. */
+    void (*on_writable)(struct kd_h2_call *c);
+    /* Final. Server: the call ended; status is what was sent, or CANCELLED (peer reset),
+     * DEADLINE_EXCEEDED (deadline passed: the session already answered), UNAVAILABLE (connection
+     * gone). Client: the call's status from trailers, or a local one (UNAVAILABLE when the
+     * connection failed, CANCELLED, DEADLINE_EXCEEDED, INTERNAL on a protocol error). The call is
+     * freed when this returns. */
+    void (*on_done)(struct kd_h2_call *c, int status, const char *message);
+};
+
+struct kd_h2_opts {
+    bool server;
+    uint32_t max_message;            /* bytes; larger messages fail with RESOURCE_EXHAUSTED */
+    uint32_t max_concurrent_streams; /* server: advertised SETTINGS_MAX_CONCURRENT_STREAMS */
+    uint32_t max_header_list;        /* bytes of header names+values accepted per block */
+    uint32_t initial_window;         /* per-stream receive window */
+    uint32_t ping_min_interval_ms;   /* server: pings closer than this are strikes; 0 = no policy */
+    /* Server: a new call. */
+    int (*on_call)(void *ud, struct kd_h2_call *c);
+    /* Either side: the peer sent GOAWAY (client: stop using this session for new calls). */
+    void (*on_goaway)(void *ud, uint32_t error_code);
+    void *ud;
+};
+
+struct kd_h2 *kd_h2_new(const struct kd_h2_opts *o);
+/* Ends every live call (on_done with UNAVAILABLE "connection closed") and frees the session. */
+void kd_h2_free(struct kd_h2 *h);
+
+/* The opts.ud given at creation. */
+void *kd_h2_ud(const struct kd_h2 *h);
+/* End every live call now with status/message (on_done), e.g. "connect 10.0.0.1:8155: refused". */
+void kd_h2_abort(struct kd_h2 *h, int status, const char *message);
+
+/* Bytes from the peer. 0, or negative errno when the connection must be closed (after the
+ * GOAWAY that kd_h2_send still produces). err names the cause for the log. */
+int kd_h2_recv(struct kd_h2 *h, const uint8_t *data, size_t len, const char **err);
+
+/* Produce pending output: write(ud, data, len) is called for each piece until nothing is left;
+ * it returns 0, or <0 to stop (then the rest stays queued). */
+typedef int (*kd_h2_write_fn)(void *ud, const uint8_t *data, size_t len);
+int kd_h2_send(struct kd_h2 *h, kd_h2_write_fn write, void *ud);
+/* true when the session has nothing more to do (peer and we are done, e.g. after GOAWAY). */
+bool kd_h2_finished(const struct kd_h2 *h);
+bool kd_h2_want_write(const struct kd_h2 *h);
+
+/* Graceful: GOAWAY announcing no new streams; calls in flight carry on. */
+void kd_h2_goaway(struct kd_h2 *h, uint32_t error_code, const char *debug);
+/* Send a PING (keepalive). */
+void kd_h2_ping(struct kd_h2 *h);
+/* Fail calls whose deadline is <= now_us (server: DEADLINE_EXCEEDED to the client; client: RST
+ * and on_done DEADLINE_EXCEEDED). Returns the next deadline, or UINT64_MAX. */
+uint64_t kd_h2_expire(struct kd_h2 *h, uint64_t now_us);
+size_t kd_h2_live_calls(const struct kd_h2 *h);
+/* Counters for metrics and tests. */
+struct kd_h2_counters {
+    uint64_t calls_started, pings_received, ping_strikes;
+};
+const struct kd_h2_counters *kd_h2_counters(const struct kd_h2 *h);
+
+/* Client: start a call. md: metadata (lower-case names, "-bin" values already base64). timeout_us
+ * 0 = none; otherwise sent as grpc-timeout and enforced by kd_h2_expire from now_us. */
+struct kd_h2_call *kd_h2_call_start(struct kd_h2 *h, const char *path, const char *authority,
+                                    const struct kd_h2_header *md, size_t nmd, uint64_t now_us,
+                                    uint64_t timeout_us, const struct kd_h2_handler *handler, void *user);
+
+/* Either side. */
+void kd_h2_call_set_handler(struct kd_h2_call *c, const struct kd_h2_handler *handler, void *user);
+void *kd_h2_call_user(const struct kd_h2_call *c);
+const struct kd_h2_handler *kd_h2_call_handler(const struct kd_h2_call *c);
+struct kd_h2 *kd_h2_call_session(const struct kd_h2_call *c);
+const char *kd_h2_call_path(const struct kd_h2_call *c);
+/* Request (server) or response (client) headers, i-th entry; false past the end. Pseudo-headers
+ * and HTTP/2 connection headers are included as received; the caller filters. */
+bool kd_h2_call_header(const struct kd_h2_call *c, size_t i, struct kd_h2_header *out);
+/* First value of a header by name (exact, lower-case), or NULL. */
+const char *kd_h2_call_header_value(const struct kd_h2_call *c, const char *name, size_t *len);
+/* Trailers received (client), i-th entry. */
+bool kd_h2_call_trailer(const struct kd_h2_call *c, size_t i, struct kd_h2_header *out);
+/* Absolute deadline (same clock as now_us given to the session), or 0 when none. */
+uint64_t kd_h2_call_deadline(const struct kd_h2_call *c);
+/* Server: response headers (":status 200", content-type added here) plus md. Optional: the first
+ * message or finish sends them if not sent. */
+int kd_h2_call_send_headers(struct kd_h2_call *c, const struct kd_h2_header *md, size_t n);
+/* Queue one message (framed here). 0, 1 (over the high-water mark: pause), or negative errno
+ * (-EPIPE when the call is over). */
+int kd_h2_call_send_message(struct kd_h2_call *c, const uint8_t *data, size_t len);
+/* Server: end the call with a status (trailers; trailers-only if nothing was sent). */
+int kd_h2_call_finish(struct kd_h2_call *c, int status, const char *message, const struct kd_h2_header *md,
+                      size_t n);
+/* Client: half-close (END_STREAM after queued messages). */
+int kd_h2_call_close_send(struct kd_h2_call *c);
+/* Either side: abort with RST_STREAM(CANCEL); on_done(status, message) follows at once. */
+void kd_h2_call_cancel(struct kd_h2_call *c, int status, const char *message);
+/* Stop (true) or resume (false) acknowledging inbound bytes for this call. */
+void kd_h2_call_hold_input(struct kd_h2_call *c, bool hold);
+size_t kd_h2_call_queued(const struct kd_h2_call *c);
+
+#endif

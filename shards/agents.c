@@ -1,0 +1,875 @@
+/* agents.c — the owner shard's side: agents, their reverse tunnels, waiting calls and the back
+ * halves of routed calls. See kas.h for the protocol with the front halves.
+ *
+ * Per agent (shard-local, found by id in a chained hash table):
+ *
+ *   agent ─┬─ idle:    tunnel <-> tunnel <-> ...    descriptor received, carrying no call
+ *          ├─ waiting: back <-> back <-> ...         calls with no suitable tunnel yet (FIFO)
+ *          └─ pods:    pod <-> pod                   AgentRegistrar/Register records
+ *
+ * Invariants: a tunnel is on `idle` iff its state is IDLE; a back is on `waiting` iff it is
+ * neither bound nor ended; an agent with no tunnel, no waiting back and no pod is freed.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/clock.h"
+#include "core/hash.h"
+#include "core/list.h"
+#include "core/log.h"
+#include "core/pb.h"
+#include "core/tokens.h"
+#include "shards/conn.h"
+#include "shards/kas.h"
+#include "shards/tunnel_codec.h"
+
+struct agent {
+    int64_t id;
+    int64_t project_id;
+    struct agent *hnext;
+    struct kd_list idle;
+    struct kd_list waiting;
+    struct kd_list pods;
+    unsigned ntunnels;
+};
+
+struct tunnel {
+    kd_grpc_call *call;
+    struct agent *agent;
+    enum kd_tun_state st;
+    char *methods; /* "/svc/method\0/svc/method\0..." */
+    size_t methods_len;
+    struct kd_list link; /* agent->idle while IDLE */
+    struct back *back;   /* the bound call */
+    uint64_t resp_unacked;
+    bool held;
+    uint64_t acks_owed; /* request bytes to acknowledge once the tunnel's send queue drains */
+};
+
+struct back {
+    void *front;       /* R's handle: passed back in messages, never dereferenced here */
+    unsigned r;        /* R's shard */
+    int64_t agent_id;
+    struct agent *agent; /* while waiting */
+    struct tunnel *t;    /* while bound */
+    char *method;
+    size_t method_len;
+    uint8_t *md;
+    size_t md_len;
+    struct kd_timer timer;
+    struct kd_list link; /* agent->waiting */
+    bool bound, ended;
+    struct kd_kas_shard *ks;
+};
+
+struct pod {
+    struct kd_list link;      /* agent->pods */
+    struct pod *conn_next;    /* the connection's pods */
+    int64_t pod_id;
+    uint8_t *meta;            /* AgentMeta, as received */
+    size_t meta_len;
+    uint64_t connected_at_us; /* wall clock */
+    struct agent *agent;
+};
+
+/* What an agent connection carries (kd_grpc_conn_user). */
+struct agent_conn {
+    int64_t agent_id;
+    struct pod *pods;
+};
+
+struct kd_kas_shard {
+    struct kd_shard *s;
+    struct kd_kas *kas;
+    struct agent **buckets;
+    size_t nbuckets, nagents;
+    struct kd_kas_stats stats;
+};
+
+struct kd_kas_shard *kd_kas_shard_of(struct kd_shard *s)
+{
+    return kd_shard_user(s);
+}
+
+void *kd_kas_payload(struct kd_shard *s, size_t size)
+{
+    void *p = kd_router_payload_alloc(kd_shard_router(s), kd_shard_id(s), size);
+    if (p == NULL)
+        abort(); /* as the router's own queues: a lost message would corrupt a call */
+    return p;
+}
+
+void kd_kas_release(struct kd_shard *s, void *payload)
+{
+    kd_router_payload_release(kd_shard_router(s), kd_shard_id(s), payload);
+}
+
+const char *kd_kas_bearer(kd_grpc_call *call, size_t *len)
+{
+    size_t n;
+    const char *v = kd_h2_call_header_value(call, "authorization", &n);
+    if (v == NULL || n < 8 || strncasecmp(v, "bearer ", 7) != 0)
+        return NULL;
+    v += 7;
+    n -= 7;
+    while (n > 0 && *v == ' ') {
+        v++;
+        n--;
+    }
+    *len = n;
+    return n > 0 ? v : NULL;
+}
+
+/* ---- agent table ---- */
+
+static struct agent *agent_find(struct kd_kas_shard *ks, int64_t id)
+{
+    struct agent *a = ks->buckets[kd_hash_u64((uint64_t)id) & (ks->nbuckets - 1)];
+    while (a != NULL && a->id != id)
+        a = a->hnext;
+    return a;
+}
+
+static void agent_grow(struct kd_kas_shard *ks)
+{
+    size_t n = ks->nbuckets * 2;
+    struct agent **nb = calloc(n, sizeof(*nb));
+    if (nb == NULL)
+        return; /* longer chains, still correct */
+    for (size_t i = 0; i < ks->nbuckets; i++) {
+        struct agent *a = ks->buckets[i];
+        while (a != NULL) {
+            struct agent *next = a->hnext;
+            size_t b = kd_hash_u64((uint64_t)a->id) & (n - 1);
+            a->hnext = nb[b];
+            nb[b] = a;
+            a = next;
+        }
+    }
+    free(ks->buckets);
+    ks->buckets = nb;
+    ks->nbuckets = n;
+}
+
+static struct agent *agent_get(struct kd_kas_shard *ks, int64_t id)
+{
+    struct agent *a = agent_find(ks, id);
+    if (a != NULL)
+        return a;
+    a = calloc(1, sizeof(*a));
+    if (a == NULL)
+        return NULL;
+    a->id = id;
+    kd_list_init(&a->idle);
+    kd_list_init(&a->waiting);
+    kd_list_init(&a->pods);
+    if (ks->nagents >= ks->nbuckets)
+        agent_grow(ks);
+    size_t b = kd_hash_u64((uint64_t)id) & (ks->nbuckets - 1);
+    a->hnext = ks->buckets[b];
+    ks->buckets[b] = a;
+    ks->nagents++;
+    ks->stats.agents = ks->nagents;
+    return a;
+}
+
+static void agent_maybe_free(struct kd_kas_shard *ks, struct agent *a)
+{
+    if (a->ntunnels > 0 || !kd_list_is_empty(&a->waiting) || !kd_list_is_empty(&a->pods))
+        return;
+    struct agent **pp = &ks->buckets[kd_hash_u64((uint64_t)a->id) & (ks->nbuckets - 1)];
+    while (*pp != a)
+        pp = &(*pp)->hnext;
+    *pp = a->hnext;
+    ks->nagents--;
+    ks->stats.agents = ks->nagents;
+    free(a);
+}
+
+/* ---- back halves ---- */
+
+static void post(struct kd_kas_shard *ks, unsigned to, uint16_t type, void *ptr, void *ptr2, uint32_t u32,
+                 uint64_t u64)
+{
+    struct kd_msg m = {.type = type, .u32 = u32, .u64 = u64, .ptr = ptr, .ptr2 = ptr2};
+    kd_shard_post(ks->s, to, &m);
+}
+
+static void back_free(struct back *b)
+{
+    struct kd_kas_shard *ks = b->ks;
+    kd_timerwheel_cancel(kd_shard_timers(ks->s), &b->timer);
+    if (kd_list_is_linked(&b->link))
+        kd_list_unlink(&b->link);
+    struct agent *a = b->agent;
+    free(b->method);
+    free(b->md);
+    free(b);
+    if (a != NULL)
+        agent_maybe_free(ks, a);
+}
+
+/* The terminal message to R. A back that was never bound is freed here: R cannot name it. */
+static void back_end(struct back *b, int status, const char *msg, const uint8_t *md, size_t mdlen)
+{
+    struct kd_kas_shard *ks = b->ks;
+    if (b->ended)
+        return;
+    b->ended = true;
+    size_t ml = strlen(msg);
+    struct kd_rt_end *e = kd_kas_payload(ks->s, sizeof(*e) + ml + mdlen);
+    e->msg_len = (uint32_t)ml;
+    e->md_len = (uint32_t)mdlen;
+    memcpy(e->data, msg, ml);
+    if (mdlen)
+        memcpy(e->data + ml, md, mdlen);
+    post(ks, b->r, KD_RT_END, e, b->front, (uint32_t)status, 0);
+    if (status == 0)
+        ks->stats.routed_ok++;
+    else
+        ks->stats.routed_failed++;
+    if (kd_list_is_linked(&b->link))
+        kd_list_unlink(&b->link);
+    kd_timerwheel_cancel(kd_shard_timers(ks->s), &b->timer);
+    if (!b->bound)
+        back_free(b);
+}
+
+static void back_deadline(struct kd_timer *t)
+{
+    struct back *b = KD_CONTAINER_OF(t, struct back, timer);
+    b->ks->stats.routed_no_tunnel++;
+    back_end(b, KD_GRPC_DEADLINE_EXCEEDED, "agent connection not found: no tunnel for this agent and method "
+                                           "became available before the deadline",
+             NULL, 0);
+}
+
+static bool tunnel_serves(const struct tunnel *t, const char *method, size_t len)
+{
+    const char *p = t->methods, *end = t->methods + t->methods_len;
+    while (p < end) {
+        size_t n = strlen(p);
+        if (n == len && memcmp(p, method, len) == 0)
+            return true;
+        p += n + 1;
+    }
+    return false;
+}
+
+static void tunnel_send(struct tunnel *t, const uint8_t *msg, size_t len)
+{
+    int rc = kd_grpc_send_message(t->call, msg, len);
+    (void)rc; /* over the high-water mark: acks wait for on_writable (see tunnel_writable) */
+}
+
+/* Hand the call to the tunnel: RequestInfo goes to the agent, BOUND to R. */
+static void bind_tunnel(struct back *b, struct tunnel *t)
+{
+    struct kd_kas_shard *ks = b->ks;
+    kd_list_unlink(&t->link); /* off idle */
+    if (kd_list_is_linked(&b->link))
+        kd_list_unlink(&b->link); /* off waiting */
+    kd_timerwheel_cancel(kd_shard_timers(ks->s), &b->timer);
+    t->st = KD_TUN_BOUND;
+    t->back = b;
+    b->t = t;
+    b->bound = true;
+    b->agent = NULL; /* the tunnel keeps the agent alive now */
+    size_t n = kd_tun_request_info_size(b->method_len, b->md, b->md_len);
+    uint8_t *buf = malloc(n);
+    if (buf == NULL)
+        abort();
+    kd_tun_put_request_info(buf, b->method, b->method_len, b->md, b->md_len);
+    tunnel_send(t, buf, n);
+    free(buf);
+    post(ks, b->r, KD_RT_BOUND, b, b->front, 0, 0);
+}
+
+static struct tunnel *find_idle(struct agent *a, const char *method, size_t len)
+{
+    for (struct kd_list *n = a->idle.next; n != &a->idle; n = n->next) {
+        struct tunnel *t = KD_CONTAINER_OF(n, struct tunnel, link);
+        if (tunnel_serves(t, method, len))
+            return t;
+    }
+    return NULL;
+}
+
+static void handle_start(struct kd_kas_shard *ks, const struct kd_msg *m)
+{
+    struct kd_rt_start *st = m->ptr;
+    struct back *b = calloc(1, sizeof(*b));
+    if (b == NULL)
+        abort();
+    b->ks = ks;
+    b->front = m->ptr2;
+    b->r = m->from;
+    b->agent_id = st->agent_id;
+    b->method_len = st->method_len;
+    b->method = malloc(st->method_len + 1);
+    b->md_len = st->md_len;
+    b->md = malloc(st->md_len ? st->md_len : 1);
+    if (b->method == NULL || b->md == NULL)
+        abort();
+    memcpy(b->method, st->data, st->method_len);
+    b->method[st->method_len] = '\0';
+    memcpy(b->md, st->data + st->method_len, st->md_len);
+    uint64_t deadline = st->deadline_ms;
+    kd_kas_release(ks->s, st);
+    kd_list_node_init(&b->link);
+    kd_timer_init(&b->timer, back_deadline);
+
+    struct agent *a = agent_get(ks, b->agent_id);
+    if (a == NULL) {
+        back_end(b, KD_GRPC_RESOURCE_EXHAUSTED, "out of memory", NULL, 0);
+        return;
+    }
+    b->agent = a;
+    struct tunnel *t = find_idle(a, b->method, b->method_len);
+    if (t != NULL) {
+        bind_tunnel(b, t);
+        return;
+    }
+    if (deadline <= kd_shard_now_ms(ks->s)) {
+        back_deadline(&b->timer);
+        return;
+    }
+    /* Wait for an event (a tunnel registering), never poll. */
+    kd_list_push_back(&a->waiting, &b->link);
+    kd_timerwheel_add(kd_shard_timers(ks->s), &b->timer, deadline);
+}
+
+void kd_kas_back_message(struct kd_shard *s, const struct kd_msg *m)
+{
+    struct kd_kas_shard *ks = kd_kas_shard_of(s);
+    struct back *b = m->ptr2;
+    switch (m->type) {
+    case KD_RT_START:
+        handle_start(ks, m);
+        break;
+    case KD_RT_DATA: {
+        struct kd_rt_blob *d = m->ptr;
+        uint32_t len = d->len;
+        if (b->t != NULL && !b->ended) {
+            size_t n = kd_tun_message_size(len);
+            uint8_t *buf = malloc(n);
+            if (buf == NULL)
+                abort();
+            kd_tun_put_message(buf, d->data, len);
+            int rc = kd_grpc_send_message(b->t->call, buf, n);
+            free(buf);
+            if (rc == 1) {
+                b->t->acks_owed += len; /* paid in tunnel_writable */
+                kd_kas_release(s, d);
+                break;
+            }
+        }
+        kd_kas_release(s, d);
+        post(ks, b->r, KD_RT_ACK_REQ, NULL, b->front, 0, len);
+        break;
+    }
+    case KD_RT_HALF_CLOSE:
+        if (b->t != NULL && !b->ended) {
+            uint8_t buf[4];
+            kd_tun_put_close_send(buf);
+            kd_grpc_send_message(b->t->call, buf, kd_tun_close_send_size());
+        }
+        break;
+    case KD_RT_CANCEL:
+        if (b->t != NULL && !b->ended) {
+            /* The agent sees the cancellation as a reset of its tunnel stream. */
+            struct tunnel *t = b->t;
+            back_end(b, KD_GRPC_CANCELLED, "call cancelled by the caller", NULL, 0);
+            kd_grpc_cancel(t->call, KD_GRPC_CANCELLED, "call cancelled by the caller");
+        }
+        break;
+    case KD_RT_CANCEL_WAIT: {
+        struct agent *a = agent_find(ks, (int64_t)m->u64);
+        if (a == NULL)
+            break;
+        for (struct kd_list *n = a->waiting.next; n != &a->waiting; n = n->next) {
+            struct back *w = KD_CONTAINER_OF(n, struct back, link);
+            if (w->front == m->ptr2 && w->r == m->from) {
+                back_end(w, KD_GRPC_CANCELLED, "call cancelled by the caller", NULL, 0);
+                break;
+            }
+        }
+        break; /* not found: BOUND is on its way to R, which then sends CANCEL */
+    }
+    case KD_RT_FRONT_DONE:
+        if (b->t != NULL) {
+            b->t->back = NULL;
+            b->t = NULL;
+        }
+        back_free(b);
+        break;
+    case KD_RT_ACK_RESP:
+        if (b->t != NULL) {
+            struct tunnel *t = b->t;
+            t->resp_unacked -= m->u64 < t->resp_unacked ? m->u64 : t->resp_unacked;
+            if (t->held && t->resp_unacked < KD_RT_WINDOW / 2) {
+                t->held = false;
+                kd_grpc_hold_input(t->call, false);
+            }
+        }
+        break;
+    default:
+        break;
+    }
+}
+
+/* ---- tunnels (ReverseTunnel/Connect on the agent listener) ---- */
+
+static void tunnel_fail(struct tunnel *t, const char *why)
+{
+    struct kd_kas_shard *ks = kd_kas_shard_of(kd_conn_shard(kd_grpc_call_conn(t->call)));
+    ks->stats.protocol_violations++;
+    struct kd_logline l;
+    kd_log_begin(&l, KD_LOG_INFO, "tunnel_protocol_violation");
+    kd_log_int(&l, "agent_id", t->agent->id);
+    kd_log_str(&l, "reason", why);
+    kd_log_end(&l);
+    if (t->back != NULL)
+        back_end(t->back, KD_GRPC_UNAVAILABLE, "agent broke the tunnel protocol", NULL, 0);
+    char msg[160];
+    snprintf(msg, sizeof(msg), "tunnel protocol violation: %s", why);
+    kd_grpc_finish(t->call, KD_GRPC_INVALID_ARGUMENT, msg, NULL, 0);
+}
+
+struct methods_acc {
+    char *buf;
+    size_t len, cap;
+};
+
+static int add_method(void *ud, const char *svc, size_t svclen, const char *m, size_t mlen)
+{
+    struct methods_acc *acc = ud;
+    size_t need = svclen + mlen + 3;
+    if (acc->len + need > acc->cap) {
+        size_t ncap = acc->cap ? acc->cap * 2 : 128;
+        while (ncap < acc->len + need)
+            ncap *= 2;
+        if (ncap > 65536)
+            return -E2BIG;
+        char *nb = realloc(acc->buf, ncap);
+        if (nb == NULL)
+            return -ENOMEM;
+        acc->buf = nb;
+        acc->cap = ncap;
+    }
+    char *o = acc->buf + acc->len;
+    *o++ = '/';
+    memcpy(o, svc, svclen);
+    o += svclen;
+    *o++ = '/';
+    memcpy(o, m, mlen);
+    o += mlen;
+    *o++ = '\0';
+    acc->len = (size_t)(o - acc->buf);
+    return 0;
+}
+
+static void tunnel_idle(struct kd_kas_shard *ks, struct tunnel *t)
+{
+    struct agent *a = t->agent;
+    t->st = KD_TUN_IDLE;
+    /* A waiting call for one of its methods takes it at once (oldest first). */
+    for (struct kd_list *n = a->waiting.next; n != &a->waiting; n = n->next) {
+        struct back *b = KD_CONTAINER_OF(n, struct back, link);
+        if (tunnel_serves(t, b->method, b->method_len)) {
+            kd_list_push_back(&a->idle, &t->link);
+            bind_tunnel(b, t);
+            return;
+        }
+    }
+    kd_list_push_back(&a->idle, &t->link);
+}
+
+static int tunnel_message(kd_grpc_call *call, const uint8_t *msg, size_t len)
+{
+    struct tunnel *t = kd_h2_call_user(call);
+    struct kd_shard *s = kd_conn_shard(kd_grpc_call_conn(call));
+    struct kd_kas_shard *ks = kd_kas_shard_of(s);
+    struct kd_tun_msg tm;
+    const char *why = NULL;
+    if (kd_tun_decode_request(msg, len, &tm) < 0) {
+        tunnel_fail(t, "malformed ConnectRequest");
+        return 0;
+    }
+    int ns = kd_tun_step(t->st, tm.kind, &why);
+    if (ns < 0) {
+        tunnel_fail(t, why);
+        return 0;
+    }
+    struct back *b = t->back;
+    switch (tm.kind) {
+    case KD_TUN_DESCRIPTOR: {
+        struct methods_acc acc = {0};
+        int n = kd_tun_descriptor_each(tm.body, tm.len, add_method, &acc);
+        if (n <= 0) {
+            free(acc.buf);
+            tunnel_fail(t, n == 0 ? "descriptor lists no method" : "invalid descriptor");
+            return 0;
+        }
+        t->methods = acc.buf;
+        t->methods_len = acc.len;
+        tunnel_idle(ks, t);
+        break;
+    }
+    case KD_TUN_HEADER: {
+        t->st = KD_TUN_RESPONDING;
+        struct kd_rt_blob *h = kd_kas_payload(s, sizeof(*h) + tm.len);
+        long bl = kd_tun_meta_to_blob(tm.body, tm.len, h->data, tm.len);
+        if (bl < 0) {
+            kd_kas_release(s, h);
+            tunnel_fail(t, "malformed header metadata");
+            return 0;
+        }
+        h->len = (uint32_t)bl;
+        post(ks, b->r, KD_RT_HEADER, h, b->front, 0, 0);
+        break;
+    }
+    case KD_TUN_MESSAGE: {
+        struct kd_rt_blob *d = kd_kas_payload(s, sizeof(*d) + tm.data_len);
+        d->len = (uint32_t)tm.data_len;
+        memcpy(d->data, tm.data, tm.data_len);
+        post(ks, b->r, KD_RT_RDATA, d, b->front, 0, 0);
+        t->resp_unacked += tm.data_len;
+        if (!t->held && t->resp_unacked > KD_RT_WINDOW) {
+            /* The caller is slower than the agent: stop reading the tunnel until it catches up. */
+            t->held = true;
+            kd_grpc_hold_input(call, true);
+        }
+        break;
+    }
+    case KD_TUN_TRAILER: {
+        uint8_t *blob = malloc(tm.len ? tm.len : 1);
+        long bl = blob ? kd_tun_meta_to_blob(tm.body, tm.len, blob, tm.len) : -1;
+        t->st = KD_TUN_DONE;
+        back_end(b, KD_GRPC_OK, "", blob, bl > 0 ? (size_t)bl : 0);
+        free(blob);
+        kd_grpc_finish(call, KD_GRPC_OK, NULL, NULL, 0);
+        break;
+    }
+    case KD_TUN_ERROR: {
+        char text[512];
+        size_t tl = tm.text_len < sizeof(text) - 1 ? tm.text_len : sizeof(text) - 1;
+        memcpy(text, tm.text, tl);
+        text[tl] = '\0';
+        t->st = KD_TUN_DONE;
+        if (kd_list_is_linked(&t->link))
+            kd_list_unlink(&t->link); /* an idle tunnel the agent gave up */
+        if (b != NULL) {
+            /* The agent's own status passes through; 0 in an Error is not a success. */
+            int code = tm.code > 0 && tm.code <= 16 ? tm.code : KD_GRPC_UNKNOWN;
+            back_end(b, code, text, NULL, 0);
+        }
+        kd_grpc_finish(call, KD_GRPC_OK, NULL, NULL, 0);
+        break;
+    }
+    }
+    return 0;
+}
+
+static void tunnel_half_close(kd_grpc_call *call)
+{
+    struct tunnel *t = kd_h2_call_user(call);
+    if (t->st == KD_TUN_DONE)
+        return;
+    if (t->back != NULL)
+        back_end(t->back, KD_GRPC_UNAVAILABLE, "agent closed the tunnel before answering", NULL, 0);
+    if (kd_list_is_linked(&t->link))
+        kd_list_unlink(&t->link);
+    t->st = KD_TUN_DONE;
+    kd_grpc_finish(call, KD_GRPC_OK, NULL, NULL, 0);
+}
+
+static void tunnel_writable(kd_grpc_call *call)
+{
+    struct tunnel *t = kd_h2_call_user(call);
+    if (t->acks_owed > 0 && t->back != NULL) {
+        struct kd_kas_shard *ks = kd_kas_shard_of(kd_conn_shard(kd_grpc_call_conn(call)));
+        post(ks, t->back->r, KD_RT_ACK_REQ, NULL, t->back->front, 0, t->acks_owed);
+    }
+    t->acks_owed = 0;
+}
+
+static void tunnel_done(kd_grpc_call *call, int status, const char *message)
+{
+    struct tunnel *t = kd_h2_call_user(call);
+    struct kd_kas_shard *ks = kd_kas_shard_of(kd_conn_shard(kd_grpc_call_conn(call)));
+    if (kd_list_is_linked(&t->link))
+        kd_list_unlink(&t->link); /* a closed tunnel is never picked */
+    if (t->back != NULL) {
+        struct back *b = t->back;
+        if (!b->ended)
+            back_end(b, KD_GRPC_UNAVAILABLE, "agent disconnected during the call", NULL, 0);
+        /* The back waits for FRONT_DONE; a bound back holds neither tunnel nor agent. */
+        b->t = NULL;
+    }
+    struct agent *a = t->agent;
+    a->ntunnels--;
+    free(t->methods);
+    free(t);
+    agent_maybe_free(ks, a);
+}
+
+static const struct kd_h2_handler tunnel_handler = {
+    .on_message = tunnel_message,
+    .on_half_close = tunnel_half_close,
+    .on_writable = tunnel_writable,
+    .on_done = tunnel_done,
+};
+
+/* Authenticate an agent call and make sure it runs on the agent's owner shard.
+ * 1: the call was moved (start again there); 0: go on with *ident; >0: reject with that status. */
+static int agent_call_gate(kd_grpc_call *call, struct kd_agent_ident *ident)
+{
+    struct kd_shard *s = kd_conn_shard(kd_grpc_call_conn(call));
+    struct kd_kas_shard *ks = kd_kas_shard_of(s);
+    size_t tlen;
+    const char *tok = kd_kas_bearer(call, &tlen);
+    const struct kd_tokens *table = ks->kas->tokens ? kd_tokens_handle_get(ks->kas->tokens) : NULL;
+    if (tok == NULL || table == NULL || kd_tokens_lookup(table, tok, tlen, ident) < 0) {
+        ks->stats.auth_failures++;
+        kd_log_msg(KD_LOG_INFO, "agent_auth_failed", "%s",
+                   tok == NULL ? "missing bearer token" : "unknown or revoked agent token");
+        kd_grpc_finish(call, KD_GRPC_UNAUTHENTICATED, "unauthenticated", NULL, 0);
+        return KD_GRPC_UNAUTHENTICATED;
+    }
+    struct agent_conn *ac = kd_grpc_conn_user(call);
+    if (ac != NULL && ac->agent_id != ident->agent_id) {
+        kd_grpc_finish(call, KD_GRPC_PERMISSION_DENIED, "connection belongs to another agent", NULL, 0);
+        return KD_GRPC_PERMISSION_DENIED;
+    }
+    unsigned owner = kd_hash_owner((uint64_t)ident->agent_id, ks->kas->nshards);
+    if (owner != kd_shard_id(s)) {
+        /* Once per connection: afterwards every call on it starts on the owner. */
+        if (kd_grpc_call_move(call, owner) == 0)
+            return 1;
+        kd_grpc_finish(call, KD_GRPC_INTERNAL, "connection hand-off failed", NULL, 0);
+        return KD_GRPC_INTERNAL;
+    }
+    if (ac == NULL) {
+        ac = calloc(1, sizeof(*ac));
+        if (ac == NULL)
+            return KD_GRPC_RESOURCE_EXHAUSTED;
+        ac->agent_id = ident->agent_id;
+        kd_grpc_conn_set_user(call, ac);
+    }
+    return 0;
+}
+
+static int connect_start(kd_grpc_call *call, void *ud)
+{
+    struct kd_agent_ident ident;
+    if (agent_call_gate(call, &ident) != 0)
+        return 0; /* moved to the owner shard, or answered */
+    struct kd_kas_shard *ks = kd_kas_shard_of(kd_conn_shard(kd_grpc_call_conn(call)));
+    struct agent *a = agent_get(ks, ident.agent_id);
+    struct tunnel *t = calloc(1, sizeof(*t));
+    if (a == NULL || t == NULL) {
+        free(t);
+        kd_grpc_finish(call, KD_GRPC_RESOURCE_EXHAUSTED, "out of memory", NULL, 0);
+        return 0;
+    }
+    a->project_id = ident.project_id;
+    a->ntunnels++;
+    t->call = call;
+    t->agent = a;
+    t->st = KD_TUN_WAIT_DESCRIPTOR;
+    kd_list_node_init(&t->link);
+    kd_grpc_accept(call, &tunnel_handler, t);
+    /* Response headers now: agentk waits for them before it sends the descriptor? No, but a
+     * stream with headers sent is plainly alive for proxies in between. */
+    kd_grpc_send_headers(call, NULL, 0);
+    return 0;
+}
+
+const struct kd_grpc_method kd_kas_connect_method = {
+    .path = "/gitlab.agent.reverse_tunnel.rpc.ReverseTunnel/Connect",
+    .start = connect_start,
+};
+
+/* ---- AgentRegistrar/Register ---- */
+
+static int register_message(kd_grpc_call *call, const uint8_t *msg, size_t len)
+{
+    struct kd_shard *s = kd_conn_shard(kd_grpc_call_conn(call));
+    struct kd_kas_shard *ks = kd_kas_shard_of(s);
+    struct agent_conn *ac = kd_grpc_conn_user(call);
+    struct kd_pb_reader r;
+    struct kd_pb_field f;
+    const uint8_t *meta = NULL;
+    size_t meta_len = 0;
+    int64_t pod_id = 0;
+    int rc;
+    kd_pb_reader_init(&r, msg, len);
+    while ((rc = kd_pb_next(&r, &f)) > 0) {
+        if (f.num == 1 && f.wt == KD_PB_LEN) {
+            meta = f.data;
+            meta_len = f.len;
+        } else if (f.num == 2 && f.wt == KD_PB_VARINT) {
+            pod_id = (int64_t)f.v;
+        }
+    }
+    if (rc < 0) {
+        kd_grpc_finish(call, KD_GRPC_INVALID_ARGUMENT, "malformed RegisterRequest", NULL, 0);
+        return 0;
+    }
+    struct agent *a = agent_get(ks, ac->agent_id);
+    struct pod *p = NULL;
+    for (p = ac->pods; p != NULL && p->pod_id != pod_id; p = p->conn_next)
+        ;
+    if (p == NULL) {
+        p = calloc(1, sizeof(*p));
+        if (p == NULL || a == NULL) {
+            free(p);
+            kd_grpc_finish(call, KD_GRPC_RESOURCE_EXHAUSTED, "out of memory", NULL, 0);
+            return 0;
+        }
+        p->pod_id = pod_id;
+        p->agent = a;
+        p->connected_at_us = kd_clock_wall_us();
+        p->conn_next = ac->pods;
+        ac->pods = p;
+        kd_list_push_back(&a->pods, &p->link);
+    }
+    free(p->meta);
+    p->meta = malloc(meta_len ? meta_len : 1);
+    if (p->meta != NULL)
+        memcpy(p->meta, meta, meta_len);
+    p->meta_len = p->meta ? meta_len : 0;
+    kd_grpc_send_message(call, (const uint8_t *)"", 0); /* RegisterResponse {} */
+    kd_grpc_finish(call, KD_GRPC_OK, NULL, NULL, 0);
+    return 0;
+}
+
+static void register_half_close(kd_grpc_call *call)
+{
+    kd_grpc_finish(call, KD_GRPC_INVALID_ARGUMENT, "missing RegisterRequest", NULL, 0);
+}
+
+static void register_done(kd_grpc_call *call, int status, const char *message)
+{
+}
+
+static const struct kd_h2_handler register_handler = {
+    .on_message = register_message, .on_half_close = register_half_close, .on_done = register_done};
+
+static int register_start(kd_grpc_call *call, void *ud)
+{
+    struct kd_agent_ident ident;
+    if (agent_call_gate(call, &ident) != 0)
+        return 0;
+    kd_grpc_accept(call, &register_handler, NULL);
+    return 0;
+}
+
+const struct kd_grpc_method kd_kas_register_method = {
+    .path = "/gitlab.agent.agent_registrar.rpc.AgentRegistrar/Register",
+    .start = register_start,
+};
+
+void kd_kas_agent_conn_close(struct kd_shard *s, void *user)
+{
+    struct agent_conn *ac = user;
+    struct kd_kas_shard *ks = kd_kas_shard_of(s);
+    if (ac == NULL)
+        return;
+    struct pod *p = ac->pods;
+    while (p != NULL) {
+        struct pod *next = p->conn_next;
+        struct agent *a = p->agent;
+        kd_list_unlink(&p->link);
+        free(p->meta);
+        free(p);
+        agent_maybe_free(ks, a);
+        p = next;
+    }
+    free(ac);
+}
+
+/* ---- per shard ---- */
+
+int kd_kas_shard_start(struct kd_shard *s)
+{
+    struct kd_kas_shard *ks = calloc(1, sizeof(*ks));
+    if (ks == NULL)
+        return -ENOMEM;
+    ks->s = s;
+    ks->kas = kd_server_user(s->srv);
+    ks->nbuckets = 1024;
+    ks->buckets = calloc(ks->nbuckets, sizeof(*ks->buckets));
+    if (ks->buckets == NULL) {
+        free(ks);
+        return -ENOMEM;
+    }
+    kd_shard_set_user(s, ks);
+    return 0;
+}
+
+void kd_kas_shard_stop(struct kd_shard *s)
+{
+    struct kd_kas_shard *ks = kd_kas_shard_of(s);
+    if (ks == NULL)
+        return;
+    if (ks->kas->epoch != NULL)
+        kd_epoch_offline(ks->kas->epoch, kd_shard_id(s));
+    /* Every connection is closed by now, so every tunnel, pod and bound back is gone; waiting
+     * backs may remain (their R shard is stopping too). */
+    for (size_t i = 0; i < ks->nbuckets; i++) {
+        struct agent *a = ks->buckets[i];
+        while (a != NULL) {
+            struct agent *next = a->hnext;
+            struct kd_list *n;
+            while ((n = kd_list_pop_front(&a->waiting)) != NULL) {
+                struct back *b = KD_CONTAINER_OF(n, struct back, link);
+                kd_timerwheel_cancel(kd_shard_timers(s), &b->timer);
+                free(b->method);
+                free(b->md);
+                free(b);
+            }
+            free(a);
+            a = next;
+        }
+    }
+    free(ks->buckets);
+    free(ks);
+    kd_shard_set_user(s, NULL);
+}
+
+void kd_kas_on_turn(struct kd_shard *s)
+{
+    struct kd_kas_shard *ks = kd_kas_shard_of(s);
+    if (ks != NULL && ks->kas->epoch != NULL)
+        kd_epoch_quiescent(ks->kas->epoch, kd_shard_id(s));
+}
+
+void kd_kas_on_message(struct kd_shard *s, const struct kd_msg *m)
+{
+    if (m->type >= KD_RT_BOUND)
+        kd_kas_front_message(s, m);
+    else
+        kd_kas_back_message(s, m);
+}
+
+void kd_kas_stats(struct kd_shard *s, struct kd_kas_stats *out)
+{
+    struct kd_kas_shard *ks = kd_kas_shard_of(s);
+    *out = ks->stats;
+    out->tunnels_idle = out->tunnels_busy = out->waiting_calls = 0;
+    for (size_t i = 0; i < ks->nbuckets; i++)
+        for (struct agent *a = ks->buckets[i]; a != NULL; a = a->hnext) {
+            size_t idle = 0, waiting = 0;
+            for (struct kd_list *n = a->idle.next; n != &a->idle; n = n->next)
+                idle++;
+            for (struct kd_list *n = a->waiting.next; n != &a->waiting; n = n->next)
+                waiting++;
+            out->tunnels_idle += idle;
+            out->tunnels_busy += a->ntunnels - idle;
+            out->waiting_calls += waiting;
+        }
+}

@@ -1,0 +1,891 @@
+/* grpc.c — see grpc.h. One struct gconn per connection, server or client, owning the HTTP/2
+ * session, the optional TLS state and two shard-local timers (call deadlines; housekeeping:
+ * handshake timeout, idle keepalive ping, max connection age). */
+#include "shards/grpc.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/clock.h"
+#include "core/log.h"
+#include "core/tls.h"
+#include "shards/conn.h"
+#include "shards/shard.h"
+
+#define DEFAULT_MAX_MESSAGE (4u << 20)
+#define TLS_READ_CHUNK 16384
+#define H2_PREFACE_LEN 24
+#define NGHTTP2_NO_ERROR_CODE 0
+#define ENHANCE_YOUR_CALM_CODE 0xb
+
+/* A call waiting for its connection to reach the owner shard (kd_grpc_call_move). */
+struct parked_msg {
+    struct parked_msg *next;
+    size_t len;
+    uint8_t data[];
+};
+
+struct parked {
+    struct parked *next;
+    kd_grpc_call *call;
+    const struct kd_grpc_method *m;
+    struct parked_msg *head, *tail;
+    bool half_closed;
+};
+
+#define PARKED_BYTES_MAX (1u << 20)
+
+struct gconn {
+    struct kd_conn *c; /* NULL once the connection is closed (client: channel kept for its user) */
+    struct kd_h2 *h;
+    struct kd_tls *tls;
+    const struct kd_grpc_server_cfg *cfg; /* server */
+    bool server;
+    bool handshake_ok;   /* TLS done (if any) and the HTTP/2 preface seen */
+    bool goaway_sent;
+    bool usable;         /* client: may start calls */
+    bool user_ref;       /* client: the channel's user still holds it */
+    bool tls_alpn_checked;
+    uint64_t bytes_in;
+    uint64_t opened_ms;
+    uint64_t last_rx_ms;
+    uint64_t age_goaway_at; /* 0: none */
+    uint64_t age_close_at;  /* 0: not yet */
+    struct kd_timer deadline_timer;
+    struct kd_timer house_timer;
+    char authority[80];
+    char peer[64];
+    uint32_t max_message;
+    void *user;                       /* service state: kd_grpc_conn_user */
+    int moving_to;                    /* -1, or the shard this connection is being handed to */
+    struct parked *parked;            /* calls to start again after the move */
+    size_t parked_bytes;
+    const struct kd_grpc_method *starting; /* the method whose start() is running */
+};
+
+static uint64_t now_us(void)
+{
+    return kd_clock_ns() / 1000u;
+}
+
+void kd_grpc_server_cfg_defaults(struct kd_grpc_server_cfg *cfg)
+{
+    if (cfg->max_message == 0)
+        cfg->max_message = DEFAULT_MAX_MESSAGE;
+    if (cfg->max_concurrent_streams == 0)
+        cfg->max_concurrent_streams = 500;
+    if (cfg->max_header_list == 0)
+        cfg->max_header_list = 16384;
+    if (cfg->keepalive_ms == 0)
+        cfg->keepalive_ms = 50000;
+    if (cfg->ping_min_interval_ms == 0)
+        cfg->ping_min_interval_ms = 20000;
+    if (cfg->handshake_timeout_ms == 0)
+        cfg->handshake_timeout_ms = 10000;
+    if (cfg->max_connection_age_ms != 0 && cfg->max_connection_age_grace_ms == 0)
+        cfg->max_connection_age_grace_ms = 60000;
+}
+
+static struct gconn *call_gconn(const kd_grpc_call *call)
+{
+    return kd_h2_ud(kd_h2_call_session(call));
+}
+
+struct kd_conn *kd_grpc_call_conn(const kd_grpc_call *call)
+{
+    return call_gconn(call)->c;
+}
+
+static void want_flush(struct gconn *g)
+{
+    if (g->c != NULL)
+        kd_conn_want_flush(g->c);
+}
+
+/* ---- timers ---- */
+
+static void arm_deadline(struct gconn *g)
+{
+    if (g->c == NULL || g->h == NULL)
+        return;
+    struct kd_shard *s = kd_conn_shard(g->c);
+    uint64_t next = kd_h2_expire(g->h, now_us());
+    if (next == UINT64_MAX) {
+        kd_timerwheel_cancel(kd_shard_timers(s), &g->deadline_timer);
+        return;
+    }
+    uint64_t ms = (next + 999) / 1000;
+    if (!kd_timer_is_armed(&g->deadline_timer) || g->deadline_timer.expire_ms != ms)
+        kd_timerwheel_add(kd_shard_timers(s), &g->deadline_timer, ms);
+}
+
+static void deadline_cb(struct kd_timer *t)
+{
+    struct gconn *g = KD_CONTAINER_OF(t, struct gconn, deadline_timer);
+    arm_deadline(g); /* expires what is due, re-arms for the next */
+    want_flush(g);
+}
+
+static void arm_house(struct gconn *g)
+{
+    if (g->c == NULL)
+        return;
+    struct kd_shard *s = kd_conn_shard(g->c);
+    uint64_t next = UINT64_MAX;
+    if (g->server) {
+        if (!g->handshake_ok)
+            next = g->opened_ms + g->cfg->handshake_timeout_ms;
+        else
+            next = g->last_rx_ms + g->cfg->keepalive_ms;
+        if (g->age_close_at != 0 && g->age_close_at < next)
+            next = g->age_close_at;
+        else if (g->age_goaway_at != 0 && g->age_close_at == 0 && g->age_goaway_at < next)
+            next = g->age_goaway_at;
+    }
+    if (next == UINT64_MAX)
+        kd_timerwheel_cancel(kd_shard_timers(s), &g->house_timer);
+    else
+        kd_timerwheel_add(kd_shard_timers(s), &g->house_timer, next);
+}
+
+static void log_conn(struct gconn *g, enum kd_log_level lvl, const char *event, const char *why)
+{
+    struct kd_logline l;
+    kd_log_begin(&l, lvl, event);
+    if (g->server)
+        kd_log_str(&l, "listener", g->cfg->name);
+    else
+        kd_log_str(&l, "target", g->authority);
+    if (g->peer[0])
+        kd_log_str(&l, "peer", g->peer);
+    if (why)
+        kd_log_str(&l, "reason", why);
+    kd_log_end(&l);
+}
+
+static void house_cb(struct kd_timer *t)
+{
+    struct gconn *g = KD_CONTAINER_OF(t, struct gconn, house_timer);
+    struct kd_shard *s = kd_conn_shard(g->c);
+    uint64_t now = kd_shard_now_ms(s);
+    if (!g->handshake_ok) {
+        log_conn(g, KD_LOG_INFO, "handshake_timeout",
+                 g->tls ? "TLS handshake or HTTP/2 preface not complete in time"
+                        : "HTTP/2 preface not received in time");
+        kd_conn_close(g->c, -ETIMEDOUT);
+        return;
+    }
+    if (g->age_close_at != 0 && now >= g->age_close_at) {
+        log_conn(g, KD_LOG_INFO, "max_connection_age_close", "grace period over");
+        kd_conn_close(g->c, 0);
+        return;
+    }
+    if (g->age_goaway_at != 0 && g->age_close_at == 0 && now >= g->age_goaway_at) {
+        /* Ask the client to go elsewhere (it reconnects, possibly to another instance); calls in
+         * flight get the grace period. */
+        kd_h2_goaway(g->h, NGHTTP2_NO_ERROR_CODE, "max_age");
+        g->goaway_sent = true;
+        g->age_close_at = now + g->cfg->max_connection_age_grace_ms;
+    }
+    if (now >= g->last_rx_ms + g->cfg->keepalive_ms) {
+        kd_h2_ping(g->h); /* the ACK counts as traffic and pushes the next ping out */
+        g->last_rx_ms = now;
+    }
+    want_flush(g);
+    arm_house(g);
+}
+
+/* ---- byte paths ---- */
+
+static int write_out(void *ud, const uint8_t *data, size_t len)
+{
+    struct gconn *g = ud;
+    if (g->tls == NULL)
+        return kd_conn_write(g->c, data, len);
+    return kd_tls_write(g->tls, data, len);
+}
+
+static int drain_tls(struct gconn *g)
+{
+    uint8_t buf[16384];
+    while (kd_tls_output_pending(g->tls) > 0) {
+        size_t n = kd_tls_take_output(g->tls, buf, sizeof(buf));
+        int rc = kd_conn_write(g->c, buf, n);
+        if (rc < 0)
+            return rc;
+    }
+    return 0;
+}
+
+static int h2_in(struct gconn *g, const uint8_t *data, size_t len)
+{
+    const char *err = NULL;
+    if (!g->handshake_ok && g->bytes_in >= H2_PREFACE_LEN && (g->tls == NULL || kd_tls_handshake_done(g->tls))) {
+        g->handshake_ok = true;
+        arm_house(g);
+    }
+    int rc = kd_h2_recv(g->h, data, len, &err);
+    if (rc < 0) {
+        log_conn(g, KD_LOG_INFO, "http2_error", err);
+        /* nghttp2 queued a GOAWAY: send it, then close. */
+        g->goaway_sent = true;
+        kd_conn_finish(g->c);
+        return 0;
+    }
+    return 0;
+}
+
+static int on_data(struct kd_conn *c, const uint8_t *data, size_t len)
+{
+    struct gconn *g = c->ctx;
+    g->last_rx_ms = kd_shard_now_ms(kd_conn_shard(c));
+    if (g->goaway_sent && c->finish)
+        return 0; /* closing after a protocol error: ignore the rest */
+    if (g->tls == NULL) {
+        g->bytes_in += len;
+        h2_in(g, data, len);
+    } else {
+        if (kd_tls_feed(g->tls, data, len) < 0)
+            return -ENOMEM;
+        uint8_t buf[TLS_READ_CHUNK];
+        for (;;) {
+            ssize_t n = kd_tls_read(g->tls, buf, sizeof(buf));
+            if (n == 0)
+                break;
+            if (n < 0) {
+                if (n != -ECONNRESET)
+                    log_conn(g, KD_LOG_INFO, g->handshake_ok ? "tls_error" : "tls_handshake_failed",
+                             kd_tls_error(g->tls));
+                drain_tls(g); /* an alert may be waiting */
+                kd_conn_finish(c);
+                return 0;
+            }
+            if (!g->tls_alpn_checked && kd_tls_handshake_done(g->tls)) {
+                g->tls_alpn_checked = true;
+                const char *alpn = kd_tls_alpn(g->tls);
+                if (alpn != NULL && strcmp(alpn, "h2") != 0) {
+                    log_conn(g, KD_LOG_INFO, "tls_handshake_failed", "ALPN protocol is not h2");
+                    kd_conn_close(c, -EPROTO);
+                    return 0;
+                }
+            }
+            g->bytes_in += (uint64_t)n;
+            h2_in(g, buf, (size_t)n);
+            if (c->state != KD_CONN_OPEN)
+                return 0;
+        }
+        if (!g->tls_alpn_checked && kd_tls_handshake_done(g->tls))
+            g->tls_alpn_checked = true;
+    }
+    kd_conn_want_flush(c);
+    return 0;
+}
+
+static void on_flush(struct kd_conn *c)
+{
+    struct gconn *g = c->ctx;
+    int rc = kd_h2_send(g->h, write_out, g);
+    if (rc == 0 && g->tls != NULL)
+        rc = drain_tls(g);
+    if (rc < 0) {
+        kd_conn_close(c, rc);
+        return;
+    }
+    arm_deadline(g);
+    if (kd_h2_finished(g->h))
+        kd_conn_finish(c);
+}
+
+static void on_detach(struct kd_conn *c)
+{
+    struct gconn *g = c->ctx;
+    struct kd_shard *s = kd_conn_shard(c);
+    kd_timerwheel_cancel(kd_shard_timers(s), &g->deadline_timer);
+    kd_timerwheel_cancel(kd_shard_timers(s), &g->house_timer);
+}
+
+/* Hand-off: the slot on the old shard is about to be freed; until the new shard adopts the
+ * connection nothing may reach it through g->c. */
+static void on_detach_server(struct kd_conn *c)
+{
+    struct gconn *g = c->ctx;
+    on_detach(c);
+    g->c = NULL;
+}
+
+static void free_gconn(struct gconn *g)
+{
+    kd_h2_free(g->h);
+    g->h = NULL;
+    if (g->tls)
+        kd_tls_free(g->tls);
+    g->tls = NULL;
+    free(g);
+}
+
+static void on_close(struct kd_conn *c, int err)
+{
+    struct gconn *g = c->ctx;
+    if (g == NULL)
+        return;
+    on_detach(c);
+    if (kd_log_enabled(KD_LOG_DEBUG)) {
+        struct kd_logline l;
+        kd_log_begin(&l, KD_LOG_DEBUG, "connection_closed");
+        kd_log_str(&l, "peer", g->peer);
+        if (err < 0)
+            kd_log_errno(&l, err);
+        kd_log_end(&l);
+    }
+    c->ctx = NULL;
+    g->c = NULL;
+    g->usable = false;
+    if (g->h != NULL) {
+        kd_h2_free(g->h); /* every live call ends with UNAVAILABLE */
+        g->h = NULL;
+    }
+    if (g->server && g->cfg->on_conn_close != NULL)
+        g->cfg->on_conn_close(kd_conn_shard(c), g->user);
+    g->user = NULL;
+    if (g->user_ref)
+        return; /* the channel's user frees it with kd_grpc_channel_close */
+    free_gconn(g);
+}
+
+static void on_shutdown(struct kd_conn *c)
+{
+    struct gconn *g = c->ctx;
+    if (!g->goaway_sent) {
+        kd_h2_goaway(g->h, NGHTTP2_NO_ERROR_CODE, "server shutting down");
+        g->goaway_sent = true;
+    }
+    kd_conn_want_flush(c);
+}
+
+/* ---- server ---- */
+
+static void peer_name(struct kd_conn *c, char *buf, size_t len)
+{
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof(ss);
+    char host[INET6_ADDRSTRLEN] = "?";
+    buf[0] = '\0';
+    if (getpeername(c->fd, (struct sockaddr *)&ss, &sl) < 0)
+        return;
+    if (ss.ss_family == AF_INET) {
+        inet_ntop(AF_INET, &((struct sockaddr_in *)&ss)->sin_addr, host, sizeof(host));
+        snprintf(buf, len, "%s:%u", host, ntohs(((struct sockaddr_in *)&ss)->sin_port));
+    } else if (ss.ss_family == AF_INET6) {
+        inet_ntop(AF_INET6, &((struct sockaddr_in6 *)&ss)->sin6_addr, host, sizeof(host));
+        snprintf(buf, len, "[%s]:%u", host, ntohs(((struct sockaddr_in6 *)&ss)->sin6_port));
+    }
+}
+
+/* ---- parking calls across a connection hand-off ---- */
+
+static struct parked *find_parked(struct gconn *g, kd_grpc_call *call, struct parked ***link)
+{
+    struct parked **pp = &g->parked;
+    for (; *pp != NULL; pp = &(*pp)->next)
+        if ((*pp)->call == call) {
+            if (link)
+                *link = pp;
+            return *pp;
+        }
+    return NULL;
+}
+
+static void free_parked(struct gconn *g, struct parked *p)
+{
+    struct parked_msg *m = p->head;
+    while (m != NULL) {
+        struct parked_msg *n = m->next;
+        g->parked_bytes -= m->len;
+        free(m);
+        m = n;
+    }
+    free(p);
+}
+
+static int park_message(kd_grpc_call *call, const uint8_t *msg, size_t len)
+{
+    struct gconn *g = call_gconn(call);
+    struct parked *p = find_parked(g, call, NULL);
+    if (p == NULL)
+        return 0;
+    if (g->parked_bytes + len > PARKED_BYTES_MAX) {
+        kd_h2_call_cancel(call, KD_GRPC_RESOURCE_EXHAUSTED, "too much data before the call could start");
+        return 0;
+    }
+    struct parked_msg *m = malloc(sizeof(*m) + len);
+    if (m == NULL)
+        return -ENOMEM;
+    m->next = NULL;
+    m->len = len;
+    memcpy(m->data, msg, len);
+    g->parked_bytes += len;
+    if (p->tail)
+        p->tail->next = m;
+    else
+        p->head = m;
+    p->tail = m;
+    return 0;
+}
+
+static void park_half_close(kd_grpc_call *call)
+{
+    struct parked *p = find_parked(call_gconn(call), call, NULL);
+    if (p != NULL)
+        p->half_closed = true;
+}
+
+static void park_done(kd_grpc_call *call, int status, const char *message)
+{
+    struct gconn *g = call_gconn(call);
+    struct parked **link;
+    struct parked *p = find_parked(g, call, &link);
+    if (p != NULL) {
+        *link = p->next;
+        free_parked(g, p);
+    }
+}
+
+static const struct kd_h2_handler park_handler = {
+    .on_message = park_message, .on_half_close = park_half_close, .on_done = park_done};
+
+static int park(struct gconn *g, kd_grpc_call *call, const struct kd_grpc_method *m)
+{
+    struct parked *p = calloc(1, sizeof(*p));
+    if (p == NULL)
+        return KD_GRPC_RESOURCE_EXHAUSTED;
+    p->call = call;
+    p->m = m;
+    p->next = g->parked;
+    g->parked = p;
+    kd_h2_call_set_handler(call, &park_handler, NULL);
+    kd_h2_call_hold_input(call, true);
+    return 0;
+}
+
+/* On the new shard: start every parked call again, then replay what it received meanwhile. */
+static void unpark_all(struct gconn *g)
+{
+    struct parked *list = g->parked, *rev = NULL;
+    g->parked = NULL;
+    while (list != NULL) { /* oldest first */
+        struct parked *n = list->next;
+        list->next = rev;
+        rev = list;
+        list = n;
+    }
+    while (rev != NULL) {
+        struct parked *p = rev;
+        rev = p->next;
+        kd_grpc_call *call = p->call;
+        kd_h2_call_set_handler(call, NULL, NULL);
+        g->starting = p->m;
+        int rc = p->m->start(call, p->m->ud);
+        g->starting = NULL;
+        const struct kd_h2_handler *h = kd_h2_call_handler(call);
+        if (rc > 0 && h == NULL) {
+            kd_h2_call_finish(call, rc, NULL, NULL, 0);
+        } else if (h != NULL && h != &park_handler) {
+            for (struct parked_msg *m = p->head; m != NULL && kd_h2_call_handler(call) == h; m = m->next)
+                if (h->on_message && h->on_message(call, m->data, m->len) < 0)
+                    kd_h2_call_cancel(call, KD_GRPC_INTERNAL, "handler failed");
+            if (p->half_closed && kd_h2_call_handler(call) == h && h->on_half_close)
+                h->on_half_close(call);
+            kd_h2_call_hold_input(call, false);
+        }
+        free_parked(g, p);
+    }
+    want_flush(g);
+}
+
+int kd_grpc_call_move(kd_grpc_call *call, unsigned to)
+{
+    struct gconn *g = call_gconn(call);
+    if (!g->server || g->moving_to >= 0 || g->starting == NULL || g->c == NULL)
+        return -EINVAL;
+    if (to == kd_conn_shard_id(g->c))
+        return -EINVAL;
+    int rc = kd_conn_handoff(g->c, to);
+    if (rc < 0)
+        return rc;
+    g->moving_to = (int)to;
+    return park(g, call, g->starting) == 0 ? 0 : -ENOMEM;
+}
+
+unsigned kd_grpc_call_shard(const kd_grpc_call *call)
+{
+    return kd_conn_shard_id(call_gconn(call)->c);
+}
+
+void *kd_grpc_conn_user(const kd_grpc_call *call)
+{
+    return call_gconn(call)->user;
+}
+
+void kd_grpc_conn_set_user(kd_grpc_call *call, void *user)
+{
+    call_gconn(call)->user = user;
+}
+
+static int server_on_call(void *ud, struct kd_h2_call *call)
+{
+    struct gconn *g = ud;
+    const char *path = kd_h2_call_path(call);
+    const struct kd_grpc_method *m = NULL;
+    for (size_t i = 0; i < g->cfg->nmethods; i++) {
+        if (strcmp(g->cfg->methods[i].path, path) == 0) {
+            m = &g->cfg->methods[i];
+            break;
+        }
+    }
+    if (m == NULL)
+        m = g->cfg->fallback;
+    if (m == NULL) {
+        char msg[300];
+        snprintf(msg, sizeof(msg), "unknown method %.250s", path);
+        kd_h2_call_finish(call, KD_GRPC_UNIMPLEMENTED, msg, NULL, 0);
+        return 0;
+    }
+    if (g->moving_to >= 0)
+        return park(g, call, m);
+    g->starting = m;
+    int rc = m->start(call, m->ud);
+    g->starting = NULL;
+    return rc;
+}
+
+static int server_open(struct kd_conn *c, bool adopted)
+{
+    struct gconn *g;
+    struct kd_shard *s = kd_conn_shard(c);
+    if (adopted) {
+        g = c->ctx;
+        g->c = c;
+        kd_timer_init(&g->deadline_timer, deadline_cb);
+        kd_timer_init(&g->house_timer, house_cb);
+        g->moving_to = -1;
+        arm_deadline(g);
+        arm_house(g);
+        unpark_all(g);
+        kd_conn_want_flush(c);
+        return 0;
+    }
+    const struct kd_grpc_server_cfg *cfg = kd_conn_listener_cfg(c);
+    g = calloc(1, sizeof(*g));
+    if (g == NULL)
+        return -ENOMEM;
+    g->c = c;
+    g->cfg = cfg;
+    g->server = true;
+    g->moving_to = -1;
+    g->opened_ms = g->last_rx_ms = kd_shard_now_ms(s);
+    g->max_message = cfg->max_message;
+    kd_timer_init(&g->deadline_timer, deadline_cb);
+    kd_timer_init(&g->house_timer, house_cb);
+    peer_name(c, g->peer, sizeof(g->peer));
+    struct kd_h2_opts o = {
+        .server = true,
+        .max_message = cfg->max_message,
+        .max_concurrent_streams = cfg->max_concurrent_streams,
+        .max_header_list = cfg->max_header_list,
+        .initial_window = 1u << 20,
+        .ping_min_interval_ms = cfg->ping_min_interval_ms,
+        .on_call = server_on_call,
+        .ud = g,
+    };
+    g->h = kd_h2_new(&o);
+    if (g->h == NULL) {
+        free(g);
+        return -ENOMEM;
+    }
+    if (cfg->tls != NULL) {
+        g->tls = kd_tls_new(cfg->tls, NULL);
+        if (g->tls == NULL) {
+            kd_h2_free(g->h);
+            free(g);
+            return -ENOMEM;
+        }
+    }
+    if (cfg->max_connection_age_ms != 0) {
+        /* ±10 % jitter so a fleet's connections made at one moment do not all leave together. */
+        uint64_t j = cfg->max_connection_age_ms / 10;
+        uint64_t r = (kd_clock_ns() ^ ((uint64_t)c->slot << 20)) % (2 * j + 1);
+        g->age_goaway_at = g->opened_ms + cfg->max_connection_age_ms - j + r;
+    }
+    c->ctx = g;
+    arm_house(g);
+    kd_conn_want_flush(c); /* our SETTINGS go out first */
+    return 0;
+}
+
+const struct kd_conn_ops kd_grpc_server_ops = {
+    .name = "grpc",
+    .on_open = server_open,
+    .on_data = on_data,
+    .on_flush = on_flush,
+    .on_detach = on_detach_server,
+    .on_shutdown = on_shutdown,
+    .on_close = on_close,
+};
+
+/* ---- call wrappers: act, then make sure the bytes leave this turn ---- */
+
+void kd_grpc_accept(kd_grpc_call *call, const struct kd_h2_handler *handler, void *user)
+{
+    kd_h2_call_set_handler(call, handler, user);
+}
+
+int kd_grpc_send_headers(kd_grpc_call *call, const struct kd_h2_header *md, size_t n)
+{
+    int rc = kd_h2_call_send_headers(call, md, n);
+    want_flush(call_gconn(call));
+    return rc;
+}
+
+int kd_grpc_send_message(kd_grpc_call *call, const uint8_t *data, size_t len)
+{
+    int rc = kd_h2_call_send_message(call, data, len);
+    want_flush(call_gconn(call));
+    return rc;
+}
+
+int kd_grpc_finish(kd_grpc_call *call, int status, const char *message, const struct kd_h2_header *md,
+                   size_t n)
+{
+    int rc = kd_h2_call_finish(call, status, message, md, n);
+    want_flush(call_gconn(call));
+    return rc;
+}
+
+int kd_grpc_close_send(kd_grpc_call *call)
+{
+    int rc = kd_h2_call_close_send(call);
+    want_flush(call_gconn(call));
+    return rc;
+}
+
+void kd_grpc_cancel(kd_grpc_call *call, int status, const char *message)
+{
+    struct gconn *g = call_gconn(call);
+    kd_h2_call_cancel(call, status, message);
+    want_flush(g);
+}
+
+void kd_grpc_hold_input(kd_grpc_call *call, bool hold)
+{
+    kd_h2_call_hold_input(call, hold);
+    want_flush(call_gconn(call));
+}
+
+/* ---- health ---- */
+
+/* HealthCheckRequest { string service = 1; }: the service name, or NULL if malformed. */
+static const uint8_t *health_service(const uint8_t *p, size_t len, size_t *slen)
+{
+    const uint8_t *end = p + len, *svc = (const uint8_t *)"";
+    *slen = 0;
+    while (p < end) {
+        uint64_t key = 0;
+        int shift = 0;
+        do {
+            if (p >= end || shift > 63)
+                return NULL;
+            key |= (uint64_t)(*p & 0x7f) << shift;
+            shift += 7;
+        } while (*p++ & 0x80);
+        unsigned wt = key & 7;
+        uint64_t v = 0;
+        shift = 0;
+        if (wt == 0 || wt == 2) {
+            do {
+                if (p >= end || shift > 63)
+                    return NULL;
+                v |= (uint64_t)(*p & 0x7f) << shift;
+                shift += 7;
+            } while (*p++ & 0x80);
+            if (wt == 2) {
+                if (v > (uint64_t)(end - p))
+                    return NULL;
+                if ((key >> 3) == 1) {
+                    svc = p;
+                    *slen = (size_t)v;
+                }
+                p += v;
+            }
+        } else if (wt == 1 && end - p >= 8) {
+            p += 8;
+        } else if (wt == 5 && end - p >= 4) {
+            p += 4;
+        } else {
+            return NULL;
+        }
+    }
+    return svc;
+}
+
+static int health_message(struct kd_h2_call *call, const uint8_t *msg, size_t len)
+{
+    size_t slen;
+    const uint8_t *svc = health_service(msg, len, &slen);
+    if (svc == NULL)
+        return kd_grpc_finish(call, KD_GRPC_INVALID_ARGUMENT, "malformed HealthCheckRequest", NULL, 0), 0;
+    if (slen != 0 && !(slen == 4 && memcmp(svc, "kasd", 4) == 0))
+        return kd_grpc_finish(call, KD_GRPC_NOT_FOUND, "unknown service", NULL, 0), 0;
+    static const uint8_t serving[] = {0x08, 0x01}; /* HealthCheckResponse { status: SERVING } */
+    kd_grpc_send_message(call, serving, sizeof(serving));
+    kd_grpc_finish(call, KD_GRPC_OK, NULL, NULL, 0);
+    return 0;
+}
+
+static void health_half_close(struct kd_h2_call *call)
+{
+    /* Unary: a half-close without a request is a client bug. finish() refuses a second status. */
+    kd_grpc_finish(call, KD_GRPC_INTERNAL, "missing HealthCheckRequest", NULL, 0);
+}
+
+static void health_done(struct kd_h2_call *call, int status, const char *message)
+{
+}
+
+static const struct kd_h2_handler health_handler = {
+    .on_message = health_message,
+    .on_half_close = health_half_close,
+    .on_done = health_done,
+};
+
+static int health_start(kd_grpc_call *call, void *ud)
+{
+    kd_grpc_accept(call, &health_handler, NULL);
+    return 0;
+}
+
+const struct kd_grpc_method kd_grpc_health_method = {
+    .path = "/grpc.health.v1.Health/Check",
+    .start = health_start,
+};
+
+/* ---- client channels ---- */
+
+static void client_goaway(void *ud, uint32_t code)
+{
+    struct gconn *g = ud;
+    g->usable = false;
+}
+
+static int client_open(struct kd_conn *c, bool adopted)
+{
+    return 0;
+}
+
+static void client_connect(struct kd_conn *c, int err)
+{
+    struct gconn *g = c->ctx;
+    if (err < 0) {
+        char msg[200];
+        snprintf(msg, sizeof(msg), "connect %s: %s", g->authority, strerror(-err));
+        g->usable = false;
+        kd_h2_abort(g->h, KD_GRPC_UNAVAILABLE, msg);
+        log_conn(g, KD_LOG_INFO, "connect_failed", strerror(-err));
+        return;
+    }
+    peer_name(c, g->peer, sizeof(g->peer));
+    g->handshake_ok = true;
+    kd_conn_want_flush(c);
+}
+
+static const struct kd_conn_ops client_ops = {
+    .name = "grpc-client",
+    .on_open = client_open,
+    .on_connect = client_connect,
+    .on_data = on_data,
+    .on_flush = on_flush,
+    .on_detach = on_detach,
+    .on_shutdown = on_shutdown,
+    .on_close = on_close,
+};
+
+struct kd_grpc_channel *kd_grpc_channel_open(struct kd_shard *s, const struct kd_grpc_channel_opts *o)
+{
+    struct gconn *g = calloc(1, sizeof(*g));
+    if (g == NULL)
+        return NULL;
+    g->server = false;
+    g->moving_to = -1;
+    g->usable = true;
+    g->user_ref = true;
+    g->max_message = o->max_message ? o->max_message : DEFAULT_MAX_MESSAGE;
+    snprintf(g->authority, sizeof(g->authority), "%s", o->authority);
+    kd_timer_init(&g->deadline_timer, deadline_cb);
+    kd_timer_init(&g->house_timer, house_cb);
+    struct kd_h2_opts ho = {
+        .server = false,
+        .max_message = g->max_message,
+        .max_concurrent_streams = 100,
+        .max_header_list = 65536,
+        .initial_window = 1u << 20,
+        .on_goaway = client_goaway,
+        .ud = g,
+    };
+    g->h = kd_h2_new(&ho);
+    if (g->h == NULL) {
+        free(g);
+        return NULL;
+    }
+    if (o->tls != NULL) {
+        g->tls = kd_tls_new(o->tls, o->server_name);
+        if (g->tls == NULL || kd_tls_connect(g->tls) < 0) {
+            free_gconn(g);
+            return NULL;
+        }
+    }
+    g->c = kd_conn_connect(s, o->addr, o->addrlen, &client_ops, g);
+    if (g->c == NULL) {
+        free_gconn(g);
+        return NULL;
+    }
+    kd_conn_want_flush(g->c); /* preface + SETTINGS (+ ClientHello) wait for the connect */
+    return (struct kd_grpc_channel *)g;
+}
+
+kd_grpc_call *kd_grpc_channel_call(struct kd_grpc_channel *ch, const char *path, const struct kd_h2_header *md,
+                                   size_t nmd, uint64_t timeout_us, const struct kd_h2_handler *handler,
+                                   void *user)
+{
+    struct gconn *g = (struct gconn *)ch;
+    if (!g->usable || g->c == NULL || g->h == NULL)
+        return NULL;
+    kd_grpc_call *call =
+        kd_h2_call_start(g->h, path, g->authority, md, nmd, now_us(), timeout_us, handler, user);
+    if (call != NULL) {
+        kd_conn_want_flush(g->c);
+        if (timeout_us)
+            arm_deadline(g);
+    }
+    return call;
+}
+
+bool kd_grpc_channel_usable(const struct kd_grpc_channel *ch)
+{
+    const struct gconn *g = (const struct gconn *)ch;
+    return g->usable && g->c != NULL;
+}
+
+void kd_grpc_channel_close(struct kd_grpc_channel *ch)
+{
+    struct gconn *g = (struct gconn *)ch;
+    g->user_ref = false;
+    g->usable = false;
+    if (g->c == NULL) {
+        free_gconn(g);
+        return;
+    }
+    kd_conn_close(g->c, 0); /* on_close frees it */
+}

@@ -1,0 +1,119 @@
+/* kas.h — kasd's services on the shards: agents and reverse tunnels (agent listener), routed calls
+ * (api listener), and the cross-shard protocol between a routed call's two halves.
+ * Concurrency: every struct here is shard-local. A routed call has a front half on the shard R that
+ * accepted the GitLab call and a back half on the agent's owner shard O; they talk only through
+ * router messages (kd_shard_post), each half is touched only by its own shard, and neither frees
+ * anything the other may still name (see the life rules below).
+ * Ownership: payloads travel as kd_router_payload_alloc blocks and go home to be freed.
+ *
+ *   GitLab ──> api listener (shard R)                      agent listener (shard O = owner(agent))
+ *              front {api call}  ── START ──────────────>  back {method, md}  -> waits, or binds an
+ *                                <─ BOUND ──────────────   idle tunnel: RequestInfo to the agent
+ *              request msgs      ── DATA ───────────────>  ConnectResponse.message to the agent
+ *                                <─ ACK_REQ (credit) ────  (when the tunnel's send queue has room)
+ *              half-close        ── HALF_CLOSE ─────────>  close_send
+ *              send header       <─ HEADER ─────────────   agent Header
+ *              send message      <─ RDATA ──────────────   agent Message
+ *              (credit)          ── ACK_RESP ───────────>  resume reading the tunnel
+ *              finish(status)    <─ END (terminal) ─────   agent Trailer / Error / loss / deadline
+ *              client cancel     ── CANCEL / CANCEL_WAIT ─> RST the tunnel stream; END(CANCELLED)
+ *              after END         ── FRONT_DONE ─────────>  back freed (bound backs only)
+ *
+ * Life rules: O sends exactly one END and nothing after it. R sends nothing to a back after
+ * FRONT_DONE, and sends FRONT_DONE only after END and only for a back it learned from BOUND.
+ * A back that was never bound is freed by O right after its END (R never knew its address).
+ * A front is freed when it has seen END and its api call is over.
+ */
+#ifndef KD_SHARDS_KAS_H
+#define KD_SHARDS_KAS_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "router/ring.h"
+#include "shards/grpc.h"
+#include "shards/shard.h"
+
+struct kd_tokens_handle;
+struct kd_epoch;
+
+/* Router message types of routed calls. */
+enum {
+    KD_RT_START = KD_MSG_SHARD_USER, /* R->O ptr: struct kd_rt_start payload, ptr2: front, u64: agent id */
+    KD_RT_DATA,                      /* R->O ptr: struct kd_rt_blob payload (a request message), ptr2: back */
+    KD_RT_HALF_CLOSE,                /* R->O ptr2: back */
+    KD_RT_CANCEL,                    /* R->O ptr2: back */
+    KD_RT_CANCEL_WAIT,               /* R->O ptr2: front (compared, never dereferenced), u64: agent id */
+    KD_RT_FRONT_DONE,                /* R->O ptr2: back */
+    KD_RT_ACK_RESP,                  /* R->O ptr2: back, u64: response bytes the caller took */
+    KD_RT_BOUND,                     /* O->R ptr2: front, ptr: back */
+    KD_RT_HEADER,                    /* O->R ptr2: front, ptr: kd_rt_blob (md blob) */
+    KD_RT_RDATA,                     /* O->R ptr2: front, ptr: kd_rt_blob (a response message) */
+    KD_RT_END,                       /* O->R ptr2: front, u32: status, ptr: kd_rt_end payload */
+    KD_RT_ACK_REQ,                   /* O->R ptr2: front, u64: request bytes handed to the tunnel */
+};
+
+struct kd_rt_blob {
+    uint32_t len;
+    uint8_t data[];
+};
+
+struct kd_rt_start {
+    int64_t agent_id;
+    uint64_t deadline_ms; /* absolute, monotonic ms: give up waiting for a tunnel then */
+    uint32_t method_len, md_len;
+    char data[]; /* method, then the md blob */
+};
+
+struct kd_rt_end {
+    uint32_t msg_len, md_len;
+    char data[]; /* status message, then the trailer md blob */
+};
+
+/* Flow control between the halves: bytes in flight (sent, not acknowledged) before the sender
+ * stops reading its side. */
+#define KD_RT_WINDOW (1u << 20)
+
+/* Process-wide, read-only after start (except the token table, swapped atomically on reload). */
+struct kd_kas {
+    struct kd_tokens_handle *tokens; /* agent tokens (NULL: every agent call is UNAUTHENTICATED) */
+    struct kd_epoch *epoch;          /* shards pass a quiescent point each turn (token reloads) */
+    uint8_t api_secret[128];         /* JWT secret of the api listener */
+    size_t api_secret_len;           /* 0: no secret configured: api calls are UNAUTHENTICATED */
+    uint32_t routing_timeout_ms;     /* cap on waiting for a tunnel (GitLab kas: 20 s) */
+    unsigned nshards;
+};
+
+/* Server hooks (kd_server_opts): per-shard state and message dispatch. opts.user = struct kd_kas. */
+int kd_kas_shard_start(struct kd_shard *s);
+void kd_kas_shard_stop(struct kd_shard *s);
+void kd_kas_on_message(struct kd_shard *s, const struct kd_msg *m);
+void kd_kas_on_turn(struct kd_shard *s);
+
+/* Methods of the agent listener (ReverseTunnel/Connect, AgentRegistrar/Register) and the api
+ * listener's fallback (any method with kas-hop-routing-agent-id is routed). */
+extern const struct kd_grpc_method kd_kas_connect_method;
+extern const struct kd_grpc_method kd_kas_register_method;
+extern const struct kd_grpc_method kd_kas_route_method;
+/* kd_grpc_server_cfg.on_conn_close of the agent listener. */
+void kd_kas_agent_conn_close(struct kd_shard *s, void *user);
+
+/* Counters of one shard, for tests and (later) metrics. */
+struct kd_kas_stats {
+    uint64_t agents, tunnels_idle, tunnels_busy, waiting_calls;
+    uint64_t routed_ok, routed_failed, routed_no_tunnel, auth_failures, protocol_violations;
+};
+void kd_kas_stats(struct kd_shard *s, struct kd_kas_stats *out);
+
+/* --- shared between agents.c (O side) and route.c (R side) --- */
+struct kd_kas_shard;
+struct kd_kas_shard *kd_kas_shard_of(struct kd_shard *s);
+void kd_kas_back_message(struct kd_shard *s, const struct kd_msg *m);  /* R->O types */
+void kd_kas_front_message(struct kd_shard *s, const struct kd_msg *m); /* O->R types */
+/* Allocate/release payloads through the router so they are freed on the allocating shard. */
+void *kd_kas_payload(struct kd_shard *s, size_t size);
+void kd_kas_release(struct kd_shard *s, void *payload);
+/* "Bearer <x>" from the call's authorization header; NULL if absent or not a bearer credential. */
+const char *kd_kas_bearer(kd_grpc_call *call, size_t *len);
+
+#endif

@@ -1,0 +1,522 @@
+/* route.c — the front half of a routed call, on the shard that accepted GitLab's call (api
+ * listener): authentication, the routing metadata, and the relay with the back half on the
+ * agent's owner shard. See kas.h for the protocol and the life rules. */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "core/clock.h"
+#include "core/hash.h"
+#include "core/jwt.h"
+#include "core/log.h"
+#include "shards/conn.h"
+#include "shards/kas.h"
+#include "shards/tunnel_codec.h"
+
+#define ROUTING_HEADER "kas-hop-routing-agent-id"
+
+struct pmsg {
+    struct pmsg *next;
+    size_t len;
+    uint8_t data[];
+};
+
+struct front {
+    kd_grpc_call *call; /* NULL once GitLab's call is over */
+    struct kd_shard *s;
+    unsigned o;
+    int64_t agent_id;
+    void *back; /* from BOUND */
+    bool bound, got_end, half_close_pending, held;
+    uint64_t req_unacked;
+    uint64_t resp_owed;
+    struct pmsg *head, *tail; /* request messages that arrived before BOUND */
+};
+
+static void post(struct front *f, uint16_t type, void *ptr, void *ptr2, uint64_t u64)
+{
+    struct kd_msg m = {.type = type, .u64 = u64, .ptr = ptr, .ptr2 = ptr2};
+    kd_shard_post(f->s, f->o, &m);
+}
+
+static void front_free(struct front *f)
+{
+    struct pmsg *p = f->head;
+    while (p != NULL) {
+        struct pmsg *n = p->next;
+        free(p);
+        p = n;
+    }
+    free(f);
+}
+
+static void send_data(struct front *f, const uint8_t *msg, size_t len)
+{
+    struct kd_rt_blob *d = kd_kas_payload(f->s, sizeof(*d) + len);
+    d->len = (uint32_t)len;
+    memcpy(d->data, msg, len);
+    post(f, KD_RT_DATA, d, f->back, 0);
+    f->req_unacked += len;
+    if (!f->held && f->req_unacked > KD_RT_WINDOW && f->call != NULL) {
+        f->held = true; /* the agent is slower than GitLab: let HTTP/2 flow control push back */
+        kd_grpc_hold_input(f->call, true);
+    }
+}
+
+/* ---- metadata: HTTP/2 headers <-> md blob ---- */
+
+static const char b64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+static int b64val(unsigned char c)
+{
+    if (c >= 'A' && c <= 'Z')
+        return c - 'A';
+    if (c >= 'a' && c <= 'z')
+        return c - 'a' + 26;
+    if (c >= '0' && c <= '9')
+        return c - '0' + 52;
+    if (c == '+' || c == '-')
+        return 62;
+    if (c == '/' || c == '_')
+        return 63;
+    return -1;
+}
+
+/* Base64 (padded or not) to bytes; -1 on a bad character. */
+static long b64_decode(const char *in, size_t n, uint8_t *out)
+{
+    uint32_t acc = 0;
+    int bits = 0;
+    long o = 0;
+    while (n > 0 && in[n - 1] == '=')
+        n--;
+    for (size_t i = 0; i < n; i++) {
+        int v = b64val((unsigned char)in[i]);
+        if (v < 0)
+            return -1;
+        acc = acc << 6 | (uint32_t)v;
+        bits += 6;
+        if (bits >= 8) {
+            bits -= 8;
+            out[o++] = (uint8_t)(acc >> bits);
+        }
+    }
+    return o;
+}
+
+static size_t b64_encode(const uint8_t *in, size_t n, char *out)
+{
+    size_t o = 0;
+    for (size_t i = 0; i < n; i += 3) {
+        uint32_t v = (uint32_t)in[i] << 16 | (i + 1 < n ? (uint32_t)in[i + 1] << 8 : 0) | (i + 2 < n ? in[i + 2] : 0);
+        out[o++] = b64[v >> 18 & 63];
+        out[o++] = b64[v >> 12 & 63];
+        if (i + 1 < n)
+            out[o++] = b64[v >> 6 & 63];
+        if (i + 2 < n)
+            out[o++] = b64[v & 63];
+    }
+    return o;
+}
+
+static bool ends_with_bin(const char *k, size_t n)
+{
+    return n > 4 && memcmp(k + n - 4, "-bin", 4) == 0;
+}
+
+/* Headers that are HTTP/2 or gRPC transport, not call metadata, in either direction. */
+static bool transport_header(const char *k, size_t n)
+{
+    static const char *const names[] = {"content-type", "te", "grpc-timeout", "grpc-encoding",
+                                        "grpc-accept-encoding", "grpc-status", "grpc-message", "connection",
+                                        "keep-alive", "transfer-encoding", "upgrade", "host",
+                                        "proxy-connection"};
+    if (n > 0 && k[0] == ':')
+        return true;
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+        if (strlen(names[i]) == n && memcmp(names[i], k, n) == 0)
+            return true;
+    return false;
+}
+
+/* The caller's metadata for RequestInfo.meta: everything but transport headers, kas-hop-* and
+ * the caller's authorization; -bin values decoded to raw bytes. Values of one key stay together
+ * (a protobuf map keeps only the last entry of a key). Returns a malloc'd blob or NULL. */
+static uint8_t *request_md_blob(kd_grpc_call *call, size_t *out_len)
+{
+    struct kd_h2_header h, h2;
+    size_t cap = 64, len = 0;
+    uint8_t *blob = malloc(cap);
+    if (blob == NULL)
+        return NULL;
+    for (size_t i = 0; kd_h2_call_header(call, i, &h); i++) {
+        if (transport_header(h.name, h.namelen) || (h.namelen >= 8 && memcmp(h.name, "kas-hop-", 8) == 0) ||
+            (h.namelen == 13 && memcmp(h.name, "authorization", 13) == 0))
+            continue;
+        /* first occurrence of this key only; gather all its values */
+        bool seen = false;
+        for (size_t j = 0; j < i && !seen; j++)
+            if (kd_h2_call_header(call, j, &h2) && h2.namelen == h.namelen && memcmp(h2.name, h.name, h.namelen) == 0)
+                seen = true;
+        if (seen)
+            continue;
+        const uint8_t *vals[64];
+        size_t vlens[64], nv = 0, total = 0;
+        uint8_t *decoded[64];
+        bool bin = ends_with_bin(h.name, h.namelen);
+        for (size_t j = i; kd_h2_call_header(call, j, &h2) && nv < 64; j++) {
+            if (h2.namelen != h.namelen || memcmp(h2.name, h.name, h.namelen) != 0)
+                continue;
+            decoded[nv] = NULL;
+            if (bin) {
+                decoded[nv] = malloc(h2.valuelen + 1);
+                long dl = decoded[nv] ? b64_decode(h2.value, h2.valuelen, decoded[nv]) : -1;
+                if (dl < 0) {
+                    free(decoded[nv]);
+                    continue; /* not base64: not a value grpc would have sent; drop it */
+                }
+                vals[nv] = decoded[nv];
+                vlens[nv] = (size_t)dl;
+            } else {
+                vals[nv] = (const uint8_t *)h2.value;
+                vlens[nv] = h2.valuelen;
+            }
+            total += vlens[nv];
+            nv++;
+        }
+        size_t need = kd_tun_blob_entry_size(h.namelen, vlens, nv);
+        if (len + need > cap) {
+            while (cap < len + need)
+                cap *= 2;
+            uint8_t *nb = realloc(blob, cap);
+            if (nb == NULL) {
+                for (size_t j = 0; j < nv; j++)
+                    free(decoded[j]);
+                free(blob);
+                return NULL;
+            }
+            blob = nb;
+        }
+        len = (size_t)(kd_tun_blob_put_entry(blob + len, h.name, h.namelen, vals, vlens, nv) - blob);
+        for (size_t j = 0; j < nv; j++)
+            free(decoded[j]);
+        (void)total;
+    }
+    *out_len = len;
+    return blob;
+}
+
+struct md_out {
+    struct kd_h2_header *h;
+    size_t n, cap;
+    char *arena;
+    size_t alen, acap;
+    bool oom;
+};
+
+static bool printable(const uint8_t *v, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (v[i] < 0x20 || v[i] > 0x7e)
+            return false;
+    return true;
+}
+
+static int md_collect(void *ud, const char *k, size_t klen, const uint8_t *v, size_t vlen)
+{
+    struct md_out *o = ud;
+    bool bin = ends_with_bin(k, klen);
+    if (transport_header(k, klen) || !kd_grpc_metadata_key_valid(k, klen) || (!bin && !printable(v, vlen)))
+        return 0; /* never let an agent inject transport headers or bytes HTTP/2 forbids */
+    if (o->n == o->cap || o->n >= 64)
+        return 0;
+    size_t need = klen + (bin ? (vlen + 2) / 3 * 4 : vlen);
+    if (o->alen + need > o->acap) {
+        o->oom = true;
+        return 0;
+    }
+    char *kp = o->arena + o->alen;
+    memcpy(kp, k, klen);
+    o->alen += klen;
+    char *vp = o->arena + o->alen;
+    size_t vl = bin ? b64_encode(v, vlen, vp) : (memcpy(vp, v, vlen), vlen);
+    o->alen += vl;
+    o->h[o->n++] = (struct kd_h2_header){kp, klen, vp, vl};
+    return 0;
+}
+
+/* md blob -> headers; arena sized 2x the blob (base64 grows 4/3). Caller frees o->arena. */
+static void blob_to_headers(const uint8_t *blob, size_t len, struct md_out *o, struct kd_h2_header *h, size_t cap)
+{
+    memset(o, 0, sizeof(*o));
+    o->h = h;
+    o->cap = cap;
+    o->acap = len * 2 + 16;
+    o->arena = malloc(o->acap);
+    if (o->arena == NULL)
+        return;
+    kd_tun_blob_each(blob, len, md_collect, o);
+}
+
+/* ---- GitLab's call ---- */
+
+static int front_message(kd_grpc_call *call, const uint8_t *msg, size_t len)
+{
+    struct front *f = kd_h2_call_user(call);
+    if (f->got_end)
+        return 0;
+    if (f->bound) {
+        send_data(f, msg, len);
+        return 0;
+    }
+    struct pmsg *p = malloc(sizeof(*p) + len);
+    if (p == NULL)
+        return -ENOMEM;
+    p->next = NULL;
+    p->len = len;
+    memcpy(p->data, msg, len);
+    if (f->tail)
+        f->tail->next = p;
+    else
+        f->head = p;
+    f->tail = p;
+    return 0;
+}
+
+static void front_half_close(kd_grpc_call *call)
+{
+    struct front *f = kd_h2_call_user(call);
+    if (f->got_end)
+        return;
+    if (f->bound)
+        post(f, KD_RT_HALF_CLOSE, NULL, f->back, 0);
+    else
+        f->half_close_pending = true;
+}
+
+static void front_writable(kd_grpc_call *call)
+{
+    struct front *f = kd_h2_call_user(call);
+    if (f->resp_owed > 0 && f->bound && !f->got_end)
+        post(f, KD_RT_ACK_RESP, NULL, f->back, f->resp_owed);
+    f->resp_owed = 0;
+}
+
+static void front_done(kd_grpc_call *call, int status, const char *message)
+{
+    struct front *f = kd_h2_call_user(call);
+    f->call = NULL;
+    if (f->got_end) {
+        front_free(f);
+        return;
+    }
+    /* GitLab went away (cancelled, deadline, connection lost): cancel on the agent's side. */
+    if (f->bound)
+        post(f, KD_RT_CANCEL, NULL, f->back, 0);
+    else
+        post(f, KD_RT_CANCEL_WAIT, NULL, f, (uint64_t)f->agent_id);
+}
+
+static const struct kd_h2_handler front_handler = {
+    .on_message = front_message,
+    .on_half_close = front_half_close,
+    .on_writable = front_writable,
+    .on_done = front_done,
+};
+
+void kd_kas_front_message(struct kd_shard *s, const struct kd_msg *m)
+{
+    struct front *f = m->ptr2;
+    switch (m->type) {
+    case KD_RT_BOUND: {
+        f->back = m->ptr;
+        f->bound = true;
+        struct pmsg *p = f->head;
+        f->head = f->tail = NULL;
+        while (p != NULL) {
+            struct pmsg *n = p->next;
+            if (f->call != NULL)
+                send_data(f, p->data, p->len);
+            free(p);
+            p = n;
+        }
+        if (f->call == NULL) {
+            post(f, KD_RT_CANCEL, NULL, f->back, 0);
+        } else {
+            if (f->half_close_pending)
+                post(f, KD_RT_HALF_CLOSE, NULL, f->back, 0);
+            if (!f->held)
+                kd_grpc_hold_input(f->call, false);
+        }
+        break;
+    }
+    case KD_RT_HEADER: {
+        struct kd_rt_blob *b = m->ptr;
+        if (f->call != NULL && !f->got_end) {
+            struct kd_h2_header h[64];
+            struct md_out o;
+            blob_to_headers(b->data, b->len, &o, h, 64);
+            kd_grpc_send_headers(f->call, o.h, o.n);
+            free(o.arena);
+        }
+        kd_kas_release(s, b);
+        break;
+    }
+    case KD_RT_RDATA: {
+        struct kd_rt_blob *d = m->ptr;
+        uint32_t len = d->len;
+        int rc = 0;
+        if (f->call != NULL && !f->got_end)
+            rc = kd_grpc_send_message(f->call, d->data, len);
+        kd_kas_release(s, d);
+        if (rc == 1)
+            f->resp_owed += len; /* acknowledged when GitLab's window lets it drain */
+        else if (!f->got_end)
+            post(f, KD_RT_ACK_RESP, NULL, f->back, len);
+        break;
+    }
+    case KD_RT_END: {
+        struct kd_rt_end *e = m->ptr;
+        f->got_end = true;
+        if (f->call != NULL) {
+            char msg[1024];
+            size_t ml = e->msg_len < sizeof(msg) - 1 ? e->msg_len : sizeof(msg) - 1;
+            memcpy(msg, e->data, ml);
+            msg[ml] = '\0';
+            struct kd_h2_header h[64];
+            struct md_out o;
+            blob_to_headers((const uint8_t *)e->data + e->msg_len, e->md_len, &o, h, 64);
+            kd_grpc_finish(f->call, (int)m->u32, ml ? msg : NULL, o.h, o.n);
+            free(o.arena);
+        }
+        kd_kas_release(s, e);
+        if (f->bound)
+            post(f, KD_RT_FRONT_DONE, NULL, f->back, 0);
+        if (f->call == NULL)
+            front_free(f);
+        break;
+    }
+    case KD_RT_ACK_REQ:
+        f->req_unacked -= m->u64 < f->req_unacked ? m->u64 : f->req_unacked;
+        if (f->held && f->req_unacked < KD_RT_WINDOW / 2 && f->call != NULL) {
+            f->held = false;
+            kd_grpc_hold_input(f->call, false);
+        }
+        break;
+    default:
+        break;
+    }
+}
+
+/* ---- the api listener's fallback: every method with kas-hop-routing-agent-id ---- */
+
+static int reject(kd_grpc_call *call, int status, const char *msg)
+{
+    kd_grpc_finish(call, status, msg, NULL, 0);
+    return 0;
+}
+
+static int route_start(kd_grpc_call *call, void *ud)
+{
+    struct kd_shard *s = kd_conn_shard(kd_grpc_call_conn(call));
+    struct kd_kas_shard *ks = kd_kas_shard_of(s);
+    struct kd_kas *kas = kd_server_user(s->srv);
+    (void)ks;
+
+    /* 1. GitLab's JWT. */
+    size_t tlen;
+    const char *tok = kd_kas_bearer(call, &tlen);
+    char why[160];
+    if (kas->api_secret_len == 0) {
+        kd_log_msg(KD_LOG_WARN, "api_auth_failed", "no api.listen.authentication_secret_file configured");
+        return reject(call, KD_GRPC_UNAUTHENTICATED, "unauthenticated");
+    }
+    struct kd_jwt_opts jo = {
+        .secret = kas->api_secret,
+        .secret_len = kas->api_secret_len,
+        .audience = "gitlab-kas",
+        .issuer = NULL, /* GitLab puts its own host there; GitLab kas does not check it */
+        .leeway = 5,
+        .now = (int64_t)time(NULL),
+    };
+    struct kd_jwt_claims claims;
+    if (tok == NULL || kd_jwt_verify(tok, tlen, &jo, &claims, why, sizeof(why)) < 0) {
+        struct kd_logline l;
+        kd_log_begin(&l, KD_LOG_INFO, "api_auth_failed");
+        kd_log_str(&l, "reason", tok == NULL ? "missing bearer token" : why);
+        kd_log_str(&l, "method", kd_h2_call_path(call));
+        kd_log_end(&l);
+        return reject(call, KD_GRPC_UNAUTHENTICATED, "unauthenticated");
+    }
+
+    /* 2. Exactly one decimal agent id. */
+    struct kd_h2_header h;
+    const char *idv = NULL;
+    size_t idlen = 0, count = 0;
+    for (size_t i = 0; kd_h2_call_header(call, i, &h); i++)
+        if (h.namelen == sizeof(ROUTING_HEADER) - 1 && memcmp(h.name, ROUTING_HEADER, h.namelen) == 0) {
+            idv = h.value;
+            idlen = h.valuelen;
+            count++;
+        }
+    if (count != 1)
+        return reject(call, KD_GRPC_INVALID_ARGUMENT,
+                      count == 0 ? "missing " ROUTING_HEADER " metadata" : "repeated " ROUTING_HEADER " metadata");
+    int64_t agent_id = 0;
+    if (idlen == 0 || idlen > 18)
+        return reject(call, KD_GRPC_INVALID_ARGUMENT, "invalid " ROUTING_HEADER ": not a decimal agent id");
+    for (size_t i = 0; i < idlen; i++) {
+        if (idv[i] < '0' || idv[i] > '9')
+            return reject(call, KD_GRPC_INVALID_ARGUMENT, "invalid " ROUTING_HEADER ": not a decimal agent id");
+        agent_id = agent_id * 10 + (idv[i] - '0');
+    }
+    if (agent_id <= 0)
+        return reject(call, KD_GRPC_INVALID_ARGUMENT, "invalid " ROUTING_HEADER ": agent ids are positive");
+
+    /* 3. Deadline: the caller's, capped; the wait ends a little before the call's own expiry so
+     * the caller hears "agent connection not found" rather than a bare deadline. */
+    uint64_t now = kd_shard_now_ms(s);
+    uint64_t deadline = now + kas->routing_timeout_ms;
+    uint64_t cd = kd_h2_call_deadline(call);
+    if (cd != 0) {
+        uint64_t cdm = cd / 1000;
+        cdm = cdm > 5 ? cdm - 5 : 0;
+        if (cdm < deadline)
+            deadline = cdm;
+    }
+
+    size_t mdlen = 0;
+    uint8_t *md = request_md_blob(call, &mdlen);
+    struct front *f = calloc(1, sizeof(*f));
+    if (md == NULL || f == NULL) {
+        free(md);
+        free(f);
+        return reject(call, KD_GRPC_RESOURCE_EXHAUSTED, "out of memory");
+    }
+    const char *path = kd_h2_call_path(call);
+    size_t plen = strlen(path);
+    struct kd_rt_start *st = kd_kas_payload(s, sizeof(*st) + plen + mdlen);
+    st->agent_id = agent_id;
+    st->deadline_ms = deadline;
+    st->method_len = (uint32_t)plen;
+    st->md_len = (uint32_t)mdlen;
+    memcpy(st->data, path, plen);
+    memcpy(st->data + plen, md, mdlen);
+    free(md);
+
+    f->call = call;
+    f->s = s;
+    f->agent_id = agent_id;
+    f->o = kd_hash_owner((uint64_t)agent_id, kas->nshards);
+    kd_grpc_accept(call, &front_handler, f);
+    kd_grpc_hold_input(call, true); /* until BOUND: at most one window is buffered here */
+    post(f, KD_RT_START, st, f, (uint64_t)agent_id);
+    return 0;
+}
+
+const struct kd_grpc_method kd_kas_route_method = {
+    .path = NULL,
+    .start = route_start,
+};

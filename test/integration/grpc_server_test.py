@@ -1,0 +1,318 @@
+"""kasd's gRPC server layer (shards/grpc.c + core/h2.c) against a real gRPC client: python3-grpcio.
+
+The server under test is test/support/grpc_testserver.c: kasd's shards, listeners and gRPC layer
+with a few test methods. Every server here binds 127.0.0.1 on an ephemeral port and is stopped by
+the test (SIGTERM, then SIGKILL after a timeout)."""
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import unittest
+
+import grpc
+
+SERVER = os.environ.get("GRPC_TESTSERVER", "build/test/grpc_testserver")
+CERTS = os.environ.get("KD_TEST_CERTS", os.path.join(os.path.dirname(__file__), "..", "certs"))
+HAVE_CERTS = os.path.exists(os.path.join(CERTS, "server.pem"))
+
+
+class Server:
+    def __init__(self, *args, tls=False):
+        cmd = [SERVER, *args]
+        if tls:
+            cmd += ["--cert", os.path.join(CERTS, "server.pem"), "--key", os.path.join(CERTS, "server.key")]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("test server did not start: " + self.proc.stderr.read())
+        ports = json.loads(line)
+        self.port, self.tls_port = ports["port"], ports["tls_port"]
+        self.addr = f"127.0.0.1:{self.port}"
+
+    def stop(self, timeout=15):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise
+        self.stderr = self.proc.stderr.read()
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+        return rc
+
+
+def raw(channel, kind, path):
+    return getattr(channel, kind)(path)
+
+
+class GrpcServer(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.srv = Server(tls=HAVE_CERTS)
+        cls.ch = grpc.insecure_channel(cls.srv.addr)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.ch.close()
+        assert cls.srv.stop() == 0
+
+    def unary(self, path, req, timeout=10, **kw):
+        return self.ch.unary_unary(path)(req, timeout=timeout, **kw)
+
+    def test_health_serving(self):
+        self.assertEqual(self.unary("/grpc.health.v1.Health/Check", b""), b"\x08\x01")
+        # service "kasd" (field 1, length 4)
+        self.assertEqual(self.unary("/grpc.health.v1.Health/Check", b"\x0a\x04kasd"), b"\x08\x01")
+
+    def test_health_unknown_service(self):
+        with self.assertRaises(grpc.RpcError) as cm:
+            self.unary("/grpc.health.v1.Health/Check", b"\x0a\x03foo")
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.NOT_FOUND)
+
+    def test_unknown_method(self):
+        with self.assertRaises(grpc.RpcError) as cm:
+            self.unary("/no.Such/Method", b"x")
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.UNIMPLEMENTED)
+        self.assertIn("/no.Such/Method", cm.exception.details())
+
+    def test_unary_sizes(self):
+        for size in (0, 1, 100, 16383, 16384, 65536, 1 << 20, 4 << 20):
+            data = bytes((i * 7) % 251 for i in range(size)) if size < 70000 else os.urandom(size)
+            self.assertEqual(self.unary("/test.Echo/Unary", data, timeout=30), data, size)
+
+    def test_oversize_message_resource_exhausted(self):
+        with self.assertRaises(grpc.RpcError) as cm:
+            self.unary("/test.Echo/Unary", b"z" * ((4 << 20) + 1), timeout=30)
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.RESOURCE_EXHAUSTED)
+        # the connection is still good
+        self.assertEqual(self.unary("/test.Echo/Unary", b"after"), b"after")
+
+    def test_server_streaming(self):
+        msgs = list(self.ch.unary_stream("/test.Echo/ServerStream")(b"200 65536", timeout=30))
+        self.assertEqual(len(msgs), 200)
+        self.assertTrue(all(len(m) == 65536 for m in msgs))
+        self.assertEqual(msgs[0][:3], b"abc")
+
+    def test_client_streaming(self):
+        reply = self.ch.stream_unary("/test.Echo/ClientStream")(iter([b"q" * 10000] * 300), timeout=30)
+        self.assertEqual(reply, b"3000000")
+
+    def test_bidi_streaming_ping_pong(self):
+        import queue
+        q = queue.Queue()
+
+        def requests():
+            for i in range(100):
+                q.put(i)
+                yield f"msg {i}".encode() * 50
+            # half-close after the last
+
+        got = []
+        for i, m in enumerate(self.ch.stream_stream("/test.Echo/Bidi")(requests(), timeout=30)):
+            self.assertEqual(m, f"msg {i}".encode() * 50)
+            got.append(m)
+        self.assertEqual(len(got), 100)
+
+    def test_status_message_and_trailers_pass_through(self):
+        with self.assertRaises(grpc.RpcError) as cm:
+            self.unary("/test.Echo/Status", "7 denied: é 100% \n done".encode())
+        e = cm.exception
+        self.assertEqual(e.code(), grpc.StatusCode.PERMISSION_DENIED)
+        self.assertEqual(e.details(), "denied: é 100% \n done")
+        self.assertIn(("x-test-trailer", "yes"), [(m.key, m.value) for m in e.trailing_metadata()])
+
+    def test_metadata_reaches_handler(self):
+        out = self.unary("/test.Echo/Metadata", b"", metadata=(("x-foo", "bar"), ("x-blob-bin", b"\x00\x01")))
+        lines = out.decode().splitlines()
+        self.assertIn("x-foo=bar", lines)
+        self.assertIn("content-type=application/grpc", lines)
+        self.assertTrue(any(l.startswith("x-blob-bin=") for l in lines))
+
+    def test_many_concurrent_calls_one_connection(self):
+        u = self.ch.unary_unary("/test.Echo/Unary")
+        futs = [u.future(f"c{i}".encode() * 100, timeout=30) for i in range(400)]
+        for i, f in enumerate(futs):
+            self.assertEqual(f.result(), f"c{i}".encode() * 100)
+
+    def test_deadline_expires(self):
+        t0 = time.monotonic()
+        with self.assertRaises(grpc.RpcError) as cm:
+            self.unary("/test.Echo/Hang", b"", timeout=0.5)
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.DEADLINE_EXCEEDED)
+        self.assertLess(time.monotonic() - t0, 3)
+
+    def test_client_cancel_reaches_handler(self):
+        def stats():
+            return dict(kv.split("=") for kv in self.unary("/test.Echo/Stats", b"").decode().split())
+
+        before = int(stats()["cancelled"])
+        f = self.ch.unary_unary("/test.Echo/Hang").future(b"", timeout=30)
+        time.sleep(0.3)
+        f.cancel()
+        deadline = time.monotonic() + 5
+        while int(stats()["cancelled"]) <= before:
+            self.assertLess(time.monotonic(), deadline, "handler never saw the cancellation")
+            time.sleep(0.05)
+
+    @unittest.skipUnless(HAVE_CERTS, "no test certificates")
+    def test_tls(self):
+        with open(os.path.join(CERTS, "ca.pem"), "rb") as f:
+            creds = grpc.ssl_channel_credentials(root_certificates=f.read())
+        with grpc.secure_channel(f"localhost:{self.srv.tls_port}", creds) as ch:
+            self.assertEqual(ch.unary_unary("/grpc.health.v1.Health/Check")(b"", timeout=10), b"\x08\x01")
+            data = os.urandom(1 << 20)
+            self.assertEqual(ch.unary_unary("/test.Echo/Unary")(data, timeout=30), data)
+            msgs = list(ch.unary_stream("/test.Echo/ServerStream")(b"50 100000", timeout=30))
+            self.assertEqual(sum(len(m) for m in msgs), 5000000)
+            got = list(ch.stream_stream("/test.Echo/Bidi")(iter([b"t" * 3000] * 100), timeout=30))
+            self.assertEqual(len(got), 100)
+            with self.assertRaises(grpc.RpcError) as cm:
+                ch.unary_unary("/test.Echo/Hang")(b"", timeout=0.3)
+            self.assertEqual(cm.exception.code(), grpc.StatusCode.DEADLINE_EXCEEDED)
+
+    @unittest.skipUnless(HAVE_CERTS, "no test certificates")
+    def test_tls_garbage_and_plaintext_are_refused_others_carry_on(self):
+        s = socket.create_connection(("127.0.0.1", self.srv.tls_port), timeout=5)
+        s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00" * 100)
+        s.settimeout(5)
+        try:
+            while s.recv(4096):
+                pass
+        except ConnectionResetError:
+            pass
+        s.close()
+        self.assertEqual(self.unary("/test.Echo/Unary", b"still"), b"still")
+
+
+def h2_frame(ftype, flags, sid, payload=b""):
+    return struct.pack(">I", len(payload))[1:] + bytes([ftype, flags]) + struct.pack(">I", sid) + payload
+
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def read_frames(s, until, timeout=5):
+    """Read frames until `until(type, flags, payload)` is true or the peer closes. Returns (found, closed)."""
+    s.settimeout(timeout)
+    buf = b""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            chunk = s.recv(65536)
+        except (ConnectionResetError, socket.timeout):
+            return False, True
+        if not chunk:
+            return False, True
+        buf += chunk
+        while len(buf) >= 9:
+            ln = int.from_bytes(buf[:3], "big")
+            if len(buf) < 9 + ln:
+                break
+            ftype, flags, payload = buf[3], buf[4], buf[9:9 + ln]
+            buf = buf[9 + ln:]
+            if until(ftype, flags, payload):
+                return True, False
+    return False, False
+
+
+class BadInput(unittest.TestCase):
+    def setUp(self):
+        self.srv = Server("--handshake-ms", "500", "--max-age-ms", "1500", "--grace-ms", "800")
+        self.ch = grpc.insecure_channel(self.srv.addr)
+
+    def tearDown(self):
+        self.ch.close()
+        self.assertEqual(self.srv.stop(), 0)
+
+    def ok(self):
+        self.assertEqual(self.ch.unary_unary("/test.Echo/Unary")(b"fine", timeout=10), b"fine")
+
+    def connect(self):
+        s = socket.create_connection(("127.0.0.1", self.srv.port), timeout=5)
+        self.addCleanup(s.close)
+        return s
+
+    def test_garbage_preface_closed_others_fine(self):
+        s = self.connect()
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 10)
+        found, closed = read_frames(s, lambda t, f, p: False, timeout=5)
+        self.assertTrue(closed)
+        self.ok()
+
+    def test_invalid_frames_goaway(self):
+        s = self.connect()
+        # SETTINGS on a stream (PROTOCOL_ERROR), then junk
+        s.sendall(PREFACE + h2_frame(4, 0, 0) + h2_frame(4, 0, 1, b"\x00" * 6) + os.urandom(200))
+        found, closed = read_frames(s, lambda t, f, p: t == 7)
+        self.assertTrue(found or closed)
+        self.ok()
+
+    def test_half_open_connection_closed_after_timeout(self):
+        s = self.connect()  # says nothing at all
+        t0 = time.monotonic()
+        found, closed = read_frames(s, lambda t, f, p: False, timeout=5)
+        self.assertTrue(closed, "an idle connection that never sent the preface must be closed")
+        self.assertLess(time.monotonic() - t0, 4)
+        self.ok()
+
+    def test_huge_headers_refused_connection_survives(self):
+        with self.assertRaises(grpc.RpcError):
+            self.ch.unary_unary("/test.Echo/Unary")(b"x", timeout=10, metadata=(("x-big", "v" * 20000),))
+        self.ok()
+
+    def test_ping_flood_gets_goaway_enhance_your_calm(self):
+        s = self.connect()
+        s.sendall(PREFACE + h2_frame(4, 0, 0))
+        for i in range(10):
+            s.sendall(h2_frame(6, 0, 0, struct.pack(">Q", i)))
+        found, _ = read_frames(s, lambda t, f, p: t == 7 and int.from_bytes(p[4:8], "big") == 0xB)
+        self.assertTrue(found, "expected GOAWAY ENHANCE_YOUR_CALM")
+        self.ok()
+
+    def test_max_connection_age_goaway_then_close(self):
+        s = self.connect()
+        s.sendall(PREFACE + h2_frame(4, 0, 0))
+        found, _ = read_frames(s, lambda t, f, p: t == 7 and int.from_bytes(p[4:8], "big") == 0, timeout=4)
+        self.assertTrue(found, "expected GOAWAY NO_ERROR at max connection age")
+        found, closed = read_frames(s, lambda t, f, p: False, timeout=4)
+        self.assertTrue(closed, "closed after the grace period")
+        # a grpc client simply reconnects
+        self.ok()
+        time.sleep(2)
+        self.ok()
+
+
+class Shutdown(unittest.TestCase):
+    def test_shutdown_mid_call_gives_unavailable_not_hang(self):
+        srv = Server()
+        ch = grpc.insecure_channel(srv.addr)
+        f = ch.unary_unary("/test.Echo/Hang").future(b"", timeout=60)
+        stream = ch.unary_stream("/test.Echo/ServerStream")(b"1000000 10", timeout=60)
+        next(stream)
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        self.assertEqual(srv.stop(timeout=20), 0)
+        with self.assertRaises(grpc.RpcError) as cm:
+            f.result(timeout=10)
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.UNAVAILABLE)
+        with self.assertRaises(grpc.RpcError):
+            for _ in stream:
+                pass
+        self.assertLess(time.monotonic() - t0, 10)
+        ch.close()
+
+
+if __name__ == "__main__":
+    result = unittest.main(exit=False, verbosity=2).result
+    failed = len(result.failures) + len(result.errors)
+    print(f"{result.testsRun - failed - len(result.skipped)} passed, {failed} failed, "
+          f"{len(result.skipped)} skipped")
+    sys.exit(1 if failed else 0)
