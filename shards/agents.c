@@ -1,14 +1,9 @@
-/* agents.c — the owner shard's side: agents, their reverse tunnels, waiting calls and the back
- * halves of routed calls. See kas.h for the protocol with the front halves.
+/* agents.c — the owner shard's side: agents' tunnels (ReverseTunnel/Connect), pods
+ * (AgentRegistrar/Register) and the back halves of routed calls. The agent records, idle pools
+ * and wait lists are shards/pool.c's; see kas.h for the protocol with the front halves.
  *
- * Per agent (shard-local, found by id in a chained hash table):
- *
- *   agent ─┬─ idle:    tunnel <-> tunnel <-> ...    descriptor received, carrying no call
- *          ├─ waiting: back <-> back <-> ...         calls with no suitable tunnel yet (FIFO)
- *          └─ pods:    pod <-> pod                   AgentRegistrar/Register records
- *
- * Invariants: a tunnel is on `idle` iff its state is IDLE; a back is on `waiting` iff it is
- * neither bound nor ended; an agent with no tunnel, no waiting back and no pod is freed.
+ * A tunnel is in its agent's idle pool iff its state is IDLE; a back is on its agent's wait list
+ * iff it is neither bound nor ended.
  */
 #include <errno.h>
 #include <stdio.h>
@@ -23,43 +18,33 @@
 #include "core/tokens.h"
 #include "shards/conn.h"
 #include "shards/kas.h"
+#include "shards/pool.h"
 #include "shards/tunnel_codec.h"
 
-struct agent {
-    int64_t id;
-    int64_t project_id;
-    struct agent *hnext;
-    struct kd_list idle;
-    struct kd_list waiting;
-    struct kd_list pods;
-    unsigned ntunnels;
-};
+typedef struct kd_pool_agent agent_t;
 
 struct tunnel {
+    struct kd_pool_tunnel pt; /* pool entry: agent, methods, idle link */
     kd_grpc_call *call;
-    struct agent *agent;
     enum kd_tun_state st;
-    char *methods; /* "/svc/method\0/svc/method\0..." */
-    size_t methods_len;
-    struct kd_list link; /* agent->idle while IDLE */
-    struct back *back;   /* the bound call */
+    char *methods; /* "/svc/method\0/svc/method\0..." (pt.methods) */
+    struct back *back; /* the bound call */
     uint64_t resp_unacked;
     bool held;
     uint64_t acks_owed; /* request bytes to acknowledge once the tunnel's send queue drains */
 };
 
 struct back {
-    void *front;       /* R's handle: passed back in messages, never dereferenced here */
-    unsigned r;        /* R's shard */
+    struct kd_pool_wait pw; /* pool entry while waiting: agent, method, wait link */
+    void *front;            /* R's handle: passed back in messages, never dereferenced here */
+    unsigned r;             /* R's shard */
     int64_t agent_id;
-    struct agent *agent; /* while waiting */
-    struct tunnel *t;    /* while bound */
+    struct tunnel *t; /* while bound */
     char *method;
     size_t method_len;
     uint8_t *md;
     size_t md_len;
     struct kd_timer timer;
-    struct kd_list link; /* agent->waiting */
     bool bound, ended;
     struct kd_kas_shard *ks;
 };
@@ -71,7 +56,7 @@ struct pod {
     uint8_t *meta;            /* AgentMeta, as received */
     size_t meta_len;
     uint64_t connected_at_us; /* wall clock */
-    struct agent *agent;
+    agent_t *agent;
 };
 
 /* What an agent connection carries (kd_grpc_conn_user). */
@@ -83,8 +68,7 @@ struct agent_conn {
 struct kd_kas_shard {
     struct kd_shard *s;
     struct kd_kas *kas;
-    struct agent **buckets;
-    size_t nbuckets, nagents;
+    struct kd_pool pool;
     struct kd_kas_stats stats;
 };
 
@@ -122,72 +106,6 @@ const char *kd_kas_bearer(kd_grpc_call *call, size_t *len)
     return n > 0 ? v : NULL;
 }
 
-/* ---- agent table ---- */
-
-static struct agent *agent_find(struct kd_kas_shard *ks, int64_t id)
-{
-    struct agent *a = ks->buckets[kd_hash_u64((uint64_t)id) & (ks->nbuckets - 1)];
-    while (a != NULL && a->id != id)
-        a = a->hnext;
-    return a;
-}
-
-static void agent_grow(struct kd_kas_shard *ks)
-{
-    size_t n = ks->nbuckets * 2;
-    struct agent **nb = calloc(n, sizeof(*nb));
-    if (nb == NULL)
-        return; /* longer chains, still correct */
-    for (size_t i = 0; i < ks->nbuckets; i++) {
-        struct agent *a = ks->buckets[i];
-        while (a != NULL) {
-            struct agent *next = a->hnext;
-            size_t b = kd_hash_u64((uint64_t)a->id) & (n - 1);
-            a->hnext = nb[b];
-            nb[b] = a;
-            a = next;
-        }
-    }
-    free(ks->buckets);
-    ks->buckets = nb;
-    ks->nbuckets = n;
-}
-
-static struct agent *agent_get(struct kd_kas_shard *ks, int64_t id)
-{
-    struct agent *a = agent_find(ks, id);
-    if (a != NULL)
-        return a;
-    a = calloc(1, sizeof(*a));
-    if (a == NULL)
-        return NULL;
-    a->id = id;
-    kd_list_init(&a->idle);
-    kd_list_init(&a->waiting);
-    kd_list_init(&a->pods);
-    if (ks->nagents >= ks->nbuckets)
-        agent_grow(ks);
-    size_t b = kd_hash_u64((uint64_t)id) & (ks->nbuckets - 1);
-    a->hnext = ks->buckets[b];
-    ks->buckets[b] = a;
-    ks->nagents++;
-    ks->stats.agents = ks->nagents;
-    return a;
-}
-
-static void agent_maybe_free(struct kd_kas_shard *ks, struct agent *a)
-{
-    if (a->ntunnels > 0 || !kd_list_is_empty(&a->waiting) || !kd_list_is_empty(&a->pods))
-        return;
-    struct agent **pp = &ks->buckets[kd_hash_u64((uint64_t)a->id) & (ks->nbuckets - 1)];
-    while (*pp != a)
-        pp = &(*pp)->hnext;
-    *pp = a->hnext;
-    ks->nagents--;
-    ks->stats.agents = ks->nagents;
-    free(a);
-}
-
 /* ---- back halves ---- */
 
 static void post(struct kd_kas_shard *ks, unsigned to, uint16_t type, void *ptr, void *ptr2, uint32_t u32,
@@ -201,14 +119,11 @@ static void back_free(struct back *b)
 {
     struct kd_kas_shard *ks = b->ks;
     kd_timerwheel_cancel(kd_shard_timers(ks->s), &b->timer);
-    if (kd_list_is_linked(&b->link))
-        kd_list_unlink(&b->link);
-    struct agent *a = b->agent;
+    if (b->pw.agent != NULL)
+        kd_pool_wait_cancel(&ks->pool, &b->pw);
     free(b->method);
     free(b->md);
     free(b);
-    if (a != NULL)
-        agent_maybe_free(ks, a);
 }
 
 /* The terminal message to R. A back that was never bound is freed here: R cannot name it. */
@@ -230,11 +145,9 @@ static void back_end(struct back *b, int status, const char *msg, const uint8_t 
         ks->stats.routed_ok++;
     else
         ks->stats.routed_failed++;
-    if (kd_list_is_linked(&b->link))
-        kd_list_unlink(&b->link);
     kd_timerwheel_cancel(kd_shard_timers(ks->s), &b->timer);
     if (!b->bound)
-        back_free(b);
+        back_free(b); /* leaves the wait list, releases the agent */
 }
 
 static void back_deadline(struct kd_timer *t)
@@ -246,37 +159,23 @@ static void back_deadline(struct kd_timer *t)
              NULL, 0);
 }
 
-static bool tunnel_serves(const struct tunnel *t, const char *method, size_t len)
-{
-    const char *p = t->methods, *end = t->methods + t->methods_len;
-    while (p < end) {
-        size_t n = strlen(p);
-        if (n == len && memcmp(p, method, len) == 0)
-            return true;
-        p += n + 1;
-    }
-    return false;
-}
-
 static void tunnel_send(struct tunnel *t, const uint8_t *msg, size_t len)
 {
     int rc = kd_grpc_send_message(t->call, msg, len);
     (void)rc; /* over the high-water mark: acks wait for on_writable (see tunnel_writable) */
 }
 
-/* Hand the call to the tunnel: RequestInfo goes to the agent, BOUND to R. */
+/* Hand the call to the tunnel (both already taken off the pool's lists): RequestInfo goes to the
+ * agent, BOUND to R. */
 static void bind_tunnel(struct back *b, struct tunnel *t)
 {
     struct kd_kas_shard *ks = b->ks;
-    kd_list_unlink(&t->link); /* off idle */
-    if (kd_list_is_linked(&b->link))
-        kd_list_unlink(&b->link); /* off waiting */
     kd_timerwheel_cancel(kd_shard_timers(ks->s), &b->timer);
     t->st = KD_TUN_BOUND;
     t->back = b;
     b->t = t;
     b->bound = true;
-    b->agent = NULL; /* the tunnel keeps the agent alive now */
+    b->pw.agent = NULL; /* the tunnel keeps the agent alive now */
     size_t n = kd_tun_request_info_size(b->method_len, b->md, b->md_len);
     uint8_t *buf = malloc(n);
     if (buf == NULL)
@@ -285,16 +184,6 @@ static void bind_tunnel(struct back *b, struct tunnel *t)
     tunnel_send(t, buf, n);
     free(buf);
     post(ks, b->r, KD_RT_BOUND, b, b->front, 0, 0);
-}
-
-static struct tunnel *find_idle(struct agent *a, const char *method, size_t len)
-{
-    for (struct kd_list *n = a->idle.next; n != &a->idle; n = n->next) {
-        struct tunnel *t = KD_CONTAINER_OF(n, struct tunnel, link);
-        if (tunnel_serves(t, method, len))
-            return t;
-    }
-    return NULL;
 }
 
 static void handle_start(struct kd_kas_shard *ks, const struct kd_msg *m)
@@ -318,27 +207,34 @@ static void handle_start(struct kd_kas_shard *ks, const struct kd_msg *m)
     memcpy(b->md, st->data + st->method_len, st->md_len);
     uint64_t deadline = st->deadline_ms;
     kd_kas_release(ks->s, st);
-    kd_list_node_init(&b->link);
+    kd_list_node_init(&b->pw.link);
+    b->pw.method = b->method;
+    b->pw.method_len = b->method_len;
     kd_timer_init(&b->timer, back_deadline);
 
-    struct agent *a = agent_get(ks, b->agent_id);
+    agent_t *a = kd_pool_agent_get(&ks->pool, b->agent_id);
     if (a == NULL) {
         back_end(b, KD_GRPC_RESOURCE_EXHAUSTED, "out of memory", NULL, 0);
         return;
     }
-    b->agent = a;
-    struct tunnel *t = find_idle(a, b->method, b->method_len);
-    if (t != NULL) {
-        bind_tunnel(b, t);
+    struct kd_pool_tunnel *pt = kd_pool_wait_start(&ks->pool, a, &b->pw);
+    if (pt != NULL) {
+        bind_tunnel(b, KD_CONTAINER_OF(pt, struct tunnel, pt));
         return;
     }
     if (deadline <= kd_shard_now_ms(ks->s)) {
         back_deadline(&b->timer);
         return;
     }
-    /* Wait for an event (a tunnel registering), never poll. */
-    kd_list_push_back(&a->waiting, &b->link);
+    /* Queued on the wait list: woken by an event (a tunnel registering), never by polling. */
     kd_timerwheel_add(kd_shard_timers(ks->s), &b->timer, deadline);
+}
+
+static bool same_front(struct kd_pool_wait *w, void *ud)
+{
+    const struct kd_msg *m = ud;
+    const struct back *b = KD_CONTAINER_OF(w, struct back, pw);
+    return b->front == m->ptr2 && b->r == m->from;
 }
 
 void kd_kas_back_message(struct kd_shard *s, const struct kd_msg *m)
@@ -386,16 +282,10 @@ void kd_kas_back_message(struct kd_shard *s, const struct kd_msg *m)
         }
         break;
     case KD_RT_CANCEL_WAIT: {
-        struct agent *a = agent_find(ks, (int64_t)m->u64);
-        if (a == NULL)
-            break;
-        for (struct kd_list *n = a->waiting.next; n != &a->waiting; n = n->next) {
-            struct back *w = KD_CONTAINER_OF(n, struct back, link);
-            if (w->front == m->ptr2 && w->r == m->from) {
-                back_end(w, KD_GRPC_CANCELLED, "call cancelled by the caller", NULL, 0);
-                break;
-            }
-        }
+        struct kd_pool_wait *w = kd_pool_wait_find(&ks->pool, (int64_t)m->u64, same_front, (void *)m);
+        if (w != NULL)
+            back_end(KD_CONTAINER_OF(w, struct back, pw), KD_GRPC_CANCELLED, "call cancelled by the caller",
+                     NULL, 0);
         break; /* not found: BOUND is on its way to R, which then sends CANCEL */
     }
     case KD_RT_FRONT_DONE:
@@ -428,7 +318,7 @@ static void tunnel_fail(struct tunnel *t, const char *why)
     ks->stats.protocol_violations++;
     struct kd_logline l;
     kd_log_begin(&l, KD_LOG_INFO, "tunnel_protocol_violation");
-    kd_log_int(&l, "agent_id", t->agent->id);
+    kd_log_int(&l, "agent_id", t->pt.agent->id);
     kd_log_str(&l, "reason", why);
     kd_log_end(&l);
     if (t->back != NULL)
@@ -473,18 +363,11 @@ static int add_method(void *ud, const char *svc, size_t svclen, const char *m, s
 
 static void tunnel_idle(struct kd_kas_shard *ks, struct tunnel *t)
 {
-    struct agent *a = t->agent;
     t->st = KD_TUN_IDLE;
     /* A waiting call for one of its methods takes it at once (oldest first). */
-    for (struct kd_list *n = a->waiting.next; n != &a->waiting; n = n->next) {
-        struct back *b = KD_CONTAINER_OF(n, struct back, link);
-        if (tunnel_serves(t, b->method, b->method_len)) {
-            kd_list_push_back(&a->idle, &t->link);
-            bind_tunnel(b, t);
-            return;
-        }
-    }
-    kd_list_push_back(&a->idle, &t->link);
+    struct kd_pool_wait *w = kd_pool_tunnel_ready(&ks->pool, &t->pt);
+    if (w != NULL)
+        bind_tunnel(KD_CONTAINER_OF(w, struct back, pw), t);
 }
 
 static int tunnel_message(kd_grpc_call *call, const uint8_t *msg, size_t len)
@@ -514,7 +397,8 @@ static int tunnel_message(kd_grpc_call *call, const uint8_t *msg, size_t len)
             return 0;
         }
         t->methods = acc.buf;
-        t->methods_len = acc.len;
+        t->pt.methods = acc.buf;
+        t->pt.methods_len = acc.len;
         tunnel_idle(ks, t);
         break;
     }
@@ -558,9 +442,11 @@ static int tunnel_message(kd_grpc_call *call, const uint8_t *msg, size_t len)
         size_t tl = tm.text_len < sizeof(text) - 1 ? tm.text_len : sizeof(text) - 1;
         memcpy(text, tm.text, tl);
         text[tl] = '\0';
+        if (t->pt.idle) { /* an idle tunnel the agent gave up */
+            kd_list_unlink(&t->pt.link);
+            t->pt.idle = false;
+        }
         t->st = KD_TUN_DONE;
-        if (kd_list_is_linked(&t->link))
-            kd_list_unlink(&t->link); /* an idle tunnel the agent gave up */
         if (b != NULL) {
             /* The agent's own status passes through; 0 in an Error is not a success. */
             int code = tm.code > 0 && tm.code <= 16 ? tm.code : KD_GRPC_UNKNOWN;
@@ -580,8 +466,10 @@ static void tunnel_half_close(kd_grpc_call *call)
         return;
     if (t->back != NULL)
         back_end(t->back, KD_GRPC_UNAVAILABLE, "agent closed the tunnel before answering", NULL, 0);
-    if (kd_list_is_linked(&t->link))
-        kd_list_unlink(&t->link);
+    if (t->pt.idle) {
+        kd_list_unlink(&t->pt.link);
+        t->pt.idle = false;
+    }
     t->st = KD_TUN_DONE;
     kd_grpc_finish(call, KD_GRPC_OK, NULL, NULL, 0);
 }
@@ -600,8 +488,6 @@ static void tunnel_done(kd_grpc_call *call, int status, const char *message)
 {
     struct tunnel *t = kd_h2_call_user(call);
     struct kd_kas_shard *ks = kd_kas_shard_of(kd_conn_shard(kd_grpc_call_conn(call)));
-    if (kd_list_is_linked(&t->link))
-        kd_list_unlink(&t->link); /* a closed tunnel is never picked */
     if (t->back != NULL) {
         struct back *b = t->back;
         if (!b->ended)
@@ -609,11 +495,9 @@ static void tunnel_done(kd_grpc_call *call, int status, const char *message)
         /* The back waits for FRONT_DONE; a bound back holds neither tunnel nor agent. */
         b->t = NULL;
     }
-    struct agent *a = t->agent;
-    a->ntunnels--;
+    kd_pool_tunnel_detach(&ks->pool, &t->pt); /* a closed tunnel is never picked */
     free(t->methods);
     free(t);
-    agent_maybe_free(ks, a);
 }
 
 static const struct kd_h2_handler tunnel_handler = {
@@ -668,7 +552,7 @@ static int connect_start(kd_grpc_call *call, void *ud)
     if (agent_call_gate(call, &ident) != 0)
         return 0; /* moved to the owner shard, or answered */
     struct kd_kas_shard *ks = kd_kas_shard_of(kd_conn_shard(kd_grpc_call_conn(call)));
-    struct agent *a = agent_get(ks, ident.agent_id);
+    agent_t *a = kd_pool_agent_get(&ks->pool, ident.agent_id);
     struct tunnel *t = calloc(1, sizeof(*t));
     if (a == NULL || t == NULL) {
         free(t);
@@ -676,11 +560,9 @@ static int connect_start(kd_grpc_call *call, void *ud)
         return 0;
     }
     a->project_id = ident.project_id;
-    a->ntunnels++;
+    kd_pool_tunnel_attach(&ks->pool, a, &t->pt);
     t->call = call;
-    t->agent = a;
     t->st = KD_TUN_WAIT_DESCRIPTOR;
-    kd_list_node_init(&t->link);
     kd_grpc_accept(call, &tunnel_handler, t);
     /* Response headers now: agentk waits for them before it sends the descriptor? No, but a
      * stream with headers sent is plainly alive for proxies in between. */
@@ -719,7 +601,7 @@ static int register_message(kd_grpc_call *call, const uint8_t *msg, size_t len)
         kd_grpc_finish(call, KD_GRPC_INVALID_ARGUMENT, "malformed RegisterRequest", NULL, 0);
         return 0;
     }
-    struct agent *a = agent_get(ks, ac->agent_id);
+    agent_t *a = kd_pool_agent_get(&ks->pool, ac->agent_id);
     struct pod *p = NULL;
     for (p = ac->pods; p != NULL && p->pod_id != pod_id; p = p->conn_next)
         ;
@@ -739,7 +621,7 @@ static int register_message(kd_grpc_call *call, const uint8_t *msg, size_t len)
     }
     free(p->meta);
     p->meta = malloc(meta_len ? meta_len : 1);
-    if (p->meta != NULL)
+    if (p->meta != NULL && meta_len > 0)
         memcpy(p->meta, meta, meta_len);
     p->meta_len = p->meta ? meta_len : 0;
     kd_grpc_send_message(call, (const uint8_t *)"", 0); /* RegisterResponse {} */
@@ -782,11 +664,11 @@ void kd_kas_agent_conn_close(struct kd_shard *s, void *user)
     struct pod *p = ac->pods;
     while (p != NULL) {
         struct pod *next = p->conn_next;
-        struct agent *a = p->agent;
+        agent_t *a = p->agent;
         kd_list_unlink(&p->link);
         free(p->meta);
         free(p);
-        agent_maybe_free(ks, a);
+        kd_pool_agent_release(&ks->pool, a);
         p = next;
     }
     free(ac);
@@ -801,14 +683,21 @@ int kd_kas_shard_start(struct kd_shard *s)
         return -ENOMEM;
     ks->s = s;
     ks->kas = kd_server_user(s->srv);
-    ks->nbuckets = 1024;
-    ks->buckets = calloc(ks->nbuckets, sizeof(*ks->buckets));
-    if (ks->buckets == NULL) {
+    if (kd_pool_init(&ks->pool) < 0) {
         free(ks);
         return -ENOMEM;
     }
     kd_shard_set_user(s, ks);
     return 0;
+}
+
+static void drop_waiting(struct kd_pool_wait *w)
+{
+    struct back *b = KD_CONTAINER_OF(w, struct back, pw);
+    kd_timerwheel_cancel(kd_shard_timers(b->ks->s), &b->timer);
+    free(b->method);
+    free(b->md);
+    free(b);
 }
 
 void kd_kas_shard_stop(struct kd_shard *s)
@@ -820,23 +709,7 @@ void kd_kas_shard_stop(struct kd_shard *s)
         kd_epoch_offline(ks->kas->epoch, kd_shard_id(s));
     /* Every connection is closed by now, so every tunnel, pod and bound back is gone; waiting
      * backs may remain (their R shard is stopping too). */
-    for (size_t i = 0; i < ks->nbuckets; i++) {
-        struct agent *a = ks->buckets[i];
-        while (a != NULL) {
-            struct agent *next = a->hnext;
-            struct kd_list *n;
-            while ((n = kd_list_pop_front(&a->waiting)) != NULL) {
-                struct back *b = KD_CONTAINER_OF(n, struct back, link);
-                kd_timerwheel_cancel(kd_shard_timers(s), &b->timer);
-                free(b->method);
-                free(b->md);
-                free(b);
-            }
-            free(a);
-            a = next;
-        }
-    }
-    free(ks->buckets);
+    kd_pool_fini(&ks->pool, drop_waiting);
     free(ks);
     kd_shard_set_user(s, NULL);
 }
@@ -860,9 +733,10 @@ void kd_kas_stats(struct kd_shard *s, struct kd_kas_stats *out)
 {
     struct kd_kas_shard *ks = kd_kas_shard_of(s);
     *out = ks->stats;
+    out->agents = ks->pool.nagents;
     out->tunnels_idle = out->tunnels_busy = out->waiting_calls = 0;
-    for (size_t i = 0; i < ks->nbuckets; i++)
-        for (struct agent *a = ks->buckets[i]; a != NULL; a = a->hnext) {
+    for (size_t i = 0; i < ks->pool.nbuckets; i++)
+        for (agent_t *a = ks->pool.buckets[i]; a != NULL; a = a->hnext) {
             size_t idle = 0, waiting = 0;
             for (struct kd_list *n = a->idle.next; n != &a->idle; n = n->next)
                 idle++;

@@ -20,7 +20,7 @@ from gitlab_client import GitLabClient, collect, make_jwt  # noqa: E402
 from kasd_harness import Kasd  # noqa: E402
 
 NAGENTS = 6     # connected for the whole class
-SPARE = (7, 8)  # in the token file, connected by single tests only
+SPARE = (7, 8, 9)  # in the token file, connected by single tests only
 
 
 def who_handler(agent_id):
@@ -251,6 +251,24 @@ limits:
         data, _ = self.gl.unary("/test.Echo/Who", b"", agent_id=4, timeout=10)
         self.assertEqual(data, b"4")
         self.assertIn("tunnel_protocol_violation", self.kasd.log())
+
+    def test_agent_violations_during_a_call_fail_that_call_only(self):
+        for mode in ("header_twice", "message_before_header", "message_after_trailer"):
+            bad = AgentK(self.agent_addr, self.tokens[9], pods=1, idle=1, violation=mode, backoff=(5, 5))
+            bad.start()
+            try:
+                bad.wait_for(lambda s: s["tunnels_idle"] >= 1, timeout=10)
+                res = collect(self.gl.stream("/test.Echo/Stream", iter([b"x"]), agent_id=9, timeout=10))
+                if mode == "message_after_trailer":
+                    # the call completed before the extra message; only the tunnel is ended
+                    self.assertEqual(res.code, grpc.StatusCode.OK, (mode, res))
+                else:
+                    self.assertEqual(res.code, grpc.StatusCode.UNAVAILABLE, (mode, res))
+                    self.assertIn("protocol", res.details, mode)
+            finally:
+                bad.kill()
+        data, _ = self.gl.unary("/test.Echo/Who", b"", agent_id=3, timeout=10)
+        self.assertEqual(data, b"3", "other agents are untouched")
 
     def test_health_on_every_listener(self):
         for name in ("agent", "api", "private_api"):
