@@ -165,8 +165,8 @@ static int free_loopback_port(void)
 /* One PING over a fresh connection; true on +PONG. Bounded by timeout_ms. */
 static bool redis_ping(int port, int timeout_ms)
 {
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
-                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    struct sockaddr_in a = {
+        .sin_family = AF_INET, .sin_port = htons((uint16_t)port), .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     bool ok = false;
     char buf[16];
@@ -188,8 +188,8 @@ static bool child_alive(pid_t pid, int *status)
     return waitpid(pid, status, WNOHANG) == 0;
 }
 
-int kd_redis_embedded_start(struct kd_embedded_redis *r, struct kd_config *cfg, const char *workdir, char *err,
-                            size_t errlen)
+int kd_redis_embedded_start(struct kd_embedded_redis *r, struct kd_config *cfg, const char *workdir,
+                            char *err, size_t errlen)
 {
     memset(r, 0, sizeof(*r));
     r->pid = -1;

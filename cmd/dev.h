@@ -25,8 +25,8 @@ struct kd_embedded_redis {
 
 /* Start redis-server on 127.0.0.1 at a free port and wait until it answers PING. workdir NULL: a
  * fresh directory under $TMPDIR. Sets cfg->redis.address. */
-int kd_redis_embedded_start(struct kd_embedded_redis *r, struct kd_config *cfg, const char *workdir, char *err,
-                            size_t errlen);
+int kd_redis_embedded_start(struct kd_embedded_redis *r, struct kd_config *cfg, const char *workdir,
+                            char *err, size_t errlen);
 void kd_redis_embedded_stop(struct kd_embedded_redis *r);
 
 #endif

@@ -41,29 +41,31 @@ static void reload_tokens(const struct kd_config *cfg, struct kd_kas *kas, struc
     if (kd_epoch_synchronize(kas->epoch, wake_shard, srv, 5000) == 0)
         kd_tokens_free(old);
     else
-        kd_log_msg(KD_LOG_WARN, "tokens_reload", "a shard did not pass a quiescent point in 5 s; the old "
-                                                 "table is kept (not freed)");
+        kd_log_msg(KD_LOG_WARN, "tokens_reload",
+                   "a shard did not pass a quiescent point in 5 s; the old "
+                   "table is kept (not freed)");
     kd_log_msg(KD_LOG_INFO, "tokens_reloaded", "%s", cfg->agent.token_file);
 }
 
 static void usage(FILE *f)
 {
-    fprintf(f,
-            "usage: kasd [--config FILE] [--dev [--state-dir DIR]]\n"
-            "       kasd --check-config FILE\n"
-            "       kasd --version | --help\n"
-            "\n"
-            "  -c, --config FILE        YAML configuration (docs/configuration.md); without it kasd runs\n"
-            "                           on built-in defaults: listeners on 127.0.0.1, embedded Redis\n"
-            "      --check-config FILE  validate FILE and exit (0: valid, 2: invalid)\n"
-            "      --dev                development set-up: create (or reuse) agent tokens and JWT secrets in\n"
-            "                           the state directory and use them where the config names none\n"
-            "      --state-dir DIR      state directory for --dev (default: ./.kasd-dev)\n"
-            "  -V, --version            print the version\n"
-            "  -h, --help               this text\n"
-            "\n"
-            "Without redis.server.address in the config, kasd starts its own redis-server on a free\n"
-            "loopback port and stops it on exit. SIGTERM/SIGINT stop gracefully (limits.shutdown_grace).\n");
+    fprintf(
+        f,
+        "usage: kasd [--config FILE] [--dev [--state-dir DIR]]\n"
+        "       kasd --check-config FILE\n"
+        "       kasd --version | --help\n"
+        "\n"
+        "  -c, --config FILE        YAML configuration (docs/configuration.md); without it kasd runs\n"
+        "                           on built-in defaults: listeners on 127.0.0.1, embedded Redis\n"
+        "      --check-config FILE  validate FILE and exit (0: valid, 2: invalid)\n"
+        "      --dev                development set-up: create (or reuse) agent tokens and JWT secrets in\n"
+        "                           the state directory and use them where the config names none\n"
+        "      --state-dir DIR      state directory for --dev (default: ./.kasd-dev)\n"
+        "  -V, --version            print the version\n"
+        "  -h, --help               this text\n"
+        "\n"
+        "Without redis.server.address in the config, kasd starts its own redis-server on a free\n"
+        "loopback port and stops it on exit. SIGTERM/SIGINT stop gracefully (limits.shutdown_grace).\n");
 }
 
 struct listener_spec {
@@ -98,9 +100,12 @@ static int listener_tls(struct listener_spec *l, char *err, size_t errlen)
 int main(int argc, char **argv)
 {
     static const struct option longopts[] = {
-        {"config", required_argument, NULL, 'c'}, {"check-config", required_argument, NULL, 'C'},
-        {"dev", no_argument, NULL, 'd'},          {"state-dir", required_argument, NULL, 's'},
-        {"version", no_argument, NULL, 'V'},      {"help", no_argument, NULL, 'h'},
+        {"config", required_argument, NULL, 'c'},
+        {"check-config", required_argument, NULL, 'C'},
+        {"dev", no_argument, NULL, 'd'},
+        {"state-dir", required_argument, NULL, 's'},
+        {"version", no_argument, NULL, 'V'},
+        {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
     const char *config_path = NULL, *check_path = NULL, *state_dir = ".kasd-dev";
@@ -212,8 +217,9 @@ int main(int argc, char **argv)
             return 2;
         }
     } else {
-        kd_log_msg(KD_LOG_WARN, "no_api_secret", "no api.listen.authentication_secret_file: every api call is "
-                                                 "refused");
+        kd_log_msg(KD_LOG_WARN, "no_api_secret",
+                   "no api.listen.authentication_secret_file: every api call is "
+                   "refused");
     }
     struct kd_embedded_redis redis = {.pid = -1};
     struct kd_server *srv = NULL;

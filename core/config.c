@@ -344,7 +344,7 @@ int kd_config_defaults(struct kd_config *c)
     c->limits.shutdown_grace_ms = 10000;
     c->limits.grpc_max_message_size = 4u << 20;
     c->limits.grpc_max_concurrent_streams = 500;
-    c->limits.routing_timeout_ms = 20000; /* GitLab kas: 20 s */
+    c->limits.routing_timeout_ms = 20000;                       /* GitLab kas: 20 s */
     c->agent.listen.max_connection_age_ms = 2u * 3600u * 1000u; /* GitLab kas: 2 h */
     c->log.level = KD_LOG_INFO;
 

@@ -19,8 +19,8 @@
 enum kd_log_level { KD_LOG_DEBUG = 0, KD_LOG_INFO = 1, KD_LOG_WARN = 2, KD_LOG_ERROR = 3 };
 
 struct kd_listen_cfg {
-    char *address;                    /* as written: "127.0.0.1:8150", "[::1]:8150"; port 0 = ephemeral */
-    struct sockaddr_storage addr;     /* parsed numerically (no DNS lookups at start) */
+    char *address;                /* as written: "127.0.0.1:8150", "[::1]:8150"; port 0 = ephemeral */
+    struct sockaddr_storage addr; /* parsed numerically (no DNS lookups at start) */
     socklen_t addrlen;
     char *authentication_secret_file; /* api / private_api: JWT secret, base64 in the file; else NULL */
     char *certificate_file;           /* TLS: PEM chain; with key_file, the listener speaks TLS (ALPN h2) */
@@ -66,7 +66,7 @@ struct kd_config {
         uint32_t shutdown_grace_ms;     /* limits.shutdown_grace: in-flight work may finish this long */
         uint32_t grpc_max_message_size; /* limits.grpc_max_message_size: bytes per gRPC message */
         uint32_t grpc_max_concurrent_streams; /* limits.grpc_max_concurrent_streams: per connection */
-        uint32_t routing_timeout_ms;    /* limits.routing_timeout: longest wait for an agent's tunnel */
+        uint32_t routing_timeout_ms;          /* limits.routing_timeout: longest wait for an agent's tunnel */
     } limits;
 
     struct {

@@ -41,12 +41,12 @@ const char *kd_grpc_status_name(int code);
 
 /* Incremental deframer: feed DATA frame payloads in any split, get whole messages back. */
 struct kd_grpc_deframer {
-    uint32_t max_len;  /* messages longer than this are refused (RESOURCE_EXHAUSTED) */
+    uint32_t max_len; /* messages longer than this are refused (RESOURCE_EXHAUSTED) */
     uint8_t hdr[KD_GRPC_PREFIX];
-    uint8_t hdr_len;   /* bytes of hdr collected */
-    uint32_t msg_len;  /* length of the current message (valid when hdr_len == 5) */
-    uint32_t have;     /* bytes of the current message collected */
-    uint8_t *buf;      /* current message (malloc'd when it does not arrive in one piece) */
+    uint8_t hdr_len;  /* bytes of hdr collected */
+    uint32_t msg_len; /* length of the current message (valid when hdr_len == 5) */
+    uint32_t have;    /* bytes of the current message collected */
+    uint8_t *buf;     /* current message (malloc'd when it does not arrive in one piece) */
     uint32_t cap;
 };
 

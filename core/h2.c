@@ -22,8 +22,8 @@
 #include "core/grpc.h"
 #include "core/list.h"
 
-#define LOW_WATER (KD_H2_CALL_HIGH_WATER / 2)
-#define CHUNK_SIZE 16384u
+#define LOW_WATER        (KD_H2_CALL_HIGH_WATER / 2)
+#define CHUNK_SIZE       16384u
 #define PING_STRIKES_MAX 2
 
 struct hdr_ref {
@@ -479,12 +479,12 @@ static void client_final(struct kd_h2_call *c)
             hs = hdrs_find(&c->trl, ":status", NULL);
         int http = hs ? atoi(hs) : 0;
         /* The gRPC mapping of HTTP statuses for responses without grpc-status. */
-        status = http == 400 ? KD_GRPC_INTERNAL
-                 : http == 401 ? KD_GRPC_UNAUTHENTICATED
-                 : http == 403 ? KD_GRPC_PERMISSION_DENIED
-                 : http == 404 ? KD_GRPC_UNIMPLEMENTED
+        status = http == 400                                                  ? KD_GRPC_INTERNAL
+                 : http == 401                                                ? KD_GRPC_UNAUTHENTICATED
+                 : http == 403                                                ? KD_GRPC_PERMISSION_DENIED
+                 : http == 404                                                ? KD_GRPC_UNIMPLEMENTED
                  : (http == 429 || http == 502 || http == 503 || http == 504) ? KD_GRPC_UNAVAILABLE
-                                                                             : KD_GRPC_UNKNOWN;
+                                                                              : KD_GRPC_UNKNOWN;
         msg = "missing grpc-status";
         mlen = strlen(msg);
     }
@@ -632,7 +632,8 @@ struct kd_h2 *kd_h2_new(const struct kd_h2_opts *o)
     nghttp2_option_new(&opt);
     nghttp2_option_set_no_auto_window_update(opt, 1);
     nghttp2_option_set_max_send_header_block_length(opt, 65536);
-    int rc = o->server ? nghttp2_session_server_new2(&h->s, cb, h, opt) : nghttp2_session_client_new2(&h->s, cb, h, opt);
+    int rc = o->server ? nghttp2_session_server_new2(&h->s, cb, h, opt)
+                       : nghttp2_session_client_new2(&h->s, cb, h, opt);
     nghttp2_option_del(opt);
     nghttp2_session_callbacks_del(cb);
     if (rc != 0) {
@@ -640,7 +641,8 @@ struct kd_h2 *kd_h2_new(const struct kd_h2_opts *o)
         return NULL;
     }
     nghttp2_settings_entry iv[] = {
-        {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, o->max_concurrent_streams ? o->max_concurrent_streams : 100},
+        {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS,
+         o->max_concurrent_streams ? o->max_concurrent_streams : 100},
         {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, o->initial_window ? o->initial_window : 65535},
         {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, o->max_header_list},
     };

@@ -23,7 +23,7 @@
 #include "core/list.h"
 
 #define KD_TIMERWHEEL_LEVELS 5
-#define KD_TIMERWHEEL_SLOTS 64
+#define KD_TIMERWHEEL_SLOTS  64
 
 struct kd_timer;
 typedef void (*kd_timer_cb)(struct kd_timer *timer);

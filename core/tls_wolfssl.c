@@ -26,6 +26,7 @@
 #include <wolfssl/ssl.h>
 #include <wolfssl/error-ssl.h>
 #include <wolfssl/openssl/evp.h>
+#include <wolfssl/wolfcrypt/ecc.h>
 #include <wolfssl/wolfcrypt/error-crypt.h>
 
 /* TLS 1.3 suites (all AEAD), then TLS 1.2 with forward secrecy and AEAD only; wolfSSL takes both
@@ -341,9 +342,39 @@ static int verify_cb(int preverify, WOLFSSL_X509_STORE_CTX *store)
 static pthread_once_t init_once = PTHREAD_ONCE_INIT;
 static int init_rc;
 
+/* Per-thread wolfSSL state, freed when a thread that used it exits. Debian's wolfSSL is built with
+ * FP_ECC and HAVE_THREAD_LS: every thread that signs or verifies with ECC keeps its own fixed-point
+ * cache (up to FP_ENTRIES base points -- the curve generator, the CA's and the peers' public keys --
+ * each with a table of 2^FP_LUT precomputed points: ~0.8 MB per base point at SP_INT_BITS 4096) in
+ * a thread-local array, and nothing frees it unless that thread calls wc_ecc_fp_free(). The cache is
+ * bounded (it evicts), so this is not a leak per handshake, but each exiting shard thread would
+ * lose its ~2.5-3.3 MB. The error queue is also per thread (ERROR_QUEUE_PER_THREAD); we clear it
+ * after every failure, and again here. A thread registers itself (thread_uses_tls) before doing
+ * any crypto, so callers need no per-thread hook; the main thread's cache stays reachable through
+ * its TLS until the process exits. */
+static pthread_key_t thread_key;
+static bool thread_key_ok;
+
+static void thread_exit(void *arg)
+{
+    (void)arg;
+#if defined(HAVE_ECC) && defined(FP_ECC)
+    wc_ecc_fp_free();
+#endif
+    wolfSSL_ERR_clear_error();
+}
+
+static void thread_uses_tls(void)
+{
+    /* Best effort: if pthread_setspecific cannot allocate, this thread's cache outlives it. */
+    if (thread_key_ok && pthread_getspecific(thread_key) == NULL)
+        pthread_setspecific(thread_key, &thread_key);
+}
+
 static void lib_init(void)
 {
     init_rc = wolfSSL_Init();
+    thread_key_ok = pthread_key_create(&thread_key, thread_exit) == 0;
 }
 
 const char *kd_tls_backend(void)
@@ -558,6 +589,7 @@ int kd_tls_ctx_create(const struct kd_tls_ctx_opts *o, struct kd_tls_ctx **out, 
         ctx_err(err, errlen, "wolfSSL_Init failed (wolfssl %d)", init_rc);
         return -EPROTO;
     }
+    thread_uses_tls(); /* the key check below signs and verifies */
     struct kd_tls_ctx *ctx = calloc(1, sizeof(*ctx));
     if (ctx == NULL) {
         ctx_err(err, errlen, "out of memory");
@@ -742,6 +774,8 @@ static int flush_pending(struct kd_tls *t)
 
 static int handshake(struct kd_tls *t)
 {
+    /* All of a connection's public-key work happens here, on whichever thread owns it now. */
+    thread_uses_tls();
     int ret = t->ctx->server ? wolfSSL_accept(t->ssl) : wolfSSL_connect(t->ssl);
     if (ret != WOLFSSL_SUCCESS)
         return ssl_result(t, ret);

@@ -27,7 +27,7 @@ struct tunnel {
     struct kd_pool_tunnel pt; /* pool entry: agent, methods, idle link */
     kd_grpc_call *call;
     enum kd_tun_state st;
-    char *methods; /* "/svc/method\0/svc/method\0..." (pt.methods) */
+    char *methods;     /* "/svc/method\0/svc/method\0..." (pt.methods) */
     struct back *back; /* the bound call */
     uint64_t resp_unacked;
     bool held;
@@ -50,10 +50,10 @@ struct back {
 };
 
 struct pod {
-    struct kd_list link;      /* agent->pods */
-    struct pod *conn_next;    /* the connection's pods */
+    struct kd_list link;   /* agent->pods */
+    struct pod *conn_next; /* the connection's pods */
     int64_t pod_id;
-    uint8_t *meta;            /* AgentMeta, as received */
+    uint8_t *meta; /* AgentMeta, as received */
     size_t meta_len;
     uint64_t connected_at_us; /* wall clock */
     agent_t *agent;
@@ -154,8 +154,9 @@ static void back_deadline(struct kd_timer *t)
 {
     struct back *b = KD_CONTAINER_OF(t, struct back, timer);
     b->ks->stats.routed_no_tunnel++;
-    back_end(b, KD_GRPC_DEADLINE_EXCEEDED, "agent connection not found: no tunnel for this agent and method "
-                                           "became available before the deadline",
+    back_end(b, KD_GRPC_DEADLINE_EXCEEDED,
+             "agent connection not found: no tunnel for this agent and method "
+             "became available before the deadline",
              NULL, 0);
 }
 

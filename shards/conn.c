@@ -220,8 +220,8 @@ static void maybe_finish(struct kd_conn *c)
         finalize(c);
     } else if (c->state == KD_CONN_HANDOFF && c->inflight == 0 && c->out_bytes == 0) {
         detach(c);
-    } else if (c->state == KD_CONN_OPEN && (c->peer_eof || c->finish) && c->out_bytes == 0 && !c->send_armed &&
-               !c->want_flush) {
+    } else if (c->state == KD_CONN_OPEN && (c->peer_eof || c->finish) && c->out_bytes == 0 &&
+               !c->send_armed && !c->want_flush) {
         kd_conn_close(c, 0);
     }
 }

@@ -16,10 +16,10 @@
 #include "shards/conn.h"
 #include "shards/shard.h"
 
-#define DEFAULT_MAX_MESSAGE (4u << 20)
-#define TLS_READ_CHUNK 16384
-#define H2_PREFACE_LEN 24
-#define NGHTTP2_NO_ERROR_CODE 0
+#define DEFAULT_MAX_MESSAGE    (4u << 20)
+#define TLS_READ_CHUNK         16384
+#define H2_PREFACE_LEN         24
+#define NGHTTP2_NO_ERROR_CODE  0
 #define ENHANCE_YOUR_CALM_CODE 0xb
 
 /* A call waiting for its connection to reach the owner shard (kd_grpc_call_move). */
@@ -45,10 +45,10 @@ struct gconn {
     struct kd_tls *tls;
     const struct kd_grpc_server_cfg *cfg; /* server */
     bool server;
-    bool handshake_ok;   /* TLS done (if any) and the HTTP/2 preface seen */
+    bool handshake_ok; /* TLS done (if any) and the HTTP/2 preface seen */
     bool goaway_sent;
-    bool usable;         /* client: may start calls */
-    bool user_ref;       /* client: the channel's user still holds it */
+    bool usable;   /* client: may start calls */
+    bool user_ref; /* client: the channel's user still holds it */
     bool tls_alpn_checked;
     uint64_t bytes_in;
     uint64_t opened_ms;
@@ -60,9 +60,9 @@ struct gconn {
     char authority[80];
     char peer[64];
     uint32_t max_message;
-    void *user;                       /* service state: kd_grpc_conn_user */
-    int moving_to;                    /* -1, or the shard this connection is being handed to */
-    struct parked *parked;            /* calls to start again after the move */
+    void *user;            /* service state: kd_grpc_conn_user */
+    int moving_to;         /* -1, or the shard this connection is being handed to */
+    struct parked *parked; /* calls to start again after the move */
     size_t parked_bytes;
     const struct kd_grpc_method *starting; /* the method whose start() is running */
 };
@@ -224,7 +224,8 @@ static int drain_tls(struct gconn *g)
 static int h2_in(struct gconn *g, const uint8_t *data, size_t len)
 {
     const char *err = NULL;
-    if (!g->handshake_ok && g->bytes_in >= H2_PREFACE_LEN && (g->tls == NULL || kd_tls_handshake_done(g->tls))) {
+    if (!g->handshake_ok && g->bytes_in >= H2_PREFACE_LEN &&
+        (g->tls == NULL || kd_tls_handshake_done(g->tls))) {
         g->handshake_ok = true;
         arm_house(g);
     }
@@ -855,9 +856,9 @@ struct kd_grpc_channel *kd_grpc_channel_open(struct kd_shard *s, const struct kd
     return (struct kd_grpc_channel *)g;
 }
 
-kd_grpc_call *kd_grpc_channel_call(struct kd_grpc_channel *ch, const char *path, const struct kd_h2_header *md,
-                                   size_t nmd, uint64_t timeout_us, const struct kd_h2_handler *handler,
-                                   void *user)
+kd_grpc_call *kd_grpc_channel_call(struct kd_grpc_channel *ch, const char *path,
+                                   const struct kd_h2_header *md, size_t nmd, uint64_t timeout_us,
+                                   const struct kd_h2_handler *handler, void *user)
 {
     struct gconn *g = (struct gconn *)ch;
     if (!g->usable || g->c == NULL || g->h == NULL)

@@ -108,9 +108,9 @@ struct kd_grpc_channel_opts {
  * with UNAVAILABLE naming the address and the reason. NULL when no connection slot is free. */
 struct kd_grpc_channel *kd_grpc_channel_open(struct kd_shard *s, const struct kd_grpc_channel_opts *o);
 /* Start a call. md: extra metadata. timeout_us 0 = none. NULL when the channel is closed. */
-kd_grpc_call *kd_grpc_channel_call(struct kd_grpc_channel *ch, const char *path, const struct kd_h2_header *md,
-                                   size_t nmd, uint64_t timeout_us, const struct kd_h2_handler *handler,
-                                   void *user);
+kd_grpc_call *kd_grpc_channel_call(struct kd_grpc_channel *ch, const char *path,
+                                   const struct kd_h2_header *md, size_t nmd, uint64_t timeout_us,
+                                   const struct kd_h2_handler *handler, void *user);
 /* false once the channel failed, got GOAWAY or was closed: open a new one for new calls. */
 bool kd_grpc_channel_usable(const struct kd_grpc_channel *ch);
 /* Close the channel: live calls end with UNAVAILABLE; the struct is freed once closed. */

@@ -11,7 +11,7 @@
 #include "core/log.h"
 #include "shards/shard.h"
 
-#define LISTEN_BACKLOG 4096
+#define LISTEN_BACKLOG  4096
 #define ACCEPT_RETRY_MS 20
 
 static void format_addr(const struct sockaddr_storage *ss, char *buf, size_t len)

@@ -180,8 +180,8 @@ void kd_pool_wait_cancel(struct kd_pool *p, struct kd_pool_wait *w)
         kd_pool_agent_release(p, a);
 }
 
-struct kd_pool_wait *kd_pool_wait_find(struct kd_pool *p, int64_t id, bool (*match)(struct kd_pool_wait *w, void *ud),
-                                       void *ud)
+struct kd_pool_wait *kd_pool_wait_find(struct kd_pool *p, int64_t id,
+                                       bool (*match)(struct kd_pool_wait *w, void *ud), void *ud)
 {
     struct kd_pool_agent *a = kd_pool_agent_find(p, id);
     if (a == NULL)

@@ -77,8 +77,8 @@ struct kd_pool_tunnel *kd_pool_wait_start(struct kd_pool *p, struct kd_pool_agen
 /* Leave the wait list (deadline, cancellation); the agent is released. */
 void kd_pool_wait_cancel(struct kd_pool *p, struct kd_pool_wait *w);
 /* A waiting call of agent `id` whose entry satisfies match(w, ud), or NULL. */
-struct kd_pool_wait *kd_pool_wait_find(struct kd_pool *p, int64_t id, bool (*match)(struct kd_pool_wait *w, void *ud),
-                                       void *ud);
+struct kd_pool_wait *kd_pool_wait_find(struct kd_pool *p, int64_t id,
+                                       bool (*match)(struct kd_pool_wait *w, void *ud), void *ud);
 
 int kd_pool_validate(const struct kd_pool *p);
 

@@ -110,7 +110,8 @@ static size_t b64_encode(const uint8_t *in, size_t n, char *out)
 {
     size_t o = 0;
     for (size_t i = 0; i < n; i += 3) {
-        uint32_t v = (uint32_t)in[i] << 16 | (i + 1 < n ? (uint32_t)in[i + 1] << 8 : 0) | (i + 2 < n ? in[i + 2] : 0);
+        uint32_t v =
+            (uint32_t)in[i] << 16 | (i + 1 < n ? (uint32_t)in[i + 1] << 8 : 0) | (i + 2 < n ? in[i + 2] : 0);
         out[o++] = b64[v >> 18 & 63];
         out[o++] = b64[v >> 12 & 63];
         if (i + 1 < n)
@@ -129,10 +130,10 @@ static bool ends_with_bin(const char *k, size_t n)
 /* Headers that are HTTP/2 or gRPC transport, not call metadata, in either direction. */
 static bool transport_header(const char *k, size_t n)
 {
-    static const char *const names[] = {"content-type", "te", "grpc-timeout", "grpc-encoding",
-                                        "grpc-accept-encoding", "grpc-status", "grpc-message", "connection",
-                                        "keep-alive", "transfer-encoding", "upgrade", "host",
-                                        "proxy-connection"};
+    static const char *const names[] = {
+        "content-type", "te",           "grpc-timeout",    "grpc-encoding", "grpc-accept-encoding",
+        "grpc-status",  "grpc-message", "connection",      "keep-alive",    "transfer-encoding",
+        "upgrade",      "host",         "proxy-connection"};
     if (n > 0 && k[0] == ':')
         return true;
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
@@ -158,7 +159,8 @@ static uint8_t *request_md_blob(kd_grpc_call *call, size_t *out_len)
         /* first occurrence of this key only; gather all its values */
         bool seen = false;
         for (size_t j = 0; j < i && !seen; j++)
-            if (kd_h2_call_header(call, j, &h2) && h2.namelen == h.namelen && memcmp(h2.name, h.name, h.namelen) == 0)
+            if (kd_h2_call_header(call, j, &h2) && h2.namelen == h.namelen &&
+                memcmp(h2.name, h.name, h.namelen) == 0)
                 seen = true;
         if (seen)
             continue;
@@ -248,7 +250,8 @@ static int md_collect(void *ud, const char *k, size_t klen, const uint8_t *v, si
 }
 
 /* md blob -> headers; arena sized 2x the blob (base64 grows 4/3). Caller frees o->arena. */
-static void blob_to_headers(const uint8_t *blob, size_t len, struct md_out *o, struct kd_h2_header *h, size_t cap)
+static void blob_to_headers(const uint8_t *blob, size_t len, struct md_out *o, struct kd_h2_header *h,
+                            size_t cap)
 {
     memset(o, 0, sizeof(*o));
     o->h = h;
@@ -463,13 +466,15 @@ static int route_start(kd_grpc_call *call, void *ud)
         }
     if (count != 1)
         return reject(call, KD_GRPC_INVALID_ARGUMENT,
-                      count == 0 ? "missing " ROUTING_HEADER " metadata" : "repeated " ROUTING_HEADER " metadata");
+                      count == 0 ? "missing " ROUTING_HEADER " metadata"
+                                 : "repeated " ROUTING_HEADER " metadata");
     int64_t agent_id = 0;
     if (idlen == 0 || idlen > 18)
         return reject(call, KD_GRPC_INVALID_ARGUMENT, "invalid " ROUTING_HEADER ": not a decimal agent id");
     for (size_t i = 0; i < idlen; i++) {
         if (idv[i] < '0' || idv[i] > '9')
-            return reject(call, KD_GRPC_INVALID_ARGUMENT, "invalid " ROUTING_HEADER ": not a decimal agent id");
+            return reject(call, KD_GRPC_INVALID_ARGUMENT,
+                          "invalid " ROUTING_HEADER ": not a decimal agent id");
         agent_id = agent_id * 10 + (idv[i] - '0');
     }
     if (agent_id <= 0)

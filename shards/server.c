@@ -120,7 +120,8 @@ int kd_server_start(struct kd_server *srv, char *err, size_t errlen)
     for (unsigned i = 0; i < created && rc == 0; i++) {
         struct kd_shard *s = &srv->shards[i];
         if (s->start_err < 0) {
-            snprintf(err, errlen, "shard %u: %s", i, s->start_msg[0] ? s->start_msg : strerror(-s->start_err));
+            snprintf(err, errlen, "shard %u: %s", i,
+                     s->start_msg[0] ? s->start_msg : strerror(-s->start_err));
             rc = s->start_err;
         }
     }

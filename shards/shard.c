@@ -14,7 +14,7 @@
 #include "core/log.h"
 
 #define RING_ENTRIES 4096
-#define CQ_ENTRIES 16384
+#define CQ_ENTRIES   16384
 
 static void on_router_msg(void *ctx, const struct kd_msg *m);
 

@@ -29,8 +29,8 @@
 #include "shards/conn.h"
 #include "shards/server.h"
 
-#define KD_SHARD_CQE_BUDGET 512
-#define KD_SHARD_MSG_BUDGET 512
+#define KD_SHARD_CQE_BUDGET   512
+#define KD_SHARD_MSG_BUDGET   512
 #define KD_SHARD_TIMER_BUDGET 1024
 
 /* Router message types owned by the shard layer; protocols use >= KD_MSG_SHARD_USER. */
@@ -66,8 +66,8 @@ struct kd_shard {
     int eventfd;
     uint64_t eventfd_val;
     bool eventfd_armed;
-    int start_err;        /* set by the thread before the start barrier */
-    char start_msg[256];  /* what failed, for kd_server_start's error */
+    int start_err;       /* set by the thread before the start barrier */
+    char start_msg[256]; /* what failed, for kd_server_start's error */
 
     /* provided buffer ring (bgid 0), registered by hand: liburing 2.3 lacks io_uring_setup_buf_ring */
     struct io_uring_buf_ring *br;

@@ -316,7 +316,8 @@ static bool concurrent_check(struct ctx *x, char *d, size_t len)
 
 static void refused_start(struct ctx *x)
 {
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK),
+    struct sockaddr_in a = {.sin_family = AF_INET,
+                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK),
                             .sin_port = htons((uint16_t)x->refused_port)};
     char auth[64];
     snprintf(auth, sizeof(auth), "127.0.0.1:%d", x->refused_port);
@@ -410,11 +411,20 @@ int main(int argc, char **argv)
     int opt;
     while ((opt = getopt_long(argc, argv, "", lo, NULL)) != -1) {
         switch (opt) {
-        case 't': target = optarg; break;
-        case 'c': ca = optarg; break;
-        case 'n': X.server_name = optarg; break;
-        case 'r': X.refused_port = atoi(optarg); break;
-        default: return 2;
+        case 't':
+            target = optarg;
+            break;
+        case 'c':
+            ca = optarg;
+            break;
+        case 'n':
+            X.server_name = optarg;
+            break;
+        case 'r':
+            X.refused_port = atoi(optarg);
+            break;
+        default:
+            return 2;
         }
     }
     if (target == NULL || strncmp(target, "127.0.0.1:", 10) != 0) {
@@ -440,8 +450,12 @@ int main(int argc, char **argv)
             return 1;
         }
     }
-    struct kd_server_opts o = {.shards = 1, .connections_per_shard = 64, .recv_buffers = 256,
-                               .recv_buffer_size = 16384, .ring_size = 64, .shutdown_grace_ms = 1000,
+    struct kd_server_opts o = {.shards = 1,
+                               .connections_per_shard = 64,
+                               .recv_buffers = 256,
+                               .recv_buffer_size = 16384,
+                               .ring_size = 64,
+                               .shutdown_grace_ms = 1000,
                                .on_shard_start = on_start};
     if (kd_server_create(&o, &X.srv, err, sizeof(err)) < 0 || kd_server_start(X.srv, err, sizeof(err)) < 0) {
         fprintf(stderr, "start: %s\n", err);

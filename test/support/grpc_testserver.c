@@ -42,8 +42,8 @@ static void nop_half_close(struct kd_h2_call *c)
 {
 }
 
-static const struct kd_h2_handler unary_h = {.on_message = unary_msg, .on_half_close = nop_half_close,
-                                             .on_done = nop_done};
+static const struct kd_h2_handler unary_h = {
+    .on_message = unary_msg, .on_half_close = nop_half_close, .on_done = nop_done};
 
 /* Server streaming with flow control: produce while under the high-water mark, resume on_writable. */
 struct sstream {
@@ -114,8 +114,8 @@ static void free_user(struct kd_h2_call *c, int status, const char *msg)
     free(kd_h2_call_user(c));
 }
 
-static const struct kd_h2_handler cs_h = {.on_message = cs_msg, .on_half_close = cs_half_close,
-                                          .on_done = free_user};
+static const struct kd_h2_handler cs_h = {
+    .on_message = cs_msg, .on_half_close = cs_half_close, .on_done = free_user};
 
 static int bidi_msg(struct kd_h2_call *c, const uint8_t *m, size_t n)
 {
@@ -128,8 +128,8 @@ static void bidi_half_close(struct kd_h2_call *c)
     kd_grpc_finish(c, KD_GRPC_OK, NULL, NULL, 0);
 }
 
-static const struct kd_h2_handler bidi_h = {.on_message = bidi_msg, .on_half_close = bidi_half_close,
-                                            .on_done = nop_done};
+static const struct kd_h2_handler bidi_h = {
+    .on_message = bidi_msg, .on_half_close = bidi_half_close, .on_done = nop_done};
 
 static int status_msg(struct kd_h2_call *c, const uint8_t *m, size_t n)
 {
@@ -145,8 +145,8 @@ static int status_msg(struct kd_h2_call *c, const uint8_t *m, size_t n)
     return 0;
 }
 
-static const struct kd_h2_handler status_h = {.on_message = status_msg, .on_half_close = nop_half_close,
-                                              .on_done = nop_done};
+static const struct kd_h2_handler status_h = {
+    .on_message = status_msg, .on_half_close = nop_half_close, .on_done = nop_done};
 
 static int hang_msg(struct kd_h2_call *c, const uint8_t *m, size_t n)
 {
@@ -161,8 +161,8 @@ static void hang_done(struct kd_h2_call *c, int status, const char *msg)
         hang_deadline++;
 }
 
-static const struct kd_h2_handler hang_h = {.on_message = hang_msg, .on_half_close = nop_half_close,
-                                            .on_done = hang_done};
+static const struct kd_h2_handler hang_h = {
+    .on_message = hang_msg, .on_half_close = nop_half_close, .on_done = hang_done};
 
 static int stats_msg(struct kd_h2_call *c, const uint8_t *m, size_t n)
 {
@@ -174,8 +174,8 @@ static int stats_msg(struct kd_h2_call *c, const uint8_t *m, size_t n)
     return 0;
 }
 
-static const struct kd_h2_handler stats_h = {.on_message = stats_msg, .on_half_close = nop_half_close,
-                                             .on_done = nop_done};
+static const struct kd_h2_handler stats_h = {
+    .on_message = stats_msg, .on_half_close = nop_half_close, .on_done = nop_done};
 
 static int md_msg(struct kd_h2_call *c, const uint8_t *m, size_t n)
 {
@@ -196,8 +196,8 @@ static int md_msg(struct kd_h2_call *c, const uint8_t *m, size_t n)
     return 0;
 }
 
-static const struct kd_h2_handler md_h = {.on_message = md_msg, .on_half_close = nop_half_close,
-                                          .on_done = nop_done};
+static const struct kd_h2_handler md_h = {
+    .on_message = md_msg, .on_half_close = nop_half_close, .on_done = nop_done};
 
 static int start_with(kd_grpc_call *call, void *ud)
 {
@@ -228,25 +228,37 @@ int main(int argc, char **argv)
     const char *cert = NULL, *key = NULL;
     unsigned shards = 2;
     uint32_t max_message = 0, age_ms = 0, grace_ms = 0, handshake_ms = 0;
-    static const struct option lo[] = {{"cert", required_argument, NULL, 'c'},
-                                       {"key", required_argument, NULL, 'k'},
-                                       {"shards", required_argument, NULL, 's'},
-                                       {"max-message", required_argument, NULL, 'm'},
-                                       {"max-age-ms", required_argument, NULL, 'a'},
-                                       {"grace-ms", required_argument, NULL, 'g'},
-                                       {"handshake-ms", required_argument, NULL, 'h'},
-                                       {NULL, 0, NULL, 0}};
+    static const struct option lo[] = {
+        {"cert", required_argument, NULL, 'c'},         {"key", required_argument, NULL, 'k'},
+        {"shards", required_argument, NULL, 's'},       {"max-message", required_argument, NULL, 'm'},
+        {"max-age-ms", required_argument, NULL, 'a'},   {"grace-ms", required_argument, NULL, 'g'},
+        {"handshake-ms", required_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
     int opt;
     while ((opt = getopt_long(argc, argv, "", lo, NULL)) != -1) {
         switch (opt) {
-        case 'c': cert = optarg; break;
-        case 'k': key = optarg; break;
-        case 's': shards = (unsigned)atoi(optarg); break;
-        case 'm': max_message = (uint32_t)atoi(optarg); break;
-        case 'a': age_ms = (uint32_t)atoi(optarg); break;
-        case 'g': grace_ms = (uint32_t)atoi(optarg); break;
-        case 'h': handshake_ms = (uint32_t)atoi(optarg); break;
-        default: return 2;
+        case 'c':
+            cert = optarg;
+            break;
+        case 'k':
+            key = optarg;
+            break;
+        case 's':
+            shards = (unsigned)atoi(optarg);
+            break;
+        case 'm':
+            max_message = (uint32_t)atoi(optarg);
+            break;
+        case 'a':
+            age_ms = (uint32_t)atoi(optarg);
+            break;
+        case 'g':
+            grace_ms = (uint32_t)atoi(optarg);
+            break;
+        case 'h':
+            handshake_ms = (uint32_t)atoi(optarg);
+            break;
+        default:
+            return 2;
         }
     }
     sigset_t sigs;
@@ -282,8 +294,12 @@ int main(int argc, char **argv)
         }
         cfg[1].tls = tls;
     }
-    struct kd_server_opts o = {.shards = shards, .connections_per_shard = 4096, .recv_buffers = 256,
-                               .recv_buffer_size = 16384, .ring_size = 1024, .shutdown_grace_ms = 3000};
+    struct kd_server_opts o = {.shards = shards,
+                               .connections_per_shard = 4096,
+                               .recv_buffers = 256,
+                               .recv_buffer_size = 16384,
+                               .ring_size = 1024,
+                               .shutdown_grace_ms = 3000};
     for (int i = 0; i < (tls ? 2 : 1); i++) {
         struct sockaddr_in *in = (struct sockaddr_in *)&o.listeners[i].addr;
         in->sin_family = AF_INET;

@@ -408,7 +408,8 @@ Test(config, unknown_keys_everywhere)
         {"private_api:\n  lsten: {}\n", "kasd.yaml:2:3: private_api.lsten: unknown key (expected: listen)"},
         {"private_api:\n  listen:\n    network: tcp\n",
          "kasd.yaml:3:5: private_api.listen.network: unknown key "
-         "(expected one of: address, authentication_secret_file, certificate_file, key_file, client_ca_file)"},
+         "(expected one of: address, authentication_secret_file, certificate_file, key_file, "
+         "client_ca_file)"},
         {"observability:\n  port: 1\n", "kasd.yaml:2:3: observability.port: unknown key (expected: listen)"},
         {"observability:\n  listen:\n    authentication_secret_file: s\n",
          "kasd.yaml:3:5: observability.listen.authentication_secret_file: unknown key (expected: address)"},
@@ -1143,11 +1144,12 @@ Test(config, tls_and_grpc_keys)
     kd_config_defaults(&c);
     cr_assert_eq(c.agent.listen.max_connection_age_ms, 7200000, "GitLab kas default: 2h");
     cr_assert_eq(c.limits.grpc_max_message_size, 4u << 20);
-    static const char ok[] = "agent:\n  listen:\n    certificate_file: /c.pem\n    key_file: /k.pem\n"
-                             "    max_connection_age: 30m\n"
-                             "private_api:\n  listen:\n    certificate_file: /c.pem\n    key_file: /k.pem\n"
-                             "    client_ca_file: /ca.pem\n"
-                             "limits:\n  grpc_max_message_size: 1048576\n  grpc_max_concurrent_streams: 100\n";
+    static const char ok[] =
+        "agent:\n  listen:\n    certificate_file: /c.pem\n    key_file: /k.pem\n"
+        "    max_connection_age: 30m\n"
+        "private_api:\n  listen:\n    certificate_file: /c.pem\n    key_file: /k.pem\n"
+        "    client_ca_file: /ca.pem\n"
+        "limits:\n  grpc_max_message_size: 1048576\n  grpc_max_concurrent_streams: 100\n";
     cr_assert_eq(kd_config_load_string(&c, "kasd.yaml", ok, sizeof(ok) - 1, err, sizeof(err)), 0, "%s", err);
     cr_assert_str_eq(c.agent.listen.certificate_file, "/c.pem");
     cr_assert_str_eq(c.private_api.listen.client_ca_file, "/ca.pem");

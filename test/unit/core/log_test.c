@@ -57,8 +57,9 @@ Test(log, sync_line_has_fields_and_level_filter)
     kd_log_set_shard(-1);
     kd_log_msg(KD_LOG_ERROR, "boom", "value %d \"quoted\"", 42);
     char *out = read_all(p[0]);
-    cr_assert(strstr(out, "\"level\":\"warn\",\"shard\":3,\"event\":\"listening\",\"listener\":\"agent\","
-                          "\"n\":-5,\"u\":7,\"b\":true,\"error\":\"No such file or directory\",\"errno\":2}\n") !=
+    cr_assert(strstr(out,
+                     "\"level\":\"warn\",\"shard\":3,\"event\":\"listening\",\"listener\":\"agent\","
+                     "\"n\":-5,\"u\":7,\"b\":true,\"error\":\"No such file or directory\",\"errno\":2}\n") !=
                   NULL,
               "%s", out);
     cr_assert(strstr(out, "hidden") == NULL, "debug lines are filtered at info");

@@ -118,7 +118,8 @@ static struct kd_server *start_server(unsigned shards, uint32_t conns, uint32_t 
 
 static int dial(struct kd_server *srv)
 {
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK),
+    struct sockaddr_in a = {.sin_family = AF_INET,
+                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK),
                             .sin_port = htons((uint16_t)kd_server_port(srv, 0))};
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     cr_assert_geq(fd, 0);
@@ -353,7 +354,8 @@ Test(handoff, stop_closes_connections_and_returns, .timeout = 30)
         close(fds[i]);
     }
     /* the listener is closed: new connections are refused */
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK),
+    struct sockaddr_in a = {.sin_family = AF_INET,
+                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK),
                             .sin_port = htons((uint16_t)kd_server_port(srv, 0))};
     kd_server_destroy(srv);
     int fd = socket(AF_INET, SOCK_STREAM, 0);
@@ -364,8 +366,12 @@ Test(handoff, stop_closes_connections_and_returns, .timeout = 30)
 Test(handoff, busy_port_fails_with_clear_error)
 {
     struct kd_server *srv = start_server(1, 4, 16, 4096);
-    struct kd_server_opts o = {.shards = 1, .nlisteners = 1, .connections_per_shard = 4, .recv_buffers = 16,
-                               .recv_buffer_size = 4096, .ring_size = 64};
+    struct kd_server_opts o = {.shards = 1,
+                               .nlisteners = 1,
+                               .connections_per_shard = 4,
+                               .recv_buffers = 16,
+                               .recv_buffer_size = 4096,
+                               .ring_size = 64};
     struct sockaddr_in *in = (struct sockaddr_in *)&o.listeners[0].addr;
     in->sin_family = AF_INET;
     in->sin_addr.s_addr = htonl(INADDR_LOOPBACK);

@@ -139,8 +139,8 @@ Test(pool, fini_hands_back_waiting_calls)
  * order, with three methods and tunnels serving random subsets. */
 enum { AGENTS = 5, TUNNELS = 64, WAITS = 64 };
 static const char *const METHODS[] = {"/m/0", "/m/1", "/m/2"};
-static const char MSETS[8][16] = {"", "/m/0", "/m/1", "/m/0\0/m/1", "/m/2", "/m/0\0/m/2", "/m/1\0/m/2",
-                                  "/m/0\0/m/1\0/m/2"};
+static const char MSETS[8][16] = {"",     "/m/0",       "/m/1",       "/m/0\0/m/1",
+                                  "/m/2", "/m/0\0/m/2", "/m/1\0/m/2", "/m/0\0/m/1\0/m/2"};
 static const size_t MSETLEN[8] = {0, 5, 5, 10, 5, 10, 10, 15};
 
 struct mt {

@@ -69,7 +69,8 @@ static size_t pack(Gitlab__Agent__ReverseTunnel__Rpc__ConnectRequest *req, uint8
 Test(tunnel_proto, requests_written_by_protobuf_c)
 {
     /* Message */
-    Gitlab__Agent__ReverseTunnel__Rpc__ConnectRequest req = GITLAB__AGENT__REVERSE_TUNNEL__RPC__CONNECT_REQUEST__INIT;
+    Gitlab__Agent__ReverseTunnel__Rpc__ConnectRequest req =
+        GITLAB__AGENT__REVERSE_TUNNEL__RPC__CONNECT_REQUEST__INIT;
     Gitlab__Agent__ReverseTunnel__Rpc__Message msg = GITLAB__AGENT__REVERSE_TUNNEL__RPC__MESSAGE__INIT;
     msg.data.data = (uint8_t *)"payload";
     msg.data.len = 7;
@@ -113,7 +114,8 @@ Test(tunnel_proto, requests_written_by_protobuf_c)
     s2.n_methods = 1;
     s2.methods = ms2;
     Gitlab__Agent__ReverseTunnel__Info__Service *svcs[] = {&s1, &s2};
-    Gitlab__Agent__ReverseTunnel__Info__AgentDescriptor ad = GITLAB__AGENT__REVERSE_TUNNEL__INFO__AGENT_DESCRIPTOR__INIT;
+    Gitlab__Agent__ReverseTunnel__Info__AgentDescriptor ad =
+        GITLAB__AGENT__REVERSE_TUNNEL__INFO__AGENT_DESCRIPTOR__INIT;
     ad.n_services = 2;
     ad.services = svcs;
     Gitlab__Agent__ReverseTunnel__Rpc__Descriptor d = GITLAB__AGENT__REVERSE_TUNNEL__RPC__DESCRIPTOR__INIT;
