@@ -5,6 +5,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
@@ -81,7 +82,7 @@ static int write_once(const char *path, const char *content, bool *created, char
 
 static int secret_file(const char *dir, const char *name, char **slot, char *err, size_t errlen)
 {
-    char path[512], content[128];
+    char path[PATH_MAX + 64], content[128];
     uint8_t raw[32];
     bool created;
     if (*slot != NULL) /* configured explicitly: leave it */
@@ -104,14 +105,18 @@ static int secret_file(const char *dir, const char *name, char **slot, char *err
 
 int kd_dev_prepare(struct kd_config *cfg, const char *dir, char *err, size_t errlen)
 {
-    char path[512], content[512], token[64];
+    char path[PATH_MAX + 64], content[512], token[64];
     uint8_t raw[24];
     bool created;
+    char abs[PATH_MAX];
     if (mkdir(dir, 0700) < 0 && errno != EEXIST) {
         int e = errno;
         snprintf(err, errlen, "state directory %s: %s", dir, strerror(e));
         return -e;
     }
+    /* Absolute paths: printed for the operator, and valid whatever directory kasd runs in. */
+    if (realpath(dir, abs) != NULL)
+        dir = abs;
     printf("kasd development set-up in %s:\n", dir);
     int rc = secret_file(dir, "api-secret", &cfg->api.listen.authentication_secret_file, err, errlen);
     if (rc == 0)
