@@ -15,6 +15,7 @@
 #include "core/tokens.h"
 #include "shards/kas.h"
 #include "shards/conn.h"
+#include "shards/control.h"
 #include "shards/grpc.h"
 #include "shards/server.h"
 
@@ -223,6 +224,7 @@ int main(int argc, char **argv)
     }
     struct kd_embedded_redis redis = {.pid = -1};
     struct kd_server *srv = NULL;
+    struct kd_control *ctl = NULL;
     if (!cfg.redis.configured) {
         if (kd_redis_embedded_start(&redis, &cfg, NULL, err, sizeof(err)) < 0) {
             kd_log_msg(KD_LOG_ERROR, "start_failed", "%s", err);
@@ -300,6 +302,24 @@ int main(int argc, char **argv)
         kd_log_str(&l, "protocol", specs[i].tls ? "grpc+tls" : "grpc+h2c");
         kd_log_end(&l);
     }
+    /* The control thread (observability: /metrics, /liveness, /readiness) is router participant n;
+     * it asks the shards for their state, so it starts once they run. */
+    if (kd_control_create(srv, &cfg.observability.listen.addr, cfg.observability.listen.addrlen, &ctl, err,
+                          sizeof(err)) < 0 ||
+        kd_control_start(ctl, err, sizeof(err)) < 0) {
+        kd_log_msg(KD_LOG_ERROR, "start_failed", "%s", err);
+        goto out;
+    }
+    {
+        char addr[80];
+        struct kd_logline l;
+        kd_control_address(ctl, addr, sizeof(addr));
+        kd_log_begin(&l, KD_LOG_INFO, "listening");
+        kd_log_str(&l, "listener", "observability");
+        kd_log_str(&l, "address", addr);
+        kd_log_str(&l, "protocol", "http/1.1+h2c");
+        kd_log_end(&l);
+    }
     {
         struct kd_logline l;
         kd_log_begin(&l, KD_LOG_INFO, "started");
@@ -326,10 +346,12 @@ int main(int argc, char **argv)
         kd_log_end(&l);
         break;
     }
-    kd_server_stop(srv);
+    kd_server_stop(srv); /* /readiness answers 503 from here on */
     kd_server_wait(srv);
+    kd_control_stop(ctl);
     exit_code = 0;
 out:
+    kd_control_destroy(ctl); /* before the server: it borrows the server and its router */
     kd_server_destroy(srv);
     if (kas.epoch != NULL)
         kd_epoch_destroy(kas.epoch);

@@ -243,6 +243,13 @@ static void call_done(struct kd_h2_call *c, int status, const char *message)
     const struct kd_h2_handler *hd = c->handler;
     if (hd == NULL)
         return;
+    if (c->unconsumed > 0) {
+        /* Bytes held back (hold_input) count against the connection's window too: give them
+         * back, or every call ending while held would shrink the connection for good. */
+        nghttp2_session_consume(c->h->s, c->sid, c->unconsumed);
+        c->unconsumed = 0;
+    }
+    c->hold_input = false;
     c->handler = NULL;
     c->h->live--;
     if (kd_list_is_linked(&c->writable))
@@ -584,6 +591,19 @@ static int on_frame_send(nghttp2_session *s, const nghttp2_frame *f, void *ud)
     return 0;
 }
 
+/* A request nghttp2 will never send (e.g. GOAWAY arrived first): end the call now rather than when
+ * the connection finally closes. The struct stays on the list and is freed with the session. */
+static int on_frame_not_send(nghttp2_session *s, const nghttp2_frame *f, int lib_error_code, void *ud)
+{
+    struct kd_h2 *h = ud;
+    if (h->o.server || f->hd.type != NGHTTP2_HEADERS || f->headers.cat != NGHTTP2_HCAT_REQUEST)
+        return 0;
+    struct kd_h2_call *c = nghttp2_session_get_stream_user_data(s, f->hd.stream_id);
+    if (c != NULL)
+        call_done(c, KD_GRPC_UNAVAILABLE, "request not sent: the connection is going away");
+    return 0;
+}
+
 static int on_stream_close(nghttp2_session *s, int32_t sid, uint32_t error_code, void *ud)
 {
     struct kd_h2 *h = ud;
@@ -629,6 +649,7 @@ struct kd_h2 *kd_h2_new(const struct kd_h2_opts *o)
     nghttp2_session_callbacks_set_on_frame_send_callback(cb, on_frame_send);
     nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cb, on_data_chunk);
     nghttp2_session_callbacks_set_on_stream_close_callback(cb, on_stream_close);
+    nghttp2_session_callbacks_set_on_frame_not_send_callback(cb, on_frame_not_send);
     nghttp2_option_new(&opt);
     nghttp2_option_set_no_auto_window_update(opt, 1);
     nghttp2_option_set_max_send_header_block_length(opt, 65536);
@@ -709,6 +730,8 @@ int kd_h2_send(struct kd_h2 *h, kd_h2_write_fn write, void *ud)
         int rc = write(ud, data, (size_t)n);
         if (rc < 0)
             return rc;
+        if (rc > 0)
+            break; /* the caller's socket is behind; nghttp2 keeps the rest */
     }
     /* on_writable runs here, outside nghttp2's callbacks, so handlers may do anything. */
     struct kd_list *n;
@@ -755,9 +778,13 @@ uint64_t kd_h2_expire(struct kd_h2 *h, uint64_t now)
         if (c->deadline <= now) {
             if (h->o.server) {
                 drop_output(c);
-                c->finish_pending = false;
-                if (!c->finished)
+                if (c->finished) {
+                    /* trailers were queued behind data the client never read: reset instead */
+                    c->finish_pending = false;
+                    nghttp2_submit_rst_stream(h->s, NGHTTP2_FLAG_NONE, c->sid, NGHTTP2_CANCEL);
+                } else {
                     kd_h2_call_finish(c, KD_GRPC_DEADLINE_EXCEEDED, "deadline exceeded", NULL, 0);
+                }
                 call_done(c, KD_GRPC_DEADLINE_EXCEEDED, "deadline exceeded");
             } else {
                 kd_h2_call_cancel(c, KD_GRPC_DEADLINE_EXCEEDED, "deadline exceeded");

@@ -80,7 +80,8 @@ void kd_h2_abort(struct kd_h2 *h, int status, const char *message);
 int kd_h2_recv(struct kd_h2 *h, const uint8_t *data, size_t len, const char **err);
 
 /* Produce pending output: write(ud, data, len) is called for each piece until nothing is left;
- * it returns 0, or <0 to stop (then the rest stays queued). */
+ * it returns 0 to go on, 1 to stop for now (the socket is behind: call again later), or <0 on an
+ * error (returned). */
 typedef int (*kd_h2_write_fn)(void *ud, const uint8_t *data, size_t len);
 int kd_h2_send(struct kd_h2 *h, kd_h2_write_fn write, void *ud);
 /* true when the session has nothing more to do (peer and we are done, e.g. after GOAWAY). */

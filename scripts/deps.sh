@@ -6,6 +6,7 @@ set -euo pipefail
 KASD_PACKAGES=(
   gcc libc6-dev pkg-config meson ninja-build
   liburing-dev libyaml-dev libnghttp2-dev libwolfssl-dev libssl-dev
+  libh2o-evloop-dev   # observability listener (core/httpd.c)
   libprotobuf-c-dev protobuf-c-compiler
   redis-server
   python3

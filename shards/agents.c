@@ -45,6 +45,7 @@ struct back {
     uint8_t *md;
     size_t md_len;
     struct kd_timer timer;
+    uint64_t start_ns; /* START arrived here (routing duration histogram) */
     bool bound, ended;
     struct kd_kas_shard *ks;
 };
@@ -68,9 +69,30 @@ struct agent_conn {
 struct kd_kas_shard {
     struct kd_shard *s;
     struct kd_kas *kas;
+    bool stop_seen;
     struct kd_pool pool;
     struct kd_kas_stats stats;
+    struct kd_kas_route_hist route[KD_KAS_ROUTE_OUTCOMES];
 };
+
+const double kd_kas_route_bucket_le[KD_KAS_ROUTE_BUCKETS] = {
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+    0.05,    0.1,    0.25,    0.5,    1,     2.5,    5,     10,   20,
+};
+
+/* One observation of the routing decision time (see kas.h), shard-local, no lock. */
+static void route_observe(struct kd_kas_shard *ks, struct back *b, int outcome)
+{
+    uint64_t ns = kd_clock_ns() - b->start_ns;
+    struct kd_kas_route_hist *h = &ks->route[outcome];
+    double sec = (double)ns / 1e9;
+    size_t i = 0;
+    while (i < KD_KAS_ROUTE_BUCKETS && sec > kd_kas_route_bucket_le[i])
+        i++;
+    h->buckets[i]++;
+    h->count++;
+    h->sum_ns += ns;
+}
 
 struct kd_kas_shard *kd_kas_shard_of(struct kd_shard *s)
 {
@@ -154,6 +176,7 @@ static void back_deadline(struct kd_timer *t)
 {
     struct back *b = KD_CONTAINER_OF(t, struct back, timer);
     b->ks->stats.routed_no_tunnel++;
+    route_observe(b->ks, b, KD_KAS_ROUTE_TIMEOUT);
     back_end(b, KD_GRPC_DEADLINE_EXCEEDED,
              "agent connection not found: no tunnel for this agent and method "
              "became available before the deadline",
@@ -172,6 +195,7 @@ static void bind_tunnel(struct back *b, struct tunnel *t)
 {
     struct kd_kas_shard *ks = b->ks;
     kd_timerwheel_cancel(kd_shard_timers(ks->s), &b->timer);
+    route_observe(ks, b, KD_KAS_ROUTE_SUCCESS);
     t->st = KD_TUN_BOUND;
     t->back = b;
     b->t = t;
@@ -194,6 +218,7 @@ static void handle_start(struct kd_kas_shard *ks, const struct kd_msg *m)
     if (b == NULL)
         abort();
     b->ks = ks;
+    b->start_ns = kd_clock_ns();
     b->front = m->ptr2;
     b->r = m->from;
     b->agent_id = st->agent_id;
@@ -249,7 +274,12 @@ void kd_kas_back_message(struct kd_shard *s, const struct kd_msg *m)
     case KD_RT_DATA: {
         struct kd_rt_blob *d = m->ptr;
         uint32_t len = d->len;
-        if (b->t != NULL && !b->ended) {
+        if (b->ended) {
+            /* END is on its way to R (or there): nothing may follow it, not even a credit. */
+            kd_kas_release(s, d);
+            break;
+        }
+        if (b->t != NULL) {
             size_t n = kd_tun_message_size(len);
             uint8_t *buf = malloc(n);
             if (buf == NULL)
@@ -284,9 +314,11 @@ void kd_kas_back_message(struct kd_shard *s, const struct kd_msg *m)
         break;
     case KD_RT_CANCEL_WAIT: {
         struct kd_pool_wait *w = kd_pool_wait_find(&ks->pool, (int64_t)m->u64, same_front, (void *)m);
-        if (w != NULL)
-            back_end(KD_CONTAINER_OF(w, struct back, pw), KD_GRPC_CANCELLED, "call cancelled by the caller",
-                     NULL, 0);
+        if (w != NULL) {
+            struct back *wb = KD_CONTAINER_OF(w, struct back, pw);
+            route_observe(ks, wb, KD_KAS_ROUTE_ABORTED);
+            back_end(wb, KD_GRPC_CANCELLED, "call cancelled by the caller", NULL, 0);
+        }
         break; /* not found: BOUND is on its way to R, which then sends CANCEL */
     }
     case KD_RT_FRONT_DONE:
@@ -324,6 +356,11 @@ static void tunnel_fail(struct tunnel *t, const char *why)
     kd_log_end(&l);
     if (t->back != NULL)
         back_end(t->back, KD_GRPC_UNAVAILABLE, "agent broke the tunnel protocol", NULL, 0);
+    if (t->pt.idle) { /* never hand this stream to a call again */
+        kd_list_unlink(&t->pt.link);
+        t->pt.idle = false;
+    }
+    t->st = KD_TUN_DONE;
     char msg[160];
     snprintf(msg, sizeof(msg), "tunnel protocol violation: %s", why);
     kd_grpc_finish(t->call, KD_GRPC_INVALID_ARGUMENT, msg, NULL, 0);
@@ -388,6 +425,14 @@ static int tunnel_message(kd_grpc_call *call, const uint8_t *msg, size_t len)
         return 0;
     }
     struct back *b = t->back;
+    if (tm.kind != KD_TUN_DESCRIPTOR && !(tm.kind == KD_TUN_ERROR && b == NULL) && (b == NULL || b->ended)) {
+        /* the call is over (END sent): the rest of the agent's answer has nowhere to go */
+        if (ns == KD_TUN_DONE && t->st != KD_TUN_DONE) {
+            t->st = KD_TUN_DONE;
+            kd_grpc_finish(call, KD_GRPC_OK, NULL, NULL, 0);
+        }
+        return 0;
+    }
     switch (tm.kind) {
     case KD_TUN_DESCRIPTOR: {
         struct methods_acc acc = {0};
@@ -478,7 +523,7 @@ static void tunnel_half_close(kd_grpc_call *call)
 static void tunnel_writable(kd_grpc_call *call)
 {
     struct tunnel *t = kd_h2_call_user(call);
-    if (t->acks_owed > 0 && t->back != NULL) {
+    if (t->acks_owed > 0 && t->back != NULL && !t->back->ended) {
         struct kd_kas_shard *ks = kd_kas_shard_of(kd_conn_shard(kd_grpc_call_conn(call)));
         post(ks, t->back->r, KD_RT_ACK_REQ, NULL, t->back->front, 0, t->acks_owed);
     }
@@ -715,19 +760,76 @@ void kd_kas_shard_stop(struct kd_shard *s)
     kd_shard_set_user(s, NULL);
 }
 
+static bool any_wait(struct kd_pool_wait *w, void *ud)
+{
+    (void)w;
+    (void)ud;
+    return true;
+}
+
+/* Stopping: calls waiting for a tunnel will not get one here; answer them now, while their front
+ * shards still run, instead of leaving them to the grace period. */
+static void end_waiting(struct kd_kas_shard *ks)
+{
+    for (size_t i = 0; i < ks->pool.nbuckets; i++) {
+        struct kd_pool_agent *a = ks->pool.buckets[i];
+        while (a != NULL) {
+            struct kd_pool_agent *next = a->hnext; /* ending the last wait may free a */
+            struct kd_pool_wait *w;
+            while ((w = kd_pool_wait_find(&ks->pool, a->id, any_wait, NULL)) != NULL) {
+                bool last =
+                    a->ntunnels == 0 && kd_list_is_empty(&a->pods) && a->waiting.next->next == &a->waiting;
+                back_end(KD_CONTAINER_OF(w, struct back, pw), KD_GRPC_UNAVAILABLE, "kasd is shutting down",
+                         NULL, 0);
+                if (last)
+                    break;
+            }
+            a = next;
+        }
+    }
+}
+
 void kd_kas_on_turn(struct kd_shard *s)
 {
     struct kd_kas_shard *ks = kd_kas_shard_of(s);
-    if (ks != NULL && ks->kas->epoch != NULL)
+    if (ks == NULL)
+        return;
+    if (ks->kas->epoch != NULL)
         kd_epoch_quiescent(ks->kas->epoch, kd_shard_id(s));
+    if (s->stopping && !ks->stop_seen) {
+        ks->stop_seen = true;
+        end_waiting(ks);
+    }
+}
+
+/* The control thread's stats request: answer with a snapshot built here, on this shard's thread
+ * (the control thread never reads shard-local structures). The payload is ours and comes back to be
+ * freed here. Never blocks: kd_shard_send queues in overflow if the ring is full. */
+static void answer_stats(struct kd_shard *s, const struct kd_msg *m)
+{
+    struct kd_kas_shard *ks = kd_kas_shard_of(s);
+    struct kd_kas_snapshot *snap = kd_kas_payload(s, sizeof(*snap));
+    memset(snap, 0, sizeof(*snap));
+    if (ks != NULL) {
+        kd_kas_stats(s, &snap->kas);
+        memcpy(snap->route, ks->route, sizeof(snap->route));
+    }
+    snap->listeners_open = s->listeners_open;
+    snap->stopping = s->stopping;
+    struct kd_msg r = {.type = KD_RT_STATS, .u64 = m->u64, .ptr = snap};
+    kd_shard_send(s, m->from, &r);
 }
 
 void kd_kas_on_message(struct kd_shard *s, const struct kd_msg *m)
 {
-    if (m->type >= KD_RT_BOUND)
+    if (m->type == KD_RT_STATS_REQ)
+        answer_stats(s, m);
+    else if (m->type >= KD_RT_BOUND && m->type <= KD_RT_ACK_REQ)
         kd_kas_front_message(s, m);
-    else
+    else if (m->type < KD_RT_BOUND)
         kd_kas_back_message(s, m);
+    else
+        kd_log_msg(KD_LOG_ERROR, "router_unknown_message", "type %u from %u dropped", m->type, m->from);
 }
 
 void kd_kas_stats(struct kd_shard *s, struct kd_kas_stats *out)

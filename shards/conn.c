@@ -239,7 +239,8 @@ static int conn_start(struct kd_shard *s, struct kd_conn *c, bool adopted)
     if (c->state == KD_CONN_OPEN)
         arm_recv(c);
     if (s->stopping) {
-        if (c->ops->on_shutdown != NULL)
+        /* Arriving (e.g. by hand-off) after the grace period: nothing would close it later. */
+        if (c->ops->on_shutdown != NULL && !s->force_closing)
             c->ops->on_shutdown(c);
         else
             kd_conn_close(c, 0);
@@ -365,6 +366,9 @@ static void complete_send(struct kd_shard *s, struct kd_conn *c, int res)
     }
     if (c->out_bytes > 0 && c->state != KD_CONN_CLOSING)
         mark_dirty(c);
+    /* A protocol that stopped producing because the socket was behind (kd_h2_send) resumes. */
+    if (c->out_bytes < KD_CONN_OUT_LOW && c->ops->on_flush != NULL && c->state != KD_CONN_CLOSING)
+        kd_conn_want_flush(c);
 }
 
 void kd_conn_complete(struct kd_shard *s, struct io_uring_cqe *cqe)

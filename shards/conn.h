@@ -171,5 +171,7 @@ unsigned kd_conn_shard_id(const struct kd_conn *c);
 
 /* Output cap per connection (bytes queued, not yet sent). */
 #define KD_CONN_OUT_MAX (8u << 20)
+/* Below this, a send completion asks the protocol for more output (on_flush). */
+#define KD_CONN_OUT_LOW (256u << 10)
 
 #endif

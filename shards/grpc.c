@@ -201,12 +201,21 @@ static void house_cb(struct kd_timer *t)
 
 /* ---- byte paths ---- */
 
+/* Bytes queued for the socket beyond which nghttp2 is not asked for more: a peer whose TCP
+ * window is closed (a slow reader) holds at most this much here, whatever its HTTP/2 windows
+ * allow; the rest waits in the calls' own queues, bounded by their flow control. */
+#define OUT_HIGH (1u << 20)
+
 static int write_out(void *ud, const uint8_t *data, size_t len)
 {
     struct gconn *g = ud;
-    if (g->tls == NULL)
-        return kd_conn_write(g->c, data, len);
-    return kd_tls_write(g->tls, data, len);
+    int rc;
+    if (g->tls == NULL) {
+        rc = kd_conn_write(g->c, data, len);
+        return rc < 0 ? rc : (g->c->out_bytes > OUT_HIGH ? 1 : 0);
+    }
+    rc = kd_tls_write(g->tls, data, len);
+    return rc < 0 ? rc : (kd_tls_output_pending(g->tls) + g->c->out_bytes > OUT_HIGH ? 1 : 0);
 }
 
 static int drain_tls(struct gconn *g)
@@ -276,7 +285,9 @@ static int on_data(struct kd_conn *c, const uint8_t *data, size_t len)
             }
             g->bytes_in += (uint64_t)n;
             h2_in(g, buf, (size_t)n);
-            if (c->state != KD_CONN_OPEN)
+            /* During a hand-off keep going: records already fed must be decrypted here (their
+             * calls get parked), or they would wait on the new shard for the peer's next bytes. */
+            if (c->state == KD_CONN_CLOSING)
                 return 0;
         }
         if (!g->tls_alpn_checked && kd_tls_handshake_done(g->tls))
@@ -289,7 +300,7 @@ static int on_data(struct kd_conn *c, const uint8_t *data, size_t len)
 static void on_flush(struct kd_conn *c)
 {
     struct gconn *g = c->ctx;
-    int rc = kd_h2_send(g->h, write_out, g);
+    int rc = c->out_bytes > OUT_HIGH ? 0 : kd_h2_send(g->h, write_out, g);
     if (rc == 0 && g->tls != NULL)
         rc = drain_tls(g);
     if (rc < 0) {
@@ -342,8 +353,10 @@ static void on_close(struct kd_conn *c, int err)
             kd_log_errno(&l, err);
         kd_log_end(&l);
     }
-    c->ctx = NULL;
-    g->c = NULL;
+    /* Handlers that hear "connection closed" may still ask which connection and shard their
+     * call is on: g->c stays valid (the closing connection, or the stand-in of a refused
+     * adoption) until they are all done. Their writes are refused: the connection is closing. */
+    g->c = c;
     g->usable = false;
     if (g->h != NULL) {
         kd_h2_free(g->h); /* every live call ends with UNAVAILABLE */
@@ -352,6 +365,8 @@ static void on_close(struct kd_conn *c, int err)
     if (g->server && g->cfg->on_conn_close != NULL)
         g->cfg->on_conn_close(kd_conn_shard(c), g->user);
     g->user = NULL;
+    c->ctx = NULL;
+    g->c = NULL;
     if (g->user_ref)
         return; /* the channel's user frees it with kd_grpc_channel_close */
     free_gconn(g);
@@ -492,8 +507,10 @@ static void unpark_all(struct gconn *g)
         int rc = p->m->start(call, p->m->ud);
         g->starting = NULL;
         const struct kd_h2_handler *h = kd_h2_call_handler(call);
-        if (rc > 0 && h == NULL) {
-            kd_h2_call_finish(call, rc, NULL, NULL, 0);
+        if (h == NULL) {
+            /* rejected, or neither accepted nor answered: answer (a no-op if it already was) */
+            kd_h2_call_finish(call, rc > 0 ? rc : KD_GRPC_INTERNAL, rc > 0 ? NULL : "call could not start",
+                              NULL, 0);
         } else if (h != NULL && h != &park_handler) {
             for (struct parked_msg *m = p->head; m != NULL && kd_h2_call_handler(call) == h; m = m->next)
                 if (h->on_message && h->on_message(call, m->data, m->len) < 0)

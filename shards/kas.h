@@ -51,6 +51,10 @@ enum {
     KD_RT_RDATA,                     /* O->R ptr2: front, ptr: kd_rt_blob (a response message) */
     KD_RT_END,                       /* O->R ptr2: front, u32: status, ptr: kd_rt_end payload */
     KD_RT_ACK_REQ,                   /* O->R ptr2: front, u64: request bytes handed to the tunnel */
+    /* Observability (shards/control.c, router participant n = the control thread). Every shard
+     * answers a request on its own thread; the control thread never reads shard-local state. */
+    KD_RT_STATS_REQ, /* control->shard u64: round number */
+    KD_RT_STATS,     /* shard->control u64: round number, ptr: struct kd_kas_snapshot payload (release it) */
 };
 
 struct kd_rt_blob {
@@ -104,6 +108,25 @@ struct kd_kas_stats {
     uint64_t routed_ok, routed_failed, routed_no_tunnel, auth_failures, protocol_violations;
 };
 void kd_kas_stats(struct kd_shard *s, struct kd_kas_stats *out);
+
+/* Routing decision time on the owner shard: from a routed call's START arriving there to the call
+ * being bound to a tunnel (success), its deadline passing with no tunnel (timeout), or the caller
+ * cancelling while it waited (aborted). Buckets: upper bounds in seconds, from 50 µs to 20 s. */
+#define KD_KAS_ROUTE_BUCKETS 18
+extern const double kd_kas_route_bucket_le[KD_KAS_ROUTE_BUCKETS];
+enum { KD_KAS_ROUTE_SUCCESS, KD_KAS_ROUTE_TIMEOUT, KD_KAS_ROUTE_ABORTED, KD_KAS_ROUTE_OUTCOMES };
+struct kd_kas_route_hist {
+    uint64_t buckets[KD_KAS_ROUTE_BUCKETS + 1]; /* per bucket, NOT cumulative; the last is +Inf */
+    uint64_t count, sum_ns;
+};
+
+/* A shard's answer to KD_RT_STATS_REQ, built on the shard's own thread. */
+struct kd_kas_snapshot {
+    struct kd_kas_stats kas;
+    struct kd_kas_route_hist route[KD_KAS_ROUTE_OUTCOMES];
+    uint32_t listeners_open; /* listening sockets still open on this shard */
+    bool stopping;           /* the shard has seen the stop request */
+};
 
 /* --- shared between agents.c (O side) and route.c (R side) --- */
 struct kd_kas_shard;

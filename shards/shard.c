@@ -187,6 +187,7 @@ static void stop_timer_cb(struct kd_timer *t)
         kd_log_uint(&l, "connections_closed", s->conns.live);
         kd_log_end(&l);
     }
+    s->force_closing = true;
     kd_conn_shutdown_all(s, true);
 }
 
@@ -263,14 +264,14 @@ static void loop(struct kd_shard *s)
         s->now_ms = kd_clock_ms();
         size_t fired = kd_timerwheel_run(&s->timers, s->now_ms, KD_SHARD_TIMER_BUDGET);
         kd_conn_flush_all(s);
-        if (s->eventfd_armed == false && !s->stopping)
+        if (!s->eventfd_armed) /* kept armed while stopping: the control thread still asks for stats */
             arm_eventfd(s);
 
         if (srv->opts.on_turn != NULL)
             srv->opts.on_turn(s);
 
         uint32_t own_ops = s->ops_inflight - (s->eventfd_armed ? 1u : 0u);
-        if (s->stopping && s->conns.live == 0 && s->listeners_open == 0 && own_ops == 0)
+        if (s->stopping && s->conns.live == 0 && s->listeners_open == 0 && own_ops == 0 && s->local_len == 0)
             break;
 
         bool busy = reaped == KD_SHARD_CQE_BUDGET || drained >= KD_SHARD_MSG_BUDGET || s->local_len > 0 ||

@@ -87,6 +87,7 @@ struct kd_shard {
     uint32_t ops_inflight; /* every op of this shard (conns, listeners, eventfd) */
 
     bool stopping;          /* stop seen: listeners closing, connections told */
+    bool force_closing;     /* the grace period is over: anything still arriving is closed */
     uint64_t stop_deadline; /* force-close remaining connections at this time */
     struct kd_timer stop_timer;
 

@@ -24,6 +24,9 @@ api:
 private_api:
   listen:
     address: 127.0.0.1:0
+observability:
+  listen:
+    address: 127.0.0.1:0
 limits:
   shutdown_grace: 5s
 """

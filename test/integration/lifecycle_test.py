@@ -86,7 +86,7 @@ class Lifecycle(unittest.TestCase):
     def test_start_connect_sigterm_exit_0(self):
         k = self.start()
         self.assertTrue(k.started, k.log())
-        self.assertEqual(set(k.listeners), {"agent", "api", "private_api"})
+        self.assertEqual(set(k.listeners), {"agent", "api", "private_api", "observability"})
         socks = []
         for name, addr in k.listeners.items():
             self.assertEqual(addr[0], "127.0.0.1")

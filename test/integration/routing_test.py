@@ -60,6 +60,9 @@ api:
 private_api:
   listen:
     address: 127.0.0.1:0
+observability:
+  listen:
+    address: 127.0.0.1:0
 limits:
   routing_timeout: 2s
   shutdown_grace: 3s
@@ -270,6 +273,37 @@ limits:
         data, _ = self.gl.unary("/test.Echo/Who", b"", agent_id=3, timeout=10)
         self.assertEqual(data, b"3", "other agents are untouched")
 
+    def test_agent_socket_dropped_with_live_tunnels(self):
+        """An agent whose TCP connection vanishes (no RST_STREAM, no GOAWAY) while its tunnels are
+        open: kasd ends them and carries on."""
+        import socket
+        import struct
+
+        def frame(t, flags, sid, payload=b""):
+            return struct.pack(">I", len(payload))[1:] + bytes([t, flags]) + struct.pack(">I", sid) + payload
+
+        def lit(n, v):
+            n, v = n.encode(), v.encode()
+            return b"\x00" + bytes([len(n)]) + n + (bytes([len(v)]) if len(v) < 127 else
+                                                     bytes([127, len(v) - 127])) + v
+        hdrs = b"".join(lit(n, v) for n, v in [
+            (":method", "POST"), (":scheme", "http"), (":authority", "kasd"),
+            (":path", "/gitlab.agent.reverse_tunnel.rpc.ReverseTunnel/Connect"),
+            ("content-type", "application/grpc"), ("te", "trailers"),
+            ("authorization", "Bearer " + self.tokens[9])])
+        desc = bytes.fromhex("0a0e0a0c0a0a0a03612e4212030a014d")  # descriptor{agent_descriptor{a.B/M}}
+        for _ in range(3):
+            s = socket.create_connection(self.kasd.listeners["agent"], timeout=5)
+            body = b"".join(frame(1, 4, sid, hdrs) + frame(0, 0, sid, b"\x00" + struct.pack(">I", len(desc)) + desc)
+                            for sid in (1, 3, 5))
+            s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0) + body)
+            time.sleep(0.3)
+            s.close()  # abrupt: the tunnels die with the socket
+        time.sleep(0.3)
+        self.assertIsNone(self.kasd.proc.poll(), "kasd must survive:\n" + self.kasd.log())
+        data, _ = self.gl.unary("/test.Echo/Who", b"", agent_id=2, timeout=10)
+        self.assertEqual(data, b"2")
+
     def test_health_on_every_listener(self):
         for name in ("agent", "api", "private_api"):
             with grpc.insecure_channel("%s:%d" % self.kasd.listeners[name]) as ch:
@@ -284,7 +318,8 @@ class Reload(unittest.TestCase):
         with open(path, "w") as f:
             f.write(f"agents:\n  - token: \"{old}\"\n    agent_id: 7\n    project_id: 1\n    agent_name: a\n")
         cfg = f"shards: 2\nagent:\n  listen:\n    address: 127.0.0.1:0\n  token_file: {path}\n" \
-              "api:\n  listen:\n    address: 127.0.0.1:0\nprivate_api:\n  listen:\n    address: 127.0.0.1:0\n"
+              "api:\n  listen:\n    address: 127.0.0.1:0\nprivate_api:\n  listen:\n    address: 127.0.0.1:0\n" \
+              "observability:\n  listen:\n    address: 127.0.0.1:0\n"
         k = Kasd(config=cfg)
         self.addCleanup(k.kill)
         self.assertTrue(k.started, k.log())

@@ -39,7 +39,8 @@ class Tls(unittest.TestCase):
         tls = f"    certificate_file: {c}/server.pem\n    key_file: {c}/server.key\n"
         cfg = (f"shards: 2\nagent:\n  listen:\n    address: 127.0.0.1:0\n{tls}  token_file: {d}/tokens.yaml\n"
                f"api:\n  listen:\n    address: 127.0.0.1:0\n{tls}    authentication_secret_file: {d}/api-secret\n"
-               f"private_api:\n  listen:\n    address: 127.0.0.1:0\n{tls}    client_ca_file: {c}/ca.pem\n")
+               f"private_api:\n  listen:\n    address: 127.0.0.1:0\n{tls}    client_ca_file: {c}/ca.pem\n"
+               "observability:\n  listen:\n    address: 127.0.0.1:0\n")
         cls.kasd = Kasd(config=cfg)
         assert cls.kasd.started, cls.kasd.log()
         cls.creds = grpc.ssl_channel_credentials(root_certificates=read("ca.pem"))
@@ -58,7 +59,8 @@ class Tls(unittest.TestCase):
 
     def test_listeners_announce_tls(self):
         protos = {ev["listener"]: ev.get("protocol") for ev in self.kasd.events if ev.get("event") == "listening"}
-        self.assertEqual(protos, {"agent": "grpc+tls", "api": "grpc+tls", "private_api": "grpc+tls"})
+        self.assertEqual(protos, {"agent": "grpc+tls", "api": "grpc+tls", "private_api": "grpc+tls",
+                                  "observability": "http/1.1+h2c"})
 
     def test_health_over_tls(self):
         for name in ("agent", "api"):

@@ -1,0 +1,616 @@
+/* control.c — the control thread (contract in control.h).
+ *
+ * Rounds: every endpoint that needs the shards (/metrics, /liveness, /readiness) queues its request
+ * for the NEXT round, so an answer never reflects state from before the request arrived:
+ *
+ *   idle ── request ──> round k: STATS_REQ(k) to shards 0..n-1, deadline = now + 2 s
+ *   round k: requests arriving now wait in `next`
+ *   STATS(k) from shard i: snapshot i stored (answers of an older round are just released)
+ *   all n answered or deadline ──> answer `cur` ──> `next` non-empty? start round k+1 : idle
+ *
+ * Invariants: in_round iff a round is open; have[i] iff snaps[i] holds round `round`'s answer of
+ * shard i; answered == number of have[i]. Every KD_RT_STATS payload is released at once (it goes
+ * home to be freed on its shard).
+ *
+ * The loop follows the router's sleep protocol (router.h): drain, then prepare_sleep before blocking
+ * in h2o's epoll wait; a shard that sends while we sleep writes our eventfd, which h2o watches.
+ */
+#include "shards/control.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <semaphore.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include "core/clock.h"
+#include "core/httpd.h"
+#include "core/log.h"
+#include "router/router.h"
+#include "shards/kas.h"
+#include "shards/server.h"
+#include "shards/shard.h"
+
+#define DRAIN_BUDGET 1024
+
+enum endpoint { EP_METRICS, EP_LIVENESS, EP_READINESS };
+
+struct pending {
+    struct pending *next;
+    struct kd_httpd_req *req;
+    enum endpoint ep;
+};
+
+struct kd_control {
+    struct kd_server *srv;
+    struct kd_router *router;
+    unsigned n;    /* shards */
+    unsigned self; /* router participant: n */
+    int listen_fd, efd;
+    struct sockaddr_storage bound;
+    pthread_t thread;
+    sem_t done; /* posted by the control thread when it has stopped (then it parks) */
+    bool started;
+    _Atomic bool stop;
+    struct kd_httpd *httpd;
+
+    /* round state, control thread only */
+    uint64_t round;
+    bool in_round;
+    uint64_t deadline_ms;
+    unsigned answered;
+    bool *have;
+    struct kd_kas_snapshot *snaps;
+    struct pending *cur, *next; /* LIFO lists; order of answers within a round does not matter */
+};
+
+/* ---- text buffer ---- */
+
+struct buf {
+    char *p;
+    size_t len, cap;
+    bool oom;
+};
+
+__attribute__((format(printf, 2, 3))) static void bprintf(struct buf *b, const char *fmt, ...)
+{
+    if (b->oom)
+        return;
+    for (;;) {
+        va_list ap;
+        va_start(ap, fmt);
+        int w = vsnprintf(b->p + b->len, b->cap - b->len, fmt, ap);
+        va_end(ap);
+        if (w < 0) {
+            b->oom = true;
+            return;
+        }
+        if ((size_t)w < b->cap - b->len) {
+            b->len += (size_t)w;
+            return;
+        }
+        size_t ncap = (b->cap ? b->cap * 2 : 16384) + (size_t)w;
+        char *np = realloc(b->p, ncap);
+        if (np == NULL) {
+            b->oom = true;
+            return;
+        }
+        b->p = np;
+        b->cap = ncap;
+    }
+}
+
+static void family(struct buf *b, const char *name, const char *type, const char *help)
+{
+    bprintf(b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+/* ---- process figures ---- */
+
+static uint64_t rss_bytes(void)
+{
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    uint64_t kb = 0;
+    if (f == NULL)
+        return 0;
+    while (fgets(line, sizeof(line), f) != NULL)
+        if (strncmp(line, "VmRSS:", 6) == 0) {
+            kb = strtoull(line + 6, NULL, 10);
+            break;
+        }
+    fclose(f);
+    return kb * 1024;
+}
+
+static uint64_t open_fds(void)
+{
+    DIR *d = opendir("/proc/self/fd");
+    uint64_t n = 0;
+    if (d == NULL)
+        return 0;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL)
+        if (e->d_name[0] != '.')
+            n++;
+    closedir(d);
+    return n > 0 ? n - 1 : 0; /* minus the directory's own fd */
+}
+
+/* ---- /metrics ---- */
+
+/* One family of per-shard counters read straight from kd_shard_stats (single writer, relaxed). */
+#define SHARD_COUNTER(field, name, help)                                                                     \
+    do {                                                                                                     \
+        family(b, name, "counter", help);                                                                    \
+        for (unsigned i = 0; i < c->n; i++)                                                                  \
+            bprintf(b, name "{shard=\"%u\"} %llu\n", i,                                                      \
+                    (unsigned long long)kd_stat_get(&kd_server_shard_stats(c->srv, i)->field));              \
+    } while (0)
+
+#define ROUTER_COUNTER(field, name, help)                                                                    \
+    do {                                                                                                     \
+        family(b, name, "counter", help);                                                                    \
+        for (unsigned i = 0; i <= c->n; i++) {                                                               \
+            const struct kd_router_stats *rs = kd_router_stats(c->router, i);                                \
+            if (i < c->n)                                                                                    \
+                bprintf(b, name "{shard=\"%u\"} %llu\n", i, (unsigned long long)kd_stat_get(&rs->field));    \
+            else                                                                                             \
+                bprintf(b, name "{shard=\"control\"} %llu\n", (unsigned long long)kd_stat_get(&rs->field));  \
+        }                                                                                                    \
+    } while (0)
+
+/* A per-shard value from the snapshots; shards that did not answer this round are left out. */
+#define KAS_SERIES(type, expr, name, help)                                                                   \
+    do {                                                                                                     \
+        family(b, name, type, help);                                                                         \
+        for (unsigned i = 0; i < c->n; i++)                                                                  \
+            if (c->have[i]) {                                                                                \
+                const struct kd_kas_snapshot *sn = &c->snaps[i];                                             \
+                bprintf(b, name "{shard=\"%u\"} %llu\n", i, (unsigned long long)(expr));                     \
+            }                                                                                                \
+    } while (0)
+
+static void render_metrics(struct kd_control *c, struct buf *b)
+{
+    family(b, "kasd_build_info", "gauge", "Always 1; the version label is kasd's version.");
+    bprintf(b, "kasd_build_info{version=\"%s\"} 1\n", KD_VERSION);
+    family(b, "kasd_shards", "gauge", "Number of shard threads.");
+    bprintf(b, "kasd_shards %u\n", c->n);
+    family(b, "kasd_shard_responsive", "gauge",
+           "1 if the shard answered the control thread's request for this scrape within 2 s, else 0.");
+    for (unsigned i = 0; i < c->n; i++)
+        bprintf(b, "kasd_shard_responsive{shard=\"%u\"} %d\n", i, c->have[i] ? 1 : 0);
+    family(b, "process_resident_memory_bytes", "gauge", "Resident set size of the kasd process (VmRSS).");
+    bprintf(b, "process_resident_memory_bytes %llu\n", (unsigned long long)rss_bytes());
+    family(b, "process_open_fds", "gauge", "Open file descriptors of the kasd process.");
+    bprintf(b, "process_open_fds %llu\n", (unsigned long long)open_fds());
+    family(b, "kasd_log_lines_dropped_total", "counter", "Log lines dropped because the log pipe was full.");
+    bprintf(b, "kasd_log_lines_dropped_total %llu\n", (unsigned long long)kd_log_dropped());
+
+    SHARD_COUNTER(accepted, "kasd_connections_accepted_total",
+                  "Connections accepted on the shard's listeners (all listeners).");
+    SHARD_COUNTER(refused, "kasd_connections_refused_total",
+                  "Connections accepted then closed at once because the connection table was full.");
+    SHARD_COUNTER(closed, "kasd_connections_closed_total", "Connections closed on the shard.");
+    SHARD_COUNTER(accept_errors, "kasd_accept_errors_total", "accept() errors (EMFILE, ENFILE, ...).");
+    SHARD_COUNTER(handoffs_out, "kasd_connection_handoffs_out_total",
+                  "Agent connections handed from this shard to the agent's owner shard.");
+    SHARD_COUNTER(handoffs_in, "kasd_connection_handoffs_in_total",
+                  "Agent connections adopted by this shard.");
+    SHARD_COUNTER(handoffs_refused, "kasd_connection_handoffs_refused_total",
+                  "Hand-offs that arrived when this shard's connection table was full.");
+    SHARD_COUNTER(recv_bytes, "kasd_received_bytes_total", "Bytes received from sockets (before TLS).");
+    SHARD_COUNTER(sent_bytes, "kasd_sent_bytes_total", "Bytes sent to sockets (after TLS).");
+    SHARD_COUNTER(enobufs, "kasd_recv_buffers_exhausted_total",
+                  "Receives re-armed because the shard's provided buffer ring ran dry.");
+    SHARD_COUNTER(stale_cqes, "kasd_stale_completions_total",
+                  "io_uring completions for a connection slot that was already reused (dropped).");
+    SHARD_COUNTER(loops, "kasd_shard_loop_turns_total", "Turns of the shard's event loop.");
+    SHARD_COUNTER(sleeps, "kasd_shard_sleeps_total", "Times the shard blocked waiting for work.");
+
+    ROUTER_COUNTER(sent, "kasd_router_messages_sent_total", "Cross-shard messages sent (including to self).");
+    ROUTER_COUNTER(received, "kasd_router_messages_received_total", "Cross-shard messages handled.");
+    ROUTER_COUNTER(overflowed, "kasd_router_messages_overflowed_total",
+                   "Messages that found the ring full and waited in the sender's overflow queue.");
+    ROUTER_COUNTER(doorbells_sent, "kasd_router_doorbells_sent_total",
+                   "Wake-ups sent to a sleeping participant (msg_ring or eventfd).");
+    ROUTER_COUNTER(doorbells_saved, "kasd_router_doorbells_saved_total",
+                   "Sends that needed no wake-up because the target was awake.");
+    ROUTER_COUNTER(released_remote, "kasd_router_payloads_released_remote_total",
+                   "Payloads sent back to the participant that allocated them, to be freed there.");
+
+    KAS_SERIES("gauge", sn->kas.agents, "kasd_agents",
+               "Agents with a tunnel, a pod or a waiting call on the shard.");
+    family(b, "kasd_tunnels", "gauge", "Reverse tunnels on the shard, by state (idle: ready for a call).");
+    for (unsigned i = 0; i < c->n; i++)
+        if (c->have[i]) {
+            bprintf(b, "kasd_tunnels{shard=\"%u\",state=\"idle\"} %llu\n", i,
+                    (unsigned long long)c->snaps[i].kas.tunnels_idle);
+            bprintf(b, "kasd_tunnels{shard=\"%u\",state=\"busy\"} %llu\n", i,
+                    (unsigned long long)c->snaps[i].kas.tunnels_busy);
+        }
+    KAS_SERIES("gauge", sn->kas.waiting_calls, "kasd_waiting_calls",
+               "Routed calls waiting on their agent's owner shard for a tunnel.");
+    family(b, "kasd_routed_calls_total", "counter",
+           "Routed calls finished on the agent's owner shard, by outcome (ok: gRPC status OK).");
+    for (unsigned i = 0; i < c->n; i++)
+        if (c->have[i]) {
+            bprintf(b, "kasd_routed_calls_total{shard=\"%u\",outcome=\"ok\"} %llu\n", i,
+                    (unsigned long long)c->snaps[i].kas.routed_ok);
+            bprintf(b, "kasd_routed_calls_total{shard=\"%u\",outcome=\"failed\"} %llu\n", i,
+                    (unsigned long long)c->snaps[i].kas.routed_failed);
+        }
+    KAS_SERIES("counter", sn->kas.routed_no_tunnel, "kasd_routed_calls_no_tunnel_total",
+               "Routed calls that found no tunnel before their deadline (also counted as failed).");
+    KAS_SERIES("counter", sn->kas.auth_failures, "kasd_agent_auth_failures_total",
+               "Agent calls refused because the agent token was missing or unknown.");
+    KAS_SERIES("counter", sn->kas.protocol_violations, "kasd_agent_protocol_violations_total",
+               "Tunnels closed because the agent broke the tunnel protocol.");
+
+    /* The histogram is merged over the shards that answered (no shard label: buckets add up). */
+    static const char *const outcome[KD_KAS_ROUTE_OUTCOMES] = {"success", "timeout", "aborted"};
+    family(b, "k8s_api_proxy_routing_duration_seconds", "histogram",
+           "Routing decision time on the agent's owner shard: from the routed call's arrival there to "
+           "its binding to a tunnel (success), its deadline (timeout) or its cancellation (aborted).");
+    for (int o = 0; o < KD_KAS_ROUTE_OUTCOMES; o++) {
+        struct kd_kas_route_hist h = {0};
+        for (unsigned i = 0; i < c->n; i++)
+            if (c->have[i]) {
+                const struct kd_kas_route_hist *s = &c->snaps[i].route[o];
+                for (int k = 0; k <= KD_KAS_ROUTE_BUCKETS; k++)
+                    h.buckets[k] += s->buckets[k];
+                h.count += s->count;
+                h.sum_ns += s->sum_ns;
+            }
+        uint64_t cum = 0;
+        for (int k = 0; k < KD_KAS_ROUTE_BUCKETS; k++) {
+            cum += h.buckets[k];
+            bprintf(b, "k8s_api_proxy_routing_duration_seconds_bucket{status=\"%s\",le=\"%g\"} %llu\n",
+                    outcome[o], kd_kas_route_bucket_le[k], (unsigned long long)cum);
+        }
+        cum += h.buckets[KD_KAS_ROUTE_BUCKETS];
+        bprintf(b, "k8s_api_proxy_routing_duration_seconds_bucket{status=\"%s\",le=\"+Inf\"} %llu\n",
+                outcome[o], (unsigned long long)cum);
+        bprintf(b, "k8s_api_proxy_routing_duration_seconds_sum{status=\"%s\"} %.9f\n", outcome[o],
+                (double)h.sum_ns / 1e9);
+        bprintf(b, "k8s_api_proxy_routing_duration_seconds_count{status=\"%s\"} %llu\n", outcome[o],
+                (unsigned long long)h.count);
+    }
+}
+
+/* ---- answering ---- */
+
+static bool draining(const struct kd_control *c)
+{
+    /* The server's stop flag is an atomic written by main (kd_server_stop): not shard-local. */
+    return atomic_load_explicit(&c->srv->stopping, memory_order_acquire);
+}
+
+static void answer(struct kd_control *c, struct pending *p)
+{
+    char msg[256];
+    switch (p->ep) {
+    case EP_METRICS: {
+        struct buf b = {0};
+        render_metrics(c, &b);
+        if (b.oom)
+            kd_httpd_respond(p->req, 503, "text/plain; charset=utf-8", "out of memory\n", 14);
+        else
+            kd_httpd_respond(p->req, 200, "text/plain; version=0.0.4; charset=utf-8", b.p, b.len);
+        free(b.p);
+        break;
+    }
+    case EP_LIVENESS: {
+        /* While draining, a shard with nothing left to serve exits its loop and can no longer answer;
+         * shard threads are not observable from here otherwise, so a silent shard is presumed
+         * finished, not stuck (the grace period bounds the drain anyway). */
+        int len = 0;
+        for (unsigned i = 0; i < c->n && len < (int)sizeof(msg) - 64 && !draining(c); i++)
+            if (!c->have[i])
+                len += snprintf(msg + len, sizeof(msg) - (size_t)len,
+                                "shard %u did not answer within %d ms\n", i, KD_CONTROL_ROUND_TIMEOUT_MS);
+        if (len == 0)
+            kd_httpd_respond(p->req, 200, "text/plain; charset=utf-8", "ok\n", 3);
+        else
+            kd_httpd_respond(p->req, 503, "text/plain; charset=utf-8", msg, (size_t)len);
+        break;
+    }
+    case EP_READINESS: {
+        /* Redis reachability is not part of readiness yet: kasd has no Redis client (issue list). */
+        int len = 0;
+        if (draining(c))
+            len = snprintf(msg, sizeof(msg), "draining: kasd is stopping\n");
+        for (unsigned i = 0; i < c->n && len == 0; i++) {
+            if (!c->have[i])
+                len = snprintf(msg, sizeof(msg), "shard %u did not answer\n", i);
+            else if (c->snaps[i].stopping)
+                len = snprintf(msg, sizeof(msg), "draining: shard %u is stopping\n", i);
+            else if (c->snaps[i].listeners_open < c->srv->opts.nlisteners)
+                len = snprintf(msg, sizeof(msg), "shard %u has %u of %u listeners open\n", i,
+                               c->snaps[i].listeners_open, c->srv->opts.nlisteners);
+        }
+        if (len == 0)
+            kd_httpd_respond(p->req, 200, "text/plain; charset=utf-8", "ok\n", 3);
+        else
+            kd_httpd_respond(p->req, 503, "text/plain; charset=utf-8", msg, (size_t)len);
+        break;
+    }
+    }
+    free(p);
+}
+
+static void start_round(struct kd_control *c)
+{
+    c->round++;
+    c->in_round = true;
+    c->answered = 0;
+    memset(c->have, 0, c->n * sizeof(*c->have));
+    c->cur = c->next;
+    c->next = NULL;
+    c->deadline_ms = kd_clock_ms() + KD_CONTROL_ROUND_TIMEOUT_MS;
+    for (unsigned i = 0; i < c->n; i++) {
+        struct kd_msg m = {.type = KD_RT_STATS_REQ, .u64 = c->round};
+        kd_router_send(c->router, c->self, i, &m);
+    }
+}
+
+static void finish_round(struct kd_control *c)
+{
+    c->in_round = false;
+    struct pending *p = c->cur;
+    c->cur = NULL;
+    while (p != NULL) {
+        struct pending *next = p->next;
+        answer(c, p);
+        p = next;
+    }
+    if (c->next != NULL && !atomic_load(&c->stop))
+        start_round(c);
+}
+
+static void on_router_msg(void *ud, const struct kd_msg *m)
+{
+    struct kd_control *c = ud;
+    if (m->type != KD_RT_STATS) {
+        kd_log_msg(KD_LOG_ERROR, "router_unknown_message", "control: type %u from %u dropped", m->type,
+                   m->from);
+        return;
+    }
+    if (c->in_round && m->u64 == c->round && m->from < c->n && !c->have[m->from]) {
+        memcpy(&c->snaps[m->from], m->ptr, sizeof(c->snaps[0]));
+        c->have[m->from] = true;
+        c->answered++;
+    }
+    kd_router_payload_release(c->router, c->self, m->ptr);
+    if (c->in_round && c->answered == c->n)
+        finish_round(c);
+}
+
+static void on_request(void *ud, struct kd_httpd_req *req, const char *method, size_t mlen, const char *path,
+                       size_t plen)
+{
+    struct kd_control *c = ud;
+    enum endpoint ep;
+#define IS(s) (plen == sizeof(s) - 1 && memcmp(path, s, plen) == 0)
+    if (IS("/metrics"))
+        ep = EP_METRICS;
+    else if (IS("/liveness"))
+        ep = EP_LIVENESS;
+    else if (IS("/readiness"))
+        ep = EP_READINESS;
+    else {
+        kd_httpd_respond(req, 404, "text/plain; charset=utf-8",
+                         "not found: try /metrics, /liveness, /readiness\n", 47);
+        return;
+    }
+#undef IS
+    if (!((mlen == 3 && memcmp(method, "GET", 3) == 0) || (mlen == 4 && memcmp(method, "HEAD", 4) == 0))) {
+        kd_httpd_respond(req, 405, "text/plain; charset=utf-8", "method not allowed\n", 19);
+        return;
+    }
+    if (ep == EP_READINESS && draining(c)) { /* no need to ask anyone */
+        kd_httpd_respond(req, 503, "text/plain; charset=utf-8", "draining: kasd is stopping\n", 27);
+        return;
+    }
+    if (ep == EP_LIVENESS && draining(c)) { /* see answer(): silent shards count as finished */
+        kd_httpd_respond(req, 200, "text/plain; charset=utf-8", "ok (draining)\n", 14);
+        return;
+    }
+    struct pending *p = malloc(sizeof(*p));
+    if (p == NULL) {
+        kd_httpd_respond(req, 503, "text/plain; charset=utf-8", "out of memory\n", 14);
+        return;
+    }
+    p->req = req;
+    p->ep = ep;
+    p->next = c->next;
+    c->next = p;
+    if (!c->in_round)
+        start_round(c);
+}
+
+static void on_wake(void *ud)
+{
+    (void)ud; /* the loop drains the router after every turn */
+}
+
+static void fail_all(struct pending *p)
+{
+    while (p != NULL) {
+        struct pending *next = p->next;
+        kd_httpd_respond(p->req, 503, "text/plain; charset=utf-8", "kasd is stopping\n", 17);
+        free(p);
+        p = next;
+    }
+}
+
+static void *control_main(void *arg)
+{
+    struct kd_control *c = arg;
+    pthread_setname_np(pthread_self(), "kasd-control");
+    while (!atomic_load_explicit(&c->stop, memory_order_acquire)) {
+        kd_router_drain(c->router, c->self, DRAIN_BUDGET);
+        uint64_t now = kd_clock_ms();
+        if (c->in_round && now >= c->deadline_ms)
+            finish_round(c);
+        int timeout = -1;
+        if (c->in_round)
+            timeout = (int)(c->deadline_ms - now);
+        if (kd_router_has_backlog(c->router, c->self))
+            timeout = 1; /* overflow: nobody rings for it, retry soon */
+        if (!kd_router_prepare_sleep(c->router, c->self))
+            timeout = 0;
+        kd_httpd_run(c->httpd, timeout);
+        kd_router_awake(c->router, c->self);
+    }
+    /* Stop: nothing more is accepted; pending requests get 503; connections get a moment to
+     * flush their last answers. */
+    kd_httpd_close_listener(c->httpd);
+    fail_all(c->cur);
+    fail_all(c->next);
+    c->cur = c->next = NULL;
+    c->in_round = false;
+    uint64_t until = kd_clock_ms() + 300;
+    while (kd_httpd_connections(c->httpd) != 0 && kd_clock_ms() < until) {
+        kd_router_drain(c->router, c->self, DRAIN_BUDGET); /* release late answers */
+        kd_httpd_run(c->httpd, 20);
+    }
+    kd_router_drain(c->router, c->self, DRAIN_BUDGET);
+    if (!kd_httpd_destroy(c->httpd))
+        kd_log_msg(KD_LOG_DEBUG, "observability_stop",
+                   "connections still open at exit: h2o context left allocated");
+    c->httpd = NULL;
+    /* Done: from here on the thread touches nothing of c. It parks instead of exiting because h2o
+     * 2.2 keeps per-thread caches in private thread-locals it never frees (memory pool chunks,
+     * HTTP/2 write buffers, ~90 KB): reachable only from this thread's TLS, they would turn into
+     * leaks (and LeakSanitizer reports) if the thread exited. Blocked with every handled signal
+     * masked, it costs no CPU and ends with the process. */
+    sem_post(&c->done);
+    for (;;)
+        pause();
+    return NULL;
+}
+
+int kd_control_create(struct kd_server *srv, const struct sockaddr_storage *addr, socklen_t addrlen,
+                      struct kd_control **out, char *err, size_t errlen)
+{
+    *out = NULL;
+    struct kd_control *c = calloc(1, sizeof(*c));
+    if (c == NULL) {
+        snprintf(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
+    c->srv = srv;
+    c->router = kd_server_router(srv);
+    c->n = kd_server_nshards(srv);
+    c->self = c->n;
+    c->listen_fd = c->efd = -1;
+    sem_init(&c->done, 0, 0);
+    c->have = calloc(c->n, sizeof(*c->have));
+    c->snaps = calloc(c->n, sizeof(*c->snaps));
+    if (c->have == NULL || c->snaps == NULL) {
+        snprintf(err, errlen, "out of memory");
+        kd_control_destroy(c);
+        return -ENOMEM;
+    }
+    int rc = kd_listener_bind(addr, addrlen, &c->listen_fd, err, errlen);
+    if (rc < 0) {
+        size_t used = strlen(err);
+        snprintf(err + used, errlen - used, " (observability listener)");
+        kd_control_destroy(c);
+        return rc;
+    }
+    socklen_t len = sizeof(c->bound);
+    getsockname(c->listen_fd, (struct sockaddr *)&c->bound, &len);
+    c->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (c->efd < 0) {
+        rc = -errno;
+        snprintf(err, errlen, "eventfd: %s", strerror(-rc));
+        kd_control_destroy(c);
+        return rc;
+    }
+    *out = c;
+    return 0;
+}
+
+void kd_control_address(const struct kd_control *c, char *buf, size_t len)
+{
+    kd_listener_format(&c->bound, buf, len);
+}
+
+int kd_control_start(struct kd_control *c, char *err, size_t errlen)
+{
+    /* h2o closes the fds it watches, so it gets a duplicate of the eventfd: the original stays
+     * valid for the shards' doorbells and for kd_control_stop until kd_control_destroy. */
+    int wake = fcntl(c->efd, F_DUPFD_CLOEXEC, 0);
+    if (wake < 0) {
+        snprintf(err, errlen, "fcntl(F_DUPFD_CLOEXEC): %s", strerror(errno));
+        return -errno;
+    }
+    struct kd_httpd_opts o = {
+        .listen_fd = c->listen_fd,
+        .wake_fd = wake,
+        .on_wake = on_wake,
+        .on_request = on_request,
+        .ud = c,
+    };
+    int rc = kd_httpd_create(&o, &c->httpd, err, errlen);
+    if (rc < 0) {
+        close(wake);
+        return rc;
+    }
+    c->listen_fd = -1; /* the httpd owns it now */
+    /* Attached here, before the thread exists: the router only asks that attach happen before the
+     * participant sends or receives, and shards send to us only in answer to our requests. */
+    rc = kd_router_attach(c->router, c->self, NULL, 0, c->efd, on_router_msg, c);
+    if (rc < 0) {
+        snprintf(err, errlen, "router attach (control): %s", strerror(-rc));
+        return rc;
+    }
+    rc = pthread_create(&c->thread, NULL, control_main, c);
+    if (rc != 0) {
+        snprintf(err, errlen, "starting the control thread: %s", strerror(rc));
+        return -rc;
+    }
+    c->started = true;
+    return 0;
+}
+
+void kd_control_stop(struct kd_control *c)
+{
+    if (c == NULL || !c->started)
+        return;
+    atomic_store_explicit(&c->stop, true, memory_order_release);
+    uint64_t one = 1;
+    ssize_t w = write(c->efd, &one, sizeof(one));
+    (void)w; /* EAGAIN: the counter is full, the thread wakes anyway */
+    while (sem_wait(&c->done) < 0 && errno == EINTR)
+        ;
+    pthread_detach(c->thread); /* parked, see control_main */
+    c->started = false;
+}
+
+void kd_control_destroy(struct kd_control *c)
+{
+    if (c == NULL)
+        return;
+    kd_control_stop(c);
+    if (c->httpd != NULL) /* created, but the thread never started */
+        kd_httpd_destroy(c->httpd);
+    if (c->listen_fd >= 0)
+        close(c->listen_fd);
+    if (c->efd >= 0)
+        close(c->efd);
+    free(c->have);
+    free(c->snaps);
+    sem_destroy(&c->done);
+    free(c);
+}

@@ -1,0 +1,37 @@
+/* control.h — the control thread: the observability listener (/metrics, /liveness, /readiness) on
+ * core/httpd (h2o), and router participant n (= number of shards).
+ * Concurrency: kd_control_create/start/stop/destroy are called by the main thread; everything else
+ * runs on the control thread. The control thread never touches shard-local state: it asks every
+ * shard through the router (KD_RT_STATS_REQ, answered with a KD_RT_STATS snapshot built on the
+ * shard), and reads only single-writer counters (kd_shard_stats, kd_router_stats) directly. Shards
+ * never wait for it: they answer with a non-blocking router send and go on.
+ * Ownership: the control owns its listening socket, its eventfd and the h2o loop; it borrows the
+ * server, which must outlive it (stop the control after kd_server_wait, before kd_server_destroy).
+ *
+ *   HTTP request ─> queued for the next round ─> round k: STATS_REQ(k) to every shard
+ *   shard i: STATS(k, snapshot) ─> stored ─> all n answered, or 2 s passed ─> answer queued requests
+ */
+#ifndef KD_SHARDS_CONTROL_H
+#define KD_SHARDS_CONTROL_H
+
+#include <stddef.h>
+#include <sys/socket.h>
+
+struct kd_server;
+struct kd_control;
+
+/* How long a round waits for the shards' answers; a shard that misses it fails /liveness. */
+#define KD_CONTROL_ROUND_TIMEOUT_MS 2000
+
+/* Binds the observability listener now (so a busy port fails the start with a clear message). */
+int kd_control_create(struct kd_server *srv, const struct sockaddr_storage *addr, socklen_t addrlen,
+                      struct kd_control **out, char *err, size_t errlen);
+/* "127.0.0.1:8151", the bound address (port 0 resolved). */
+void kd_control_address(const struct kd_control *c, char *buf, size_t len);
+/* Starts the control thread. 0 or -errno (message in err). */
+int kd_control_start(struct kd_control *c, char *err, size_t errlen);
+/* Answers what is pending (503), stops the thread and joins it. */
+void kd_control_stop(struct kd_control *c);
+void kd_control_destroy(struct kd_control *c);
+
+#endif
