@@ -14,6 +14,7 @@ KASD_PACKAGES=(
 KASD_TEST_PACKAGES=(
   libcriterion-dev
   python3-grpcio python3-protobuf protobuf-compiler   # interop tests with real gRPC peers
+  haproxy                    # the S1 peer baseline of the bench harness (smoke-tested)
   clang libclang-rt-14-dev   # libFuzzer drivers
   curl
 )

@@ -3,6 +3,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <sched.h>
 #include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -46,8 +47,22 @@ int kd_server_create(const struct kd_server_opts *opts, struct kd_server **out, 
     if (srv == NULL)
         return -ENOMEM;
     srv->opts = *opts;
-    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
-    srv->ncpu = ncpu > 0 ? (unsigned)ncpu : 1;
+    /* The CPUs this process may run on (taskset, cgroup cpusets), not every online CPU: shards
+     * are pinned inside that set, and by default there is one shard per CPU in it. */
+    cpu_set_t allowed;
+    srv->ncpu = 0;
+    if (sched_getaffinity(0, sizeof(allowed), &allowed) == 0) {
+        for (int c = 0; c < CPU_SETSIZE && srv->ncpu < KD_MAX_CPUS; c++)
+            if (CPU_ISSET(c, &allowed))
+                srv->cpus[srv->ncpu++] = c;
+    }
+    if (srv->ncpu == 0) {
+        long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+        for (long c = 0; c < ncpu && c < KD_MAX_CPUS; c++)
+            srv->cpus[srv->ncpu++] = (int)c;
+        if (srv->ncpu == 0)
+            srv->cpus[srv->ncpu++] = 0;
+    }
     srv->n = opts->shards ? opts->shards : srv->ncpu;
     sem_init(&srv->ready, 0, 0);
     sem_init(&srv->go, 0, 0);

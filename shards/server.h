@@ -38,7 +38,7 @@ struct kd_server_listener {
 
 struct kd_server_opts {
     unsigned shards; /* 0 = online CPUs */
-    bool pin;        /* pin shard i to CPU i % ncpu */
+    bool pin;        /* pin shard i to the i-th CPU (mod n) of the process's affinity mask */
     struct kd_server_listener listeners[KD_MAX_LISTENERS];
     unsigned nlisteners;
     uint32_t connections_per_shard;

@@ -365,7 +365,7 @@ void *kd_shard_main(void *arg)
     if (srv->opts.pin && srv->ncpu > 0) {
         cpu_set_t set;
         CPU_ZERO(&set);
-        CPU_SET(s->id % srv->ncpu, &set);
+        CPU_SET(srv->cpus[s->id % srv->ncpu], &set);
         pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
     }
     s->start_err = setup(s);

@@ -32,6 +32,7 @@
 #define KD_SHARD_CQE_BUDGET   512
 #define KD_SHARD_MSG_BUDGET   512
 #define KD_SHARD_TIMER_BUDGET 1024
+#define KD_MAX_CPUS           1024
 
 /* Router message types owned by the shard layer; protocols use >= KD_MSG_SHARD_USER. */
 enum {
@@ -102,8 +103,9 @@ struct kd_shard {
 /* The server as shards see it (defined here, not in server.h: only shards/ looks inside). */
 struct kd_server {
     struct kd_server_opts opts;
-    unsigned n; /* shards; router participant n is the control thread */
-    unsigned ncpu;
+    unsigned n;            /* shards; router participant n is the control thread */
+    unsigned ncpu;         /* CPUs in the process's affinity mask */
+    int cpus[KD_MAX_CPUS]; /* their numbers; shard i is pinned to cpus[i % ncpu] */
     struct kd_router *router;
     struct kd_shard *shards;
     struct sockaddr_storage bound[KD_MAX_LISTENERS];

@@ -1,0 +1,105 @@
+"""The bench harness in quick mode (bench/run all --quick): every scenario runs end to end and every
+call succeeds. Timings are printed by the harness but never checked here (performance.md: timings
+belong in benchmarks, not in tests).
+
+Environment: KASD_BIN, BENCH_AGENTSIM, BENCH_LOADGEN (paths of the binaries; bench/run reads the
+same variables), optionally KASD_BUILD."""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import unittest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RUN = os.path.join(ROOT, "bench", "run")
+LOADGEN = os.environ.get("BENCH_LOADGEN", os.path.join(ROOT, "build", "bench", "loadgen"))
+
+
+class BenchSmoke(unittest.TestCase):
+    report = None
+    output = ""
+    rc = None
+
+    @classmethod
+    def setUpClass(cls):
+        fd, path = tempfile.mkstemp(prefix="bench-smoke-", suffix=".json")
+        os.close(fd)
+        try:
+            p = subprocess.run([sys.executable, RUN, "all", "--quick", "--json", path], capture_output=True,
+                               text=True, timeout=300, cwd=ROOT)
+            cls.rc = p.returncode
+            cls.output = p.stdout + p.stderr
+            with open(path) as f:
+                cls.report = json.load(f)
+        finally:
+            os.unlink(path)
+
+    def setUp(self):
+        self.assertIsNotNone(self.report, self.output)
+
+    def test_harness_exit_status(self):
+        self.assertEqual(self.rc, 0, self.output)
+        self.assertEqual(self.report["failures"], [], self.output)
+
+    def test_histogram_self_check(self):
+        p = subprocess.run([LOADGEN, "--self-check"], capture_output=True, text=True, timeout=30)
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+
+    def test_s1_every_call_succeeded(self):
+        s1 = self.report["scenarios"]["S1"]
+        self.assertNotIn("error", s1, self.output)
+        layouts = [k for k in s1 if k != "notes"]
+        self.assertTrue(layouts, self.output)
+        for lay in layouts:
+            raw = s1[lay]["raw"]
+            for path in ("direct", "routed", "routed-1agent"):
+                self.assertTrue(raw[path], f"{lay} {path}: no run")
+                for res in raw[path]:
+                    self.assertEqual(res["exit"], 0, res)
+                    self.assertGreater(res["calls_ok"], 0, res)
+                    self.assertEqual(res["calls_failed"], 0, res)
+                    self.assertEqual(res["mismatches"], 0, res)
+                    self.assertGreater(res["latency_us"]["n"], 0, res)
+            for res in raw.get("haproxy", []):  # haproxy may be missing: then noted, not run
+                self.assertEqual(res["calls_failed"], 0, res)
+            half = s1[lay]["raw_half_load"]
+            for res in half["routed"] + half["direct"]:
+                self.assertEqual(res["calls_failed"], 0, res)
+                self.assertGreater(res["calls_ok"], 0, res)
+            self.assertEqual(s1[lay]["agentsim"]["calls_failed"], 0)
+            self.assertEqual(s1[lay]["agentsim"]["protocol_errors"], 0)
+            self.assertGreater(s1[lay]["agentsim"]["tunnel_calls"], 0)
+
+    def test_s4_every_agent_connected(self):
+        s4 = self.report["scenarios"]["S4"]
+        self.assertNotIn("error", s4, self.output)
+        self.assertIn("h2c-200", s4["raw"], self.output)
+        self.assertIn("tls-200", s4["raw"], self.output)
+        for key, runs in s4["raw"].items():
+            for res in runs:
+                self.assertEqual(res["agentsim"]["registers_ok"], res["agents"], key)
+                self.assertEqual(res["agentsim"]["protocol_errors"], 0, key)
+                self.assertGreater(res["rss_loaded_kib"], 0, key)
+
+    def test_s7_streams_succeeded(self):
+        s7 = self.report["scenarios"]["S7"]
+        self.assertNotIn("error", s7, self.output)
+        for lay in [k for k in s7 if k not in ("notes", "slow_reader")]:
+            for path in ("direct", "routed"):
+                for res in s7[lay]["raw"][path]:
+                    self.assertEqual(res["calls_failed"], 0, res)
+                    self.assertEqual(res["mismatches"], 0, res)
+                    self.assertGreater(res["bytes_recv"], 0, res)
+        slow = s7["slow_reader"]
+        for res in slow["raw"]:
+            self.assertEqual(res["calls_failed"], 0, res)
+            self.assertEqual(res["calls_ok_total"], 1, res)
+            self.assertGreater(res["peak_rss_kib"], 0, res)
+
+
+if __name__ == "__main__":
+    result = unittest.main(exit=False, verbosity=2).result
+    failed = len(result.failures) + len(result.errors)
+    print(f"{result.testsRun - failed} passed, {failed} failed")
+    sys.exit(1 if failed else 0)
