@@ -57,7 +57,8 @@ uint8_t *bench_tun_put_message(uint8_t *p, const uint8_t *data, size_t n)
 
 static size_t status_size(int code, size_t msglen)
 {
-    return (code ? kd_pb_varint_field_size(1, (uint64_t)code) : 0) + (msglen ? kd_pb_len_field_size(2, msglen) : 0);
+    return (code ? kd_pb_varint_field_size(1, (uint64_t)code) : 0) +
+           (msglen ? kd_pb_len_field_size(2, msglen) : 0);
 }
 
 size_t bench_tun_error_size(size_t msglen)
@@ -119,7 +120,8 @@ int bench_tun_decode_response(const uint8_t *p, size_t n, struct bench_tun_resp 
     return 0;
 }
 
-long bench_register_request(uint8_t *out, size_t cap, const char *version, const char *pod_name, int64_t pod_id)
+long bench_register_request(uint8_t *out, size_t cap, const char *version, const char *pod_name,
+                            int64_t pod_id)
 {
     /* AgentMeta{1: version, 3: pod_namespace, 4: pod_name} */
     static const char ns[] = "bench";

@@ -54,6 +54,7 @@ int bench_tun_decode_response(const uint8_t *p, size_t n, struct bench_tun_resp 
 
 /* RegisterRequest{agent_meta{version, pod_namespace, pod_name}, pod_id}. Returns the length, or
  * -ENOSPC. */
-long bench_register_request(uint8_t *out, size_t cap, const char *version, const char *pod_name, int64_t pod_id);
+long bench_register_request(uint8_t *out, size_t cap, const char *version, const char *pod_name,
+                            int64_t pod_id);
 
 #endif

@@ -53,9 +53,9 @@
 #include "shards/server.h"
 #include "shards/shard.h"
 
-#define CONNECT_PATH "/gitlab.agent.reverse_tunnel.rpc.ReverseTunnel/Connect"
-#define REGISTER_PATH "/gitlab.agent.agent_registrar.rpc.AgentRegistrar/Register"
-#define SERVICE "bench.Echo"
+#define CONNECT_PATH   "/gitlab.agent.reverse_tunnel.rpc.ReverseTunnel/Connect"
+#define REGISTER_PATH  "/gitlab.agent.agent_registrar.rpc.AgentRegistrar/Register"
+#define SERVICE        "bench.Echo"
 #define MAX_RECONNECTS 20
 
 enum method { M_UNARY, M_BULK, M_SOURCE, M_SINK, M_COUNT, M_NONE = M_COUNT };
@@ -73,8 +73,8 @@ struct opts {
     unsigned shards;
     unsigned connect_window;
     uint64_t seed;
-    int64_t *ids;  /* from --tokens, else first_agent + i */
-    char *tokens;  /* from --tokens: nagents * BENCH_TOKEN_MAX */
+    int64_t *ids; /* from --tokens, else first_agent + i */
+    char *tokens; /* from --tokens: nagents * BENCH_TOKEN_MAX */
     struct kd_tls_ctx *tls;
     uint32_t duration_s;
     uint32_t ready_timeout_s;
@@ -82,10 +82,10 @@ struct opts {
 
 /* Per shard, written by the shard only; read by main after the shards joined. */
 struct stats {
-    uint64_t calls[M_COUNT];        /* calls served to completion (agent and direct) */
+    uint64_t calls[M_COUNT]; /* calls served to completion (agent and direct) */
     uint64_t tunnel_calls, direct_calls;
-    uint64_t calls_failed;          /* bound/accepted but ended with an error before finishing */
-    uint64_t bytes_in, bytes_out;   /* request and response payload bytes */
+    uint64_t calls_failed;        /* bound/accepted but ended with an error before finishing */
+    uint64_t bytes_in, bytes_out; /* request and response payload bytes */
     uint64_t tunnels_opened, tunnels_failed, tunnels_unused_at_exit;
     uint64_t registers_ok, registers_failed;
     uint64_t connects, reconnects, connect_failures;
@@ -101,13 +101,13 @@ struct agent {
     struct kd_h2_header md;
     struct kd_grpc_channel *ch;
     kd_grpc_call *reg_call; /* the Register call in flight on ch */
-    uint32_t gen;       /* bumped on reconnect: calls of an older channel no longer count */
-    unsigned idle;      /* tunnels opened on this channel, not bound, not ended */
-    unsigned accepted;  /* of those, kasd answered with response headers */
+    uint32_t gen;           /* bumped on reconnect: calls of an older channel no longer count */
+    unsigned idle;          /* tunnels opened on this channel, not bound, not ended */
+    unsigned accepted;      /* of those, kasd answered with response headers */
     unsigned reconnects;
     bool registered, ready, given_up, reconnect_pending;
-    struct kd_timer timer;    /* reconnect or re-open tunnels later */
-    struct kd_list tunnels;   /* every live tunnel call (struct svc.link) */
+    struct kd_timer timer;  /* reconnect or re-open tunnels later */
+    struct kd_list tunnels; /* every live tunnel call (struct svc.link) */
 };
 
 /* One served call: a tunnel (agent mode) or a server call (direct mode). */
@@ -119,11 +119,11 @@ struct svc {
     enum method m;
     bool tunnel, bound, accepted, header_sent, finished, held, source_started;
     struct kd_list link; /* tunnel: agent->tunnels */
-    uint8_t *buf; /* Unary: [u32 len][bytes]... to echo after the half-close */
+    uint8_t *buf;        /* Unary: [u32 len][bytes]... to echo after the half-close */
     size_t len, cap;
     uint64_t left, seq; /* Source */
     uint32_t size;
-    uint64_t total;     /* Sink */
+    uint64_t total; /* Sink */
 };
 
 struct simshard {
@@ -137,7 +137,11 @@ struct simshard {
     struct stats st;
 };
 
-static struct opts O = {.first_agent = 1, .tunnels = 2, .shards = 1, .connect_window = 256, .duration_s = 3600,
+static struct opts O = {.first_agent = 1,
+                        .tunnels = 2,
+                        .shards = 1,
+                        .connect_window = 256,
+                        .duration_s = 3600,
                         .ready_timeout_s = 120};
 static struct simshard *SH;
 static uint8_t descriptor[256];
@@ -663,7 +667,8 @@ static void agent_connect(struct agent *a)
     uint8_t buf[256];
     char pod[48];
     snprintf(pod, sizeof(pod), "agentsim-%lld", (long long)a->id);
-    long n = bench_register_request(buf, sizeof(buf), "bench-agentsim", pod, (int64_t)(kd_hash_u64((uint64_t)a->id) >> 1));
+    long n = bench_register_request(buf, sizeof(buf), "bench-agentsim", pod,
+                                    (int64_t)(kd_hash_u64((uint64_t)a->id) >> 1));
     kd_grpc_send_message(reg, buf, (size_t)n);
     kd_grpc_close_send(reg);
     replenish(a);
@@ -765,13 +770,14 @@ static void print_stats(uint64_t elapsed_ms)
            (long long)atomic_load(&g_given_up), (unsigned long long)t.calls[M_UNARY],
            (unsigned long long)t.calls[M_BULK], (unsigned long long)t.calls[M_SOURCE],
            (unsigned long long)t.calls[M_SINK], (unsigned long long)t.tunnel_calls,
-           (unsigned long long)t.direct_calls, (unsigned long long)t.calls_failed, (unsigned long long)t.bytes_in,
-           (unsigned long long)t.bytes_out, (unsigned long long)t.tunnels_opened,
-           (unsigned long long)t.tunnels_failed, (unsigned long long)t.tunnels_unused_at_exit,
-           (unsigned long long)t.registers_ok, (unsigned long long)t.registers_failed,
-           (unsigned long long)t.connects, (unsigned long long)t.reconnects,
-           (unsigned long long)t.connect_failures, (unsigned long long)t.protocol_errors,
-           (unsigned long long)bench_cpu_us(), (unsigned long long)bench_rss_kib());
+           (unsigned long long)t.direct_calls, (unsigned long long)t.calls_failed,
+           (unsigned long long)t.bytes_in, (unsigned long long)t.bytes_out,
+           (unsigned long long)t.tunnels_opened, (unsigned long long)t.tunnels_failed,
+           (unsigned long long)t.tunnels_unused_at_exit, (unsigned long long)t.registers_ok,
+           (unsigned long long)t.registers_failed, (unsigned long long)t.connects,
+           (unsigned long long)t.reconnects, (unsigned long long)t.connect_failures,
+           (unsigned long long)t.protocol_errors, (unsigned long long)bench_cpu_us(),
+           (unsigned long long)bench_rss_kib());
     fflush(stdout);
 }
 
@@ -803,11 +809,12 @@ static int check_limits(char *err, size_t errlen)
         setrlimit(RLIMIT_NOFILE, &rl);
         getrlimit(RLIMIT_NOFILE, &rl);
         if (rl.rlim_cur < need) {
-            snprintf(err, errlen,
-                     "%lld agents need %llu open files, but RLIMIT_NOFILE allows %llu (hard limit %llu): raise it "
-                     "(ulimit -n) or run fewer agents",
-                     (long long)O.nagents, (unsigned long long)need, (unsigned long long)rl.rlim_cur,
-                     (unsigned long long)rl.rlim_max);
+            snprintf(
+                err, errlen,
+                "%lld agents need %llu open files, but RLIMIT_NOFILE allows %llu (hard limit %llu): raise it "
+                "(ulimit -n) or run fewer agents",
+                (long long)O.nagents, (unsigned long long)need, (unsigned long long)rl.rlim_cur,
+                (unsigned long long)rl.rlim_max);
             return -1;
         }
     }
@@ -832,21 +839,23 @@ static void usage(FILE *f)
 int main(int argc, char **argv)
 {
     static const struct option lo[] = {
-        {"target", required_argument, NULL, 't'},        {"listen", required_argument, NULL, 'l'},
-        {"agents", required_argument, NULL, 'n'},        {"first-agent", required_argument, NULL, 'f'},
-        {"tunnels", required_argument, NULL, 'k'},       {"seed", required_argument, NULL, 'S'},
-        {"tokens", required_argument, NULL, 'T'},        {"write-tokens", required_argument, NULL, 'W'},
-        {"ca", required_argument, NULL, 'c'},            {"server-name", required_argument, NULL, 'N'},
-        {"shards", required_argument, NULL, 's'},        {"connect-window", required_argument, NULL, 'w'},
-        {"duration", required_argument, NULL, 'd'},      {"ready-timeout", required_argument, NULL, 'r'},
-        {"help", no_argument, NULL, 'h'},                {NULL, 0, NULL, 0},
+        {"target", required_argument, NULL, 't'},   {"listen", required_argument, NULL, 'l'},
+        {"agents", required_argument, NULL, 'n'},   {"first-agent", required_argument, NULL, 'f'},
+        {"tunnels", required_argument, NULL, 'k'},  {"seed", required_argument, NULL, 'S'},
+        {"tokens", required_argument, NULL, 'T'},   {"write-tokens", required_argument, NULL, 'W'},
+        {"ca", required_argument, NULL, 'c'},       {"server-name", required_argument, NULL, 'N'},
+        {"shards", required_argument, NULL, 's'},   {"connect-window", required_argument, NULL, 'w'},
+        {"duration", required_argument, NULL, 'd'}, {"ready-timeout", required_argument, NULL, 'r'},
+        {"help", no_argument, NULL, 'h'},           {NULL, 0, NULL, 0},
     };
     const char *write_tokens = NULL, *tokens_file = NULL, *ca = NULL, *target = NULL;
     O.seed = 1;
     int opt;
     while ((opt = getopt_long(argc, argv, "", lo, NULL)) != -1) {
         switch (opt) {
-        case 't': target = optarg; break;
+        case 't':
+            target = optarg;
+            break;
         case 'l':
             if (bench_parse_loopback(optarg, &O.listen) < 0) {
                 fprintf(stderr, "agentsim: --listen wants 127.x.y.z:PORT\n");
@@ -854,20 +863,48 @@ int main(int argc, char **argv)
             }
             O.have_listen = true;
             break;
-        case 'n': O.nagents = strtoll(optarg, NULL, 10); break;
-        case 'f': O.first_agent = strtoll(optarg, NULL, 10); break;
-        case 'k': O.tunnels = (unsigned)strtoul(optarg, NULL, 10); break;
-        case 'S': O.seed = strtoull(optarg, NULL, 10); break;
-        case 'T': tokens_file = optarg; break;
-        case 'W': write_tokens = optarg; break;
-        case 'c': ca = optarg; break;
-        case 'N': snprintf(O.server_name, sizeof(O.server_name), "%s", optarg); break;
-        case 's': O.shards = (unsigned)strtoul(optarg, NULL, 10); break;
-        case 'w': O.connect_window = (unsigned)strtoul(optarg, NULL, 10); break;
-        case 'd': O.duration_s = (uint32_t)strtoul(optarg, NULL, 10); break;
-        case 'r': O.ready_timeout_s = (uint32_t)strtoul(optarg, NULL, 10); break;
-        case 'h': usage(stdout); return 0;
-        default: usage(stderr); return 2;
+        case 'n':
+            O.nagents = strtoll(optarg, NULL, 10);
+            break;
+        case 'f':
+            O.first_agent = strtoll(optarg, NULL, 10);
+            break;
+        case 'k':
+            O.tunnels = (unsigned)strtoul(optarg, NULL, 10);
+            break;
+        case 'S':
+            O.seed = strtoull(optarg, NULL, 10);
+            break;
+        case 'T':
+            tokens_file = optarg;
+            break;
+        case 'W':
+            write_tokens = optarg;
+            break;
+        case 'c':
+            ca = optarg;
+            break;
+        case 'N':
+            snprintf(O.server_name, sizeof(O.server_name), "%s", optarg);
+            break;
+        case 's':
+            O.shards = (unsigned)strtoul(optarg, NULL, 10);
+            break;
+        case 'w':
+            O.connect_window = (unsigned)strtoul(optarg, NULL, 10);
+            break;
+        case 'd':
+            O.duration_s = (uint32_t)strtoul(optarg, NULL, 10);
+            break;
+        case 'r':
+            O.ready_timeout_s = (uint32_t)strtoul(optarg, NULL, 10);
+            break;
+        case 'h':
+            usage(stdout);
+            return 0;
+        default:
+            usage(stderr);
+            return 2;
         }
     }
     if (write_tokens != NULL) {
@@ -908,7 +945,8 @@ int main(int argc, char **argv)
     if (tokens_file != NULL && O.have_target) {
         O.ids = calloc((size_t)O.nagents, sizeof(*O.ids));
         O.tokens = calloc((size_t)O.nagents, BENCH_TOKEN_MAX);
-        long n = O.ids && O.tokens ? bench_tokens_read(tokens_file, O.ids, O.tokens, (size_t)O.nagents) : -ENOMEM;
+        long n =
+            O.ids && O.tokens ? bench_tokens_read(tokens_file, O.ids, O.tokens, (size_t)O.nagents) : -ENOMEM;
         if (n < O.nagents) {
             fprintf(stderr, "agentsim: %s: %s\n", tokens_file,
                     n < 0 ? strerror((int)-n) : "fewer tokens in the file than --agents");
@@ -1018,11 +1056,12 @@ int main(int argc, char **argv)
         int64_t ready = atomic_load(&g_ready), given_up = atomic_load(&g_given_up);
         if (!reported && (ready + given_up >= O.nagents || now - t0 >= (uint64_t)O.ready_timeout_s * 1000u)) {
             reported = true;
-            printf("{\"event\":\"%s\",\"agents\":%lld,\"ready\":%lld,\"given_up\":%lld,\"tunnels_per_agent\":%u,"
-                   "\"ms\":%llu,\"rss_kib\":%llu}\n",
-                   ready == O.nagents ? "ready" : "not_ready", (long long)O.nagents, (long long)ready,
-                   (long long)given_up, O.tunnels, (unsigned long long)(now - t0),
-                   (unsigned long long)bench_rss_kib());
+            printf(
+                "{\"event\":\"%s\",\"agents\":%lld,\"ready\":%lld,\"given_up\":%lld,\"tunnels_per_agent\":%u,"
+                "\"ms\":%llu,\"rss_kib\":%llu}\n",
+                ready == O.nagents ? "ready" : "not_ready", (long long)O.nagents, (long long)ready,
+                (long long)given_up, O.tunnels, (unsigned long long)(now - t0),
+                (unsigned long long)bench_rss_kib());
             fflush(stdout);
         }
     }

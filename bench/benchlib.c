@@ -87,8 +87,8 @@ uint64_t bench_hist_quantile(const struct bench_hist *h, double q)
 
 int bench_hist_selfcheck(char *err, size_t errlen)
 {
-    static const uint64_t probes[] = {0, 1, 63, 64, 127, 128, 129, 255, 256, 1000, 4095, 4096, 100000,
-                                      1234567, 60000000, 1ull << 38};
+    static const uint64_t probes[] = {0,   1,    63,   64,   127,    128,     129,      255,
+                                      256, 1000, 4095, 4096, 100000, 1234567, 60000000, 1ull << 38};
     for (size_t i = 0; i < sizeof(probes) / sizeof(probes[0]); i++) {
         uint64_t v = probes[i];
         unsigned idx = bench_hist_index(v);
@@ -136,8 +136,8 @@ int bench_tokens_write(const char *path, uint64_t seed, int64_t first, int64_t n
     FILE *f = fopen(tmp, "w");
     if (f == NULL)
         return -errno;
-    fprintf(f, "# written by bench/agentsim (seed %llu): agents %lld..%lld\nagents:\n", (unsigned long long)seed,
-            (long long)first, (long long)(first + n - 1));
+    fprintf(f, "# written by bench/agentsim (seed %llu): agents %lld..%lld\nagents:\n",
+            (unsigned long long)seed, (long long)first, (long long)(first + n - 1));
     for (int64_t i = 0; i < n; i++) {
         char tok[BENCH_TOKEN_MAX];
         bench_token(seed, first + i, tok);
@@ -183,8 +183,8 @@ long bench_tokens_read(const char *path, int64_t *ids, char *tokens, size_t cap)
         char tok[BENCH_TOKEN_MAX], id[32];
         if (strstr(line, "token:") == NULL)
             continue;
-        if (flow_value(line, "token:", tok, sizeof(tok)) == NULL || flow_value(line, "agent_id:", id, sizeof(id)) == NULL ||
-            strlen(tok) < 16) {
+        if (flow_value(line, "token:", tok, sizeof(tok)) == NULL ||
+            flow_value(line, "agent_id:", id, sizeof(id)) == NULL || strlen(tok) < 16) {
             rc = -EINVAL;
             break;
         }

@@ -22,7 +22,7 @@
 #include <stdint.h>
 #include <stdio.h>
 
-#define BENCH_HIST_SUB 64
+#define BENCH_HIST_SUB     64
 #define BENCH_HIST_BUCKETS (BENCH_HIST_SUB * 40) /* up to 2^40 µs (12 days): never clipped here */
 
 struct bench_hist {

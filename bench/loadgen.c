@@ -114,8 +114,15 @@ struct lgshard {
     char first_error[256];
 };
 
-static struct opts O = {.first_agent = 1, .nagents = 1, .concurrency = 64, .shards = 1, .duration_s = 5,
-                        .warmup_s = 1, .size = 100, .stream_messages = 0, .timeout_us = 30000000};
+static struct opts O = {.first_agent = 1,
+                        .nagents = 1,
+                        .concurrency = 64,
+                        .shards = 1,
+                        .duration_s = 5,
+                        .warmup_s = 1,
+                        .size = 100,
+                        .stream_messages = 0,
+                        .timeout_us = 30000000};
 static struct lgshard *SH;
 static _Atomic unsigned g_done;
 
@@ -133,8 +140,9 @@ static int refresh_jwt(struct lgshard *sh)
 {
     int64_t now = (int64_t)time(NULL);
     char payload[256];
-    snprintf(payload, sizeof(payload), "{\"iss\":\"bench-loadgen\",\"aud\":\"gitlab-kas\",\"iat\":%lld,\"exp\":%lld}",
-             (long long)now, (long long)(now + 60));
+    snprintf(payload, sizeof(payload),
+             "{\"iss\":\"bench-loadgen\",\"aud\":\"gitlab-kas\",\"iat\":%lld,\"exp\":%lld}", (long long)now,
+             (long long)(now + 60));
     memcpy(sh->auth, "Bearer ", 7);
     int n = kd_jwt_sign(KD_JWT_HS256, O.secret, O.secret_len, payload, sh->auth + 7, sizeof(sh->auth) - 7);
     if (n < 0)
@@ -212,7 +220,8 @@ static int on_message(kd_grpc_call *call, const uint8_t *msg, size_t len)
         uint64_t now = now_ns();
         uint64_t allowed = (uint64_t)((double)(now - lc->read_start_ns) * (double)O.read_rate / 1e9);
         if (lc->recv_bytes > allowed) {
-            uint64_t wait_ms = (uint64_t)((double)(lc->recv_bytes - allowed) * 1000.0 / (double)O.read_rate) + 1;
+            uint64_t wait_ms =
+                (uint64_t)((double)(lc->recv_bytes - allowed) * 1000.0 / (double)O.read_rate) + 1;
             lc->held = true;
             kd_grpc_hold_input(call, true);
             kd_timerwheel_add(kd_shard_timers(sh->s), &lc->timer, kd_shard_now_ms(sh->s) + wait_ms);
@@ -396,7 +405,8 @@ static void tick(struct kd_timer *t)
         sh->issued_phase = 0;
     }
     if (sh->phase == PH_RUN &&
-        (now >= sh->run_end_ns || (O.count && sh->completed_run >= O.count / O.shards + (sh->id < O.count % O.shards)))) {
+        (now >= sh->run_end_ns ||
+         (O.count && sh->completed_run >= O.count / O.shards + (sh->id < O.count % O.shards)))) {
         sh->phase = PH_DRAIN;
         sh->run_end_ns = now;
         sh->drain_deadline_ns = now + O.timeout_us * 1000u + 2000000000ull;
@@ -499,8 +509,9 @@ static void print_human(const struct totals *t, uint64_t cpu_us)
            (unsigned long long)t->failed, (unsigned long long)t->mismatches);
     printf("  latency us: p50 %llu  p90 %llu  p99 %llu  p99.9 %llu  max %llu  (n %llu)\n",
            (unsigned long long)bench_hist_quantile(h, 0.5), (unsigned long long)bench_hist_quantile(h, 0.9),
-           (unsigned long long)bench_hist_quantile(h, 0.99), (unsigned long long)bench_hist_quantile(h, 0.999),
-           (unsigned long long)h->max, (unsigned long long)h->n);
+           (unsigned long long)bench_hist_quantile(h, 0.99),
+           (unsigned long long)bench_hist_quantile(h, 0.999), (unsigned long long)h->max,
+           (unsigned long long)h->n);
     if (t->bytes_recv > 0)
         printf("  payload: %.1f MB/s received, %.1f MB/s sent\n", (double)t->bytes_recv / 1e6 / t->run_s,
                (double)t->bytes_sent / 1e6 / t->run_s);
@@ -517,26 +528,29 @@ static void print_json(const struct totals *t, uint64_t cpu_us)
     const struct bench_hist *h = t->hist;
     printf("{\"label\":");
     bench_json_str(stdout, O.label ? O.label : "");
-    printf(",\"mode\":\"%s\",\"target\":\"%s\",\"routed\":%s,\"concurrency\":%u,\"connections\":%u,"
-           "\"shards\":%u,\"agents\":%lld,\"size\":%u,\"stream_messages\":%u,\"rate\":%.1f,\"read_rate\":%llu,"
-           "\"run_s\":%.4f,\"calls_ok\":%llu,\"calls_ok_total\":%llu,\"calls_failed\":%llu,\"mismatches\":%llu,"
-           "\"start_failures\":%llu,\"late\":%llu,\"channel_reopens\":%llu,\"calls_per_s\":%.1f,",
-           mode_names[O.mode], O.authority, O.routed ? "true" : "false", O.concurrency, O.connections, O.shards,
-           (long long)(O.routed ? O.nagents : 0), O.size, O.stream_messages, O.rate,
-           (unsigned long long)O.read_rate, t->run_s, (unsigned long long)t->ok_run,
-           (unsigned long long)t->ok_total, (unsigned long long)t->failed, (unsigned long long)t->mismatches,
-           (unsigned long long)t->start_failures, (unsigned long long)t->late, (unsigned long long)t->reopens,
-           t->run_s > 0 ? (double)t->ok_run / t->run_s : 0.0);
+    printf(
+        ",\"mode\":\"%s\",\"target\":\"%s\",\"routed\":%s,\"concurrency\":%u,\"connections\":%u,"
+        "\"shards\":%u,\"agents\":%lld,\"size\":%u,\"stream_messages\":%u,\"rate\":%.1f,\"read_rate\":%llu,"
+        "\"run_s\":%.4f,\"calls_ok\":%llu,\"calls_ok_total\":%llu,\"calls_failed\":%llu,\"mismatches\":%llu,"
+        "\"start_failures\":%llu,\"late\":%llu,\"channel_reopens\":%llu,\"calls_per_s\":%.1f,",
+        mode_names[O.mode], O.authority, O.routed ? "true" : "false", O.concurrency, O.connections, O.shards,
+        (long long)(O.routed ? O.nagents : 0), O.size, O.stream_messages, O.rate,
+        (unsigned long long)O.read_rate, t->run_s, (unsigned long long)t->ok_run,
+        (unsigned long long)t->ok_total, (unsigned long long)t->failed, (unsigned long long)t->mismatches,
+        (unsigned long long)t->start_failures, (unsigned long long)t->late, (unsigned long long)t->reopens,
+        t->run_s > 0 ? (double)t->ok_run / t->run_s : 0.0);
     printf("\"latency_us\":{\"p50\":%llu,\"p90\":%llu,\"p99\":%llu,\"p999\":%llu,\"max\":%llu,\"min\":%llu,"
            "\"mean\":%.1f,\"n\":%llu},",
            (unsigned long long)bench_hist_quantile(h, 0.5), (unsigned long long)bench_hist_quantile(h, 0.9),
-           (unsigned long long)bench_hist_quantile(h, 0.99), (unsigned long long)bench_hist_quantile(h, 0.999),
-           (unsigned long long)h->max, (unsigned long long)(h->n ? h->min : 0),
-           h->n ? (double)h->sum / (double)h->n : 0.0, (unsigned long long)h->n);
-    printf("\"bytes_sent\":%llu,\"bytes_recv\":%llu,\"mb_per_s_sent\":%.2f,\"mb_per_s_recv\":%.2f,\"errors\":{",
-           (unsigned long long)t->bytes_sent, (unsigned long long)t->bytes_recv,
-           t->run_s > 0 ? (double)t->bytes_sent / 1e6 / t->run_s : 0.0,
-           t->run_s > 0 ? (double)t->bytes_recv / 1e6 / t->run_s : 0.0);
+           (unsigned long long)bench_hist_quantile(h, 0.99),
+           (unsigned long long)bench_hist_quantile(h, 0.999), (unsigned long long)h->max,
+           (unsigned long long)(h->n ? h->min : 0), h->n ? (double)h->sum / (double)h->n : 0.0,
+           (unsigned long long)h->n);
+    printf(
+        "\"bytes_sent\":%llu,\"bytes_recv\":%llu,\"mb_per_s_sent\":%.2f,\"mb_per_s_recv\":%.2f,\"errors\":{",
+        (unsigned long long)t->bytes_sent, (unsigned long long)t->bytes_recv,
+        t->run_s > 0 ? (double)t->bytes_sent / 1e6 / t->run_s : 0.0,
+        t->run_s > 0 ? (double)t->bytes_recv / 1e6 / t->run_s : 0.0);
     bool first = true;
     for (int i = 0; i <= 16; i++)
         if (t->by_status[i]) {
@@ -553,7 +567,8 @@ static void usage(FILE *f)
 {
     fprintf(f,
             "usage: loadgen --target 127.0.0.1:PORT [options]\n"
-            "  --secret-file F       route through kasd's api listener: JWT signed with this secret (base64 file)\n"
+            "  --secret-file F       route through kasd's api listener: JWT signed with this secret (base64 "
+            "file)\n"
             "  --agents M            spread routed calls over agents FIRST..FIRST+M-1 (default 1)\n"
             "  --first-agent ID      (default 1)\n"
             "  --mode MODE           unary | bulk | source | sink (default unary)\n"
@@ -576,43 +591,94 @@ static void usage(FILE *f)
 int main(int argc, char **argv)
 {
     static const struct option lo[] = {
-        {"target", required_argument, NULL, 't'},     {"secret-file", required_argument, NULL, 'K'},
-        {"agents", required_argument, NULL, 'n'},     {"first-agent", required_argument, NULL, 'f'},
-        {"mode", required_argument, NULL, 'm'},       {"size", required_argument, NULL, 'z'},
-        {"stream-messages", required_argument, NULL, 'M'}, {"read-rate", required_argument, NULL, 'R'},
-        {"concurrency", required_argument, NULL, 'c'}, {"connections", required_argument, NULL, 'C'},
-        {"rate", required_argument, NULL, 'r'},       {"duration", required_argument, NULL, 'd'},
-        {"count", required_argument, NULL, 'N'},      {"warmup", required_argument, NULL, 'w'},
-        {"timeout", required_argument, NULL, 'T'},    {"ca", required_argument, NULL, 'A'},
-        {"server-name", required_argument, NULL, 'S'}, {"shards", required_argument, NULL, 's'},
-        {"label", required_argument, NULL, 'L'},      {"json", no_argument, NULL, 'j'},
-        {"self-check", no_argument, NULL, 'X'},       {"help", no_argument, NULL, 'h'},
+        {"target", required_argument, NULL, 't'},
+        {"secret-file", required_argument, NULL, 'K'},
+        {"agents", required_argument, NULL, 'n'},
+        {"first-agent", required_argument, NULL, 'f'},
+        {"mode", required_argument, NULL, 'm'},
+        {"size", required_argument, NULL, 'z'},
+        {"stream-messages", required_argument, NULL, 'M'},
+        {"read-rate", required_argument, NULL, 'R'},
+        {"concurrency", required_argument, NULL, 'c'},
+        {"connections", required_argument, NULL, 'C'},
+        {"rate", required_argument, NULL, 'r'},
+        {"duration", required_argument, NULL, 'd'},
+        {"count", required_argument, NULL, 'N'},
+        {"warmup", required_argument, NULL, 'w'},
+        {"timeout", required_argument, NULL, 'T'},
+        {"ca", required_argument, NULL, 'A'},
+        {"server-name", required_argument, NULL, 'S'},
+        {"shards", required_argument, NULL, 's'},
+        {"label", required_argument, NULL, 'L'},
+        {"json", no_argument, NULL, 'j'},
+        {"self-check", no_argument, NULL, 'X'},
+        {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
     const char *target = NULL, *secret_file = NULL, *ca = NULL, *mode = "unary";
     int opt;
     while ((opt = getopt_long(argc, argv, "", lo, NULL)) != -1) {
         switch (opt) {
-        case 't': target = optarg; break;
-        case 'K': secret_file = optarg; break;
-        case 'n': O.nagents = strtoll(optarg, NULL, 10); break;
-        case 'f': O.first_agent = strtoll(optarg, NULL, 10); break;
-        case 'm': mode = optarg; break;
-        case 'z': O.size = (uint32_t)strtoul(optarg, NULL, 10); break;
-        case 'M': O.stream_messages = (uint32_t)strtoul(optarg, NULL, 10); break;
-        case 'R': O.read_rate = strtoull(optarg, NULL, 10); break;
-        case 'c': O.concurrency = (unsigned)strtoul(optarg, NULL, 10); break;
-        case 'C': O.connections = (unsigned)strtoul(optarg, NULL, 10); break;
-        case 'r': O.rate = strtod(optarg, NULL); break;
-        case 'd': O.duration_s = strtod(optarg, NULL); break;
-        case 'N': O.count = strtoull(optarg, NULL, 10); break;
-        case 'w': O.warmup_s = strtod(optarg, NULL); break;
-        case 'T': O.timeout_us = (uint64_t)(strtod(optarg, NULL) * 1e6); break;
-        case 'A': ca = optarg; break;
-        case 'S': snprintf(O.server_name, sizeof(O.server_name), "%s", optarg); break;
-        case 's': O.shards = (unsigned)strtoul(optarg, NULL, 10); break;
-        case 'L': O.label = optarg; break;
-        case 'j': O.json = true; break;
+        case 't':
+            target = optarg;
+            break;
+        case 'K':
+            secret_file = optarg;
+            break;
+        case 'n':
+            O.nagents = strtoll(optarg, NULL, 10);
+            break;
+        case 'f':
+            O.first_agent = strtoll(optarg, NULL, 10);
+            break;
+        case 'm':
+            mode = optarg;
+            break;
+        case 'z':
+            O.size = (uint32_t)strtoul(optarg, NULL, 10);
+            break;
+        case 'M':
+            O.stream_messages = (uint32_t)strtoul(optarg, NULL, 10);
+            break;
+        case 'R':
+            O.read_rate = strtoull(optarg, NULL, 10);
+            break;
+        case 'c':
+            O.concurrency = (unsigned)strtoul(optarg, NULL, 10);
+            break;
+        case 'C':
+            O.connections = (unsigned)strtoul(optarg, NULL, 10);
+            break;
+        case 'r':
+            O.rate = strtod(optarg, NULL);
+            break;
+        case 'd':
+            O.duration_s = strtod(optarg, NULL);
+            break;
+        case 'N':
+            O.count = strtoull(optarg, NULL, 10);
+            break;
+        case 'w':
+            O.warmup_s = strtod(optarg, NULL);
+            break;
+        case 'T':
+            O.timeout_us = (uint64_t)(strtod(optarg, NULL) * 1e6);
+            break;
+        case 'A':
+            ca = optarg;
+            break;
+        case 'S':
+            snprintf(O.server_name, sizeof(O.server_name), "%s", optarg);
+            break;
+        case 's':
+            O.shards = (unsigned)strtoul(optarg, NULL, 10);
+            break;
+        case 'L':
+            O.label = optarg;
+            break;
+        case 'j':
+            O.json = true;
+            break;
         case 'X': {
             char err[200];
             if (bench_hist_selfcheck(err, sizeof(err)) < 0) {
@@ -622,8 +688,12 @@ int main(int argc, char **argv)
             printf("histogram self-check ok\n");
             return 0;
         }
-        case 'h': usage(stdout); return 0;
-        default: usage(stderr); return 2;
+        case 'h':
+            usage(stdout);
+            return 0;
+        default:
+            usage(stderr);
+            return 2;
         }
     }
     for (int i = 0; i < 4; i++)
@@ -636,7 +706,8 @@ int main(int argc, char **argv)
         return 2;
     }
     if (O.concurrency == 0 || O.shards == 0 || O.shards > 64 || O.nagents <= 0 || O.duration_s <= 0 ||
-        O.size > (4u << 20) - 64 || ((O.mode == MODE_SOURCE || O.mode == MODE_SINK) && O.stream_messages == 0)) {
+        O.size > (4u << 20) - 64 ||
+        ((O.mode == MODE_SOURCE || O.mode == MODE_SINK) && O.stream_messages == 0)) {
         fprintf(stderr, "loadgen: bad option values (see --help)\n");
         return 2;
     }
@@ -653,7 +724,8 @@ int main(int argc, char **argv)
     }
     char err[512];
     if (secret_file != NULL) {
-        if (kd_jwt_secret_load(secret_file, O.secret, sizeof(O.secret), &O.secret_len, err, sizeof(err)) < 0) {
+        if (kd_jwt_secret_load(secret_file, O.secret, sizeof(O.secret), &O.secret_len, err, sizeof(err)) <
+            0) {
             fprintf(stderr, "loadgen: %s\n", err);
             return 1;
         }
