@@ -17,6 +17,8 @@
 #include "shards/conn.h"
 #include "shards/control.h"
 #include "shards/grpc.h"
+#include "shards/redis.h"
+#include "shards/tracker.h"
 #include "shards/server.h"
 
 static void wake_shard(void *ud, unsigned slot)
@@ -67,6 +69,87 @@ static void usage(FILE *f)
         "\n"
         "Without redis.server.address in the config, kasd starts its own redis-server on a free\n"
         "loopback port and stops it on exit. SIGTERM/SIGINT stop gracefully (limits.shutdown_grace).\n");
+}
+
+/* Redis options from the configuration, made on the main thread before shards start: host names
+ * are resolved here, once (a shard never blocks on DNS; see shards/redis.h), the TLS context is
+ * built, and the error names the key. */
+struct redis_setup {
+    struct kd_redis_opts o;
+    char address[300];
+    char server_name[260];
+    char sentinel_buf[16][300];
+    const char *sentinels[16];
+    struct kd_tls_ctx *tls;
+};
+
+static int redis_setup(struct redis_setup *rs, const struct kd_config *cfg, char *err, size_t errlen)
+{
+    char why[400];
+    memset(rs, 0, sizeof(*rs));
+    struct kd_redis_opts *o = &rs->o;
+    o->username = cfg->redis.username;
+    o->password = cfg->redis.password;
+    o->database = cfg->redis.database;
+    o->dial_timeout_ms = cfg->redis.dial_timeout_ms;
+    o->read_timeout_ms = cfg->redis.read_timeout_ms;
+    o->write_timeout_ms = cfg->redis.write_timeout_ms;
+    if (cfg->redis.sentinel.master_name != NULL) {
+        const char *p = cfg->redis.sentinel.addresses;
+        unsigned n = 0;
+        while (p != NULL && *p != '\0' && n < 16) {
+            const char *nl = strchr(p, '\n');
+            size_t len = nl ? (size_t)(nl - p) : strlen(p);
+            char one[300];
+            snprintf(one, sizeof(one), "%.*s", (int)len, p);
+            if (kd_redis_resolve(one, rs->sentinel_buf[n], sizeof(rs->sentinel_buf[n]), why, sizeof(why)) <
+                0) {
+                snprintf(err, errlen, "redis.sentinel.addresses: %s", why);
+                return -EINVAL;
+            }
+            rs->sentinels[n] = rs->sentinel_buf[n];
+            n++;
+            p = nl ? nl + 1 : NULL;
+        }
+        o->sentinel_master = cfg->redis.sentinel.master_name;
+        o->sentinel_addrs = rs->sentinels;
+        o->n_sentinel_addrs = n;
+        o->sentinel_password = cfg->redis.sentinel.password;
+    } else {
+        if (kd_redis_resolve(cfg->redis.address, rs->address, sizeof(rs->address), why, sizeof(why)) < 0) {
+            snprintf(err, errlen, "redis.server.address: %s", why);
+            return -EINVAL;
+        }
+        o->address = rs->address;
+    }
+    if (cfg->redis.tls.enabled == 1) {
+        struct kd_tls_ctx_opts to = {
+            .server = false,
+            .ca_file = cfg->redis.tls.ca_file,
+            .cert_file = cfg->redis.tls.certificate_file,
+            .key_file = cfg->redis.tls.key_file,
+            .min_version = 12,
+        };
+        if (kd_tls_ctx_create(&to, &rs->tls, why, sizeof(why)) < 0) {
+            snprintf(err, errlen, "redis.tls: %s", why);
+            return -EINVAL;
+        }
+        o->tls = rs->tls;
+        if (cfg->redis.tls.server_name != NULL) {
+            o->server_name = cfg->redis.tls.server_name;
+        } else if (cfg->redis.address != NULL && cfg->redis.sentinel.master_name == NULL) {
+            /* the name as configured (before resolution) is what the certificate names */
+            const char *a = cfg->redis.address;
+            const char *colon = strrchr(a, ':');
+            size_t hl = colon ? (size_t)(colon - a) : strlen(a);
+            if (hl >= 2 && a[0] == '[')
+                snprintf(rs->server_name, sizeof(rs->server_name), "%.*s", (int)(hl - 2), a + 1);
+            else
+                snprintf(rs->server_name, sizeof(rs->server_name), "%.*s", (int)hl, a);
+            o->server_name = rs->server_name;
+        }
+    }
+    return 0;
 }
 
 struct listener_spec {
@@ -127,7 +210,7 @@ int main(int argc, char **argv)
             state_dir = optarg;
             break;
         case 'V':
-            printf("kasd %s\n", KD_VERSION);
+            printf("kasd %s (tls: %s)\n", KD_VERSION, kd_tls_backend());
             return 0;
         case 'h':
             usage(stdout);
@@ -191,9 +274,11 @@ int main(int argc, char **argv)
     };
     const struct kd_grpc_method agent_methods[] = {kd_grpc_health_method, kd_kas_connect_method,
                                                    kd_kas_register_method};
-    const struct kd_grpc_method api_methods[] = {kd_grpc_health_method};
+    const struct kd_grpc_method api_methods[] = {kd_grpc_health_method,
+                                                 kd_tracker_get_connected_agents_method};
     const struct kd_grpc_method private_methods[] = {kd_grpc_health_method};
     struct kd_kas kas = {.routing_timeout_ms = cfg.limits.routing_timeout_ms};
+    static struct kd_tracker_cfg tracker_cfg; /* outlives the shards */
     struct kd_tokens_handle tokens_handle;
     struct kd_tokens *tokens = NULL;
     if (cfg.agent.token_file != NULL) {
@@ -223,6 +308,7 @@ int main(int argc, char **argv)
                    "refused");
     }
     struct kd_embedded_redis redis = {.pid = -1};
+    static struct redis_setup rsetup; /* static: ~6 KiB, and it must outlive the shards */
     struct kd_server *srv = NULL;
     struct kd_control *ctl = NULL;
     if (!cfg.redis.configured) {
@@ -238,7 +324,13 @@ int main(int argc, char **argv)
         kd_log_end(&l);
     }
 
+    if (redis_setup(&rsetup, &cfg, err, sizeof(err)) < 0) {
+        kd_log_msg(KD_LOG_ERROR, "start_failed", "%s", err);
+        goto out;
+    }
+
     struct kd_server_opts o = {
+        .redis = &rsetup.o,
         .shards = cfg.shards,
         .pin = true,
         .connections_per_shard = cfg.limits.connections_per_shard,
@@ -288,6 +380,18 @@ int main(int argc, char **argv)
         goto out;
     }
     kas.nshards = kd_server_nshards(srv);
+    /* Fleet tracking in Redis (docs/redis.md): this instance's id and record. */
+    static char private_addr[80];
+    kd_server_address(srv, 2, private_addr, sizeof(private_addr));
+    tracker_cfg.prefix = cfg.redis.key_prefix;
+    tracker_cfg.private_addr = private_addr;
+    tracker_cfg.version = KD_VERSION;
+    tracker_cfg.nshards = kas.nshards;
+    tracker_cfg.heartbeat_ms = cfg.redis.heartbeat_ms;
+    tracker_cfg.ttl_ms = cfg.redis.instance_ttl_ms;
+    tracker_cfg.sweep_ms = cfg.redis.sweep_ms;
+    kd_tracker_cfg_init(&tracker_cfg);
+    kas.tracker = &tracker_cfg;
     if (kd_epoch_create(kas.nshards, &kas.epoch) < 0 || kd_server_start(srv, err, sizeof(err)) < 0) {
         kd_log_msg(KD_LOG_ERROR, "start_failed", "%s", err);
         goto out;
@@ -328,6 +432,7 @@ int main(int argc, char **argv)
         kd_log_uint(&l, "shards", kd_server_nshards(srv));
         kd_log_int(&l, "pid", getpid());
         kd_log_str(&l, "config", cfg.source);
+        kd_log_str(&l, "instance_id", tracker_cfg.instance_id);
         kd_log_end(&l);
     }
 
@@ -361,6 +466,8 @@ out:
         if (specs[i].tls != NULL)
             kd_tls_ctx_destroy(specs[i].tls);
     kd_redis_embedded_stop(&redis);
+    if (rsetup.tls != NULL)
+        kd_tls_ctx_destroy(rsetup.tls);
     if (exit_code == 0)
         kd_log_msg(KD_LOG_INFO, "stopped", "clean exit");
     kd_log_stop();

@@ -247,7 +247,7 @@ const char *kd_log_level_name(enum kd_log_level l)
 
 /* Every heap string a kd_config owns. A new char * member of struct kd_config must be added here,
  * or it will leak on free and be shared (then double-freed) by the transactional copy. */
-#define NSTRINGS 26
+#define NSTRINGS 35
 
 static void string_slots(struct kd_config *c, char **s[NSTRINGS])
 {
@@ -267,6 +267,15 @@ static void string_slots(struct kd_config *c, char **s[NSTRINGS])
     s[i++] = &c->redis.username;
     s[i++] = &c->redis.password_file;
     s[i++] = &c->redis.key_prefix;
+    s[i++] = &c->redis.password;
+    s[i++] = &c->redis.tls.ca_file;
+    s[i++] = &c->redis.tls.server_name;
+    s[i++] = &c->redis.tls.certificate_file;
+    s[i++] = &c->redis.tls.key_file;
+    s[i++] = &c->redis.sentinel.master_name;
+    s[i++] = &c->redis.sentinel.addresses;
+    s[i++] = &c->redis.sentinel.password_file;
+    s[i++] = &c->redis.sentinel.password;
     struct kd_listen_cfg *ls[] = {&c->agent.listen, &c->api.listen, &c->private_api.listen,
                                   &c->observability.listen};
     for (size_t j = 0; j < 4; j++) {
@@ -337,6 +346,12 @@ int kd_config_defaults(struct kd_config *c)
     c->redis.configured = false;
     c->redis.database = 0;
     c->redis.dial_timeout_ms = 5000;
+    c->redis.read_timeout_ms = 5000;
+    c->redis.write_timeout_ms = 5000;
+    c->redis.heartbeat_ms = 10000;
+    c->redis.instance_ttl_ms = 30000;
+    c->redis.sweep_ms = 30000;
+    c->redis.tls.enabled = -1;
     c->limits.connections_per_shard = 65536;
     c->limits.recv_buffers = 1024;
     c->limits.recv_buffer_size = 16384;
@@ -375,6 +390,9 @@ enum kind {
     K_LOG_LEVEL,  /* debug | info | warn | error into the enum kd_log_level at off */
     K_REDIS_ADDR, /* host:port (DNS names allowed: redis is dialled, not bound) or unix:/path */
     K_KEY_PREFIX, /* non-empty, no whitespace or control bytes */
+    K_BOOL,       /* true | false into the int at off (1 / 0) */
+    K_SECRET,     /* a file name into the char * at off; its contents, read now, into the char * at off2 */
+    K_ADDR_LIST,  /* a sequence of K_REDIS_ADDR: '\n'-joined into the char * at off, count at off2 */
 };
 
 struct field {
@@ -382,6 +400,7 @@ struct field {
     enum kind kind;
     size_t off;
     uint64_t min, max;
+    size_t off2;             /* K_SECRET, K_ADDR_LIST: second destination */
     const struct field *sub; /* K_MAP: NULL-key terminated */
     const char *example;     /* K_LISTEN: shown in the error message */
     int (*done)(struct parse *p, yaml_mark_t at);
@@ -455,10 +474,32 @@ static const struct field redis_server_keys[] = {
     {.key = "address", .kind = K_REDIS_ADDR, .off = OFF(redis.address)},
     {0},
 };
+static int redis_tls_done(struct parse *p, yaml_mark_t at);
+static int redis_sentinel_done(struct parse *p, yaml_mark_t at);
+static const struct field redis_tls_keys[] = {
+    {.key = "enabled", .kind = K_BOOL, .off = OFF(redis.tls.enabled)},
+    {.key = "ca_file", .kind = K_STRING, .off = OFF(redis.tls.ca_file)},
+    {.key = "server_name", .kind = K_STRING, .off = OFF(redis.tls.server_name)},
+    {.key = "certificate_file", .kind = K_STRING, .off = OFF(redis.tls.certificate_file)},
+    {.key = "key_file", .kind = K_STRING, .off = OFF(redis.tls.key_file)},
+    {0},
+};
+static const struct field redis_sentinel_keys[] = {
+    {.key = "master_name", .kind = K_STRING, .off = OFF(redis.sentinel.master_name)},
+    {.key = "addresses",
+     .kind = K_ADDR_LIST,
+     .off = OFF(redis.sentinel.addresses),
+     .off2 = OFF(redis.sentinel.n_addresses)},
+    {.key = "password_file",
+     .kind = K_SECRET,
+     .off = OFF(redis.sentinel.password_file),
+     .off2 = OFF(redis.sentinel.password)},
+    {0},
+};
 static const struct field redis_keys[] = {
     {.key = "server", .kind = K_MAP, .sub = redis_server_keys},
     {.key = "username", .kind = K_STRING, .off = OFF(redis.username)},
-    {.key = "password_file", .kind = K_STRING, .off = OFF(redis.password_file)},
+    {.key = "password_file", .kind = K_SECRET, .off = OFF(redis.password_file), .off2 = OFF(redis.password)},
     {.key = "database", .kind = K_UINT, .off = OFF(redis.database), .min = 0, .max = INT32_MAX},
     {.key = "key_prefix", .kind = K_KEY_PREFIX, .off = OFF(redis.key_prefix)},
     /* 0 would mean "no timeout" to some clients and "fail at once" to others: refuse it. */
@@ -467,6 +508,30 @@ static const struct field redis_keys[] = {
      .off = OFF(redis.dial_timeout_ms),
      .min = 1,
      .max = UINT32_MAX},
+    {.key = "read_timeout",
+     .kind = K_DURATION,
+     .off = OFF(redis.read_timeout_ms),
+     .min = 1,
+     .max = UINT32_MAX},
+    {.key = "write_timeout",
+     .kind = K_DURATION,
+     .off = OFF(redis.write_timeout_ms),
+     .min = 1,
+     .max = UINT32_MAX},
+    /* Fleet tracking (docs/redis.md): the instance's heartbeat, its TTL, the dead-instance sweeper. */
+    {.key = "heartbeat_interval",
+     .kind = K_DURATION,
+     .off = OFF(redis.heartbeat_ms),
+     .min = 100,
+     .max = 3600000},
+    {.key = "instance_ttl",
+     .kind = K_DURATION,
+     .off = OFF(redis.instance_ttl_ms),
+     .min = 300,
+     .max = 86400000},
+    {.key = "sweep_interval", .kind = K_DURATION, .off = OFF(redis.sweep_ms), .min = 100, .max = 86400000},
+    {.key = "tls", .kind = K_MAP, .sub = redis_tls_keys, .done = redis_tls_done},
+    {.key = "sentinel", .kind = K_MAP, .sub = redis_sentinel_keys, .done = redis_sentinel_done},
     {0},
 };
 static const struct field limits_keys[] = {
@@ -814,6 +879,99 @@ static int set_string(struct parse *p, char **slot, const char *v, size_t n, yam
     return 0;
 }
 
+static int read_file(const char *path, char **out, size_t *outlen);
+
+/* A secret's file is read while loading, so a missing or empty file fails the load (with the key
+ * and position) instead of the first connection much later. One trailing newline ("\n" or "\r\n",
+ * as editors leave it) is not part of the secret. */
+static int read_secret(struct parse *p, const struct field *f, const char *v, size_t n, yaml_mark_t at)
+{
+    char *base = (char *)p->c, *buf = NULL, got[4 * VALUE_SHOW_MAX + 8];
+    size_t len = 0;
+    int r;
+
+    quote_value(got, sizeof(got), v, n);
+    r = read_file(v, &buf, &len);
+    if (r < 0)
+        return fail(p, at, "cannot read %s: %s", got, r == -EFBIG ? "file too large" : strerror(-r));
+    if (len > 0 && buf[len - 1] == '\n')
+        len--;
+    if (len > 0 && buf[len - 1] == '\r')
+        len--;
+    if (len == 0 || memchr(buf, '\0', len) != NULL) {
+        free(buf);
+        return fail(p, at, "%s %s", got, len == 0 ? "is empty" : "contains a NUL byte");
+    }
+    char *secret = strndup(buf, len);
+    memset(buf, 0, len);
+    free(buf);
+    if (!secret)
+        return fail_oom(p, at);
+    if ((r = set_string(p, (char **)(base + f->off), v, n, at)) < 0) {
+        free(secret);
+        return r;
+    }
+    char **slot = (char **)(base + f->off2);
+    free(*slot);
+    *slot = secret;
+    return 0;
+}
+
+/* p->ev is a SEQUENCE-START for a K_ADDR_LIST field; consume up to its SEQUENCE-END. The list
+ * replaces any earlier layer's list as a whole. */
+static int parse_addr_list(struct parse *p, const struct field *f)
+{
+    char *base = (char *)p->c, *joined = NULL;
+    size_t jl = 0;
+    unsigned count = 0;
+    yaml_mark_t start = p->ev.start_mark;
+    int r;
+
+    for (;;) {
+        if ((r = next_event(p)) < 0)
+            goto out;
+        if (p->ev.type == YAML_SEQUENCE_END_EVENT)
+            break;
+        const yaml_event_t *e = &p->ev;
+        if (e->type != YAML_SCALAR_EVENT) {
+            r = fail(p, e->start_mark, "expected a list of host:port addresses, got %s inside it",
+                     event_kind(e));
+            goto out;
+        }
+        const char *v = (const char *)e->data.scalar.value;
+        size_t n = e->data.scalar.length;
+        char got[4 * VALUE_SHOW_MAX + 8];
+        quote_value(got, sizeof(got), v, n);
+        if (memchr(v, '\0', n) || strncmp(v, "unix:", 5) == 0 || !valid_redis_addr(v)) {
+            r = fail(p, e->start_mark, "expected host:port (like 127.0.0.1:26379), got %s", got);
+            goto out;
+        }
+        char *nj = realloc(joined, jl + n + 2);
+        if (!nj) {
+            r = fail_oom(p, e->start_mark);
+            goto out;
+        }
+        joined = nj;
+        if (jl)
+            joined[jl++] = '\n';
+        memcpy(joined + jl, v, n);
+        jl += n;
+        joined[jl] = '\0';
+        count++;
+    }
+    if (count == 0) {
+        r = fail(p, start, "must list at least one address");
+        goto out;
+    }
+    free(*(char **)(base + f->off));
+    *(char **)(base + f->off) = joined;
+    *(unsigned *)(base + f->off2) = count;
+    return 0;
+out:
+    free(joined);
+    return r;
+}
+
 /* p->ev is the scalar for field f. */
 static int parse_scalar(struct parse *p, const struct field *f)
 {
@@ -882,6 +1040,22 @@ static int parse_scalar(struct parse *p, const struct field *f)
                         (unsigned long long)f->max, got);
         *(uint32_t *)(base + f->off) = (uint32_t)u;
         return 0;
+    case K_BOOL:
+        if (!strcmp(v, "true")) {
+            *(int *)(base + f->off) = 1;
+            return 0;
+        }
+        if (!strcmp(v, "false")) {
+            *(int *)(base + f->off) = 0;
+            return 0;
+        }
+        return fail(p, at, "expected true or false, got %s", got);
+    case K_SECRET:
+        if (n == 0)
+            return fail(p, at, "must not be empty");
+        return read_secret(p, f, v, n, at);
+    case K_ADDR_LIST:
+        break;
     case K_LOG_LEVEL: {
         static const enum kd_log_level levels[] = {KD_LOG_DEBUG, KD_LOG_INFO, KD_LOG_WARN, KD_LOG_ERROR};
 
@@ -908,6 +1082,11 @@ static int parse_value(struct parse *p, const struct field *f)
     yaml_mark_t at = e->start_mark;
     int r;
 
+    if (f->kind == K_ADDR_LIST) {
+        if (e->type != YAML_SEQUENCE_START_EVENT)
+            return fail(p, at, "expected a list of host:port addresses, got %s", event_kind(e));
+        return parse_addr_list(p, f);
+    }
     if (f->kind != K_MAP) {
         if (e->type != YAML_SCALAR_EVENT)
             return fail(p, at, "expected a scalar, got %s", event_kind(e));
@@ -1002,18 +1181,62 @@ static int private_api_listen_done(struct parse *p, yaml_mark_t at)
     return tls_pair_done(p, at, &p->c->private_api.listen);
 }
 
-/* A redis section means "use this external server", which is meaningless without its address. */
+/* A tls section turns TLS on unless it says enabled: false; a client certificate needs its key. */
+static int redis_tls_done(struct parse *p, yaml_mark_t at)
+{
+    size_t saved;
+    int r = 0;
+
+    if (p->c->redis.tls.enabled < 0)
+        p->c->redis.tls.enabled = 1;
+    if ((p->c->redis.tls.certificate_file == NULL) != (p->c->redis.tls.key_file == NULL)) {
+        bool cert = p->c->redis.tls.certificate_file != NULL;
+        saved = push(p, cert ? "key_file" : "certificate_file", cert ? 8 : 16);
+        r = fail(p, at, "required with %s (a client certificate needs its key)",
+                 cert ? "certificate_file" : "key_file");
+        pop(p, saved);
+    }
+    return r;
+}
+
+/* Sentinel needs both the master's name and somewhere to ask for it. */
+static int redis_sentinel_done(struct parse *p, yaml_mark_t at)
+{
+    size_t saved;
+    int r = 0;
+
+    if ((p->c->redis.sentinel.master_name == NULL) != (p->c->redis.sentinel.n_addresses == 0)) {
+        bool name = p->c->redis.sentinel.master_name != NULL;
+        saved = push(p, name ? "addresses" : "master_name", name ? 9 : 11);
+        r = fail(p, at, "required with %s (Sentinel needs the master's name and the sentinels' addresses)",
+                 name ? "master_name" : "addresses");
+        pop(p, saved);
+    }
+    return r;
+}
+
+/* A redis section means "use this external server", which is meaningless without its address
+ * (or Sentinel, which tells the address). */
 static int redis_done(struct parse *p, yaml_mark_t at)
 {
     size_t saved;
     int r;
 
     p->c->redis.configured = true;
-    if (p->c->redis.address)
+    if (p->c->redis.instance_ttl_ms <= p->c->redis.heartbeat_ms) {
+        saved = push(p, "instance_ttl", 12);
+        r = fail(p, at, "must be longer than redis.heartbeat_interval (%ums), got %ums",
+                 (unsigned)p->c->redis.heartbeat_ms, (unsigned)p->c->redis.instance_ttl_ms);
+        pop(p, saved);
+        return r;
+    }
+    if (p->c->redis.address || p->c->redis.sentinel.master_name)
         return 0;
     saved = push(p, "server", 6);
     push(p, "address", 7);
-    r = fail(p, at, "required when a redis section is given (like 127.0.0.1:6379 or unix:/path/to/socket)");
+    r = fail(p, at,
+             "required when a redis section is given without sentinel (like 127.0.0.1:6379 or "
+             "unix:/path/to/socket)");
     pop(p, saved);
     return r;
 }

@@ -55,7 +55,27 @@ struct kd_config {
         char *password_file; /* redis.password_file, NULL when unset */
         unsigned database;   /* redis.database */
         char *key_prefix;    /* redis.key_prefix, default "gitlab-kas" */
+        char *password;      /* the contents of password_file (one trailing newline cut), or NULL */
         uint32_t dial_timeout_ms;
+        uint32_t read_timeout_ms;  /* redis.read_timeout: a reply outstanding longer fails the connection */
+        uint32_t write_timeout_ms; /* redis.write_timeout: output stuck this long fails the connection */
+        uint32_t heartbeat_ms;     /* redis.heartbeat_interval: the instance's alive key is refreshed */
+        uint32_t instance_ttl_ms;  /* redis.instance_ttl: alive key TTL (> heartbeat_interval) */
+        uint32_t sweep_ms;         /* redis.sweep_interval: dead instances looked for */
+        struct {
+            int enabled;            /* redis.tls.enabled: 1 on, 0 off, -1 unset (no tls section: off) */
+            char *ca_file;          /* CAs verifying the server (NULL: the system store) */
+            char *server_name;      /* name verified in the server's certificate (default: host part) */
+            char *certificate_file; /* client certificate (mTLS), with key_file */
+            char *key_file;
+        } tls;
+        struct {
+            char *master_name; /* redis.sentinel.master_name; NULL: no Sentinel */
+            char *addresses;   /* redis.sentinel.addresses: n_addresses entries, '\n'-separated */
+            unsigned n_addresses;
+            char *password_file; /* redis.sentinel.password_file */
+            char *password;      /* its contents */
+        } sentinel;
     } redis;
 
     struct {

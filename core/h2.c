@@ -18,12 +18,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/chunkpool.h"
 #include "core/clock.h"
 #include "core/grpc.h"
 #include "core/list.h"
 
 #define LOW_WATER        (KD_H2_CALL_HIGH_WATER / 2)
-#define CHUNK_SIZE       16384u
 #define PING_STRIKES_MAX 2
 
 struct hdr_ref {
@@ -86,6 +86,10 @@ struct kd_h2 {
     bool fatal;
     const char *fatal_msg;
     struct kd_h2_counters counters;
+    /* A lower bound on the deadlines of live calls (UINT64_MAX: none was set since the last walk).
+     * kd_h2_expire runs on every flush; while now is below this bound nothing can be due, so it
+     * answers without walking every call of the connection. */
+    uint64_t next_deadline;
 };
 
 /* ---- small helpers ---- */
@@ -94,7 +98,7 @@ static int hdrs_add(struct hdrs *hs, const uint8_t *name, size_t nlen, const uin
 {
     if (hs->n == hs->cap) {
         size_t ncap = hs->cap ? hs->cap * 2 : 8;
-        struct hdr_ref *nv = realloc(hs->v, ncap * sizeof(*nv));
+        struct hdr_ref *nv = kd_chunkpool_realloc(hs->v, ncap * sizeof(*nv));
         if (nv == NULL)
             return -ENOMEM;
         hs->v = nv;
@@ -104,7 +108,7 @@ static int hdrs_add(struct hdrs *hs, const uint8_t *name, size_t nlen, const uin
         size_t ncap = hs->acap ? hs->acap : 256;
         while (ncap < hs->len + nlen + vlen + 2)
             ncap *= 2;
-        char *na = realloc(hs->arena, ncap);
+        char *na = kd_chunkpool_realloc(hs->arena, ncap);
         if (na == NULL)
             return -ENOMEM;
         hs->arena = na;
@@ -127,8 +131,8 @@ static int hdrs_add(struct hdrs *hs, const uint8_t *name, size_t nlen, const uin
 
 static void hdrs_free(struct hdrs *hs)
 {
-    free(hs->v);
-    free(hs->arena);
+    kd_chunkpool_free(hs->v);
+    kd_chunkpool_free(hs->arena);
     memset(hs, 0, sizeof(*hs));
 }
 
@@ -170,32 +174,39 @@ static uint64_t now_us(void)
     return kd_clock_ns() / 1000u;
 }
 
-static int queue_bytes(struct kd_h2_call *c, const uint8_t *p, size_t len)
+/* Queue one framed message (prefix + payload), contiguous in one chunk: appended to the tail chunk
+ * when it has room (small messages of a stream share a chunk), otherwise in a new chunk from the
+ * shard's pool sized to the message, never a fixed 16 KiB per message (see core/chunkpool.h). */
+static int queue_message(struct kd_h2_call *c, const uint8_t pfx[KD_GRPC_PREFIX], const uint8_t *data,
+                         size_t len)
 {
-    while (len > 0) {
-        struct chunk *t = c->out_tail;
-        if (t == NULL || t->len == t->cap) {
-            size_t cap = len > CHUNK_SIZE ? len : CHUNK_SIZE;
-            t = malloc(sizeof(*t) + cap);
-            if (t == NULL)
-                return -ENOMEM;
-            t->next = NULL;
-            t->off = t->len = 0;
-            t->cap = (uint32_t)cap;
-            if (c->out_tail)
-                c->out_tail->next = t;
-            else
-                c->out_head = t;
-            c->out_tail = t;
-        }
-        size_t take = t->cap - t->len < len ? t->cap - t->len : len;
-        memcpy(t->data + t->len, p, take);
-        t->len += (uint32_t)take;
-        c->out_bytes += take;
-        p += take;
-        len -= take;
+    size_t need = KD_GRPC_PREFIX + len;
+    struct chunk *t = c->out_tail;
+    if (t == NULL || t->cap - t->len < need) {
+        size_t bsize;
+        t = kd_chunkpool_get(sizeof(*t) + need, &bsize);
+        if (t == NULL)
+            return -ENOMEM;
+        t->next = NULL;
+        t->off = t->len = 0;
+        t->cap = (uint32_t)(bsize - sizeof(*t));
+        if (c->out_tail)
+            c->out_tail->next = t;
+        else
+            c->out_head = t;
+        c->out_tail = t;
     }
+    memcpy(t->data + t->len, pfx, KD_GRPC_PREFIX);
+    if (len > 0)
+        memcpy(t->data + t->len + KD_GRPC_PREFIX, data, len);
+    t->len += (uint32_t)need;
+    c->out_bytes += need;
     return 0;
+}
+
+static void chunk_free(struct chunk *ch)
+{
+    kd_chunkpool_put(ch, sizeof(*ch) + ch->cap);
 }
 
 static void drop_output(struct kd_h2_call *c)
@@ -203,7 +214,7 @@ static void drop_output(struct kd_h2_call *c)
     struct chunk *ch = c->out_head;
     while (ch) {
         struct chunk *n = ch->next;
-        free(ch);
+        chunk_free(ch);
         ch = n;
     }
     c->out_head = c->out_tail = NULL;
@@ -221,12 +232,19 @@ static void call_free(struct kd_h2_call *c)
     hdrs_free(&c->fin);
     kd_grpc_deframer_free(&c->df);
     drop_output(c);
-    free(c);
+    kd_chunkpool_free(c);
+}
+
+static void set_deadline(struct kd_h2_call *c, uint64_t deadline)
+{
+    c->deadline = deadline;
+    if (deadline < c->h->next_deadline)
+        c->h->next_deadline = deadline;
 }
 
 static struct kd_h2_call *call_new(struct kd_h2 *h)
 {
-    struct kd_h2_call *c = calloc(1, sizeof(*c));
+    struct kd_h2_call *c = kd_chunkpool_calloc(1, sizeof(*c));
     if (c == NULL)
         return NULL;
     c->h = h;
@@ -286,7 +304,7 @@ static ssize_t read_cb(nghttp2_session *s, int32_t sid, uint8_t *buf, size_t len
             c->out_head = ch->next;
             if (c->out_head == NULL)
                 c->out_tail = NULL;
-            free(ch);
+            chunk_free(ch);
         }
     }
     if (c->over_high && c->out_bytes < LOW_WATER && c->handler != NULL) {
@@ -446,7 +464,7 @@ static int server_request_ready(struct kd_h2 *h, struct kd_h2_call *c, bool end_
     if (t != NULL) {
         uint64_t us;
         if (kd_grpc_timeout_parse(t, tlen, &us) == 0) {
-            c->deadline = now_us() + us;
+            set_deadline(c, now_us() + us);
         } else {
             kd_h2_call_finish(c, KD_GRPC_INTERNAL, "grpc: malformed grpc-timeout", NULL, 0);
             return 0;
@@ -629,6 +647,35 @@ static int on_stream_close(nghttp2_session *s, int32_t sid, uint32_t error_code,
 
 /* ---- session ---- */
 
+/* nghttp2's allocations (streams, frames, header copies, HPACK) come from the shard's pool too:
+ * with many calls in flight they made up a good part of the malloc traffic per routed call, and
+ * glibc's per-thread cache (7 blocks per size) could not absorb it. */
+static void *ng_malloc(size_t size, void *ud)
+{
+    (void)ud;
+    return kd_chunkpool_malloc(size);
+}
+
+static void ng_free(void *p, void *ud)
+{
+    (void)ud;
+    kd_chunkpool_free(p);
+}
+
+static void *ng_calloc(size_t n, size_t size, void *ud)
+{
+    (void)ud;
+    return kd_chunkpool_calloc(n, size);
+}
+
+static void *ng_realloc(void *p, size_t size, void *ud)
+{
+    (void)ud;
+    return kd_chunkpool_realloc(p, size);
+}
+
+static nghttp2_mem ng_mem = {NULL, ng_malloc, ng_free, ng_calloc, ng_realloc};
+
 struct kd_h2 *kd_h2_new(const struct kd_h2_opts *o)
 {
     struct kd_h2 *h = calloc(1, sizeof(*h));
@@ -637,6 +684,7 @@ struct kd_h2 *kd_h2_new(const struct kd_h2_opts *o)
     if (h == NULL)
         return NULL;
     h->o = *o;
+    h->next_deadline = UINT64_MAX;
     kd_list_init(&h->calls);
     kd_list_init(&h->writable_list);
     if (nghttp2_session_callbacks_new(&cb) != 0) {
@@ -653,8 +701,8 @@ struct kd_h2 *kd_h2_new(const struct kd_h2_opts *o)
     nghttp2_option_new(&opt);
     nghttp2_option_set_no_auto_window_update(opt, 1);
     nghttp2_option_set_max_send_header_block_length(opt, 65536);
-    int rc = o->server ? nghttp2_session_server_new2(&h->s, cb, h, opt)
-                       : nghttp2_session_client_new2(&h->s, cb, h, opt);
+    int rc = o->server ? nghttp2_session_server_new3(&h->s, cb, h, opt, &ng_mem)
+                       : nghttp2_session_client_new3(&h->s, cb, h, opt, &ng_mem);
     nghttp2_option_del(opt);
     nghttp2_session_callbacks_del(cb);
     if (rc != 0) {
@@ -768,6 +816,10 @@ void kd_h2_ping(struct kd_h2 *h)
 
 uint64_t kd_h2_expire(struct kd_h2 *h, uint64_t now)
 {
+    if (now < h->next_deadline)
+        return h->next_deadline; /* nothing due; the bound may be early (its call ended): harmless */
+    /* Recomputed by the walk; calls that handlers start meanwhile lower it through set_deadline. */
+    h->next_deadline = UINT64_MAX;
     uint64_t next = UINT64_MAX;
     struct kd_list *n, *nx;
     for (n = h->calls.next; n != &h->calls; n = nx) {
@@ -793,7 +845,9 @@ uint64_t kd_h2_expire(struct kd_h2 *h, uint64_t now)
             next = c->deadline;
         }
     }
-    return next;
+    if (next < h->next_deadline)
+        h->next_deadline = next;
+    return h->next_deadline;
 }
 
 size_t kd_h2_live_calls(const struct kd_h2 *h)
@@ -830,7 +884,7 @@ struct kd_h2_call *kd_h2_call_start(struct kd_h2 *h, const char *path, const cha
     if (timeout_us > 0) {
         kd_grpc_timeout_format(timeout_us, tbuf);
         nva[n++] = mknv("grpc-timeout", 12, tbuf, strlen(tbuf));
-        c->deadline = now + timeout_us;
+        set_deadline(c, now + timeout_us);
     }
     for (size_t i = 0; i < nmd; i++)
         nva[n++] = mknv(md[i].name, md[i].namelen, md[i].value, md[i].valuelen);
@@ -927,10 +981,10 @@ int kd_h2_call_send_message(struct kd_h2_call *c, const uint8_t *data, size_t le
     uint8_t pfx[KD_GRPC_PREFIX];
     if (c->finished || c->handler == NULL || (!c->h->o.server && !c->provider_live))
         return -EPIPE;
-    if (len > UINT32_MAX)
+    if (len > UINT32_MAX - KD_CHUNKPOOL_SLACK - sizeof(struct chunk))
         return -EMSGSIZE;
     kd_grpc_frame_prefix(pfx, (uint32_t)len);
-    if (queue_bytes(c, pfx, sizeof(pfx)) < 0 || queue_bytes(c, data, len) < 0)
+    if (queue_message(c, pfx, data, len) < 0)
         return -ENOMEM;
     if (c->h->o.server && !c->headers_sent) {
         int rc = submit_response_headers(c, NULL, 0);

@@ -93,7 +93,10 @@ void kd_h2_goaway(struct kd_h2 *h, uint32_t error_code, const char *debug);
 /* Send a PING (keepalive). */
 void kd_h2_ping(struct kd_h2 *h);
 /* Fail calls whose deadline is <= now_us (server: DEADLINE_EXCEEDED to the client; client: RST
- * and on_done DEADLINE_EXCEEDED). Returns the next deadline, or UINT64_MAX. */
+ * and on_done DEADLINE_EXCEEDED). Returns the next deadline, or UINT64_MAX. The answer may be
+ * earlier than the true next deadline (never later) when the call that had it ended: calling again
+ * at that time finds nothing due and returns the exact one. Cheap while nothing is due: it does not
+ * walk the calls then. */
 uint64_t kd_h2_expire(struct kd_h2 *h, uint64_t now_us);
 size_t kd_h2_live_calls(const struct kd_h2 *h);
 /* Counters for metrics and tests. */

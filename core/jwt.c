@@ -15,10 +15,14 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
+#include <stdlib.h>
 #include <strings.h>
+#include <sys/random.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "core/sha2.h"
+#include "core/tokens.h"
 
 #define DECODED_MAX     (KD_JWT_MAX_LEN / 4 * 3 + 3)
 #define SECRET_FILE_MAX 4096
@@ -841,8 +845,25 @@ static int check_header(const uint8_t *buf, size_t n, enum kd_jwt_alg *alg, char
     return 0;
 }
 
-int kd_jwt_verify(const char *token, size_t len, const struct kd_jwt_opts *o, struct kd_jwt_claims *out,
-                  char *err, size_t errlen)
+/* exp and nbf against now and leeway, as parsed (doubles: a fractional exp counts exactly). */
+static int check_times(const struct kd_jwt_opts *o, double exp, bool has_nbf, double nbf, char *err,
+                       size_t errlen)
+{
+    double now = (double)o->now, leeway = o->leeway > 0 ? (double)o->leeway : 0;
+    if (now >= exp + leeway) {
+        seterr(err, errlen, "token expired %llds ago", (long long)seconds(now - exp));
+        return -EACCES;
+    }
+    if (has_nbf && now + leeway < nbf) {
+        seterr(err, errlen, "token not valid yet: nbf is %llds ahead", (long long)-seconds(now - nbf));
+        return -EACCES;
+    }
+    return 0;
+}
+
+/* kd_jwt_verify, also giving exp and nbf as parsed (for the cache). */
+static int verify(const char *token, size_t len, const struct kd_jwt_opts *o, struct kd_jwt_claims *out,
+                  double *exp_out, double *nbf_out, char *err, size_t errlen)
 {
     seterr(err, errlen, "%s", "");
     if (o->audience == NULL || o->audience[0] == '\0') {
@@ -920,19 +941,13 @@ int kd_jwt_verify(const char *token, size_t len, const struct kd_jwt_opts *o, st
     if (json_top_object(&j, claim_member, &cl) < 0)
         return json_error(&j, "payload", err, errlen);
 
-    double now = (double)o->now, leeway = o->leeway > 0 ? (double)o->leeway : 0;
     if (!cl.has_exp) {
         seterr(err, errlen, "token has no exp claim");
         return -EACCES;
     }
-    if (now >= cl.exp + leeway) {
-        seterr(err, errlen, "token expired %llds ago", (long long)seconds(now - cl.exp));
-        return -EACCES;
-    }
-    if (c.has_nbf && now + leeway < cl.nbf) {
-        seterr(err, errlen, "token not valid yet: nbf is %llds ahead", (long long)-seconds(now - cl.nbf));
-        return -EACCES;
-    }
+    rc = check_times(o, cl.exp, c.has_nbf, cl.nbf, err, errlen);
+    if (rc < 0)
+        return rc;
     if (!cl.has_aud) {
         seterr(err, errlen, "token has no aud claim (want %s)", o->audience);
         return -EACCES;
@@ -954,7 +969,215 @@ int kd_jwt_verify(const char *token, size_t len, const struct kd_jwt_opts *o, st
     c.iat = c.has_iat ? seconds(cl.iat) : 0;
     if (out != NULL)
         *out = c;
+    if (exp_out != NULL)
+        *exp_out = cl.exp;
+    if (nbf_out != NULL)
+        *nbf_out = cl.nbf;
     return 0;
+}
+
+int kd_jwt_verify(const char *token, size_t len, const struct kd_jwt_opts *o, struct kd_jwt_claims *out,
+                  char *err, size_t errlen)
+{
+    return verify(token, len, o, out, NULL, NULL, err, errlen);
+}
+
+/* ---- cache of verified tokens (see jwt.h) ------------------------------------------------------ */
+
+struct cache_entry {
+    uint64_t hash;
+    uint64_t last_use; /* c->tick at the last hit or insert; 0: the slot is empty */
+    char *token;       /* malloc'd copy, len bytes */
+    size_t len;
+    double exp, nbf;
+    struct kd_jwt_claims claims;
+};
+
+struct kd_jwt_cache {
+    uint8_t key[16]; /* SipHash key, random per cache */
+    /* What the entries were verified under. */
+    uint8_t secret[KD_JWT_CACHE_SECRET_MAX];
+    size_t secret_len;
+    char *audience, *issuer;
+    bool bound;
+    uint64_t tick;
+    unsigned cap, used;
+    struct kd_jwt_cache_stats stats;
+    struct cache_entry e[];
+};
+
+struct kd_jwt_cache *kd_jwt_cache_new(unsigned capacity)
+{
+    if (capacity == 0)
+        return NULL;
+    struct kd_jwt_cache *c = calloc(1, sizeof(*c) + (size_t)capacity * sizeof(c->e[0]));
+    if (c == NULL)
+        return NULL;
+    c->cap = capacity;
+    size_t got = 0;
+    while (got < sizeof(c->key)) {
+        ssize_t r = getrandom(c->key + got, sizeof(c->key) - got, 0);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0) {
+            /* No randomness: the hash only picks candidates (every hit is compared in full), so a
+             * guessable key costs speed at worst, never correctness. */
+            uint64_t t = (uint64_t)(uintptr_t)c ^ (uint64_t)time(NULL);
+            memcpy(c->key, &t, sizeof(t));
+            break;
+        }
+        got += (size_t)r;
+    }
+    return c;
+}
+
+static void entry_drop(struct kd_jwt_cache *c, struct cache_entry *e)
+{
+    free(e->token);
+    memset(e, 0, sizeof(*e));
+    c->used--;
+}
+
+static void cache_clear(struct kd_jwt_cache *c)
+{
+    for (unsigned i = 0; i < c->cap; i++)
+        if (c->e[i].last_use != 0)
+            entry_drop(c, &c->e[i]);
+    explicit_bzero(c->secret, sizeof(c->secret));
+    c->secret_len = 0;
+    free(c->audience);
+    free(c->issuer);
+    c->audience = c->issuer = NULL;
+    c->bound = false;
+}
+
+void kd_jwt_cache_free(struct kd_jwt_cache *c)
+{
+    if (c == NULL)
+        return;
+    cache_clear(c);
+    free(c);
+}
+
+static bool same_str(const char *a, const char *b)
+{
+    return (a == NULL || b == NULL) ? a == b : strcmp(a, b) == 0;
+}
+
+/* Entries hold only for the secret, audience and issuer they were verified under. false: the opts
+ * cannot be cached (secret too long, or out of memory binding them). */
+static bool cache_bind(struct kd_jwt_cache *c, const struct kd_jwt_opts *o)
+{
+    if (o->secret_len > KD_JWT_CACHE_SECRET_MAX)
+        return false;
+    if (c->bound && c->secret_len == o->secret_len && memcmp(c->secret, o->secret, o->secret_len) == 0 &&
+        same_str(c->audience, o->audience) && same_str(c->issuer, o->issuer))
+        return true;
+    cache_clear(c);
+    c->audience = strdup(o->audience);
+    c->issuer = o->issuer != NULL ? strdup(o->issuer) : NULL;
+    if (c->audience == NULL || (o->issuer != NULL && c->issuer == NULL)) {
+        cache_clear(c);
+        return false;
+    }
+    memcpy(c->secret, o->secret, o->secret_len);
+    c->secret_len = o->secret_len;
+    c->bound = true;
+    return true;
+}
+
+static void cache_insert(struct kd_jwt_cache *c, uint64_t hash, const char *token, size_t len,
+                         const struct kd_jwt_claims *claims, double exp, double nbf)
+{
+    char *copy = malloc(len);
+    if (copy == NULL)
+        return; /* not kept: the next call verifies again */
+    memcpy(copy, token, len);
+    struct cache_entry *victim = NULL;
+    for (unsigned i = 0; i < c->cap; i++) {
+        struct cache_entry *e = &c->e[i];
+        if (e->last_use == 0) {
+            victim = e;
+            break;
+        }
+        if (victim == NULL || e->last_use < victim->last_use)
+            victim = e;
+    }
+    if (victim->last_use != 0) {
+        entry_drop(c, victim);
+        c->stats.evictions++;
+    }
+    victim->hash = hash;
+    victim->last_use = ++c->tick;
+    victim->token = copy;
+    victim->len = len;
+    victim->exp = exp;
+    victim->nbf = nbf;
+    victim->claims = *claims;
+    c->used++;
+}
+
+int kd_jwt_cache_verify(struct kd_jwt_cache *c, const char *token, size_t len, const struct kd_jwt_opts *o,
+                        struct kd_jwt_claims *out, char *err, size_t errlen)
+{
+    /* Malformed configurations and tokens too long to keep take the full path (same errors). */
+    if (c == NULL || o->audience == NULL || o->audience[0] == '\0' || o->secret == NULL ||
+        o->secret_len == 0 || len == 0 || len > KD_JWT_CACHE_TOKEN_MAX || !cache_bind(c, o))
+        return kd_jwt_verify(token, len, o, out, err, errlen);
+    uint64_t hash = kd_siphash24(c->key, token, len);
+    for (unsigned i = 0; i < c->cap; i++) {
+        struct cache_entry *e = &c->e[i];
+        if (e->last_use == 0 || e->hash != hash || e->len != len || !kd_ct_equal(e->token, token, len))
+            continue;
+        seterr(err, errlen, "%s", "");
+        int rc = check_times(o, e->exp, e->claims.has_nbf, e->nbf, err, errlen);
+        if (rc < 0) {
+            /* Expired (or not yet valid under a changed clock): never served from here again. */
+            entry_drop(c, e);
+            c->stats.expired++;
+            return rc;
+        }
+        e->last_use = ++c->tick;
+        c->stats.hits++;
+        if (out != NULL)
+            *out = e->claims;
+        return 0;
+    }
+    c->stats.misses++;
+    struct kd_jwt_claims claims;
+    double exp = 0, nbf = 0;
+    int rc = verify(token, len, o, &claims, &exp, &nbf, err, errlen);
+    if (rc < 0)
+        return rc;
+    cache_insert(c, hash, token, len, &claims, exp, nbf);
+    if (out != NULL)
+        *out = claims;
+    return 0;
+}
+
+void kd_jwt_cache_stats(const struct kd_jwt_cache *c, struct kd_jwt_cache_stats *out)
+{
+    *out = c->stats;
+    out->entries = c->used;
+    out->capacity = c->cap;
+}
+
+int kd_jwt_cache_validate(const struct kd_jwt_cache *c)
+{
+    unsigned used = 0;
+    for (unsigned i = 0; i < c->cap; i++) {
+        const struct cache_entry *e = &c->e[i];
+        if (e->last_use == 0) {
+            if (e->token != NULL)
+                return -EINVAL;
+            continue;
+        }
+        used++;
+        if (!c->bound || e->token == NULL || e->len == 0 || e->len > KD_JWT_CACHE_TOKEN_MAX ||
+            e->last_use > c->tick || kd_siphash24(c->key, e->token, e->len) != e->hash)
+            return -EINVAL;
+    }
+    return used == c->used ? 0 : -EINVAL;
 }
 
 /* ---- sign ------------------------------------------------------------------------------------- */

@@ -1,7 +1,9 @@
 /* jwt.h — HS256/HS384/HS512 JSON Web Tokens (RFC 7519, compact JWS of RFC 7515): verify the tokens
  * GitLab sends on the api listener, sign the ones kasd sends, load the shared secret file.
- * Concurrency: pure functions (kd_jwt_secret_load does blocking file I/O: call it at start-up).
- * Ownership: everything is borrowed for the duration of the call; results go to caller memory.
+ * Concurrency: pure functions (kd_jwt_secret_load does blocking file I/O: call it at start-up), except
+ * struct kd_jwt_cache: one per thread (a shard's own), no locks.
+ * Ownership: everything is borrowed for the duration of the call; results go to caller memory. A
+ * cache copies the tokens it keeps; kd_jwt_cache_new/kd_jwt_cache_free pair.
  *
  * Verification order (nothing in the payload is looked at before the signature checks out):
  *   1. shape: at most KD_JWT_MAX_LEN bytes, exactly three base64url parts, no padding, no whitespace
@@ -64,6 +66,39 @@ struct kd_jwt_claims {
  * issuer, missing exp or aud, no secret configured). err (may be NULL) gets a one-line reason. */
 int kd_jwt_verify(const char *token, size_t len, const struct kd_jwt_opts *o, struct kd_jwt_claims *out,
                   char *err, size_t errlen);
+
+/* A small bounded cache of verified tokens, so a token GitLab reuses for many calls costs one HMAC,
+ * not one per call (sha256 was ~11 % of kasd's CPU per routed call).
+ *
+ *   entries[cap]: { hash: SipHash-2-4(random per-cache key, token bytes), token copy, claims,
+ *                   exp and nbf as parsed, last use }      cap fixed at creation, linear scan
+ *   bound to: a copy of the secret, the audience and the issuer of the opts it was filled with
+ *
+ * Invariants: an entry holds a token that kd_jwt_verify accepted under the bound secret, audience
+ * and issuer. A hit needs the hash AND the full token bytes to match (compared in constant time);
+ * exp and nbf are checked against opts.now and opts.leeway on every hit exactly as kd_jwt_verify
+ * checks them, and an entry that fails that check is dropped. Opts with another secret, audience or
+ * issuer empty the cache first. Only accepted tokens are kept (refusals are verified in full every
+ * time); when full, the least recently used entry is evicted. Tokens longer than
+ * KD_JWT_CACHE_TOKEN_MAX or secrets longer than KD_JWT_CACHE_SECRET_MAX are verified, never kept. */
+#define KD_JWT_CACHE_TOKEN_MAX  2048
+#define KD_JWT_CACHE_SECRET_MAX 256
+#define KD_JWT_CACHE_ENTRIES    32 /* what kasd uses per shard */
+struct kd_jwt_cache;
+struct kd_jwt_cache_stats {
+    uint64_t hits, misses, evictions, expired; /* expired: hits refused by exp/nbf (and dropped) */
+    unsigned entries, capacity;
+};
+/* NULL on ENOMEM or capacity 0. */
+struct kd_jwt_cache *kd_jwt_cache_new(unsigned capacity);
+void kd_jwt_cache_free(struct kd_jwt_cache *c);
+/* kd_jwt_verify through the cache: same results, same error strings. c may be NULL (no cache). */
+int kd_jwt_cache_verify(struct kd_jwt_cache *c, const char *token, size_t len, const struct kd_jwt_opts *o,
+                        struct kd_jwt_claims *out, char *err, size_t errlen);
+void kd_jwt_cache_stats(const struct kd_jwt_cache *c, struct kd_jwt_cache_stats *out);
+/* Checks the invariants that do not need the secret (entry count, hashes match the kept bytes);
+ * 0 or -EINVAL. For tests. */
+int kd_jwt_cache_validate(const struct kd_jwt_cache *c);
 
 /* Produce a token with header {"alg":"HS256|HS384|HS512","typ":"JWT"} and the given payload (used
  * as is: the caller writes valid JSON). out is NUL-terminated. Returns the token length, -EINVAL

@@ -8,6 +8,7 @@ KASD_PACKAGES=(
   liburing-dev libyaml-dev libnghttp2-dev libwolfssl-dev libssl-dev
   libh2o-evloop-dev   # observability listener (core/httpd.c)
   libprotobuf-c-dev protobuf-c-compiler
+  libhiredis-dev      # RESP2 codec only (core/resp.c); kasd does the Redis I/O itself
   redis-server
   python3
 )

@@ -19,6 +19,8 @@
 #include "shards/conn.h"
 #include "shards/kas.h"
 #include "shards/pool.h"
+#include "shards/redis.h"
+#include "shards/tracker.h"
 #include "shards/tunnel_codec.h"
 
 typedef struct kd_pool_agent agent_t;
@@ -58,11 +60,13 @@ struct pod {
     size_t meta_len;
     uint64_t connected_at_us; /* wall clock */
     agent_t *agent;
+    struct kd_tracker_conn *tracked; /* its entry in Redis (NULL: none) */
 };
 
 /* What an agent connection carries (kd_grpc_conn_user). */
 struct agent_conn {
     int64_t agent_id;
+    int64_t project_id; /* from the token */
     struct pod *pods;
 };
 
@@ -71,6 +75,7 @@ struct kd_kas_shard {
     struct kd_kas *kas;
     bool stop_seen;
     struct kd_pool pool;
+    struct kd_tracker *tracker; /* NULL without Redis */
     struct kd_kas_stats stats;
     struct kd_kas_route_hist route[KD_KAS_ROUTE_OUTCOMES];
 };
@@ -167,6 +172,7 @@ static void back_end(struct back *b, int status, const char *msg, const uint8_t 
         ks->stats.routed_ok++;
     else
         ks->stats.routed_failed++;
+    ks->stats.routed_by_status[status >= 0 && status <= 16 ? status : KD_GRPC_UNKNOWN]++;
     kd_timerwheel_cancel(kd_shard_timers(ks->s), &b->timer);
     if (!b->bound)
         back_free(b); /* leaves the wait list, releases the agent */
@@ -445,6 +451,8 @@ static int tunnel_message(kd_grpc_call *call, const uint8_t *msg, size_t len)
         t->methods = acc.buf;
         t->pt.methods = acc.buf;
         t->pt.methods_len = acc.len;
+        if (t->pt.agent->nready++ == 0 && ks->tracker != NULL)
+            kd_tracker_tunnels(ks->tracker, t->pt.agent->id, true);
         tunnel_idle(ks, t);
         break;
     }
@@ -541,6 +549,8 @@ static void tunnel_done(kd_grpc_call *call, int status, const char *message)
         /* The back waits for FRONT_DONE; a bound back holds neither tunnel nor agent. */
         b->t = NULL;
     }
+    if (t->methods != NULL && --t->pt.agent->nready == 0 && ks->tracker != NULL)
+        kd_tracker_tunnels(ks->tracker, t->pt.agent->id, false);
     kd_pool_tunnel_detach(&ks->pool, &t->pt); /* a closed tunnel is never picked */
     free(t->methods);
     free(t);
@@ -587,6 +597,7 @@ static int agent_call_gate(kd_grpc_call *call, struct kd_agent_ident *ident)
         if (ac == NULL)
             return KD_GRPC_RESOURCE_EXHAUSTED;
         ac->agent_id = ident->agent_id;
+        ac->project_id = ident->project_id;
         kd_grpc_conn_set_user(call, ac);
     }
     return 0;
@@ -648,6 +659,8 @@ static int register_message(kd_grpc_call *call, const uint8_t *msg, size_t len)
         return 0;
     }
     agent_t *a = kd_pool_agent_get(&ks->pool, ac->agent_id);
+    if (a != NULL)
+        a->project_id = ac->project_id;
     struct pod *p = NULL;
     for (p = ac->pods; p != NULL && p->pod_id != pod_id; p = p->conn_next)
         ;
@@ -670,6 +683,17 @@ static int register_message(kd_grpc_call *call, const uint8_t *msg, size_t len)
     if (p->meta != NULL && meta_len > 0)
         memcpy(p->meta, meta, meta_len);
     p->meta_len = p->meta ? meta_len : 0;
+    if (ks->tracker != NULL) {
+        size_t n = kd_tracker_encode_info(NULL, p->meta, p->meta_len, p->connected_at_us, pod_id, a->id,
+                                          a->project_id);
+        uint8_t *info = malloc(n ? n : 1);
+        if (info != NULL) {
+            kd_tracker_encode_info(info, p->meta, p->meta_len, p->connected_at_us, pod_id, a->id,
+                                   a->project_id);
+            p->tracked = kd_tracker_conn_up(ks->tracker, p->tracked, a->id, a->project_id, info, n);
+            free(info);
+        }
+    }
     kd_grpc_send_message(call, (const uint8_t *)"", 0); /* RegisterResponse {} */
     kd_grpc_finish(call, KD_GRPC_OK, NULL, NULL, 0);
     return 0;
@@ -712,6 +736,8 @@ void kd_kas_agent_conn_close(struct kd_shard *s, void *user)
         struct pod *next = p->conn_next;
         agent_t *a = p->agent;
         kd_list_unlink(&p->link);
+        if (ks->tracker != NULL)
+            kd_tracker_conn_down(ks->tracker, p->tracked);
         free(p->meta);
         free(p);
         kd_pool_agent_release(&ks->pool, a);
@@ -721,6 +747,19 @@ void kd_kas_agent_conn_close(struct kd_shard *s, void *user)
 }
 
 /* ---- per shard ---- */
+
+static void tracker_up(void *arg)
+{
+    kd_tracker_redis_up(arg);
+}
+
+static void tracker_down(void *arg, const char *reason)
+{
+    (void)reason; /* logged by the connection (redis_down) */
+    kd_tracker_redis_down(arg);
+}
+
+static const struct kd_redis_hooks tracker_hooks = {.on_up = tracker_up, .on_down = tracker_down};
 
 int kd_kas_shard_start(struct kd_shard *s)
 {
@@ -732,6 +771,18 @@ int kd_kas_shard_start(struct kd_shard *s)
     if (kd_pool_init(&ks->pool) < 0) {
         free(ks);
         return -ENOMEM;
+    }
+    struct kd_redis *r = kd_shard_redis(s);
+    if (ks->kas->tracker != NULL && r != NULL) {
+        ks->tracker = kd_tracker_new(s, ks->kas->tracker, r);
+        if (ks->tracker == NULL) {
+            kd_pool_fini(&ks->pool, NULL);
+            free(ks);
+            return -ENOMEM;
+        }
+        kd_redis_set_hooks(r, &tracker_hooks, ks->tracker);
+        if (kd_redis_up(r))
+            kd_tracker_redis_up(ks->tracker);
     }
     kd_shard_set_user(s, ks);
     return 0;
@@ -753,6 +804,13 @@ void kd_kas_shard_stop(struct kd_shard *s)
         return;
     if (ks->kas->epoch != NULL)
         kd_epoch_offline(ks->kas->epoch, kd_shard_id(s));
+    if (ks->tracker != NULL) {
+        /* The shard's Redis connection is closed by now (the loop waited for it); it is freed
+         * after this, so it must not call into the tracker any more. */
+        kd_redis_set_hooks(kd_shard_redis(s), NULL, NULL);
+        kd_tracker_free(ks->tracker);
+        ks->tracker = NULL;
+    }
     /* Every connection is closed by now, so every tunnel, pod and bound back is gone; waiting
      * backs may remain (their R shard is stopping too). */
     kd_pool_fini(&ks->pool, drop_waiting);
@@ -799,7 +857,25 @@ void kd_kas_on_turn(struct kd_shard *s)
     if (s->stopping && !ks->stop_seen) {
         ks->stop_seen = true;
         end_waiting(ks);
+        /* Stop advertising at once: this shard's entries leave Redis before its agents do. */
+        if (ks->tracker != NULL)
+            kd_tracker_stop(ks->tracker, NULL, NULL);
     }
+    if (ks->tracker != NULL)
+        kd_tracker_flush(ks->tracker);
+}
+
+void kd_kas_count_api_auth_failure(struct kd_shard *s)
+{
+    struct kd_kas_shard *ks = kd_kas_shard_of(s);
+    if (ks != NULL)
+        ks->stats.api_auth_failures++;
+}
+
+struct kd_tracker *kd_kas_tracker(struct kd_shard *s)
+{
+    struct kd_kas_shard *ks = kd_kas_shard_of(s);
+    return ks != NULL ? ks->tracker : NULL;
 }
 
 /* The control thread's stats request: answer with a snapshot built here, on this shard's thread
@@ -813,6 +889,8 @@ static void answer_stats(struct kd_shard *s, const struct kd_msg *m)
     if (ks != NULL) {
         kd_kas_stats(s, &snap->kas);
         memcpy(snap->route, ks->route, sizeof(snap->route));
+        if (ks->tracker != NULL)
+            kd_tracker_stats(ks->tracker, &snap->tracker);
     }
     snap->listeners_open = s->listeners_open;
     snap->stopping = s->stopping;

@@ -10,10 +10,15 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "core/chunkpool.h"
 #include "core/log.h"
 #include "shards/shard.h"
 
-#define OUTCHUNK_SIZE 16384u
+/* Output chunks come from the shard's chunk pool (core/chunkpool.h), never a fresh malloc per flush.
+ * The first chunk of an empty queue is small (most flushes are a few hundred bytes: a routed call's
+ * HEADERS and one small DATA frame); once output backs up, chunks are 16 KiB. */
+#define OUTCHUNK_FIRST 1024u
+#define OUTCHUNK_SIZE  16384u
 
 /* ---- table ---- */
 
@@ -160,12 +165,17 @@ static void cancel_recv(struct kd_conn *c)
     op_begin(c);
 }
 
+static void outchunk_free(struct kd_outchunk *ch)
+{
+    kd_chunkpool_put(ch, sizeof(*ch) + ch->cap);
+}
+
 static void free_output(struct kd_conn *c)
 {
     struct kd_outchunk *ch = c->out_head;
     while (ch != NULL) {
         struct kd_outchunk *next = ch->next;
-        free(ch);
+        outchunk_free(ch);
         ch = next;
     }
     c->out_head = c->out_tail = NULL;
@@ -361,7 +371,7 @@ static void complete_send(struct kd_shard *s, struct kd_conn *c, int res)
             c->out_head = ch->next;
             if (c->out_head == NULL)
                 c->out_tail = NULL;
-            free(ch);
+            outchunk_free(ch);
         }
     }
     if (c->out_bytes > 0 && c->state != KD_CONN_CLOSING)
@@ -412,13 +422,16 @@ int kd_conn_write(struct kd_conn *c, const void *data, size_t len)
     while (len > 0) {
         struct kd_outchunk *t = c->out_tail;
         if (t == NULL || t->len == t->cap) {
-            size_t cap = len > OUTCHUNK_SIZE ? len : OUTCHUNK_SIZE;
-            t = malloc(sizeof(*t) + cap);
+            size_t want = c->out_head == NULL ? OUTCHUNK_FIRST : OUTCHUNK_SIZE;
+            size_t bsize;
+            if (want < len)
+                want = len;
+            t = kd_chunkpool_get(sizeof(*t) + want, &bsize);
             if (t == NULL)
                 return -ENOMEM;
             t->next = NULL;
             t->off = t->len = 0;
-            t->cap = (uint32_t)cap;
+            t->cap = (uint32_t)(bsize - sizeof(*t));
             if (c->out_tail != NULL)
                 c->out_tail->next = t;
             else

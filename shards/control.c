@@ -23,6 +23,7 @@
 #include <pthread.h>
 #include <semaphore.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -216,6 +217,49 @@ static void render_metrics(struct kd_control *c, struct buf *b)
     SHARD_COUNTER(loops, "kasd_shard_loop_turns_total", "Turns of the shard's event loop.");
     SHARD_COUNTER(sleeps, "kasd_shard_sleeps_total", "Times the shard blocked waiting for work.");
 
+    SHARD_COUNTER(redis.commands, "kasd_redis_commands_total",
+                  "Commands issued on the shard's Redis connection (accepted for sending).");
+    SHARD_COUNTER(redis.errors, "kasd_redis_errors_total",
+                  "Redis commands that did not complete (not connected, connection lost, timeout) or got an "
+                  "error reply.");
+    SHARD_COUNTER(redis.reconnects, "kasd_redis_reconnects_total",
+                  "Dial attempts of the shard's Redis connection after a failure or a lost connection.");
+    family(b, "kasd_redis_up", "gauge",
+           "1 while the shard's Redis connection is up (handshake done), else 0.");
+    for (unsigned i = 0; i < c->n; i++)
+        bprintf(b, "kasd_redis_up{shard=\"%u\"} %llu\n", i,
+                (unsigned long long)kd_stat_get(&kd_server_shard_stats(c->srv, i)->redis.up));
+
+    /* gRPC listeners: per listener, per shard (a connection handed to its owner shard counts as
+     * opened where it was accepted and closed where it ended: sum over shards). */
+    static const struct {
+        size_t off;
+        const char *name, *help;
+    } lfields[] = {
+        {offsetof(struct kd_listener_stats, opened), "kasd_listener_connections_opened_total",
+         "Connections accepted on the gRPC listener."},
+        {offsetof(struct kd_listener_stats, closed), "kasd_listener_connections_closed_total",
+         "Connections of the gRPC listener closed (opened - closed, summed over shards, is the number "
+         "open)."},
+        {offsetof(struct kd_listener_stats, streams), "kasd_listener_streams_total",
+         "gRPC calls (HTTP/2 streams) started on the listener."},
+        {offsetof(struct kd_listener_stats, tls_handshakes), "kasd_listener_tls_handshakes_total",
+         "TLS handshakes completed on the listener (ALPN h2)."},
+        {offsetof(struct kd_listener_stats, tls_failures), "kasd_listener_tls_handshake_failures_total",
+         "TLS handshakes that failed (bad certificate, protocol, no ALPN h2, not TLS)."},
+    };
+    for (size_t f = 0; f < sizeof(lfields) / sizeof(lfields[0]); f++) {
+        family(b, lfields[f].name, "counter", lfields[f].help);
+        for (unsigned l = 0; l < c->srv->opts.nlisteners && l < KD_MAX_LISTENERS; l++)
+            for (unsigned i = 0; i < c->n; i++) {
+                const struct kd_listener_stats *ls = &kd_server_shard_stats(c->srv, i)->listener[l];
+                bprintf(
+                    b, "%s{listener=\"%s\",shard=\"%u\"} %llu\n", lfields[f].name,
+                    c->srv->opts.listeners[l].name, i,
+                    (unsigned long long)kd_stat_get((const kd_stat *)((const char *)ls + lfields[f].off)));
+            }
+    }
+
     ROUTER_COUNTER(sent, "kasd_router_messages_sent_total", "Cross-shard messages sent (including to self).");
     ROUTER_COUNTER(received, "kasd_router_messages_received_total", "Cross-shard messages handled.");
     ROUTER_COUNTER(overflowed, "kasd_router_messages_overflowed_total",
@@ -250,10 +294,52 @@ static void render_metrics(struct kd_control *c, struct buf *b)
         }
     KAS_SERIES("counter", sn->kas.routed_no_tunnel, "kasd_routed_calls_no_tunnel_total",
                "Routed calls that found no tunnel before their deadline (also counted as failed).");
+    static const char *const codes[17] = {
+        "OK",        "CANCELLED",       "UNKNOWN",           "INVALID_ARGUMENT",   "DEADLINE_EXCEEDED",
+        "NOT_FOUND", "ALREADY_EXISTS",  "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+        "ABORTED",   "OUT_OF_RANGE",    "UNIMPLEMENTED",     "INTERNAL",           "UNAVAILABLE",
+        "DATA_LOSS", "UNAUTHENTICATED",
+    };
+    family(
+        b, "kasd_routed_calls_by_code_total", "counter",
+        "Routed calls finished on the agent's owner shard, by the gRPC status the caller got (codes seen so "
+        "far).");
+    for (unsigned i = 0; i < c->n; i++)
+        if (c->have[i])
+            for (int k = 0; k < 17; k++)
+                if (c->snaps[i].kas.routed_by_status[k] != 0)
+                    bprintf(b, "kasd_routed_calls_by_code_total{shard=\"%u\",code=\"%s\"} %llu\n", i,
+                            codes[k], (unsigned long long)c->snaps[i].kas.routed_by_status[k]);
+    KAS_SERIES("counter", sn->kas.api_auth_failures, "kasd_api_auth_failures_total",
+               "Calls on the api listener refused because GitLab's JWT was missing, invalid or expired.");
     KAS_SERIES("counter", sn->kas.auth_failures, "kasd_agent_auth_failures_total",
                "Agent calls refused because the agent token was missing or unknown.");
     KAS_SERIES("counter", sn->kas.protocol_violations, "kasd_agent_protocol_violations_total",
                "Tunnels closed because the agent broke the tunnel protocol.");
+
+    KAS_SERIES("gauge", sn->tracker.conns, "kasd_tracker_connections",
+               "Agent connections (agentk pods) this shard advertises in Redis for GetConnectedAgents.");
+    KAS_SERIES("gauge", sn->tracker.tunnels_flags, "kasd_tracker_tunnel_agents",
+               "Agents for which this shard advertises in Redis that the instance holds tunnels.");
+    KAS_SERIES("counter", sn->tracker.writes, "kasd_tracker_redis_commands_total",
+               "Redis commands issued by the fleet tracker (writes, re-syncs, heartbeats, sweeps, lookups).");
+    KAS_SERIES("counter", sn->tracker.write_failures, "kasd_tracker_redis_failures_total",
+               "Fleet tracker commands that failed; each one schedules a full re-sync of the shard's state.");
+    KAS_SERIES(
+        "counter", sn->tracker.resyncs, "kasd_tracker_resyncs_total",
+        "Full re-syncs of the shard's state to Redis (after every reconnect and after failed writes).");
+    KAS_SERIES("counter", sn->tracker.swept_instances, "kasd_tracker_swept_instances_total",
+               "Dead instances whose Redis entries this shard swept.");
+    family(b, "kasd_get_connected_agents_total", "counter",
+           "AgentTracker/GetConnectedAgents calls answered from Redis, by outcome.");
+    for (unsigned i = 0; i < c->n; i++)
+        if (c->have[i]) {
+            const struct kd_tracker_stats *ts = &c->snaps[i].tracker;
+            bprintf(b, "kasd_get_connected_agents_total{shard=\"%u\",outcome=\"ok\"} %llu\n", i,
+                    (unsigned long long)(ts->lookups - ts->lookup_failures));
+            bprintf(b, "kasd_get_connected_agents_total{shard=\"%u\",outcome=\"failed\"} %llu\n", i,
+                    (unsigned long long)ts->lookup_failures);
+        }
 
     /* The histogram is merged over the shards that answered (no shard label: buckets add up). */
     static const char *const outcome[KD_KAS_ROUTE_OUTCOMES] = {"success", "timeout", "aborted"};
@@ -324,7 +410,8 @@ static void answer(struct kd_control *c, struct pending *p)
         break;
     }
     case EP_READINESS: {
-        /* Redis reachability is not part of readiness yet: kasd has no Redis client (issue list). */
+        /* Not ready while any shard's Redis connection is down: that shard cannot publish its
+         * agents, so the fleet would not route to them (locally held tunnels keep working). */
         int len = 0;
         if (draining(c))
             len = snprintf(msg, sizeof(msg), "draining: kasd is stopping\n");
@@ -336,6 +423,9 @@ static void answer(struct kd_control *c, struct pending *p)
             else if (c->snaps[i].listeners_open < c->srv->opts.nlisteners)
                 len = snprintf(msg, sizeof(msg), "shard %u has %u of %u listeners open\n", i,
                                c->snaps[i].listeners_open, c->srv->opts.nlisteners);
+            else if (kd_stat_get(&kd_server_shard_stats(c->srv, i)->redis.configured) &&
+                     !kd_stat_get(&kd_server_shard_stats(c->srv, i)->redis.up))
+                len = snprintf(msg, sizeof(msg), "shard %u: redis connection is down\n", i);
         }
         if (len == 0)
             kd_httpd_respond(p->req, 200, "text/plain; charset=utf-8", "ok\n", 3);

@@ -6,6 +6,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -152,6 +153,22 @@ static void arm_house(struct gconn *g)
         kd_timerwheel_add(kd_shard_timers(s), &g->house_timer, next);
 }
 
+/* This server connection's listener counters on the shard that has it now (NULL for clients). */
+static struct kd_listener_stats *lstats(struct gconn *g)
+{
+    if (!g->server || g->c == NULL || g->c->listener >= KD_MAX_LISTENERS)
+        return NULL;
+    return &kd_conn_shard(g->c)->stats.listener[g->c->listener];
+}
+
+static void count(struct gconn *g, size_t field)
+{
+    struct kd_listener_stats *ls = lstats(g);
+    if (ls != NULL)
+        kd_stat_inc((kd_stat *)((char *)ls + field));
+}
+#define COUNT(g, f) count(g, offsetof(struct kd_listener_stats, f))
+
 static void log_conn(struct gconn *g, enum kd_log_level lvl, const char *event, const char *why)
 {
     struct kd_logline l;
@@ -267,6 +284,8 @@ static int on_data(struct kd_conn *c, const uint8_t *data, size_t len)
             if (n == 0)
                 break;
             if (n < 0) {
+                if (!g->tls_alpn_checked && !kd_tls_handshake_done(g->tls))
+                    COUNT(g, tls_failures);
                 if (n != -ECONNRESET)
                     log_conn(g, KD_LOG_INFO, g->handshake_ok ? "tls_error" : "tls_handshake_failed",
                              kd_tls_error(g->tls));
@@ -278,10 +297,12 @@ static int on_data(struct kd_conn *c, const uint8_t *data, size_t len)
                 g->tls_alpn_checked = true;
                 const char *alpn = kd_tls_alpn(g->tls);
                 if (alpn != NULL && strcmp(alpn, "h2") != 0) {
+                    COUNT(g, tls_failures);
                     log_conn(g, KD_LOG_INFO, "tls_handshake_failed", "ALPN protocol is not h2");
                     kd_conn_close(c, -EPROTO);
                     return 0;
                 }
+                COUNT(g, tls_handshakes);
             }
             g->bytes_in += (uint64_t)n;
             h2_in(g, buf, (size_t)n);
@@ -290,8 +311,10 @@ static int on_data(struct kd_conn *c, const uint8_t *data, size_t len)
             if (c->state == KD_CONN_CLOSING)
                 return 0;
         }
-        if (!g->tls_alpn_checked && kd_tls_handshake_done(g->tls))
+        if (!g->tls_alpn_checked && kd_tls_handshake_done(g->tls)) {
             g->tls_alpn_checked = true;
+            COUNT(g, tls_handshakes);
+        }
     }
     kd_conn_want_flush(c);
     return 0;
@@ -358,6 +381,7 @@ static void on_close(struct kd_conn *c, int err)
      * adoption) until they are all done. Their writes are refused: the connection is closing. */
     g->c = c;
     g->usable = false;
+    COUNT(g, closed);
     if (g->h != NULL) {
         kd_h2_free(g->h); /* every live call ends with UNAVAILABLE */
         g->h = NULL;
@@ -556,6 +580,7 @@ void kd_grpc_conn_set_user(kd_grpc_call *call, void *user)
 static int server_on_call(void *ud, struct kd_h2_call *call)
 {
     struct gconn *g = ud;
+    COUNT(g, streams);
     const char *path = kd_h2_call_path(call);
     const struct kd_grpc_method *m = NULL;
     for (size_t i = 0; i < g->cfg->nmethods; i++) {
@@ -639,6 +664,7 @@ static int server_open(struct kd_conn *c, bool adopted)
         g->age_goaway_at = g->opened_ms + cfg->max_connection_age_ms - j + r;
     }
     c->ctx = g;
+    COUNT(g, opened);
     arm_house(g);
     kd_conn_want_flush(c); /* our SETTINGS go out first */
     return 0;

@@ -33,9 +33,12 @@
 #include "router/ring.h"
 #include "shards/grpc.h"
 #include "shards/shard.h"
+#include "shards/tracker.h"
 
 struct kd_tokens_handle;
 struct kd_epoch;
+struct kd_tracker;
+struct kd_tracker_cfg;
 
 /* Router message types of routed calls. */
 enum {
@@ -86,6 +89,7 @@ struct kd_kas {
     size_t api_secret_len;           /* 0: no secret configured: api calls are UNAUTHENTICATED */
     uint32_t routing_timeout_ms;     /* cap on waiting for a tunnel (GitLab kas: 20 s) */
     unsigned nshards;
+    const struct kd_tracker_cfg *tracker; /* fleet state in Redis (NULL: none) */
 };
 
 /* Server hooks (kd_server_opts): per-shard state and message dispatch. opts.user = struct kd_kas. */
@@ -106,6 +110,8 @@ void kd_kas_agent_conn_close(struct kd_shard *s, void *user);
 struct kd_kas_stats {
     uint64_t agents, tunnels_idle, tunnels_busy, waiting_calls;
     uint64_t routed_ok, routed_failed, routed_no_tunnel, auth_failures, protocol_violations;
+    uint64_t api_auth_failures;    /* api listener: JWT missing or refused (on the accepting shard) */
+    uint64_t routed_by_status[17]; /* routed calls finished on the owner shard, by gRPC status code */
 };
 void kd_kas_stats(struct kd_shard *s, struct kd_kas_stats *out);
 
@@ -124,8 +130,9 @@ struct kd_kas_route_hist {
 struct kd_kas_snapshot {
     struct kd_kas_stats kas;
     struct kd_kas_route_hist route[KD_KAS_ROUTE_OUTCOMES];
-    uint32_t listeners_open; /* listening sockets still open on this shard */
-    bool stopping;           /* the shard has seen the stop request */
+    struct kd_tracker_stats tracker; /* zero without Redis tracking */
+    uint32_t listeners_open;         /* listening sockets still open on this shard */
+    bool stopping;                   /* the shard has seen the stop request */
 };
 
 /* --- shared between agents.c (O side) and route.c (R side) --- */
@@ -136,6 +143,14 @@ void kd_kas_front_message(struct kd_shard *s, const struct kd_msg *m); /* O->R t
 /* Allocate/release payloads through the router so they are freed on the allocating shard. */
 void *kd_kas_payload(struct kd_shard *s, size_t size);
 void kd_kas_release(struct kd_shard *s, void *payload);
+/* The api listener's authentication (GitLab's JWT): 0 when the call may go on; otherwise the call
+ * was answered UNAUTHENTICATED and -1 is returned. */
+int kd_kas_api_authenticate(kd_grpc_call *call);
+/* Count an api call refused by kd_kas_api_authenticate. */
+void kd_kas_count_api_auth_failure(struct kd_shard *s);
+/* The shard's Redis tracker (shards/tracker.h), or NULL. */
+struct kd_tracker *kd_kas_tracker(struct kd_shard *s);
+
 /* "Bearer <x>" from the call's authorization header; NULL if absent or not a bearer credential. */
 const char *kd_kas_bearer(kd_grpc_call *call, size_t *len);
 

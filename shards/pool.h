@@ -30,6 +30,7 @@ struct kd_pool_agent {
     struct kd_list waiting;
     struct kd_list pods; /* agents.c's pod records */
     unsigned ntunnels;
+    unsigned nready; /* tunnels whose descriptor arrived and that have not ended (agents.c) */
 };
 
 struct kd_pool_tunnel {

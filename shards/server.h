@@ -20,6 +20,7 @@
 
 #include "core/stat.h"
 #include "router/ring.h"
+#include "shards/redis.h"
 
 struct kd_server;
 struct kd_shard;
@@ -52,6 +53,10 @@ struct kd_server_opts {
     void (*on_shard_stop)(struct kd_shard *s);                      /* after the last connection */
     void (*on_message)(struct kd_shard *s, const struct kd_msg *m); /* router types >= KD_MSG_SHARD_USER */
     void (*on_turn)(struct kd_shard *s); /* once per loop turn, before the shard may sleep */
+    /* Redis: when set, every shard opens one connection with these options at start (before
+     * on_shard_start, so services find it with kd_shard_redis() and take it over with
+     * kd_redis_set_hooks()), keeps it through the drain, and frees it after on_shard_stop. Borrowed. */
+    const struct kd_redis_opts *redis;
 };
 
 /* Per-shard counters: written by the shard, readable from any thread. */
@@ -69,6 +74,13 @@ struct kd_shard_stats {
     kd_stat loops;
     kd_stat sleeps;
     kd_stat accept_errors;
+    /* gRPC listeners, by listener index (kd_server_opts.listeners): connections opened here
+     * (accepted, not adopted) and closed here (after any hand-off), calls started, TLS handshakes
+     * completed and failed. Summed over shards they describe the listener. */
+    struct kd_listener_stats {
+        kd_stat opened, closed, streams, tls_handshakes, tls_failures;
+    } listener[KD_MAX_LISTENERS];
+    struct kd_redis_stats redis; /* the shard's Redis connection (kd_server_opts.redis) */
 };
 
 int kd_server_create(const struct kd_server_opts *opts, struct kd_server **out, char *err, size_t errlen);

@@ -270,6 +270,12 @@ static void loop(struct kd_shard *s)
         if (srv->opts.on_turn != NULL)
             srv->opts.on_turn(s);
 
+        /* The shard's Redis connection outlives every other connection (services write to Redis on
+         * their way out); once it is the only one left it finishes what is in flight and closes. */
+        if (s->stopping && s->redis != NULL && !kd_redis_stopped(s->redis) && s->listeners_open == 0 &&
+            s->conns.live <= kd_redis_nconns(s->redis))
+            kd_redis_stop(s->redis);
+
         uint32_t own_ops = s->ops_inflight - (s->eventfd_armed ? 1u : 0u);
         if (s->stopping && s->conns.live == 0 && s->listeners_open == 0 && own_ops == 0 && s->local_len == 0)
             break;
@@ -325,6 +331,18 @@ static int setup(struct kd_shard *s)
         snprintf(s->start_msg, sizeof(s->start_msg), "router attach: %s", strerror(-rc));
         return rc;
     }
+    if (srv->opts.redis != NULL) {
+        struct kd_redis_opts ro = *srv->opts.redis;
+        ro.stats = &s->stats.redis;
+        if (ro.name == NULL)
+            ro.name = "shard";
+        s->redis = kd_redis_new(s, &ro, NULL, NULL);
+        if (s->redis == NULL) {
+            snprintf(s->start_msg, sizeof(s->start_msg),
+                     "redis connection: invalid options or out of memory");
+            return -ENOMEM;
+        }
+    }
     if (srv->opts.on_shard_start != NULL) {
         rc = srv->opts.on_shard_start(s);
         if (rc < 0) {
@@ -338,6 +356,8 @@ static int setup(struct kd_shard *s)
 
 static void teardown(struct kd_shard *s)
 {
+    kd_redis_free(s->redis); /* normally already closed: the loop exits only once it is */
+    s->redis = NULL;
     if (s->ring_ok) {
         if (s->br != NULL)
             io_uring_unregister_buf_ring(&s->ring, 0);

@@ -96,7 +96,8 @@ struct kd_shard {
     struct kd_msg *local;
     uint32_t local_head, local_len, local_cap;
 
-    void *user; /* protocol's per-shard state */
+    struct kd_redis *redis; /* the shard's Redis connection (kd_server_opts.redis), or NULL */
+    void *user;             /* protocol's per-shard state */
     struct kd_shard_stats stats;
 };
 
@@ -137,6 +138,12 @@ static inline void *kd_shard_user(const struct kd_shard *s)
 static inline void kd_shard_set_user(struct kd_shard *s, void *user)
 {
     s->user = user;
+}
+/* The shard's Redis connection (NULL when the server has no kd_server_opts.redis). Services issue
+ * their commands on it and take it over with kd_redis_set_hooks() (shards/redis.h). */
+static inline struct kd_redis *kd_shard_redis(struct kd_shard *s)
+{
+    return s->redis;
 }
 struct kd_shard *kd_conn_shard(const struct kd_conn *c);
 struct kd_router *kd_shard_router(const struct kd_shard *s);

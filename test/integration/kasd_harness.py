@@ -32,6 +32,37 @@ limits:
 """
 
 
+def write_tokens(path, agents):
+    """An agent token file: agents = {agent_id: (token, project_id)}; names are agent-<id>."""
+    with open(path, "w") as f:
+        f.write("agents:\n")
+        for i, (token, project) in agents.items():
+            f.write(f"  - token: \"{token}\"\n    agent_id: {i}\n    project_id: {project}\n"
+                    f"    agent_name: agent-{i}\n")
+
+
+def service_config(d, extra="", shards=2):
+    """A config with every listener on 127.0.0.1:0, the token file d/tokens.yaml and the api secret
+    d/api-secret; `extra` is appended (more top-level sections)."""
+    return f"""\
+shards: {shards}
+agent:
+  listen:
+    address: 127.0.0.1:0
+  token_file: {d}/tokens.yaml
+api:
+  listen:
+    address: 127.0.0.1:0
+    authentication_secret_file: {d}/api-secret
+private_api:
+  listen:
+    address: 127.0.0.1:0
+observability:
+  listen:
+    address: 127.0.0.1:0
+{extra}"""
+
+
 class Kasd:
     def __init__(self, config=BASE_CONFIG, args=(), start_timeout=20):
         self.dir = tempfile.mkdtemp(prefix="kasd-test-")

@@ -23,7 +23,7 @@ class Options(unittest.TestCase):
     def test_version(self):
         r = run("--version")
         self.assertEqual(r.returncode, 0)
-        self.assertRegex(r.stdout, r"^kasd \d+\.\d+\.\d+\n$")
+        self.assertRegex(r.stdout, r"^kasd \d+\.\d+\.\d+ \(tls: (openssl|wolfssl)\)\n$")
 
     def test_help(self):
         r = run("--help")

@@ -290,6 +290,12 @@ limits:
             "kasd_agent_auth_failures_total": "counter", "kasd_agent_protocol_violations_total": "counter",
             "process_resident_memory_bytes": "gauge", "process_open_fds": "gauge",
             "k8s_api_proxy_routing_duration_seconds": "histogram", "kasd_shard_responsive": "gauge",
+            "kasd_listener_connections_opened_total": "counter", "kasd_listener_connections_closed_total": "counter",
+            "kasd_listener_streams_total": "counter", "kasd_listener_tls_handshakes_total": "counter",
+            "kasd_listener_tls_handshake_failures_total": "counter", "kasd_routed_calls_by_code_total": "counter",
+            "kasd_api_auth_failures_total": "counter", "kasd_redis_up": "gauge",
+            "kasd_redis_commands_total": "counter", "kasd_tracker_connections": "gauge",
+            "kasd_tracker_redis_commands_total": "counter", "kasd_get_connected_agents_total": "counter",
         }
         for name, t in expected.items():
             self.assertEqual(types.get(name), t, name)
@@ -329,6 +335,15 @@ limits:
             ch.close()
         after = self.wait_metric(lambda s: total(s, "kasd_connections_closed_total") >= closed0 + 8)
         self.assertGreaterEqual(total(after, "kasd_connections_closed_total"), closed0 + 8)
+        # the same, by listener: 8 opened and closed on the agent listener, 3 health calls
+        self.assertGreaterEqual(total(after, "kasd_listener_connections_opened_total", listener="agent") -
+                                total(before, "kasd_listener_connections_opened_total", listener="agent"), 8)
+        self.assertGreaterEqual(total(after, "kasd_listener_connections_closed_total", listener="agent") -
+                                total(before, "kasd_listener_connections_closed_total", listener="agent"), 8)
+        self.assertGreaterEqual(total(after, "kasd_listener_streams_total", listener="agent") -
+                                total(before, "kasd_listener_streams_total", listener="agent"), 3)
+        self.assertEqual(total(after, "kasd_listener_connections_opened_total", listener="private_api"),
+                         total(before, "kasd_listener_connections_opened_total", listener="private_api"))
 
     def test_routed_call_moves_counters_and_histogram(self):
         _, before = self.scrape()
@@ -346,6 +361,24 @@ limits:
                            total(before, name + "_sum", status="success"))
         self.assertGreater(total(after, "kasd_router_messages_sent_total"),
                            total(before, "kasd_router_messages_sent_total"))
+        self.assertGreaterEqual(total(after, "kasd_routed_calls_by_code_total", code="OK") -
+                                total(before, "kasd_routed_calls_by_code_total", code="OK"), 3)
+        self.assertGreaterEqual(total(after, "kasd_listener_streams_total", listener="api") -
+                                total(before, "kasd_listener_streams_total", listener="api"), 3)
+
+    def test_api_auth_failures_and_failed_codes(self):
+        _, before = self.scrape()
+        with self.assertRaises(grpc.RpcError) as cm:
+            self.gl.unary("/test.Echo/Unary", b"", agent_id=1, auth="Bearer not-a-jwt", timeout=10)
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.UNAUTHENTICATED)
+        with self.assertRaises(grpc.RpcError) as cm:
+            self.gl.unary("/test.Echo/Fail", b"", agent_id=1, timeout=10)
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.FAILED_PRECONDITION)
+        after = self.wait_metric(lambda s: total(s, "kasd_routed_calls_by_code_total", code="FAILED_PRECONDITION") >
+                                 total(before, "kasd_routed_calls_by_code_total", code="FAILED_PRECONDITION"))
+        self.assertEqual(total(after, "kasd_api_auth_failures_total") - total(before, "kasd_api_auth_failures_total"), 1)
+        self.assertEqual(total(after, "kasd_routed_calls_by_code_total", code="FAILED_PRECONDITION") -
+                         total(before, "kasd_routed_calls_by_code_total", code="FAILED_PRECONDITION"), 1)
 
     def test_no_tunnel_counts_timeout(self):
         _, before = self.scrape()

@@ -67,7 +67,25 @@ class Tls(unittest.TestCase):
             with grpc.secure_channel(self.addr(name), self.creds) as ch:
                 self.assertEqual(self.health(ch), b"\x08\x01")
 
+    def metric(self, name, **labels):
+        """Sum of the series of `name` on /metrics whose labels include `labels`."""
+        import re
+        import urllib.request
+        host, port = self.kasd.listeners["observability"]
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        total = 0.0
+        for line in text.splitlines():
+            m = re.match(r'^([a-z_0-9]+)\{([^}]*)\} (\S+)$', line)
+            if m and m.group(1) == name:
+                got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
+                if all(got.get(k) == v for k, v in labels.items()):
+                    total += float(m.group(3))
+        return total
+
     def test_private_listener_requires_client_certificate(self):
+        ok0 = self.metric("kasd_listener_tls_handshakes_total", listener="private_api")
+        bad0 = self.metric("kasd_listener_tls_handshake_failures_total", listener="private_api")
         good = grpc.ssl_channel_credentials(read("ca.pem"), read("client.key"), read("client.pem"))
         with grpc.secure_channel(self.addr("private_api"), good) as ch:
             self.assertEqual(self.health(ch), b"\x08\x01")
@@ -81,6 +99,10 @@ class Tls(unittest.TestCase):
         self.kasd.wait_event("tls_handshake_failed", 5)
         reasons = [ev.get("reason", "") for ev in self.kasd.events if ev.get("event") == "tls_handshake_failed"]
         self.assertTrue(all(r and "i/o error" not in r.lower() for r in reasons), reasons)
+        # and counted, by listener
+        self.assertGreaterEqual(self.metric("kasd_listener_tls_handshakes_total", listener="private_api") - ok0, 1)
+        self.assertGreaterEqual(
+            self.metric("kasd_listener_tls_handshake_failures_total", listener="private_api") - bad0, 2)
 
     def test_plaintext_to_tls_port_is_refused_and_logged(self):
         with grpc.insecure_channel("127.0.0.1:%d" % self.kasd.listeners["agent"][1]) as ch:

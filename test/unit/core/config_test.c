@@ -164,39 +164,93 @@ Test(config, null_sections_are_empty)
     kd_config_free(&c);
 }
 
-static const char full_config[] = "# every key kasd knows\n"
-                                  "shards: 8\n"
-                                  "agent:\n"
-                                  "  listen:\n"
-                                  "    address: 0.0.0.0:8150\n"
-                                  "  token_file: /etc/kasd/tokens.yaml\n"
-                                  "api:\n"
-                                  "  listen:\n"
-                                  "    address: \"[::1]:8153\"\n"
-                                  "    authentication_secret_file: /etc/kasd/api-secret\n"
-                                  "private_api:\n"
-                                  "  listen:\n"
-                                  "    address: 10.1.2.3:8155\n"
-                                  "    authentication_secret_file: /etc/kasd/private-api-secret\n"
-                                  "observability:\n"
-                                  "  listen:\n"
-                                  "    address: '[::]:0'\n"
-                                  "redis:\n"
-                                  "  server:\n"
-                                  "    address: redis.example.com:6379\n"
-                                  "  username: kas\n"
-                                  "  password_file: /etc/kasd/redis-password\n"
-                                  "  database: 3\n"
-                                  "  key_prefix: my-kas\n"
-                                  "  dial_timeout: 1m30s\n"
-                                  "limits:\n"
-                                  "  connections_per_shard: 16777216\n"
-                                  "  recv_buffers_per_shard: 32768\n"
-                                  "  recv_buffer_size: 1048576\n"
-                                  "  router_ring_size: 1048576\n"
-                                  "  shutdown_grace: 250ms\n"
-                                  "log:\n"
-                                  "  level: debug\n";
+static const char full_config_template[] = "# every key kasd knows\n"
+                                           "shards: 8\n"
+                                           "agent:\n"
+                                           "  listen:\n"
+                                           "    address: 0.0.0.0:8150\n"
+                                           "  token_file: /etc/kasd/tokens.yaml\n"
+                                           "api:\n"
+                                           "  listen:\n"
+                                           "    address: \"[::1]:8153\"\n"
+                                           "    authentication_secret_file: /etc/kasd/api-secret\n"
+                                           "private_api:\n"
+                                           "  listen:\n"
+                                           "    address: 10.1.2.3:8155\n"
+                                           "    authentication_secret_file: /etc/kasd/private-api-secret\n"
+                                           "observability:\n"
+                                           "  listen:\n"
+                                           "    address: '[::]:0'\n"
+                                           "redis:\n"
+                                           "  server:\n"
+                                           "    address: redis.example.com:6379\n"
+                                           "  username: kas\n"
+                                           "  password_file: %s\n"
+                                           "  read_timeout: 2s\n"
+                                           "  heartbeat_interval: 2s\n"
+                                           "  instance_ttl: 7s\n"
+                                           "  sweep_interval: 1m\n"
+                                           "  write_timeout: 3s\n"
+                                           "  tls:\n"
+                                           "    ca_file: /etc/kasd/redis-ca.pem\n"
+                                           "    server_name: redis.internal\n"
+                                           "    certificate_file: /etc/kasd/redis-client.pem\n"
+                                           "    key_file: /etc/kasd/redis-client.key\n"
+                                           "  sentinel:\n"
+                                           "    master_name: mymaster\n"
+                                           "    addresses: [10.0.0.1:26379, 'sentinel-2:26379']\n"
+                                           "    password_file: %s\n"
+                                           "  database: 3\n"
+                                           "  key_prefix: my-kas\n"
+                                           "  dial_timeout: 1m30s\n"
+                                           "limits:\n"
+                                           "  connections_per_shard: 16777216\n"
+                                           "  recv_buffers_per_shard: 32768\n"
+                                           "  recv_buffer_size: 1048576\n"
+                                           "  router_ring_size: 1048576\n"
+                                           "  shutdown_grace: 250ms\n"
+                                           "log:\n"
+                                           "  level: debug\n";
+
+/* The secret files the full config names: written once per test process (criterion forks each
+ * test from a process that ran this constructor), named after the pid so parallel runs of the
+ * suite (normal and sanitizer builds) never share them. */
+static char full_config[sizeof(full_config_template) + 256];
+static char redis_password_path[64], sentinel_password_path[64];
+
+__attribute__((constructor)) static void write_secret_files(void)
+{
+    FILE *f;
+
+    snprintf(redis_password_path, sizeof(redis_password_path), "/tmp/kasd-config-test-%d-redis-pw",
+             (int)getpid());
+    snprintf(sentinel_password_path, sizeof(sentinel_password_path), "/tmp/kasd-config-test-%d-sentinel-pw",
+             (int)getpid());
+    f = fopen(redis_password_path, "w");
+    if (f) {
+        fputs("s3cret\n", f);
+        fclose(f);
+    }
+    f = fopen(sentinel_password_path, "w");
+    if (f) {
+        fputs("sentinel-pw\r\n", f);
+        fclose(f);
+    }
+    snprintf(full_config, sizeof(full_config), full_config_template, redis_password_path,
+             sentinel_password_path);
+}
+
+__attribute__((destructor)) static void remove_secret_files(void)
+{
+    /* Only the process that wrote them (criterion's workers share the pid-named paths of their
+     * parent and must not remove them under their siblings). */
+    char mine[64];
+    snprintf(mine, sizeof(mine), "/tmp/kasd-config-test-%d-redis-pw", (int)getpid());
+    if (strcmp(mine, redis_password_path) == 0) {
+        unlink(redis_password_path);
+        unlink(sentinel_password_path);
+    }
+}
 
 Test(config, every_key)
 {
@@ -219,10 +273,26 @@ Test(config, every_key)
     cr_assert(c.redis.configured);
     cr_assert_str_eq(c.redis.address, "redis.example.com:6379");
     cr_assert_str_eq(c.redis.username, "kas");
-    cr_assert_str_eq(c.redis.password_file, "/etc/kasd/redis-password");
+    cr_assert_str_eq(c.redis.password_file, redis_password_path);
+    cr_assert_str_eq(c.redis.password, "s3cret");
     cr_assert_eq(c.redis.database, 3);
     cr_assert_str_eq(c.redis.key_prefix, "my-kas");
     cr_assert_eq(c.redis.dial_timeout_ms, 90000);
+    cr_assert_eq(c.redis.read_timeout_ms, 2000);
+    cr_assert_eq(c.redis.heartbeat_ms, 2000);
+    cr_assert_eq(c.redis.instance_ttl_ms, 7000);
+    cr_assert_eq(c.redis.sweep_ms, 60000);
+    cr_assert_eq(c.redis.write_timeout_ms, 3000);
+    cr_assert_eq(c.redis.tls.enabled, 1);
+    cr_assert_str_eq(c.redis.tls.ca_file, "/etc/kasd/redis-ca.pem");
+    cr_assert_str_eq(c.redis.tls.server_name, "redis.internal");
+    cr_assert_str_eq(c.redis.tls.certificate_file, "/etc/kasd/redis-client.pem");
+    cr_assert_str_eq(c.redis.tls.key_file, "/etc/kasd/redis-client.key");
+    cr_assert_str_eq(c.redis.sentinel.master_name, "mymaster");
+    cr_assert_eq(c.redis.sentinel.n_addresses, 2);
+    cr_assert_str_eq(c.redis.sentinel.addresses, "10.0.0.1:26379\nsentinel-2:26379");
+    cr_assert_str_eq(c.redis.sentinel.password_file, sentinel_password_path);
+    cr_assert_str_eq(c.redis.sentinel.password, "sentinel-pw");
     cr_assert_eq(c.limits.connections_per_shard, 16777216);
     cr_assert_eq(c.limits.recv_buffers, 32768);
     cr_assert_eq(c.limits.recv_buffer_size, 1048576);
@@ -284,6 +354,24 @@ Test(config, every_log_level)
         kd_config_free(&c);
     }
     cr_assert_str_eq(kd_log_level_name((enum kd_log_level)42), "unknown");
+}
+
+Test(config, redis_tracker_timings)
+{
+    struct kd_config c;
+    kd_config_defaults(&c);
+    cr_assert_eq(c.redis.heartbeat_ms, 10000);
+    cr_assert_eq(c.redis.instance_ttl_ms, 30000);
+    cr_assert_eq(c.redis.sweep_ms, 30000);
+    kd_config_free(&c);
+    const struct error_case cases[] = {
+        {"redis:\n  server:\n    address: 127.0.0.1:1\n  heartbeat_interval: 5s\n  instance_ttl: 5s\n",
+         "kasd.yaml:2:3: redis.instance_ttl: must be longer than redis.heartbeat_interval (5000ms), got "
+         "5000ms"},
+        {"redis:\n  server:\n    address: 127.0.0.1:1\n  heartbeat_interval: 50ms\n",
+         "kasd.yaml:4:23: redis.heartbeat_interval: must be between 100ms and 3600000ms, got \"50ms\""},
+    };
+    EXPECT_ERRORS(cases);
 }
 
 Test(config, redis_addresses)
@@ -414,7 +502,9 @@ Test(config, unknown_keys_everywhere)
         {"observability:\n  listen:\n    authentication_secret_file: s\n",
          "kasd.yaml:3:5: observability.listen.authentication_secret_file: unknown key (expected: address)"},
         {"redis:\n  host: x\n", "kasd.yaml:2:3: redis.host: unknown key (expected one of: server, username, "
-                                "password_file, database, key_prefix, dial_timeout)"},
+                                "password_file, database, key_prefix, dial_timeout, read_timeout, "
+                                "write_timeout, heartbeat_interval, instance_ttl, sweep_interval, tls, "
+                                "sentinel)"},
         {"redis:\n  server:\n    addr: x\n",
          "kasd.yaml:3:5: redis.server.addr: unknown key (expected: address)"},
         {"limits:\n  max_conns: 1\n",
@@ -657,15 +747,17 @@ Test(config, bad_log_level)
 Test(config, redis_requires_server_address)
 {
     static const struct error_case cases[] = {
-        {"redis: {}\n", "kasd.yaml:1:8: redis.server.address: required when a redis section is given "
-                        "(like 127.0.0.1:6379 or unix:/path/to/socket)"},
-        {"redis:\n", "kasd.yaml:1:7: redis.server.address: required when a redis section is given "
-                     "(like 127.0.0.1:6379 or unix:/path/to/socket)"},
+        {"redis: {}\n",
+         "kasd.yaml:1:8: redis.server.address: required when a redis section is given without sentinel "
+         "(like 127.0.0.1:6379 or unix:/path/to/socket)"},
+        {"redis:\n",
+         "kasd.yaml:1:7: redis.server.address: required when a redis section is given without sentinel "
+         "(like 127.0.0.1:6379 or unix:/path/to/socket)"},
         {"shards: 1\nredis:\n  username: kas\n  database: 1\n",
-         "kasd.yaml:3:3: redis.server.address: required when a redis section is given "
+         "kasd.yaml:3:3: redis.server.address: required when a redis section is given without sentinel "
          "(like 127.0.0.1:6379 or unix:/path/to/socket)"},
         {"redis:\n  server: {}\n",
-         "kasd.yaml:2:3: redis.server.address: required when a redis section is given "
+         "kasd.yaml:2:3: redis.server.address: required when a redis section is given without sentinel "
          "(like 127.0.0.1:6379 or unix:/path/to/socket)"},
     };
 
@@ -1166,4 +1258,51 @@ Test(config, tls_and_grpc_keys)
     cr_assert_eq(kd_config_load_string(&c, "kasd.yaml", mtls, sizeof(mtls) - 1, err, sizeof(err)), -EINVAL);
     cr_assert(strstr(err, "private_api.listen.client_ca_file: needs certificate_file") != NULL, "%s", err);
     kd_config_free(&c);
+}
+
+Test(config, redis_secrets_tls_and_sentinel_errors)
+{
+    char *empty = write_temp("\n", 1);
+    char yaml[512];
+    static const struct error_case cases[] = {
+        {"redis:\n  server: {address: 'r:1'}\n  password_file: /nonexistent/kasd-pw\n",
+         "kasd.yaml:3:18: redis.password_file: cannot read \"/nonexistent/kasd-pw\": No such file or "
+         "directory"},
+        {"redis:\n  server: {address: 'r:1'}\n  read_timeout: 0\n",
+         "kasd.yaml:3:17: redis.read_timeout: must be between 1ms and 4294967295ms, got \"0\""},
+        {"redis:\n  server: {address: 'r:1'}\n  tls:\n    enabled: yes\n",
+         "kasd.yaml:4:14: redis.tls.enabled: expected true or false, got \"yes\""},
+        {"redis:\n  server: {address: 'r:1'}\n  tls:\n    certificate_file: /c.pem\n",
+         "kasd.yaml:4:5: redis.tls.key_file: required with certificate_file (a client certificate needs its "
+         "key)"},
+        {"redis:\n  sentinel:\n    master_name: m\n", "kasd.yaml:3:5: redis.sentinel.addresses: required "
+                                                      "with master_name (Sentinel needs the master's name "
+                                                      "and the sentinels' addresses)"},
+        {"redis:\n  sentinel:\n    master_name: m\n    addresses: 'a:1'\n",
+         "kasd.yaml:4:16: redis.sentinel.addresses: expected a list of host:port addresses, got a scalar"},
+        {"redis:\n  sentinel:\n    master_name: m\n    addresses: [a:1, 'unix:/x']\n",
+         "kasd.yaml:4:22: redis.sentinel.addresses: expected host:port (like 127.0.0.1:26379), got "
+         "\"unix:/x\""},
+        {"redis:\n  sentinel:\n    master_name: m\n    addresses: []\n",
+         "kasd.yaml:4:16: redis.sentinel.addresses: must list at least one address"},
+    };
+    struct kd_config c;
+
+    EXPECT_ERRORS(cases);
+    snprintf(yaml, sizeof(yaml), "redis:\n  server: {address: 'r:1'}\n  password_file: %s\n", empty);
+    char want[512];
+    snprintf(want, sizeof(want), "kasd.yaml:3:18: redis.password_file: \"%s\" is empty", empty);
+    expect_error(yaml, want);
+    /* a sentinel section alone is a complete redis section; tls: {} turns TLS on */
+    expect_ok(&c, "redis:\n  sentinel:\n    master_name: m\n    addresses: [127.0.0.1:26379]\n  tls: {}\n");
+    cr_assert(c.redis.configured);
+    cr_assert_null(c.redis.address);
+    cr_assert_eq(c.redis.sentinel.n_addresses, 1);
+    cr_assert_eq(c.redis.tls.enabled, 1);
+    kd_config_free(&c);
+    expect_ok(&c, "redis:\n  server: {address: 'r:1'}\n  tls: {enabled: false, ca_file: /ca.pem}\n");
+    cr_assert_eq(c.redis.tls.enabled, 0);
+    kd_config_free(&c);
+    unlink(empty);
+    free(empty);
 }

@@ -1187,3 +1187,237 @@ Test(jwt_secret, rejections)
     cr_assert_eq(kd_jwt_secret_load("/tmp", s, sizeof(s), &n, err, sizeof(err)), -EISDIR);
     cr_assert(strstr(err, "/tmp") != NULL, "%s", err);
 }
+
+/* ---- kd_jwt_cache ----------------------------------------------------------------------------- */
+
+static struct kd_jwt_cache_stats cstats(const struct kd_jwt_cache *c)
+{
+    struct kd_jwt_cache_stats st;
+    kd_jwt_cache_stats(c, &st);
+    cr_assert_eq(kd_jwt_cache_validate(c), 0);
+    return st;
+}
+
+static int cverify(struct kd_jwt_cache *c, const char *tok, const struct kd_jwt_opts *o,
+                   struct kd_jwt_claims *out)
+{
+    memset(last_err, 'X', sizeof(last_err));
+    int rc = kd_jwt_cache_verify(c, tok, strlen(tok), o, out, last_err, sizeof(last_err));
+    cr_assert(memchr(last_err, '\0', sizeof(last_err)) != NULL, "err not terminated");
+    if (rc == 0)
+        cr_assert_str_empty(last_err);
+    if (c != NULL)
+        cr_assert_eq(kd_jwt_cache_validate(c), 0);
+    return rc;
+}
+
+/* A distinct valid token per n (the jti differs). */
+static char *cache_token(int n, long exp)
+{
+    char p[256];
+    snprintf(p, sizeof(p), "{\"aud\":\"gitlab-kas\",\"exp\":%ld,\"jti\":\"t%d\",\"sub\":\"s%d\"}", exp, n, n);
+    return make(HS256_HDR, p, KD_HASH_SHA256, SECRET);
+}
+
+Test(jwt_cache, hit_gives_the_same_claims)
+{
+    struct kd_jwt_cache *c = kd_jwt_cache_new(4);
+    cr_assert_not_null(c);
+    struct kd_jwt_opts o = opts();
+    struct kd_jwt_claims a, b, full;
+    memset(&a, 0x11, sizeof(a));
+    memset(&b, 0x22, sizeof(b));
+    cr_assert_eq(verify_with(py_hs256, &o, &full), 0);
+    cr_assert_eq(cverify(c, py_hs256, &o, &a), 0, "%s", last_err);
+    struct kd_jwt_cache_stats st = cstats(c);
+    cr_assert_eq(st.misses, 1);
+    cr_assert_eq(st.hits, 0);
+    cr_assert_eq(st.entries, 1);
+    cr_assert_eq(cverify(c, py_hs256, &o, &b), 0, "%s", last_err);
+    st = cstats(c);
+    cr_assert_eq(st.hits, 1);
+    cr_assert_eq(st.misses, 1);
+    cr_assert_eq(memcmp(&a, &full, sizeof(a)), 0);
+    cr_assert_eq(memcmp(&b, &full, sizeof(b)), 0);
+    cr_assert_eq(cverify(c, py_hs256, &o, NULL), 0); /* claims may be NULL */
+    kd_jwt_cache_free(c);
+    kd_jwt_cache_free(NULL);
+    cr_assert_null(kd_jwt_cache_new(0));
+    /* No cache: plain verification. */
+    cr_assert_eq(cverify(NULL, py_hs256, &o, NULL), 0);
+    o.secret_len = 3;
+    cr_assert_eq(cverify(NULL, py_hs256, &o, NULL), -EACCES);
+}
+
+Test(jwt_cache, expired_token_in_cache_is_refused)
+{
+    struct kd_jwt_cache *c = kd_jwt_cache_new(4);
+    struct kd_jwt_opts o = opts();
+    const char *tok = cache_token(1, NOW + 60);
+    cr_assert_eq(cverify(c, tok, &o, NULL), 0);
+    cr_assert_eq(cverify(c, tok, &o, NULL), 0);
+    cr_assert_eq(cstats(c).hits, 1);
+    /* The clock moves past exp + leeway: the cached entry must not be served. */
+    o.now = NOW + 60 + 4;
+    cr_assert_eq(cverify(c, tok, &o, NULL), 0); /* still within the 5 s of leeway */
+    o.now = NOW + 60 + 5;
+    cr_assert_eq(cverify(c, tok, &o, NULL), -EACCES);
+    cr_assert(strstr(last_err, "token expired 5s ago") != NULL, "%s", last_err);
+    struct kd_jwt_cache_stats st = cstats(c);
+    cr_assert_eq(st.expired, 1);
+    cr_assert_eq(st.entries, 0, "an expired entry is dropped");
+    /* Leeway is the caller's, per call: with none, the token is refused earlier. */
+    o = opts();
+    cr_assert_eq(cverify(c, tok, &o, NULL), 0); /* full verification again, cached again */
+    cr_assert_eq(cstats(c).misses, 2);
+    o.now = NOW + 60;
+    o.leeway = 0;
+    cr_assert_eq(cverify(c, tok, &o, NULL), -EACCES);
+    /* A token that was refused is never kept. */
+    o = opts();
+    const char *old = cache_token(2, NOW - 30);
+    cr_assert_eq(cverify(c, old, &o, NULL), -EACCES);
+    cr_assert_eq(cverify(c, old, &o, NULL), -EACCES);
+    st = cstats(c);
+    cr_assert_eq(st.entries, 0, "the entry refused under leeway 0 was dropped; refusals are not kept");
+    cr_assert_eq(st.hits, 2);
+    cr_assert_eq(st.expired, 2);
+    kd_jwt_cache_free(c);
+}
+
+Test(jwt_cache, not_before_rechecked_on_hit)
+{
+    struct kd_jwt_cache *c = kd_jwt_cache_new(4);
+    struct kd_jwt_opts o = opts();
+    char p[256];
+    snprintf(p, sizeof(p), "{\"aud\":\"gitlab-kas\",\"exp\":%d,\"nbf\":%d}", NOW + 100, NOW);
+    const char *tok = make(HS256_HDR, p, KD_HASH_SHA256, SECRET);
+    cr_assert_eq(cverify(c, tok, &o, NULL), 0);
+    o.now = NOW - 6; /* the clock went back: nbf is ahead again */
+    cr_assert_eq(cverify(c, tok, &o, NULL), -EACCES);
+    cr_assert(strstr(last_err, "not valid yet") != NULL, "%s", last_err);
+    cr_assert_eq(cstats(c).expired, 1);
+    kd_jwt_cache_free(c);
+}
+
+Test(jwt_cache, different_signature_is_not_accepted)
+{
+    struct kd_jwt_cache *c = kd_jwt_cache_new(4);
+    struct kd_jwt_opts o = opts();
+    char p[256];
+    snprintf(p, sizeof(p), "{\"aud\":\"gitlab-kas\",\"exp\":%d}", NOW + 100);
+    char good[1024], forged[1024];
+    snprintf(good, sizeof(good), "%s", make(HS256_HDR, p, KD_HASH_SHA256, SECRET));
+    snprintf(forged, sizeof(forged), "%s", make(HS256_HDR, p, KD_HASH_SHA256, "another secret"));
+    cr_assert_eq(strlen(good), strlen(forged));
+    cr_assert_eq(cverify(c, good, &o, NULL), 0);
+    cr_assert_eq(cverify(c, good, &o, NULL), 0);
+    /* Same header and payload, same length, another signature: verified in full, refused. */
+    cr_assert_eq(cverify(c, forged, &o, NULL), -EACCES);
+    cr_assert(strstr(last_err, "signature mismatch") != NULL, "%s", last_err);
+    /* One changed character in the signature of the cached token. */
+    char flipped[1024];
+    snprintf(flipped, sizeof(flipped), "%s", good);
+    size_t n = strlen(flipped);
+    flipped[n - 2] = flipped[n - 2] == 'A' ? 'B' : 'A';
+    cr_assert_lt(cverify(c, flipped, &o, NULL), 0);
+    /* A prefix of the cached token (same bytes, shorter). */
+    flipped[0] = '\0';
+    memcpy(flipped, good, n - 1);
+    flipped[n - 1] = '\0';
+    cr_assert_lt(cverify(c, flipped, &o, NULL), 0);
+    struct kd_jwt_cache_stats st = cstats(c);
+    cr_assert_eq(st.hits, 1);
+    cr_assert_eq(st.entries, 1);
+    kd_jwt_cache_free(c);
+}
+
+Test(jwt_cache, bound_to_secret_audience_and_issuer)
+{
+    struct kd_jwt_cache *c = kd_jwt_cache_new(4);
+    struct kd_jwt_opts o = opts();
+    cr_assert_eq(cverify(c, py_hs256, &o, NULL), 0);
+    cr_assert_eq(cstats(c).entries, 1);
+    /* Another secret: the cached token does not count. */
+    struct kd_jwt_opts o2 = o;
+    o2.secret = (const uint8_t *)"0123456789abcdef0123456789abcdeX";
+    cr_assert_eq(cverify(c, py_hs256, &o2, NULL), -EACCES);
+    cr_assert_eq(cstats(c).entries, 0);
+    cr_assert_eq(cverify(c, py_hs256, &o, NULL), 0);
+    cr_assert_eq(cstats(c).hits, 0);
+    /* Another audience. */
+    o2 = o;
+    o2.audience = "someone-else";
+    cr_assert_eq(cverify(c, py_hs256, &o2, NULL), -EACCES);
+    cr_assert(strstr(last_err, "audience") != NULL, "%s", last_err);
+    /* An issuer required that the token does not carry. */
+    cr_assert_eq(cverify(c, py_hs256, &o, NULL), 0);
+    o2 = o;
+    o2.issuer = "gitlab.other.com";
+    cr_assert_eq(cverify(c, py_hs256, &o2, NULL), -EACCES);
+    o2.issuer = "gitlab.example.com";
+    cr_assert_eq(cverify(c, py_hs256, &o2, NULL), 0);
+    cr_assert_eq(cverify(c, py_hs256, &o2, NULL), 0);
+    struct kd_jwt_cache_stats st = cstats(c);
+    cr_assert_eq(st.hits, 1);
+    /* Configuration errors give kd_jwt_verify's answers. */
+    o2.audience = NULL;
+    cr_assert_eq(cverify(c, py_hs256, &o2, NULL), -EINVAL);
+    o2 = o;
+    o2.secret_len = 0;
+    cr_assert_eq(cverify(c, py_hs256, &o2, NULL), -EACCES);
+    kd_jwt_cache_free(c);
+}
+
+Test(jwt_cache, eviction_is_least_recently_used)
+{
+    struct kd_jwt_cache *c = kd_jwt_cache_new(2);
+    struct kd_jwt_opts o = opts();
+    char t1[512], t2[512], t3[512];
+    snprintf(t1, sizeof(t1), "%s", cache_token(1, NOW + 100));
+    snprintf(t2, sizeof(t2), "%s", cache_token(2, NOW + 100));
+    snprintf(t3, sizeof(t3), "%s", cache_token(3, NOW + 100));
+    cr_assert_eq(cverify(c, t1, &o, NULL), 0);
+    cr_assert_eq(cverify(c, t2, &o, NULL), 0);
+    cr_assert_eq(cverify(c, t1, &o, NULL), 0); /* t1 is now the most recent */
+    cr_assert_eq(cverify(c, t3, &o, NULL), 0); /* evicts t2 */
+    struct kd_jwt_cache_stats st = cstats(c);
+    cr_assert_eq(st.entries, 2);
+    cr_assert_eq(st.capacity, 2);
+    cr_assert_eq(st.evictions, 1);
+    cr_assert_eq(st.hits, 1);
+    cr_assert_eq(st.misses, 3);
+    cr_assert_eq(cverify(c, t1, &o, NULL), 0);
+    cr_assert_eq(cverify(c, t3, &o, NULL), 0);
+    cr_assert_eq(cstats(c).hits, 3);
+    cr_assert_eq(cverify(c, t2, &o, NULL), 0); /* a miss: verified again, evicts t1 */
+    st = cstats(c);
+    cr_assert_eq(st.misses, 4);
+    cr_assert_eq(st.evictions, 2);
+    /* Many tokens through a small cache: bounded. */
+    for (int i = 10; i < 60; i++)
+        cr_assert_eq(cverify(c, cache_token(i, NOW + 100), &o, NULL), 0);
+    st = cstats(c);
+    cr_assert_eq(st.entries, 2);
+    cr_assert_eq(st.evictions, 52);
+    kd_jwt_cache_free(c);
+}
+
+Test(jwt_cache, long_tokens_are_verified_not_kept)
+{
+    struct kd_jwt_cache *c = kd_jwt_cache_new(2);
+    struct kd_jwt_opts o = opts();
+    char pad[KD_JWT_CACHE_TOKEN_MAX + 16];
+    memset(pad, 'a', sizeof(pad) - 1);
+    pad[sizeof(pad) - 1] = '\0';
+    char p[KD_JWT_CACHE_TOKEN_MAX + 128];
+    snprintf(p, sizeof(p), "{\"aud\":\"gitlab-kas\",\"exp\":%d,\"pad\":\"%s\"}", NOW + 100, pad);
+    const char *tok = make(HS256_HDR, p, KD_HASH_SHA256, SECRET);
+    cr_assert_gt(strlen(tok), KD_JWT_CACHE_TOKEN_MAX);
+    cr_assert_eq(cverify(c, tok, &o, NULL), 0);
+    cr_assert_eq(cverify(c, tok, &o, NULL), 0);
+    struct kd_jwt_cache_stats st = cstats(c);
+    cr_assert_eq(st.entries, 0);
+    cr_assert_eq(st.hits, 0);
+    kd_jwt_cache_free(c);
+}

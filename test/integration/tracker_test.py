@@ -1,0 +1,319 @@
+"""Fleet tracking in Redis (docs/redis.md) and AgentTracker/GetConnectedAgents, with a real
+redis-server, real kasd instances, the agentk emulator and a grpcio GitLab client.
+
+The instances run with short heartbeat/TTL/sweep intervals so that crash-safety is observable in
+seconds: heartbeat 300 ms, instance TTL 1.5 s, sweeper every 500 ms."""
+import base64
+import os
+import signal
+import sys
+import tempfile
+import time
+import unittest
+
+import grpc
+
+sys.path.insert(0, os.path.dirname(__file__))
+import gitlab_client  # noqa: E402
+from agentk import AgentK  # noqa: E402
+from gitlab_client import GitLabClient  # noqa: E402
+from kasd_harness import Kasd, service_config, write_tokens  # noqa: E402
+from redis_fixture import RedisServer  # noqa: E402
+
+PROJECT = 500  # agents 1..3 share it; agent 4.. have their own
+
+
+def wait_until(pred, timeout, step=0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v or time.monotonic() > deadline:
+            return v
+        time.sleep(step)
+
+
+def readiness(kasd):
+    import urllib.error
+    import urllib.request
+    host, port = kasd.listeners["observability"]
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/readiness", timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+class Tracker(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = tempfile.mkdtemp(prefix="kasd-tracker-")
+        cls.tokens = {i: base64.urlsafe_b64encode(os.urandom(24)).decode() for i in range(1, 12)}
+        write_tokens(os.path.join(cls.dir, "tokens.yaml"),
+                     {i: (t, PROJECT if i <= 3 else 600 + i) for i, t in cls.tokens.items()})
+        cls.secret = gitlab_client.generate_secret()
+        gitlab_client.write_secret(os.path.join(cls.dir, "api-secret"), cls.secret)
+        cls.redis = RedisServer()
+        cls.a = cls.start_kasd()
+        cls.gl = GitLabClient("%s:%d" % cls.a.listeners["api"], cls.secret)
+        cls.agents = []
+
+    @classmethod
+    def start_kasd(cls, prefix="gitlab-kas"):
+        k = Kasd(config=service_config(cls.dir, f"""\
+redis:
+  server:
+    address: {cls.redis.address}
+  key_prefix: {prefix}
+  heartbeat_interval: 300ms
+  instance_ttl: 1500ms
+  sweep_interval: 500ms
+limits:
+  shutdown_grace: 3s
+"""))
+        assert k.started, k.log()
+        started = [e for e in k.events if e.get("event") == "started"][0]
+        k.instance_id = started["instance_id"]
+        return k
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.gl.close()
+        for a in cls.agents:
+            a.stop(2)
+        rc = cls.a.stop()
+        cls.a.kill()
+        cls.redis.kill()
+        assert rc == 0, f"exit code {rc}\n" + cls.a.log()
+
+    def agent(self, kasd, agent_id, pods=1, **kw):
+        a = AgentK("%s:%d" % kasd.listeners["agent"], self.tokens[agent_id], pods=pods, idle=1,
+                   backoff=(0.2, 1.0), **kw)
+        a.start()
+        a.wait_for(lambda s: s["registers"] >= pods and s["tunnels_idle"] >= pods, timeout=15)
+        self.agents.append(a)
+        return a
+
+    def connected(self, gl=None, **q):
+        return list((gl or self.gl).get_connected_agents(timeout=5, **q).agents)
+
+    def wait_count(self, n, timeout=10, gl=None, **q):
+        got = wait_until(lambda: len(self.connected(gl, **q)) == n, timeout)
+        self.assertTrue(got, f"expected {n} entries for {q}, got {self.connected(gl, **q)}")
+        return self.connected(gl, **q)
+
+    # --- GetConnectedAgents ---
+
+    def test_by_agent_and_project_with_meta(self):
+        t0 = time.time()
+        a1 = self.agent(self.a, 1, pods=2, agent_meta=dict(version="v17.5.0", pod_namespace="ns1"))
+        self.agent(self.a, 2)
+        got = self.wait_count(2, agent_id=1)
+        pods = {p.pod_id: p for p in a1.pods}
+        self.assertEqual({e.connection_id for e in got}, set(pods))
+        for e in got:
+            self.assertEqual(e.agent_id, 1)
+            self.assertEqual(e.project_id, PROJECT)
+            self.assertEqual(e.agent_meta.version, "v17.5.0")
+            self.assertEqual(e.agent_meta.pod_namespace, "ns1")
+            self.assertEqual(e.agent_meta.pod_name, pods[e.connection_id].name)
+            self.assertEqual(e.agent_meta.kubernetes_version.git_version, "v1.29.0")
+            at = e.connected_at.seconds + e.connected_at.nanos / 1e9
+            self.assertTrue(t0 - 1 <= at <= time.time() + 1, (t0, at))
+        by_project = self.wait_count(3, project_id=PROJECT)
+        self.assertEqual(sorted(e.agent_id for e in by_project), [1, 1, 2])
+        self.assertEqual(self.connected(agent_id=999), [])
+        self.assertEqual(self.connected(project_id=999), [])
+
+    def test_disconnect_removes_entry(self):
+        a = self.agent(self.a, 5)
+        self.wait_count(1, agent_id=5)
+        tun_key = f"gitlab-kas:{{a:5}}:tunnels"
+        self.assertTrue(wait_until(lambda: self.redis.cmd("SMEMBERS", tun_key) == [self.a.instance_id.encode()], 5))
+        a.stop(2)
+        self.agents.remove(a)
+        self.wait_count(0, agent_id=5)
+        self.assertTrue(wait_until(lambda: self.redis.cmd("SMEMBERS", tun_key) == [], 5))
+        # nothing of agent 5 is left in this instance's index either
+        idx = [m for k in self.redis.keys(f"gitlab-kas:{{i:{self.a.instance_id}}}:idx:*")
+               for m in self.redis.cmd("SMEMBERS", k)]
+        self.assertFalse([m for m in idx if m.endswith(b":5:605") or m == b"t:5"], idx)
+
+    def test_invalid_requests(self):
+        with self.assertRaises(grpc.RpcError) as cm:
+            self.gl.get_connected_agents(timeout=5)
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+        with self.assertRaises(grpc.RpcError) as cm:
+            self.gl.get_connected_agents(agent_id=1, auth="Bearer not-a-jwt", timeout=5)
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.UNAUTHENTICATED)
+
+    def test_reregister_with_same_meta_writes_nothing(self):
+        a = self.agent(self.a, 6, register_interval=0.2)
+        self.wait_count(1, agent_id=6)
+        before = self.redis.commandstats().get("hset", 0)
+        n0 = a.stats["registers"]
+        a.wait_for(lambda s: s["registers"] >= n0 + 5, timeout=10)
+        self.assertEqual(self.redis.commandstats().get("hset", 0), before)
+
+    # --- fleet ---
+
+    def test_two_instances_and_kill9_is_swept(self):
+        b = self.start_kasd()
+        try:
+            self.agent(b, 7, pods=2)
+            self.agent(self.a, 8)
+            # A answers for B's agent, B for A's
+            self.wait_count(2, agent_id=7)
+            gl_b = GitLabClient("%s:%d" % b.listeners["api"], self.secret)
+            try:
+                self.wait_count(1, gl=gl_b, agent_id=8)
+            finally:
+                gl_b.close()
+            self.assertTrue(self.redis.keys(f"gitlab-kas:{{i:{b.instance_id}}}:idx:*"))
+            b.proc.send_signal(signal.SIGKILL)
+            b.proc.wait(10)
+            t_kill = time.monotonic()
+            # gone from answers within the TTL (1.5 s) plus a heartbeat, give or take
+            self.wait_count(0, timeout=5, agent_id=7)
+            hidden = time.monotonic() - t_kill
+            self.assertLess(hidden, 4.0)
+            # and swept from Redis: entries, index, tunnels flag, record
+            swept = wait_until(lambda: not self.redis.cmd("HGETALL", "gitlab-kas:{a:7}:conns")
+                               and not self.redis.keys(f"gitlab-kas:{{i:{b.instance_id}}}:*")
+                               and not self.redis.cmd("SMEMBERS", "gitlab-kas:{a:7}:tunnels")
+                               and self.redis.cmd("HGET", "gitlab-kas:{fleet}:instances", b.instance_id) is None,
+                               10)
+            self.assertTrue(swept, self.redis.keys())
+            self.assertTrue(self.a.wait_event("redis_instance_swept", 5), self.a.log())
+            # A's own agent is untouched
+            self.assertEqual(len(self.connected(agent_id=8)), 1)
+        finally:
+            b.kill()
+
+    def test_clean_stop_removes_everything(self):
+        c = self.start_kasd(prefix="stoptest")
+        a = None
+        try:
+            a = AgentK("%s:%d" % c.listeners["agent"], self.tokens[9], pods=1, idle=1)
+            a.start()
+            a.wait_for(lambda s: s["registers"] >= 1 and s["tunnels_idle"] >= 1, timeout=15)
+            self.assertTrue(wait_until(lambda: self.redis.cmd("HLEN", "stoptest:{a:9}:conns") == 1, 5))
+            self.assertTrue(self.redis.keys("stoptest:*"))
+            a.stop(2)
+            a = None
+            self.assertEqual(c.stop(), 0, c.log())
+            self.assertEqual(self.redis.keys("stoptest:*"), [])
+        finally:
+            if a is not None:
+                a.kill()
+            c.kill()
+
+    def test_redis_restart_republishes(self):
+        # a separate instance and Redis, so the other tests keep theirs
+        r2 = RedisServer()
+        old, self.__class__.redis = self.__class__.redis, r2
+        d = self.start_kasd(prefix="restart")
+        gl = GitLabClient("%s:%d" % d.listeners["api"], self.secret)
+        try:
+            stay = self.agent(d, 10)
+            leave = self.agent(d, 11)
+            self.wait_count(1, gl=gl, agent_id=10)
+            self.wait_count(1, gl=gl, agent_id=11)
+            # Redis comes back with its data (SAVE, then restart loads dump.rdb): agent 11's entries
+            # are stale by then and the re-sync must delete them; agent 10's must stay.
+            r2.cmd("SAVE")
+            r2.stop()
+            with self.assertRaises(grpc.RpcError) as cm:
+                gl.get_connected_agents(agent_id=10, timeout=5)
+            self.assertEqual(cm.exception.code(), grpc.StatusCode.UNAVAILABLE)
+            self.assertIn(r2.address, cm.exception.details())
+            self.assertTrue(wait_until(lambda: readiness(d) == 503, 5))
+            # while Redis is away: one agent leaves, the other stays; local routing still works
+            leave.stop(2)
+            self.agents.remove(leave)
+            data, _ = gl.unary("/test.Echo/Unary", b"still here", agent_id=10, timeout=10)
+            self.assertEqual(data, b"still here")
+            r2.start()
+            got = wait_until(lambda: self._try(gl, agent_id=10) == 1 and self._try(gl, agent_id=11) == 0, 15)
+            self.assertTrue(got, d.log())
+            self.assertEqual(self.redis.cmd("SMEMBERS", "restart:{a:10}:tunnels"), [d.instance_id.encode()])
+            self.assertIsNotNone(self.redis.cmd("GET", f"restart:{{fleet}}:alive:{d.instance_id}"))
+            self.assertTrue(wait_until(lambda: readiness(d) == 200, 5))
+            stay.stop(2)
+            self.agents.remove(stay)
+        finally:
+            gl.close()
+            d.stop()
+            d.kill()
+            self.__class__.redis = old
+            r2.kill()
+
+    @staticmethod
+    def _try(gl, **q):
+        try:
+            return len(gl.get_connected_agents(timeout=5, **q).agents)
+        except grpc.RpcError:
+            return -1
+
+
+class RedisErrors(unittest.TestCase):
+    """kasd pointed at a Redis it cannot use: the reason is logged once, named with the address,
+    /readiness says so, GetConnectedAgents answers UNAVAILABLE naming it, and local routing works."""
+
+    def start(self, redis_section, files=None):
+        d = tempfile.mkdtemp(prefix="kasd-redis-err-")
+        for name, content in (files or {}).items():
+            with open(os.path.join(d, name), "w") as f:
+                f.write(content)
+        self.token = base64.urlsafe_b64encode(os.urandom(24)).decode()
+        write_tokens(os.path.join(d, "tokens.yaml"), {1: (self.token, 2)})
+        self.secret = gitlab_client.generate_secret()
+        gitlab_client.write_secret(os.path.join(d, "api-secret"), self.secret)
+        k = Kasd(config=service_config(d, redis_section.replace("DIR", d) + "\nlimits:\n  shutdown_grace: 2s\n"))
+        self.addCleanup(k.kill)
+        self.assertTrue(k.started, k.log())
+        return k
+
+    def check(self, k, address, reason):
+        self.assertTrue(k.wait_event("redis_down", 10), k.log())
+        downs = [e for e in k.events if e.get("event") == "redis_down"]
+        self.assertTrue(downs and all(reason in e.get("reason", "") and address in e.get("reason", "")
+                                      for e in downs), downs)
+        time.sleep(1.0)  # retries are counted, not logged again
+        self.assertLessEqual(len([e for e in k.events if e.get("event") == "redis_down"]), 2)
+        self.assertEqual(readiness(k), 503)
+        gl = GitLabClient("%s:%d" % k.listeners["api"], self.secret)
+        try:
+            with self.assertRaises(grpc.RpcError) as cm:
+                gl.get_connected_agents(agent_id=1, timeout=5)
+            self.assertEqual(cm.exception.code(), grpc.StatusCode.UNAVAILABLE)
+            self.assertIn(address, cm.exception.details())
+            self.assertIn(reason, cm.exception.details())
+            # routing through a tunnel held here does not need Redis
+            a = AgentK("%s:%d" % k.listeners["agent"], self.token, pods=1, idle=1)
+            a.start()
+            try:
+                a.wait_for(lambda s: s["tunnels_idle"] >= 1, timeout=15)
+                data, _ = gl.unary("/test.Echo/Unary", b"no redis needed", agent_id=1, timeout=10)
+                self.assertEqual(data, b"no redis needed")
+            finally:
+                a.stop(2)
+        finally:
+            gl.close()
+        self.assertEqual(k.stop(), 0, k.log())
+
+    def test_wrong_password(self):
+        r = RedisServer(extra_args=["--requirepass", "right-password"])
+        self.addCleanup(r.kill)
+        k = self.start(f"redis:\n  server:\n    address: {r.address}\n  password_file: DIR/redis-password",
+                       files={"redis-password": "wrong-password\n"})
+        self.check(k, r.address, "authentication failed")
+
+    def test_unreachable(self):
+        from redis_fixture import free_port
+        address = f"127.0.0.1:{free_port()}"
+        k = self.start(f"redis:\n  server:\n    address: {address}\n  dial_timeout: 1s")
+        self.check(k, address, "connection refused")
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,235 @@
+/* h2_test.c — a client and a server kd_h2 wired back to back in memory: messages of every size
+ * around the output chunk classes (core/chunkpool.h) are echoed byte for byte and in order, many
+ * small messages share chunks, and the chunks go back to the thread's pool. */
+#include <criterion/criterion.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/chunkpool.h"
+#include "core/grpc.h"
+#include "core/h2.h"
+
+struct side {
+    struct kd_h2 *h, *peer;
+    size_t moved;
+};
+
+static int to_peer(void *ud, const uint8_t *data, size_t len)
+{
+    struct side *s = ud;
+    const char *err = NULL;
+    s->moved += len;
+    int rc = kd_h2_recv(s->peer, data, len, &err);
+    cr_assert_eq(rc, 0, "recv: %s", err ? err : "?");
+    return 0;
+}
+
+/* Move bytes both ways until neither side has anything to say. */
+static void pump(struct side *c, struct side *s)
+{
+    for (int round = 0; round < 100000; round++) {
+        c->moved = s->moved = 0;
+        cr_assert_eq(kd_h2_send(c->h, to_peer, c), 0);
+        cr_assert_eq(kd_h2_send(s->h, to_peer, s), 0);
+        if (c->moved == 0 && s->moved == 0)
+            return;
+    }
+    cr_assert_fail("no quiet point");
+}
+
+/* ---- server: echo every message, OK at half-close ---- */
+
+static int echo_message(struct kd_h2_call *c, const uint8_t *msg, size_t len)
+{
+    return kd_h2_call_send_message(c, msg, len) < 0 ? -1 : 0;
+}
+
+static void echo_half_close(struct kd_h2_call *c)
+{
+    kd_h2_call_finish(c, KD_GRPC_OK, NULL, NULL, 0);
+}
+
+static void echo_done(struct kd_h2_call *c, int status, const char *message)
+{
+    (void)c;
+    (void)status;
+    (void)message;
+}
+
+static const struct kd_h2_handler echo_handler = {
+    .on_message = echo_message,
+    .on_half_close = echo_half_close,
+    .on_done = echo_done,
+};
+
+static int on_call(void *ud, struct kd_h2_call *c)
+{
+    (void)ud;
+    kd_h2_call_set_handler(c, &echo_handler, NULL);
+    return 0;
+}
+
+/* ---- client: check what comes back ---- */
+
+struct expect {
+    const size_t *sizes;
+    size_t n, got;
+    int status;
+    bool done;
+};
+
+static void fill(uint8_t *p, size_t len, size_t seq)
+{
+    for (size_t i = 0; i < len; i++)
+        p[i] = (uint8_t)(seq * 31 + i * 7 + (i >> 8));
+}
+
+static int client_message(struct kd_h2_call *c, const uint8_t *msg, size_t len)
+{
+    struct expect *e = kd_h2_call_user(c);
+    cr_assert_lt(e->got, e->n, "more messages than sent");
+    cr_assert_eq(len, e->sizes[e->got], "message %zu: %zu bytes, want %zu", e->got, len, e->sizes[e->got]);
+    uint8_t *want = malloc(len + 1);
+    fill(want, len, e->got);
+    cr_assert(memcmp(msg, want, len) == 0, "message %zu (%zu bytes) differs", e->got, len);
+    free(want);
+    e->got++;
+    return 0;
+}
+
+static void client_done(struct kd_h2_call *c, int status, const char *message)
+{
+    struct expect *e = kd_h2_call_user(c);
+    e->status = status;
+    e->done = true;
+    (void)message;
+}
+
+static const struct kd_h2_handler client_handler = {
+    .on_message = client_message,
+    .on_done = client_done,
+};
+
+static void echo_run(const size_t *sizes, size_t n)
+{
+    struct kd_h2_opts so = {
+        .server = true,
+        .max_message = 4u << 20,
+        .max_concurrent_streams = 100,
+        .max_header_list = 16384,
+        .initial_window = 1u << 20,
+        .on_call = on_call,
+    };
+    struct kd_h2_opts co = so;
+    co.server = false;
+    co.on_call = NULL;
+    struct kd_h2 *srv = kd_h2_new(&so), *cli = kd_h2_new(&co);
+    cr_assert_not_null(srv);
+    cr_assert_not_null(cli);
+    struct side cs = {.h = cli, .peer = srv}, ss = {.h = srv, .peer = cli};
+    struct expect e = {.sizes = sizes, .n = n, .status = -1};
+    struct kd_h2_call *call =
+        kd_h2_call_start(cli, "/t.Echo/Bidi", "localhost", NULL, 0, 0, 0, &client_handler, &e);
+    cr_assert_not_null(call);
+    size_t queued = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint8_t *m = malloc(sizes[i] + 1);
+        fill(m, sizes[i], i);
+        int rc = kd_h2_call_send_message(call, m, sizes[i]);
+        free(m);
+        cr_assert_geq(rc, 0);
+        queued += KD_GRPC_PREFIX + sizes[i];
+        cr_assert_eq(kd_h2_call_queued(call), queued, "queued bytes count the prefix and the payload");
+        if (rc == 1) { /* over the high-water mark: let it drain */
+            pump(&cs, &ss);
+            queued = kd_h2_call_queued(call);
+        }
+    }
+    cr_assert_eq(kd_h2_call_close_send(call), 0);
+    pump(&cs, &ss);
+    cr_assert(e.done, "call not finished");
+    cr_assert_eq(e.status, KD_GRPC_OK);
+    cr_assert_eq(e.got, n);
+    kd_h2_free(cli);
+    kd_h2_free(srv);
+}
+
+Test(h2, echo_sizes_around_chunk_classes)
+{
+    static const size_t sizes[] = {0,     1,     100,   340,   350,    351,      352,   360,   1000,  1100,
+                                   1130,  1200,  4000,  4190,  4200,   16000,    16384, 16480, 16500, 65000,
+                                   65536, 65540, 65600, 70000, 300000, 1u << 20, 3,     0,     65536, 17};
+    echo_run(sizes, sizeof(sizes) / sizeof(sizes[0]));
+    /* The chunks went back to this thread's pool and were reused. */
+    struct kd_chunkpool_stats st;
+    kd_chunkpool_stats(&st);
+    cr_assert_gt(st.hits, 0);
+    size_t bound = 0;
+    for (unsigned i = 0; i < KD_CHUNKPOOL_CLASSES; i++) {
+        cr_assert_leq(st.kept[i], kd_chunkpool_class_max(i));
+        bound += kd_chunkpool_class_max(i) * kd_chunkpool_class_size(i);
+    }
+    cr_assert_leq(st.kept_bytes, bound);
+    kd_chunkpool_drain();
+}
+
+Test(h2, many_small_messages_share_chunks)
+{
+    enum { N = 2000 };
+    static size_t sizes[N];
+    for (size_t i = 0; i < N; i++)
+        sizes[i] = (i * 37) % 200;
+    echo_run(sizes, N);
+}
+
+Test(h2, cancel_drops_queued_output)
+{
+    struct kd_h2_opts co = {.server = false, .max_message = 1u << 20, .max_header_list = 16384};
+    struct kd_h2 *cli = kd_h2_new(&co);
+    struct expect e = {.status = -1};
+    struct kd_h2_call *call =
+        kd_h2_call_start(cli, "/t.Echo/Bidi", "localhost", NULL, 0, 0, 0, &client_handler, &e);
+    uint8_t m[5000];
+    fill(m, sizeof(m), 0);
+    for (int i = 0; i < 100; i++)
+        cr_assert_geq(kd_h2_call_send_message(call, m, (size_t)(i * 50)), 0);
+    cr_assert_gt(kd_h2_call_queued(call), 0);
+    kd_h2_call_cancel(call, KD_GRPC_CANCELLED, "test");
+    cr_assert(e.done);
+    cr_assert_eq(e.status, KD_GRPC_CANCELLED);
+    kd_h2_free(cli); /* ASan: nothing queued leaks */
+}
+
+Test(h2, expire_answers_without_walking_and_never_late)
+{
+    struct kd_h2_opts co = {.server = false, .max_message = 1u << 20, .max_header_list = 16384};
+    struct kd_h2 *cli = kd_h2_new(&co);
+    cr_assert_eq(kd_h2_expire(cli, 1000), UINT64_MAX);
+    struct expect a = {.status = -1}, b = {.status = -1}, c = {.status = -1};
+    struct kd_h2_call *ca =
+        kd_h2_call_start(cli, "/t.E/A", "localhost", NULL, 0, 1000, 5000, &client_handler, &a);
+    struct kd_h2_call *cb =
+        kd_h2_call_start(cli, "/t.E/B", "localhost", NULL, 0, 1000, 9000, &client_handler, &b);
+    cr_assert_not_null(ca);
+    cr_assert_not_null(cb);
+    cr_assert_eq(kd_h2_expire(cli, 2000), 6000);
+    cr_assert_eq(kd_h2_expire(cli, 5999), 6000);
+    cr_assert(!a.done);
+    cr_assert_eq(kd_h2_expire(cli, 6000), 10000);
+    cr_assert(a.done, "the due call was failed");
+    cr_assert_eq(a.status, KD_GRPC_DEADLINE_EXCEEDED);
+    cr_assert(!b.done);
+    /* A call ended by its owner leaves an early bound: answered again at that time, exactly. */
+    kd_h2_call_cancel(cb, KD_GRPC_CANCELLED, "test");
+    struct kd_h2_call *cc =
+        kd_h2_call_start(cli, "/t.E/C", "localhost", NULL, 0, 7000, 8000, &client_handler, &c);
+    cr_assert_not_null(cc);
+    cr_assert_leq(kd_h2_expire(cli, 7000), 10000);
+    cr_assert_eq(kd_h2_expire(cli, 10000), 15000, "the walk finds the exact next deadline");
+    cr_assert(!c.done);
+    cr_assert_eq(kd_h2_expire(cli, 15000), UINT64_MAX);
+    cr_assert(c.done);
+    cr_assert_eq(c.status, KD_GRPC_DEADLINE_EXCEEDED);
+    cr_assert_eq(b.status, KD_GRPC_CANCELLED);
+    kd_h2_free(cli);
+}
