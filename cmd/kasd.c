@@ -392,6 +392,10 @@ int main(int argc, char **argv)
     tracker_cfg.sweep_ms = cfg.redis.sweep_ms;
     kd_tracker_cfg_init(&tracker_cfg);
     kas.tracker = &tracker_cfg;
+    /* Redis sees every shard's connection as kasd-<instance>-shard<N> (CLIENT LIST). */
+    static char client_name[40];
+    snprintf(client_name, sizeof(client_name), "kasd-%s", tracker_cfg.instance_id);
+    rsetup.o.client_name = client_name;
     if (kd_epoch_create(kas.nshards, &kas.epoch) < 0 || kd_server_start(srv, err, sizeof(err)) < 0) {
         kd_log_msg(KD_LOG_ERROR, "start_failed", "%s", err);
         goto out;

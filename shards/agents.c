@@ -902,7 +902,11 @@ void kd_kas_on_message(struct kd_shard *s, const struct kd_msg *m)
 {
     if (m->type == KD_RT_STATS_REQ)
         answer_stats(s, m);
-    else if (m->type >= KD_RT_BOUND && m->type <= KD_RT_ACK_REQ)
+    else if (m->type == KD_RT_TRACKER_RESYNC) {
+        struct kd_kas_shard *ks = kd_kas_shard_of(s);
+        if (ks != NULL && ks->tracker != NULL)
+            kd_tracker_request_resync(ks->tracker);
+    } else if (m->type >= KD_RT_BOUND && m->type <= KD_RT_ACK_REQ)
         kd_kas_front_message(s, m);
     else if (m->type < KD_RT_BOUND)
         kd_kas_back_message(s, m);

@@ -58,6 +58,10 @@ enum {
      * answers a request on its own thread; the control thread never reads shard-local state. */
     KD_RT_STATS_REQ, /* control->shard u64: round number */
     KD_RT_STATS,     /* shard->control u64: round number, ptr: struct kd_kas_snapshot payload (release it) */
+    /* Fleet tracking (shards/tracker.c): shard 0 re-registered the instance after its Redis
+     * connection came back; every other shard re-syncs, in case peers swept the instance's entries
+     * while its heartbeat was missing. */
+    KD_RT_TRACKER_RESYNC, /* shard 0 -> shard */
 };
 
 struct kd_rt_blob {

@@ -52,6 +52,7 @@ enum pkind {
     P_SELECT,
     P_ROLE,
     P_PING,
+    P_SETNAME,  /* CLIENT SETNAME: an error is ignored (some proxies refuse it) */
     P_SENTINEL, /* SENTINEL get-master-addr-by-name */
     P_SUB,      /* (un)subscribe confirmations */
 };
@@ -89,6 +90,7 @@ struct kd_redis {
 
     /* options, copied */
     char *address, *username, *password, *server_name, *sentinel_master, *sentinel_password, *name;
+    char *client_name; /* CLIENT SETNAME on every connect (NULL: none) */
     char **sentinels;
     unsigned nsentinels;
     unsigned database;
@@ -518,6 +520,10 @@ static void dial(struct kd_redis *r, const char *addr, bool sentinel)
             snprintf(db, sizeof(db), "%u", r->database);
             const char *a[] = {"SELECT", db};
             e = hs_cmd(r, P_SELECT, 2, a);
+        }
+        if (e == 0 && r->client_name != NULL) {
+            const char *a[] = {"CLIENT", "SETNAME", r->client_name};
+            e = hs_cmd(r, P_SETNAME, 3, a);
         }
         if (e == 0) {
             /* ROLE with Sentinel (a demoted master must not be used); PING otherwise, so "up" means
@@ -981,6 +987,7 @@ struct kd_redis *kd_redis_new(struct kd_shard *s, const struct kd_redis_opts *o,
     r->sentinel_master = dupn(o->sentinel_master);
     r->sentinel_password = dupn(o->sentinel_password);
     r->name = dupn(o->name ? o->name : "redis");
+    r->client_name = dupn(o->client_name);
     r->database = o->database;
     r->dial_ms = o->dial_timeout_ms ? o->dial_timeout_ms : DEFAULT_TIMEOUT;
     r->read_ms = o->read_timeout_ms ? o->read_timeout_ms : DEFAULT_TIMEOUT;
@@ -994,7 +1001,8 @@ struct kd_redis *kd_redis_new(struct kd_shard *s, const struct kd_redis_opts *o,
         r->rng = 1;
     bool oom = r->address == NULL || r->name == NULL || (o->username && !r->username) ||
                (o->password && !r->password) || (o->server_name && !r->server_name) ||
-               (o->sentinel_master && !r->sentinel_master) || (o->sentinel_password && !r->sentinel_password);
+               (o->sentinel_master && !r->sentinel_master) ||
+               (o->sentinel_password && !r->sentinel_password) || (o->client_name && !r->client_name);
     if (o->sentinel_master != NULL) {
         r->sentinels = calloc(o->n_sentinel_addrs, sizeof(*r->sentinels));
         oom = oom || r->sentinels == NULL;
@@ -1033,6 +1041,7 @@ static void really_free(struct kd_redis *r)
     free(r->sentinel_master);
     free(r->sentinel_password);
     free(r->name);
+    free(r->client_name);
     for (unsigned i = 0; i < r->nsentinels; i++)
         free(r->sentinels[i]);
     free(r->sentinels);

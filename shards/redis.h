@@ -65,6 +65,7 @@ struct kd_redis_opts {
     struct kd_redis_stats *stats; /* NULL: the connection's own */
     size_t max_reply_bytes;       /* 0: KD_RESP_DEFAULT_MAX (64 MiB) */
     const char *name;             /* for logs ("shard", "test", ...); NULL: "redis" */
+    const char *client_name;      /* CLIENT SETNAME on every connect, no spaces (NULL: none) */
 };
 
 struct kd_redis_hooks {

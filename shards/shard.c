@@ -336,6 +336,11 @@ static int setup(struct kd_shard *s)
         ro.stats = &s->stats.redis;
         if (ro.name == NULL)
             ro.name = "shard";
+        char cname[128];
+        if (ro.client_name != NULL) { /* one name per shard: "<client_name>-shard<N>" */
+            snprintf(cname, sizeof(cname), "%s-shard%u", ro.client_name, s->id);
+            ro.client_name = cname;
+        }
         s->redis = kd_redis_new(s, &ro, NULL, NULL);
         if (s->redis == NULL) {
             snprintf(s->start_msg, sizeof(s->start_msg),

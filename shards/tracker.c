@@ -60,6 +60,7 @@ struct kd_tracker {
     size_t ntbuckets, ntuns;
     size_t nconns;
     bool up;
+    bool was_up;        /* up at least once: the next up is a reconnect */
     bool resync_needed; /* a write failed, or the connection came back: re-sync at the next chance */
     bool resync_running;
     bool stopping;
@@ -981,9 +982,28 @@ void kd_tracker_redis_up(struct kd_tracker *t)
     t->up = true;
     if (t->stopping)
         return;
-    if (t->shard == 0)
+    if (t->shard == 0) {
         register_instance(t);
+        if (t->was_up) {
+            /* The heartbeat was missing while this connection was down: if that lasted longer than
+             * the TTL, peers took the instance for dead and may have swept every shard's entries.
+             * The other shards' connections never noticed: tell them to re-sync. */
+            for (unsigned i = 1; i < t->cfg->nshards; i++) {
+                struct kd_msg m = {.type = KD_RT_TRACKER_RESYNC};
+                kd_shard_post(t->s, i, &m);
+            }
+        }
+    }
+    t->was_up = true;
     resync(t);
+}
+
+void kd_tracker_request_resync(struct kd_tracker *t)
+{
+    if (t->stopping)
+        return;
+    t->resync_needed = true;
+    resync(t); /* no-op while down or while one is running (resync_needed stays set then) */
 }
 
 void kd_tracker_redis_down(struct kd_tracker *t)

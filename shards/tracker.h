@@ -56,6 +56,9 @@ void kd_tracker_conn_down(struct kd_tracker *t, struct kd_tracker_conn *c);
 /* This instance holds ≥ 1 usable tunnel of the agent (present) or none (!present). */
 void kd_tracker_tunnels(struct kd_tracker *t, int64_t agent_id, bool present);
 
+/* Re-sync the whole state now if Redis is up, else at the next connect (KD_RT_TRACKER_RESYNC). */
+void kd_tracker_request_resync(struct kd_tracker *t);
+
 /* Once per loop turn: write the batch of changes. */
 void kd_tracker_flush(struct kd_tracker *t);
 /* The shard is stopping: remove every entry of this shard (shard 0: and the instance) from

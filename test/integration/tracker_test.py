@@ -247,6 +247,41 @@ limits:
             self.__class__.redis = old
             r2.kill()
 
+    def test_shard0_reconnect_resyncs_every_shard(self):
+        """If a peer swept this instance while shard 0's heartbeat was away, every shard re-publishes
+        once shard 0 is back (not only shard 0)."""
+        e = self.start_kasd(prefix="swept")
+        try:
+            for agent_id in (1, 2, 3):  # 2 shards: some agents land on shard 1
+                self.agent(e, agent_id)
+            clients = self.redis.cmd("CLIENT", "LIST").decode().splitlines()
+            names = {dict(kv.split("=", 1) for kv in c.split(" ") if "=" in kv).get("name"): c for c in clients}
+            for shard in (0, 1):
+                self.assertIn(f"kasd-{e.instance_id}-shard{shard}", names, clients)
+            self.assertTrue(wait_until(lambda: sum(self.redis.cmd("HLEN", f"swept:{{a:{i}}}:conns")
+                                                   for i in (1, 2, 3)) == 3, 5))
+            # what a peer's sweeper does to an instance it took for dead
+            for k in self.redis.keys("swept:*"):
+                self.redis.cmd("DEL", k)
+            resyncs = len([ev for ev in e.events if ev.get("event") == "redis_resync"])
+            shard0 = dict(kv.split("=", 1) for kv in names[f"kasd-{e.instance_id}-shard0"].split(" ") if "=" in kv)
+            self.assertEqual(self.redis.cmd("CLIENT", "KILL", "ID", shard0["id"]), 1)
+            # every shard re-syncs (shard 1's own connection never dropped) and all three are back
+            self.assertTrue(wait_until(lambda: len([ev for ev in e.events if ev.get("event") == "redis_resync"])
+                                       >= resyncs + 2, 10), e.log())
+            self.assertTrue(wait_until(lambda: sum(self.redis.cmd("HLEN", f"swept:{{a:{i}}}:conns")
+                                                   for i in (1, 2, 3)) == 3, 5), self.redis.keys())
+            for i in (1, 2, 3):
+                self.assertEqual(self.redis.cmd("SMEMBERS", f"swept:{{a:{i}}}:tunnels"), [e.instance_id.encode()])
+            self.assertIsNotNone(self.redis.cmd("HGET", "swept:{fleet}:instances", e.instance_id))
+        finally:
+            for a in list(self.agents):
+                if a.addr == "%s:%d" % e.listeners["agent"]:
+                    a.stop(2)
+                    self.agents.remove(a)
+            e.stop()
+            e.kill()
+
     @staticmethod
     def _try(gl, **q):
         try:
