@@ -39,6 +39,8 @@
  */
 #include "router/router.h"
 
+#include "core/chunkpool.h"
+
 #include <assert.h>
 #include <errno.h>
 #include <liburing.h>
@@ -135,7 +137,7 @@ static void payload_free(void *payload)
 {
     struct payload_hdr *h = payload_hdr(payload);
     h->magic = PAYLOAD_MAGIC_DEAD;
-    free(h);
+    kd_chunkpool_free(h);
 }
 
 static void deliver(struct participant *p, const struct kd_msg *m)
@@ -486,7 +488,7 @@ void *kd_router_payload_alloc(struct kd_router *r, unsigned self, size_t size)
 {
     if (self >= r->n || size > SIZE_MAX - sizeof(struct payload_hdr))
         return NULL;
-    struct payload_hdr *h = malloc(sizeof(*h) + size);
+    struct payload_hdr *h = kd_chunkpool_malloc(sizeof(*h) + size);
     if (h == NULL)
         return NULL;
     h->owner = self;

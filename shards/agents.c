@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/chunkpool.h"
 #include "core/clock.h"
 #include "core/hash.h"
 #include "core/list.h"
@@ -148,9 +149,9 @@ static void back_free(struct back *b)
     kd_timerwheel_cancel(kd_shard_timers(ks->s), &b->timer);
     if (b->pw.agent != NULL)
         kd_pool_wait_cancel(&ks->pool, &b->pw);
-    free(b->method);
-    free(b->md);
-    free(b);
+    kd_chunkpool_free(b->method);
+    kd_chunkpool_free(b->md);
+    kd_chunkpool_free(b);
 }
 
 /* The terminal message to R. A back that was never bound is freed here: R cannot name it. */
@@ -208,19 +209,19 @@ static void bind_tunnel(struct back *b, struct tunnel *t)
     b->bound = true;
     b->pw.agent = NULL; /* the tunnel keeps the agent alive now */
     size_t n = kd_tun_request_info_size(b->method_len, b->md, b->md_len);
-    uint8_t *buf = malloc(n);
+    uint8_t *buf = kd_chunkpool_malloc(n);
     if (buf == NULL)
         abort();
     kd_tun_put_request_info(buf, b->method, b->method_len, b->md, b->md_len);
     tunnel_send(t, buf, n);
-    free(buf);
+    kd_chunkpool_free(buf);
     post(ks, b->r, KD_RT_BOUND, b, b->front, 0, 0);
 }
 
 static void handle_start(struct kd_kas_shard *ks, const struct kd_msg *m)
 {
     struct kd_rt_start *st = m->ptr;
-    struct back *b = calloc(1, sizeof(*b));
+    struct back *b = kd_chunkpool_calloc(1, sizeof(*b));
     if (b == NULL)
         abort();
     b->ks = ks;
@@ -229,9 +230,9 @@ static void handle_start(struct kd_kas_shard *ks, const struct kd_msg *m)
     b->r = m->from;
     b->agent_id = st->agent_id;
     b->method_len = st->method_len;
-    b->method = malloc(st->method_len + 1);
+    b->method = kd_chunkpool_malloc(st->method_len + 1);
     b->md_len = st->md_len;
-    b->md = malloc(st->md_len ? st->md_len : 1);
+    b->md = kd_chunkpool_malloc(st->md_len ? st->md_len : 1);
     if (b->method == NULL || b->md == NULL)
         abort();
     memcpy(b->method, st->data, st->method_len);
@@ -287,12 +288,12 @@ void kd_kas_back_message(struct kd_shard *s, const struct kd_msg *m)
         }
         if (b->t != NULL) {
             size_t n = kd_tun_message_size(len);
-            uint8_t *buf = malloc(n);
+            uint8_t *buf = kd_chunkpool_malloc(n);
             if (buf == NULL)
                 abort();
             kd_tun_put_message(buf, d->data, len);
             int rc = kd_grpc_send_message(b->t->call, buf, n);
-            free(buf);
+            kd_chunkpool_free(buf);
             if (rc == 1) {
                 b->t->acks_owed += len; /* paid in tunnel_writable */
                 kd_kas_release(s, d);
@@ -387,7 +388,7 @@ static int add_method(void *ud, const char *svc, size_t svclen, const char *m, s
             ncap *= 2;
         if (ncap > 65536)
             return -E2BIG;
-        char *nb = realloc(acc->buf, ncap);
+        char *nb = kd_chunkpool_realloc(acc->buf, ncap);
         if (nb == NULL)
             return -ENOMEM;
         acc->buf = nb;
@@ -444,7 +445,7 @@ static int tunnel_message(kd_grpc_call *call, const uint8_t *msg, size_t len)
         struct methods_acc acc = {0};
         int n = kd_tun_descriptor_each(tm.body, tm.len, add_method, &acc);
         if (n <= 0) {
-            free(acc.buf);
+            kd_chunkpool_free(acc.buf);
             tunnel_fail(t, n == 0 ? "descriptor lists no method" : "invalid descriptor");
             return 0;
         }
@@ -483,11 +484,11 @@ static int tunnel_message(kd_grpc_call *call, const uint8_t *msg, size_t len)
         break;
     }
     case KD_TUN_TRAILER: {
-        uint8_t *blob = malloc(tm.len ? tm.len : 1);
+        uint8_t *blob = kd_chunkpool_malloc(tm.len ? tm.len : 1);
         long bl = blob ? kd_tun_meta_to_blob(tm.body, tm.len, blob, tm.len) : -1;
         t->st = KD_TUN_DONE;
         back_end(b, KD_GRPC_OK, "", blob, bl > 0 ? (size_t)bl : 0);
-        free(blob);
+        kd_chunkpool_free(blob);
         kd_grpc_finish(call, KD_GRPC_OK, NULL, NULL, 0);
         break;
     }
@@ -552,8 +553,8 @@ static void tunnel_done(kd_grpc_call *call, int status, const char *message)
     if (t->methods != NULL && --t->pt.agent->nready == 0 && ks->tracker != NULL)
         kd_tracker_tunnels(ks->tracker, t->pt.agent->id, false);
     kd_pool_tunnel_detach(&ks->pool, &t->pt); /* a closed tunnel is never picked */
-    free(t->methods);
-    free(t);
+    kd_chunkpool_free(t->methods);
+    kd_chunkpool_free(t);
 }
 
 static const struct kd_h2_handler tunnel_handler = {
@@ -610,9 +611,9 @@ static int connect_start(kd_grpc_call *call, void *ud)
         return 0; /* moved to the owner shard, or answered */
     struct kd_kas_shard *ks = kd_kas_shard_of(kd_conn_shard(kd_grpc_call_conn(call)));
     agent_t *a = kd_pool_agent_get(&ks->pool, ident.agent_id);
-    struct tunnel *t = calloc(1, sizeof(*t));
+    struct tunnel *t = kd_chunkpool_calloc(1, sizeof(*t));
     if (a == NULL || t == NULL) {
-        free(t);
+        kd_chunkpool_free(t);
         kd_grpc_finish(call, KD_GRPC_RESOURCE_EXHAUSTED, "out of memory", NULL, 0);
         return 0;
     }
@@ -792,9 +793,9 @@ static void drop_waiting(struct kd_pool_wait *w)
 {
     struct back *b = KD_CONTAINER_OF(w, struct back, pw);
     kd_timerwheel_cancel(kd_shard_timers(b->ks->s), &b->timer);
-    free(b->method);
-    free(b->md);
-    free(b);
+    kd_chunkpool_free(b->method);
+    kd_chunkpool_free(b->md);
+    kd_chunkpool_free(b);
 }
 
 void kd_kas_shard_stop(struct kd_shard *s)

@@ -815,6 +815,9 @@ static bool on_reply(struct kd_redis *r, struct rconn *rc, struct kd_resp *o)
     pending_free(p);
     if (r->stopping && r->head == NULL && r->rc != NULL) {
         abandon(r); /* the shard is stopping and nothing is left in flight */
+        if (r->state == R_UP)
+            atomic_store_explicit(&r->st->up, 0, memory_order_relaxed);
+        r->state = R_DOWN;
         return false;
     }
     return go_on && r->rc == rc && !r->dead;
@@ -883,9 +886,15 @@ static void rc_flush(struct kd_conn *c)
     struct kd_redis *r = rc->r;
     if (r == NULL)
         return;
-    if (r->out_len > 0 && c->out_bytes + r->out_len <= KD_CONN_OUT_MAX) {
-        int e = rc->tls != NULL ? kd_tls_write(rc->tls, (const uint8_t *)r->out, r->out_len)
-                                : kd_conn_write(c, r->out, r->out_len);
+    /* Hand over as much as the connection's queue takes (a big batch, e.g. a re-sync of many
+     * agents, may exceed it); the rest stays here until the queue drains below KD_CONN_OUT_LOW,
+     * when the conn layer asks for on_flush again. TLS records add a little: keep headroom. */
+    size_t room = KD_CONN_OUT_MAX - (KD_CONN_OUT_MAX / 16);
+    room = c->out_bytes < room ? room - c->out_bytes : 0;
+    if (r->out_len > 0 && room > 0) {
+        size_t n = r->out_len < room ? r->out_len : room;
+        int e =
+            rc->tls != NULL ? kd_tls_write(rc->tls, (const uint8_t *)r->out, n) : kd_conn_write(c, r->out, n);
         if (e == 0 && rc->tls != NULL)
             e = drain_tls(rc);
         if (e < 0) {
@@ -894,7 +903,8 @@ static void rc_flush(struct kd_conn *c)
             leave(r);
             return;
         }
-        r->out_len = 0;
+        memmove(r->out, r->out + n, r->out_len - n);
+        r->out_len -= n;
     }
     if (r->state == R_UP) {
         note_output(r);

@@ -8,6 +8,7 @@
  */
 #include <errno.h>
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -61,6 +62,7 @@ struct kd_tracker {
     size_t nconns;
     bool up;
     bool was_up;        /* up at least once: the next up is a reconnect */
+    bool alive_seen;    /* shard 0: a heartbeat since the last registration found the key set */
     bool resync_needed; /* a write failed, or the connection came back: re-sync at the next chance */
     bool resync_running;
     bool stopping;
@@ -519,31 +521,35 @@ static void rewrite_all(struct kd_tracker *t)
             if (e->want)
                 multi_add(&add, m, (size_t)snprintf(m, sizeof(m), "t:%" PRId64, e->agent_id));
     multi_done(&add);
-    /* Pending upserts are covered by the rewrite; pending deletes were handled by the diff. */
-    while (!kd_list_is_empty(&t->dirty)) {
-        struct kd_tracker_conn *c =
-            KD_CONTAINER_OF(kd_list_pop_front(&t->dirty), struct kd_tracker_conn, dlink);
-        if (c->state == E_DELETE)
-            conn_free(c);
-        else
+    /* Pending upserts are covered by the rewrite. Pending deletes stay queued for this turn's
+     * flush: the diff only saw members that were in Redis when SMEMBERS ran, not those a flush
+     * wrote since (deletes are idempotent, so a second one is harmless). */
+    for (struct kd_list *n = t->dirty.next, *next; n != &t->dirty; n = next) {
+        next = n->next;
+        struct kd_tracker_conn *c = KD_CONTAINER_OF(n, struct kd_tracker_conn, dlink);
+        if (c->state == E_UPSERT) {
+            kd_list_unlink(&c->dlink);
             c->state = E_CLEAN;
+        }
     }
     for (struct kd_list *n = t->all.next; n != &t->all; n = n->next)
         write_conn(t, KD_CONTAINER_OF(n, struct kd_tracker_conn, link));
-    while (!kd_list_is_empty(&t->tdirty))
-        kd_list_pop_front(&t->tdirty);
     for (size_t i = 0; i < t->ntbuckets; i++) {
         struct tun **pp = &t->tbuckets[i];
         while (*pp != NULL) {
             struct tun *e = *pp;
-            if (!e->want) {
-                *pp = e->hnext;
+            if (!e->want && !kd_list_is_linked(&e->dlink)) {
+                *pp = e->hnext; /* never published, or already removed: forget it */
                 free(e);
                 t->ntuns--;
                 continue;
             }
-            write_tun(t, t->cfg->instance_id, e->agent_id, true);
-            e->published = true;
+            if (e->want) {
+                write_tun(t, t->cfg->instance_id, e->agent_id, true);
+                e->published = true;
+                if (kd_list_is_linked(&e->dlink))
+                    kd_list_unlink(&e->dlink);
+            } /* else: an SREM is queued for this turn's flush */
             pp = &e->hnext;
         }
     }
@@ -599,6 +605,8 @@ static void resync_members(void *arg, const struct kd_resp *reply, const char *e
 {
     struct kd_tracker *t = arg;
     t->resync_running = false;
+    if (t->stopping)
+        return; /* kd_tracker_stop removed everything: re-advertising now would outlive the instance */
     if (err != NULL || reply->type != KD_RESP_ARRAY || !t->up) {
         t->st.write_failures++;
         t->resync_needed = true;
@@ -647,6 +655,33 @@ static void resync(struct kd_tracker *t)
 
 /* ---- the instance (shard 0): record, heartbeat, sweeper ---- */
 
+static void register_instance(struct kd_tracker *t);
+static void resync_all_shards(struct kd_tracker *t);
+
+/* The heartbeat's reply is the key's previous value: nil after a heartbeat of ours had been
+ * answered means the key expired in between, i.e. this process stalled (or its connection was
+ * slow) for longer than the TTL, and peers may have swept the instance while its Redis connections
+ * stayed up, so nothing else would notice: register again and have every shard re-sync. */
+static void heartbeat_done(void *arg, const struct kd_resp *reply, const char *err)
+{
+    struct kd_tracker *t = arg;
+    if (err != NULL || reply->type == KD_RESP_ERROR) {
+        write_done(arg, reply, err);
+        return;
+    }
+    bool expired = reply->type == KD_RESP_NIL && t->alive_seen;
+    t->alive_seen = true;
+    if (expired && !t->stopping) {
+        struct kd_logline l;
+        kd_log_begin(&l, KD_LOG_WARN, "redis_heartbeat_lapsed");
+        kd_log_str(&l, "instance", t->cfg->instance_id);
+        kd_log_uint(&l, "ttl_ms", t->cfg->ttl_ms);
+        kd_log_end(&l);
+        register_instance(t);
+        resync_all_shards(t);
+    }
+}
+
 static void heartbeat(struct kd_tracker *t)
 {
     char k[160], ttl[24];
@@ -658,7 +693,8 @@ static void heartbeat(struct kd_tracker *t)
     av_str(&a, "1");
     av_str(&a, "PX");
     av_str(&a, ttl);
-    cmd(t, &a, NULL, NULL);
+    av_str(&a, "GET"); /* Redis >= 6.2: the old value comes back */
+    cmd(t, &a, heartbeat_done, t);
 }
 
 static void register_instance(struct kd_tracker *t)
@@ -688,17 +724,32 @@ struct sweep {
 
 static void sweep_next(struct sweep *w);
 
+/* KEYS: the alive key, the instances hash; ARGV: the instance id. */
+static struct kd_redis_script hdel_if_dead;
+static pthread_once_t scripts_once = PTHREAD_ONCE_INIT;
+static void scripts_init(void)
+{
+    kd_redis_script_init(
+        &hdel_if_dead,
+        "if redis.call('EXISTS', KEYS[1]) == 0 then return redis.call('HDEL', KEYS[2], ARGV[1]) end "
+        "return 0");
+}
+
 static void sweep_finish(struct sweep *w, bool ok)
 {
     struct kd_tracker *t = w->t;
     if (ok) {
-        char k[160];
-        struct argv a = {0};
+        /* The record goes only if the instance is still dead: one that came back meanwhile keeps
+         * it (both keys share the {fleet} tag, so one script sees both). */
+        char k[160], alive[160];
         snprintf(k, sizeof(k), "%s:{fleet}:instances", t->cfg->prefix);
-        av_str(&a, "HDEL");
-        av_str(&a, k);
-        av_str(&a, w->iid);
-        cmd(t, &a, NULL, NULL);
+        snprintf(alive, sizeof(alive), "%s:{fleet}:alive:%s", t->cfg->prefix, w->iid);
+        const char *argv[] = {alive, k, w->iid};
+        size_t lens[] = {strlen(alive), strlen(k), strlen(w->iid)};
+        t->st.writes++;
+        if (kd_redis_eval(t->r, &hdel_if_dead, write_done, t, 2, 3, argv, lens) < 0)
+            t->st.write_failures++;
+        struct argv a = {0};
         snprintf(k, sizeof(k), "%s:{fleet}:sweep:%s", t->cfg->prefix, w->iid);
         a.n = 0;
         av_str(&a, "DEL");
@@ -732,6 +783,34 @@ static void sweep_batch(void *arg, const struct kd_resp *reply, const char *err)
     sweep_next(w); /* the same index again, until empty */
 }
 
+static void sweep_checked(void *arg, const struct kd_resp *reply, const char *err)
+{
+    struct sweep *w = arg;
+    struct kd_tracker *t = w->t;
+    if (err != NULL || reply->type != KD_RESP_INTEGER || t->stopping) {
+        sweep_finish(w, false); /* the lease expires; a later pass starts again */
+        return;
+    }
+    if (reply->integer != 0) {
+        /* It came back (its heartbeat is there again): it re-publishes everything itself. */
+        struct kd_logline l;
+        kd_log_begin(&l, KD_LOG_INFO, "redis_instance_back");
+        kd_log_str(&l, "instance", w->iid);
+        kd_log_uint(&l, "entries_swept", w->removed);
+        kd_log_end(&l);
+        sweep_finish(w, false);
+        return;
+    }
+    char idx[160];
+    struct argv a = {0};
+    av_str(&a, "SRANDMEMBER");
+    av_str(&a, idx_key(t, w->iid, w->shard, idx, sizeof(idx)));
+    av_str(&a, "512");
+    t->st.writes++;
+    if (kd_redis_cmd(t->r, sweep_batch, w, a.n, a.v, a.l) < 0)
+        sweep_finish(w, false);
+}
+
 static void sweep_next(struct sweep *w)
 {
     struct kd_tracker *t = w->t;
@@ -743,13 +822,15 @@ static void sweep_next(struct sweep *w)
         sweep_finish(w, false); /* the lease expires; the next pass goes on */
         return;
     }
-    char idx[160];
+    /* Before every batch: is it still dead? (An instance whose Redis connection was only away for
+     * a while comes back and must not lose what it re-publishes.) */
+    char k[160];
+    snprintf(k, sizeof(k), "%s:{fleet}:alive:%s", t->cfg->prefix, w->iid);
     struct argv a = {0};
-    av_str(&a, "SRANDMEMBER");
-    av_str(&a, idx_key(t, w->iid, w->shard, idx, sizeof(idx)));
-    av_str(&a, "512");
+    av_str(&a, "EXISTS");
+    av_str(&a, k);
     t->st.writes++;
-    if (kd_redis_cmd(t->r, sweep_batch, w, a.n, a.v, a.l) < 0)
+    if (kd_redis_cmd(t->r, sweep_checked, w, a.n, a.v, a.l) < 0)
         sweep_finish(w, false);
 }
 
@@ -932,6 +1013,7 @@ void kd_tracker_cfg_init(struct kd_tracker_cfg *cfg)
 
 struct kd_tracker *kd_tracker_new(struct kd_shard *s, const struct kd_tracker_cfg *cfg, struct kd_redis *r)
 {
+    pthread_once(&scripts_once, scripts_init);
     struct kd_tracker *t = calloc(1, sizeof(*t));
     if (t == NULL)
         return NULL;
@@ -982,20 +1064,32 @@ void kd_tracker_redis_up(struct kd_tracker *t)
     t->up = true;
     if (t->stopping)
         return;
+    bool again = t->was_up;
+    t->was_up = true;
     if (t->shard == 0) {
+        t->alive_seen = false; /* this registration's own heartbeat finds no key: not a lapse */
         register_instance(t);
-        if (t->was_up) {
-            /* The heartbeat was missing while this connection was down: if that lasted longer than
-             * the TTL, peers took the instance for dead and may have swept every shard's entries.
-             * The other shards' connections never noticed: tell them to re-sync. */
-            for (unsigned i = 1; i < t->cfg->nshards; i++) {
-                struct kd_msg m = {.type = KD_RT_TRACKER_RESYNC};
-                kd_shard_post(t->s, i, &m);
-            }
+        if (again) {
+            /* The heartbeat was missing while this connection was down: if that lasted longer
+             * than the TTL, peers took the instance for dead and may have swept every shard's
+             * entries. The other shards' connections never noticed: tell them to re-sync. */
+            resync_all_shards(t);
+            return;
         }
     }
-    t->was_up = true;
     resync(t);
+}
+
+/* Every shard (this one included) re-syncs its whole state. */
+static void resync_all_shards(struct kd_tracker *t)
+{
+    for (unsigned i = 0; i < t->cfg->nshards; i++) {
+        if (i == t->shard)
+            continue;
+        struct kd_msg m = {.type = KD_RT_TRACKER_RESYNC};
+        kd_shard_post(t->s, i, &m);
+    }
+    kd_tracker_request_resync(t);
 }
 
 void kd_tracker_request_resync(struct kd_tracker *t)
@@ -1054,47 +1148,45 @@ void kd_tracker_stop(struct kd_tracker *t, void (*done)(void *arg), void *arg)
             done(arg);
         return;
     }
-    /* Every entry this shard wrote (per the desired state; whatever a failed write left behind is
-     * the sweeper's business once this instance's heartbeat is gone). */
-    char idx[160];
-    idx_key(t, t->cfg->instance_id, t->shard, idx, sizeof(idx));
-    for (struct kd_list *n = t->all.next; n != &t->all; n = n->next) {
-        const struct kd_tracker_conn *c = KD_CONTAINER_OF(n, struct kd_tracker_conn, link);
-        delete_conn(t, t->cfg->instance_id, c->key, c->agent_id, c->project_id);
-    }
-    for (size_t i = 0; i < t->ntbuckets; i++)
-        for (struct tun *e = t->tbuckets[i]; e != NULL; e = e->hnext)
-            if (e->published)
-                write_tun(t, t->cfg->instance_id, e->agent_id, false);
-    struct argv a = {0};
-    av_str(&a, "DEL");
-    av_str(&a, idx);
-    t->stop_done = done;
-    t->stop_arg = arg;
-    t->stop_pending = 1;
+    char idx[160], m[96];
+    /* Shard 0 first: without its alive key the instance reads as dead at once (readers drop its
+     * entries even before they are deleted), and a peer's sweeper removes what this stop cannot:
+     * the entries of a shard whose connection is down right now, what an earlier failed write
+     * left, and finally the instance's record (which is why it is not deleted here). */
     if (t->shard == 0) {
-        char k[160], h[160];
+        char k[160];
         snprintf(k, sizeof(k), "%s:{fleet}:alive:%s", t->cfg->prefix, t->cfg->instance_id);
-        snprintf(h, sizeof(h), "%s:{fleet}:instances", t->cfg->prefix);
         struct argv b = {0};
         av_str(&b, "DEL");
         av_str(&b, k);
-        t->stop_pending++;
-        if (kd_redis_cmd(t->r, stop_step, t, b.n, b.v, b.l) < 0)
-            t->stop_pending--;
-        b.n = 0;
-        av_str(&b, "HDEL");
-        av_str(&b, h);
-        av_str(&b, t->cfg->instance_id);
-        t->stop_pending++;
-        if (kd_redis_cmd(t->r, stop_step, t, b.n, b.v, b.l) < 0)
-            t->stop_pending--;
+        cmd(t, &b, NULL, NULL);
     }
-    /* The index goes last: its reply means everything before it was answered (one connection,
-     * replies in order). */
-    if (kd_redis_cmd(t->r, stop_step, t, a.n, a.v, a.l) < 0)
-        t->stop_pending--;
-    if (t->stop_pending == 0) {
+    /* Every entry this shard holds, then exactly those index members: members of entries a
+     * failed write may have left stay in the index for the sweeper. */
+    idx_key(t, t->cfg->instance_id, t->shard, idx, sizeof(idx));
+    struct multi rem;
+    multi_init(&rem, t, "SREM", idx, NULL);
+    for (struct kd_list *n = t->all.next; n != &t->all; n = n->next) {
+        const struct kd_tracker_conn *c = KD_CONTAINER_OF(n, struct kd_tracker_conn, link);
+        delete_conn(t, t->cfg->instance_id, c->key, c->agent_id, c->project_id);
+        multi_add(&rem, m, conn_member(c, m, sizeof(m)));
+    }
+    for (size_t i = 0; i < t->ntbuckets; i++)
+        for (struct tun *e = t->tbuckets[i]; e != NULL; e = e->hnext)
+            if (e->published) {
+                write_tun(t, t->cfg->instance_id, e->agent_id, false);
+                multi_add(&rem, m, (size_t)snprintf(m, sizeof(m), "t:%" PRId64, e->agent_id));
+            }
+    multi_done(&rem);
+    /* One connection, replies in order: the answer to this PING means everything above was
+     * answered. */
+    t->stop_done = done;
+    t->stop_arg = arg;
+    t->stop_pending = 1;
+    struct argv a = {0};
+    av_str(&a, "PING");
+    if (kd_redis_cmd(t->r, stop_step, t, a.n, a.v, a.l) < 0) {
+        t->stop_pending = 0;
         t->stop_done = NULL;
         if (done != NULL)
             done(arg);
@@ -1171,6 +1263,13 @@ static void lookup_release(struct lookup *lk)
 {
     if (lk->call == NULL && lk->pending == 0)
         lookup_free(lk);
+}
+
+/* Why a command could not be queued: the connection's last error, or a full output queue. */
+static const char *redis_error(struct kd_tracker *t)
+{
+    const char *e = kd_redis_last_error(t->r);
+    return e != NULL && e[0] != '\0' ? e : "redis: output queue full, try again";
 }
 
 static void lookup_unref(struct lookup *lk)
@@ -1303,7 +1402,7 @@ static void lookup_entries(void *arg, const struct kd_resp *reply, const char *e
     lk->pending++;
     if (kd_redis_cmd(t->r, lookup_alive, lk, (int)lk->nd, v, l) < 0) {
         lk->pending--;
-        lookup_fail(lk, KD_GRPC_UNAVAILABLE, kd_redis_last_error(t->r));
+        lookup_fail(lk, KD_GRPC_UNAVAILABLE, redis_error(t));
     }
     free(v);
     free(l);
@@ -1363,7 +1462,7 @@ static void lookup_half_close(kd_grpc_call *call)
     lk->pending++;
     if (kd_redis_cmd(t->r, lookup_entries, lk, a.n, a.v, a.l) < 0) {
         lk->pending--;
-        lookup_fail(lk, KD_GRPC_UNAVAILABLE, kd_redis_last_error(t->r));
+        lookup_fail(lk, KD_GRPC_UNAVAILABLE, redis_error(t));
     }
 }
 

@@ -189,6 +189,35 @@ limits:
         finally:
             b.kill()
 
+    def test_stalled_instance_is_swept_then_republishes(self):
+        """An instance that stops answering longer than the TTL (SIGSTOP: a VM pause, a stuck host)
+        is swept by a peer; when it runs again its heartbeat finds its alive key gone, and it
+        registers and re-publishes everything, although its Redis connections never dropped."""
+        b = self.start_kasd()
+        try:
+            self.agent(b, 10, pods=2)
+            self.wait_count(2, agent_id=10)
+            b.proc.send_signal(signal.SIGSTOP)
+            try:
+                # swept by A (TTL 1.5 s, sweeper every 0.5 s)
+                self.assertTrue(wait_until(lambda: self.redis.cmd("HLEN", "gitlab-kas:{a:10}:conns") == 0, 10),
+                                self.redis.keys())
+                self.assertEqual(self.connected(agent_id=10), [])
+            finally:
+                b.proc.send_signal(signal.SIGCONT)
+            self.assertTrue(b.wait_event("redis_heartbeat_lapsed", 10), b.log())
+            got = self.wait_count(2, agent_id=10)
+            self.assertEqual({e.agent_id for e in got}, {10})
+            self.assertIsNotNone(self.redis.cmd("HGET", "gitlab-kas:{fleet}:instances", b.instance_id))
+            self.assertEqual(self.redis.cmd("SMEMBERS", "gitlab-kas:{a:10}:tunnels"), [b.instance_id.encode()])
+        finally:
+            for a in list(self.agents):
+                if a.addr == "%s:%d" % b.listeners["agent"]:
+                    a.stop(2)
+                    self.agents.remove(a)
+            b.stop()
+            b.kill()
+
     def test_clean_stop_removes_everything(self):
         c = self.start_kasd(prefix="stoptest")
         a = None
@@ -201,7 +230,16 @@ limits:
             a.stop(2)
             a = None
             self.assertEqual(c.stop(), 0, c.log())
-            self.assertEqual(self.redis.keys("stoptest:*"), [])
+            # every entry is gone; only the instance's record stays, for a peer's sweeper
+            self.assertEqual(self.redis.keys("stoptest:*"), ["stoptest:{fleet}:instances"])
+            self.assertEqual(self.redis.cmd("HKEYS", "stoptest:{fleet}:instances"), [c.instance_id.encode()])
+            d = self.start_kasd(prefix="stoptest")
+            try:
+                self.assertTrue(wait_until(lambda: self.redis.cmd("HKEYS", "stoptest:{fleet}:instances")
+                                           == [d.instance_id.encode()], 10), self.redis.keys("stoptest:*"))
+            finally:
+                self.assertEqual(d.stop(), 0, d.log())
+                d.kill()
         finally:
             if a is not None:
                 a.kill()

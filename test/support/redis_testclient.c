@@ -200,10 +200,16 @@ static void basic_next(void)
         X.big = malloc(BIGSIZE);
         for (size_t i = 0; i < BIGSIZE; i++)
             X.big[i] = (char)('a' + (i * 7) % 26);
-        const char *argv[] = {"SET", "big", X.big};
-        size_t lens[] = {3, 3, BIGSIZE};
-        kd_redis_cmd(X.r, big_set, NULL, 3, argv, lens);
-        cmd(big_get, NULL, 2, "GET", "big");
+        /* 12 MiB in one loop turn: more than a connection's output queue takes at once
+         * (KD_CONN_OUT_MAX, 8 MiB), so it must leave in parts, in order. */
+        for (int i = 0; i < 12; i++) {
+            char key[16];
+            snprintf(key, sizeof(key), "big%d", i);
+            const char *argv[] = {"SET", key, X.big};
+            size_t lens[] = {3, strlen(key), BIGSIZE};
+            kd_redis_cmd(X.r, big_set, NULL, 3, argv, lens);
+        }
+        cmd(big_get, NULL, 2, "GET", "big11");
         break;
     }
     case 2: {
