@@ -1238,6 +1238,13 @@ int kd_redis_multi(struct kd_redis *r, kd_redis_cb cb, void *arg, int ncmds, con
         fail_now(r, cb, arg);
         return 0;
     }
+    /* Refusals that are the caller's (bad arguments) or momentary (output full) are answered
+     * before anything is queued: failing the connection for them would fail everyone's commands. */
+    for (int i = 0; i < ncmds; i++)
+        if (cmds[i].argc < 1)
+            return -EINVAL;
+    if (r->out_len > OUT_MAX)
+        return -ENOBUFS;
     static const char *const multi[] = {"MULTI"}, *const exec[] = {"EXEC"};
     static const size_t ml[] = {5}, el[] = {4};
     /* Every part is queued before anything can fail half-way: a failure here is out of memory, and

@@ -61,8 +61,11 @@ struct kd_tracker {
     size_t ntbuckets, ntuns;
     size_t nconns;
     bool up;
-    bool was_up;        /* up at least once: the next up is a reconnect */
-    bool alive_seen;    /* shard 0: a heartbeat since the last registration found the key set */
+    bool was_up;             /* up at least once: the next up is a reconnect */
+    bool alive_seen;         /* shard 0: a heartbeat since the last registration found the key set */
+    bool plain_heartbeat;    /* Redis < 6.2: SET without GET */
+    unsigned resync_backoff; /* ticks to wait before retrying a re-sync after failures (doubles) */
+    unsigned resync_wait;
     bool resync_needed; /* a write failed, or the connection came back: re-sync at the next chance */
     bool resync_running;
     bool stopping;
@@ -665,6 +668,16 @@ static void resync_all_shards(struct kd_tracker *t);
 static void heartbeat_done(void *arg, const struct kd_resp *reply, const char *err)
 {
     struct kd_tracker *t = arg;
+    if (err == NULL && reply->type == KD_RESP_ERROR && !t->plain_heartbeat &&
+        strstr(reply->str, "syntax") != NULL) {
+        /* Redis before 6.2 has no SET ... GET: plain heartbeats from now on (a stall longer than
+         * the TTL is then only repaired by the next reconnect). */
+        t->plain_heartbeat = true;
+        kd_log_msg(KD_LOG_WARN, "redis_heartbeat_plain",
+                   "SET ... GET refused (%s): Redis older than 6.2; a lapsed heartbeat will not be detected",
+                   reply->str);
+        return;
+    }
     if (err != NULL || reply->type == KD_RESP_ERROR) {
         write_done(arg, reply, err);
         return;
@@ -693,7 +706,8 @@ static void heartbeat(struct kd_tracker *t)
     av_str(&a, "1");
     av_str(&a, "PX");
     av_str(&a, ttl);
-    av_str(&a, "GET"); /* Redis >= 6.2: the old value comes back */
+    if (!t->plain_heartbeat)
+        av_str(&a, "GET"); /* Redis >= 6.2: the old value comes back */
     cmd(t, &a, heartbeat_done, t);
 }
 
@@ -981,8 +995,19 @@ static void tick(struct kd_timer *tm)
     struct kd_tracker *t = KD_CONTAINER_OF(tm, struct kd_tracker, tick);
     t->ticks++;
     if (t->up && !t->stopping) {
-        if (t->resync_needed)
+        /* Failed writes are repaired by a re-sync, retried with backoff (1, 2, 4 ... 32 ticks): a
+         * Redis that refuses writes (OOM, read-only) must not get a full rewrite every tick. */
+        if (t->resync_needed && t->resync_wait > 0) {
+            t->resync_wait--;
+        } else if (t->resync_needed) {
             resync(t);
+            t->resync_wait = t->resync_backoff;
+            t->resync_backoff = t->resync_backoff == 0    ? 1
+                                : t->resync_backoff >= 32 ? 32
+                                                          : 2 * t->resync_backoff;
+        } else {
+            t->resync_backoff = 0; /* a whole tick without a failure */
+        }
         if (t->shard == 0) {
             heartbeat(t);
             if ((uint64_t)t->ticks * t->cfg->heartbeat_ms >= (uint64_t)t->cfg->sweep_ms) {

@@ -374,6 +374,32 @@ class RedisErrors(unittest.TestCase):
             gl.close()
         self.assertEqual(k.stop(), 0, k.log())
 
+    def test_redis_refusing_writes_backs_off_then_converges(self):
+        """Redis out of memory (noeviction): writes fail, and the shard re-syncs with backoff
+        instead of rewriting everything every heartbeat; once Redis has room, it converges."""
+        r = RedisServer(extra_args=["--maxmemory-policy", "noeviction"])
+        self.addCleanup(r.kill)
+        k = self.start(f"redis:\n  server:\n    address: {r.address}\n  heartbeat_interval: 200ms\n"
+                       f"  instance_ttl: 5s")
+        self.assertTrue(k.wait_event("redis_up", 10), k.log())
+        r.cmd("CONFIG", "SET", "maxmemory", "1")  # always over the limit: every write is refused (OOM)
+        a = AgentK("%s:%d" % k.listeners["agent"], self.token, pods=1, idle=1)
+        a.start()
+        try:
+            a.wait_for(lambda s: s["registers"] >= 1, timeout=15)
+            time.sleep(4.0)  # 20 heartbeat ticks
+            # per shard: the first one, then retries after 0, 1, 2, 4, 8 ... ticks: about 6 in 20
+            # ticks, not 20 (a full rewrite per tick would add to an overloaded Redis)
+            for shard in (0, 1):
+                n = len([e for e in k.events if e.get("event") == "redis_resync" and e.get("shard") == shard])
+                self.assertLessEqual(n, 8, k.log())
+            self.assertTrue(k.wait_event("redis_write_failed", 1), k.log())
+            r.cmd("CONFIG", "SET", "maxmemory", "0")
+            self.assertTrue(wait_until(lambda: r.cmd("HLEN", "gitlab-kas:{a:1}:conns") == 1, 15), k.log())
+        finally:
+            a.stop(2)
+        self.assertEqual(k.stop(), 0, k.log())
+
     def test_wrong_password(self):
         r = RedisServer(extra_args=["--requirepass", "right-password"])
         self.addCleanup(r.kill)
