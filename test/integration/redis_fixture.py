@@ -79,19 +79,28 @@ class _Reader:
 
 
 class RedisServer:
-    def __init__(self, port=None, extra_args=()):
+    def __init__(self, port=None, extra_args=(), sentinel_conf=None):
+        """sentinel_conf: run a sentinel with this configuration instead of a server."""
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.dir = tempfile.mkdtemp(prefix="kasd-redis-")
         self.extra_args = list(extra_args)
+        self.sentinel_conf = sentinel_conf
         self.proc = None
         atexit.register(self.kill)
         self.start()
 
     def start(self, timeout=10):
+        head = [REDIS_SERVER]
+        if self.sentinel_conf is not None:
+            conf = os.path.join(self.dir, "sentinel.conf")
+            with open(conf, "w") as f:  # a sentinel rewrites its file: a fresh copy each start
+                f.write(self.sentinel_conf)
+            head = [REDIS_SERVER, conf, "--sentinel"]
         self.proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir, "--logfile", os.path.join(self.dir, "redis.log"),
+            [*head, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
+             "--logfile", os.path.join(self.dir, "redis.log"),
+             *([] if self.sentinel_conf is not None else ["--save", "", "--appendonly", "no"]),
              *self.extra_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout

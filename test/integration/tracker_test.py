@@ -407,6 +407,58 @@ class RedisErrors(unittest.TestCase):
                        files={"redis-password": "wrong-password\n"})
         self.check(k, r.address, "authentication failed")
 
+    def test_sentinel_failover(self):
+        """kasd behind Sentinel: its agents are in the master; after a failover it follows the
+        new master, where the replicated entries are re-synced and new agents are written."""
+        master = RedisServer()
+        self.addCleanup(master.kill)
+        replica = RedisServer(extra_args=["--replicaof", "127.0.0.1", str(master.port)])
+        self.addCleanup(replica.kill)
+        self.assertTrue(wait_until(lambda: b"master_link_status:up" in replica.cmd("INFO", "replication"), 15))
+        sentinel = RedisServer(sentinel_conf=f"sentinel monitor m1 127.0.0.1 {master.port} 1\n"
+                                             "sentinel down-after-milliseconds m1 1000\n"
+                                             "sentinel failover-timeout m1 5000\n")
+        self.addCleanup(sentinel.kill)
+        self.assertTrue(wait_until(lambda: sentinel.cmd("SENTINEL", "get-master-addr-by-name", "m1"), 15))
+        k = self.start(f"redis:\n  sentinel:\n    master_name: m1\n    addresses: [{sentinel.address}]\n"
+                       "  heartbeat_interval: 300ms\n  instance_ttl: 3s\n  read_timeout: 2s\n")
+        self.assertTrue(k.wait_event("redis_up", 10), k.log())
+        a = AgentK("%s:%d" % k.listeners["agent"], self.token, pods=1, idle=1)
+        a.start()
+        gl = GitLabClient("%s:%d" % k.listeners["api"], self.secret)
+        try:
+            a.wait_for(lambda s: s["registers"] >= 1, timeout=15)
+            self.assertTrue(wait_until(lambda: master.cmd("HLEN", "gitlab-kas:{a:1}:conns") == 1, 10))
+            self.assertTrue(wait_until(lambda: sentinel.cmd("SENTINEL", "replicas", "m1"), 15))
+            ok = wait_until(lambda: self._failover(sentinel), 20, step=0.3)
+            self.assertTrue(ok, "SENTINEL FAILOVER refused")
+            # kasd follows: its shards reconnect to the promoted replica and re-sync there
+            self.assertTrue(wait_until(lambda: b"role:master" in replica.cmd("INFO", "replication"), 20))
+            self.assertTrue(wait_until(lambda: len([e for e in k.events if e.get("event") == "redis_up"
+                                                    and e.get("address") == replica.address]) >= 2, 20), k.log())
+            self.assertTrue(wait_until(lambda: len(gl.get_connected_agents(agent_id=1, timeout=5).agents) == 1, 10))
+            # a pod that registers now is written to the new master
+            b = AgentK("%s:%d" % k.listeners["agent"], self.token, pods=1, idle=1)
+            b.start()
+            try:
+                b.wait_for(lambda s: s["registers"] >= 1, timeout=15)
+                self.assertTrue(wait_until(lambda: replica.cmd("HLEN", "gitlab-kas:{a:1}:conns") == 2, 10))
+                self.assertTrue(wait_until(
+                    lambda: len(gl.get_connected_agents(agent_id=1, timeout=5).agents) == 2, 10))
+            finally:
+                b.stop(2)
+        finally:
+            gl.close()
+            a.stop(2)
+        self.assertEqual(k.stop(), 0, k.log())
+
+    @staticmethod
+    def _failover(sentinel):
+        try:
+            return sentinel.cmd("SENTINEL", "FAILOVER", "m1") == b"OK"
+        except Exception:  # noqa: BLE001 - "NOGOODSLAVE" until the sentinel knows the replica
+            return False
+
     def test_unreachable(self):
         from redis_fixture import free_port
         address = f"127.0.0.1:{free_port()}"
