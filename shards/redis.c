@@ -91,6 +91,7 @@ struct kd_redis {
     /* options, copied */
     char *address, *username, *password, *server_name, *sentinel_master, *sentinel_password, *name;
     char *client_name; /* CLIENT SETNAME on every connect (NULL: none) */
+    bool in_multi;     /* kd_redis_multi is queueing a transaction */
     char **sentinels;
     unsigned nsentinels;
     unsigned database;
@@ -886,6 +887,8 @@ static void rc_flush(struct kd_conn *c)
     struct kd_redis *r = rc->r;
     if (r == NULL)
         return;
+    if (r->state == R_UP)
+        note_output(r); /* sends completed since the last hand-off are progress (write timeout) */
     /* Hand over as much as the connection's queue takes (a big batch, e.g. a re-sync of many
      * agents, may exceed it); the rest stays here until the queue drains below KD_CONN_OUT_LOW,
      * when the conn layer asks for on_flush again. TLS records add a little: keep headroom. */
@@ -1136,7 +1139,7 @@ static int cmd_common(struct kd_redis *r, enum pkind kind, kd_redis_cb cb, void 
         fail_now(r, cb, arg);
         return 0;
     }
-    if (r->out_len > OUT_MAX)
+    if (r->out_len > OUT_MAX && !r->in_multi)
         return -ENOBUFS;
     struct pending *p = pending_push(r, kind, cb, arg);
     if (p == NULL)
@@ -1250,10 +1253,12 @@ int kd_redis_multi(struct kd_redis *r, kd_redis_cb cb, void *arg, int ncmds, con
     /* Every part is queued before anything can fail half-way: a failure here is out of memory, and
      * the connection is then failed as a whole so no half transaction reaches the server. */
     int rc = cmd_common(r, P_SKIP, NULL, NULL, 1, multi, ml, NULL);
+    r->in_multi = true; /* MULTI is queued: the rest must follow it, past OUT_MAX if need be */
     for (int i = 0; rc == 0 && i < ncmds; i++)
         rc = cmd_common(r, P_SKIP, NULL, NULL, cmds[i].argc, cmds[i].argv, cmds[i].argvlen, NULL);
     if (rc == 0)
         rc = cmd_common(r, P_USER, cb, arg, 1, exec, el, NULL);
+    r->in_multi = false;
     if (rc < 0) {
         enter(r);
         conn_fail(r, "out of memory queueing MULTI/EXEC");

@@ -61,10 +61,11 @@ struct kd_tracker {
     size_t ntbuckets, ntuns;
     size_t nconns;
     bool up;
-    bool was_up;             /* up at least once: the next up is a reconnect */
-    bool alive_seen;         /* shard 0: a heartbeat since the last registration found the key set */
-    bool plain_heartbeat;    /* Redis < 6.2: SET without GET */
-    unsigned resync_backoff; /* ticks to wait before retrying a re-sync after failures (doubles) */
+    bool was_up;              /* up at least once: the next up is a reconnect */
+    bool alive_seen;          /* shard 0: a heartbeat since the last registration found the key set */
+    bool plain_heartbeat;     /* Redis < 6.2: SET without GET */
+    uint64_t resync_again_ms; /* shard 0: a second resync_all_shards is due then (0: none) */
+    unsigned resync_backoff;  /* ticks to wait before retrying a re-sync after failures (doubles) */
     unsigned resync_wait;
     bool resync_needed; /* a write failed, or the connection came back: re-sync at the next chance */
     bool resync_running;
@@ -552,7 +553,11 @@ static void rewrite_all(struct kd_tracker *t)
                 e->published = true;
                 if (kd_list_is_linked(&e->dlink))
                     kd_list_unlink(&e->dlink);
-            } /* else: an SREM is queued for this turn's flush */
+            } else {
+                /* An SREM is queued for this turn's flush (and the diff may have sent one already):
+                 * Redis no longer has the flag, whatever happens next in this turn. */
+                e->published = false;
+            }
             pp = &e->hnext;
         }
     }
@@ -660,6 +665,7 @@ static void resync(struct kd_tracker *t)
 
 static void register_instance(struct kd_tracker *t);
 static void resync_all_shards(struct kd_tracker *t);
+static void heartbeat(struct kd_tracker *t);
 
 /* The heartbeat's reply is the key's previous value: nil after a heartbeat of ours had been
  * answered means the key expired in between, i.e. this process stalled (or its connection was
@@ -676,6 +682,7 @@ static void heartbeat_done(void *arg, const struct kd_resp *reply, const char *e
         kd_log_msg(KD_LOG_WARN, "redis_heartbeat_plain",
                    "SET ... GET refused (%s): Redis older than 6.2; a lapsed heartbeat will not be detected",
                    reply->str);
+        heartbeat(t); /* now, not at the next tick: without it the instance reads as dead meanwhile */
         return;
     }
     if (err != NULL || reply->type == KD_RESP_ERROR) {
@@ -725,6 +732,13 @@ static void register_instance(struct kd_tracker *t)
     av_str(&a, rec);
     cmd(t, &a, NULL, NULL);
     heartbeat(t);
+}
+
+/* How long a sweeper holds its lease on a dead instance: twice the TTL (60 s by default), far
+ * longer than a sweep takes. */
+static uint64_t lease_ms(const struct kd_tracker *t)
+{
+    return 2ull * t->cfg->ttl_ms;
 }
 
 struct sweep {
@@ -893,9 +907,11 @@ static void sweep_alive(void *arg, const struct kd_resp *reply, const char *err)
             av_str(&a, "SET");
             av_str(&a, k);
             av_str(&a, t->cfg->instance_id);
+            char lease[24];
+            snprintf(lease, sizeof(lease), "%llu", (unsigned long long)lease_ms(t));
             av_str(&a, "NX");
             av_str(&a, "PX");
-            av_str(&a, "60000");
+            av_str(&a, lease);
             t->sweep = w;
             t->st.writes++;
             if (kd_redis_cmd(t->r, sweep_lease, w, a.n, a.v, a.l) < 0) {
@@ -1007,6 +1023,12 @@ static void tick(struct kd_timer *tm)
                                                           : 2 * t->resync_backoff;
         } else {
             t->resync_backoff = 0; /* a whole tick without a failure */
+            t->resync_wait = 0;
+        }
+        if (t->shard == 0 && t->resync_again_ms != 0 && kd_shard_now_ms(t->s) >= t->resync_again_ms) {
+            t->resync_again_ms = UINT64_MAX; /* the second one: no third */
+            resync_all_shards(t);
+            t->resync_again_ms = 0;
         }
         if (t->shard == 0) {
             heartbeat(t);
@@ -1091,6 +1113,7 @@ void kd_tracker_redis_up(struct kd_tracker *t)
         return;
     bool again = t->was_up;
     t->was_up = true;
+    t->resync_wait = t->resync_backoff = 0;
     if (t->shard == 0) {
         t->alive_seen = false; /* this registration's own heartbeat finds no key: not a lapse */
         register_instance(t);
@@ -1105,9 +1128,13 @@ void kd_tracker_redis_up(struct kd_tracker *t)
     resync(t);
 }
 
-/* Every shard (this one included) re-syncs its whole state. */
+/* Every shard (this one included) re-syncs its whole state; shard 0 does it again once a peer's
+ * sweep lease (2 × TTL) has surely run out, since a sweep in progress when the instance came back
+ * may still have deleted entries after the first re-sync rewrote them. */
 static void resync_all_shards(struct kd_tracker *t)
 {
+    if (t->resync_again_ms == 0)
+        t->resync_again_ms = kd_shard_now_ms(t->s) + lease_ms(t) + t->cfg->heartbeat_ms;
     for (unsigned i = 0; i < t->cfg->nshards; i++) {
         if (i == t->shard)
             continue;

@@ -206,6 +206,12 @@ limits:
             finally:
                 b.proc.send_signal(signal.SIGCONT)
             self.assertTrue(b.wait_event("redis_heartbeat_lapsed", 10), b.log())
+            lapse = [i for i, e in enumerate(b.events) if e.get("event") == "redis_heartbeat_lapsed"][0]
+            got = self.wait_count(2, agent_id=10)
+            # and again once a sweep lease that may have been running has expired (2 x TTL = 3 s):
+            # both shards re-sync twice after the lapse
+            self.assertTrue(wait_until(lambda: len([e for e in b.events[lapse:] if e.get("event") == "redis_resync"])
+                                       >= 4, 10), b.log())
             got = self.wait_count(2, agent_id=10)
             self.assertEqual({e.agent_id for e in got}, {10})
             self.assertIsNotNone(self.redis.cmd("HGET", "gitlab-kas:{fleet}:instances", b.instance_id))
