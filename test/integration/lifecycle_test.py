@@ -49,6 +49,12 @@ class Options(unittest.TestCase):
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertIn("valid", r.stdout)
 
+    def test_packaged_example_config_is_valid(self):
+        example = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "packaging",
+                               "kasd.example.yaml")
+        r = run("--check-config", example)
+        self.assertEqual(r.returncode, 0, r.stderr)
+
     def test_check_config_unknown_key_names_file_line_and_key(self):
         path = self.write("agent:\n  listen:\n    adress: 127.0.0.1:1\n")
         r = run("--check-config", path)
