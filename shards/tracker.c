@@ -294,7 +294,7 @@ static void write_tun(struct kd_tracker *t, const char *iid, int64_t agent_id, b
 }
 
 /* Parse an index member: 'c' (conn: key, agent, project) or 't' (tunnel: agent). */
-static int parse_member(const char *s, size_t n, uint64_t *key, int64_t *agent, int64_t *project)
+int kd_tracker_parse_member(const char *s, size_t n, uint64_t *key, int64_t *agent, int64_t *project)
 {
     char buf[96];
     if (n < 3 || n >= sizeof(buf) || s[1] != ':')
@@ -595,7 +595,7 @@ static size_t remove_members(struct kd_tracker *t, const char *iid, unsigned sha
         int64_t agent = 0, project = 0;
         if (e->type != KD_RESP_STRING)
             continue;
-        int kind = parse_member(e->str, e->len, &key, &agent, &project);
+        int kind = kd_tracker_parse_member(e->str, e->len, &key, &agent, &project);
         if (kind > 0 && keep != NULL && keep(t, kind, key, agent, ud))
             continue;
         if (kind == 'c')

@@ -73,6 +73,11 @@ struct kd_tracker_stats {
 };
 void kd_tracker_stats(const struct kd_tracker *t, struct kd_tracker_stats *out);
 
+/* An index member read back from Redis (bytes Redis returns: untrusted): 'c' (a connection:
+ * key, agent, project), 't' (a tunnel flag: agent), or -1 for anything else. Exported for the
+ * fuzz driver (test/fuzz/tracker_fuzz.c). */
+int kd_tracker_parse_member(const char *s, size_t n, uint64_t *key, int64_t *agent, int64_t *project);
+
 /* Encode a ConnectedAgentInfo; returns bytes written (buf NULL: the size). */
 size_t kd_tracker_encode_info(uint8_t *buf, const uint8_t *meta, size_t meta_len, uint64_t connected_at_us,
                               int64_t pod_id, int64_t agent_id, int64_t project_id);

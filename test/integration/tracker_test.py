@@ -173,9 +173,9 @@ limits:
             b.proc.wait(10)
             t_kill = time.monotonic()
             # gone from answers within the TTL (1.5 s) plus a heartbeat, give or take
-            self.wait_count(0, timeout=5, agent_id=7)
+            self.wait_count(0, timeout=10, agent_id=7)
             hidden = time.monotonic() - t_kill
-            self.assertLess(hidden, 4.0)
+            self.assertLess(hidden, 8.0)  # TTL 1.5 s + a heartbeat, with room for a loaded machine
             # and swept from Redis: entries, index, tunnels flag, record
             swept = wait_until(lambda: not self.redis.cmd("HGETALL", "gitlab-kas:{a:7}:conns")
                                and not self.redis.keys(f"gitlab-kas:{{i:{b.instance_id}}}:*")
