@@ -444,6 +444,9 @@ limits:
 
     def test_liveness_and_readiness(self):
         self.assertEqual(http_get(self.base, "/liveness")[:2], (200, "ok\n"))
+        deadline = time.monotonic() + 10  # ready once every shard's Redis connection is up
+        while http_get(self.base, "/readiness")[0] != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
         self.assertEqual(http_get(self.base, "/readiness")[:2], (200, "ok\n"))
 
     def test_unknown_path_and_method(self):
@@ -486,6 +489,11 @@ limits:
         self.addCleanup(k.kill)
         self.assertTrue(k.started, k.log())
         base = "http://%s:%d" % k.listeners["observability"]
+        # ready once every shard's Redis connection (the embedded redis-server) is up: just after
+        # the "started" line it may still be connecting
+        deadline = time.monotonic() + 10
+        while http_get(base, "/readiness")[0] != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
         self.assertEqual(http_get(base, "/readiness")[0], 200)
         # An open call keeps its connection, and so kasd, in the grace period after SIGTERM: a
         # client-streaming health check whose request stream stays open until we end it.
