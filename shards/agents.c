@@ -57,8 +57,6 @@ struct pod {
     struct kd_list link;   /* agent->pods */
     struct pod *conn_next; /* the connection's pods */
     int64_t pod_id;
-    uint8_t *meta; /* AgentMeta, as received */
-    size_t meta_len;
     uint64_t connected_at_us; /* wall clock */
     agent_t *agent;
     struct kd_tracker_conn *tracked; /* its entry in Redis (NULL: none) */
@@ -679,22 +677,10 @@ static int register_message(kd_grpc_call *call, const uint8_t *msg, size_t len)
         ac->pods = p;
         kd_list_push_back(&a->pods, &p->link);
     }
-    free(p->meta);
-    p->meta = malloc(meta_len ? meta_len : 1);
-    if (p->meta != NULL && meta_len > 0)
-        memcpy(p->meta, meta, meta_len);
-    p->meta_len = p->meta ? meta_len : 0;
-    if (ks->tracker != NULL) {
-        size_t n = kd_tracker_encode_info(NULL, p->meta, p->meta_len, p->connected_at_us, pod_id, a->id,
-                                          a->project_id);
-        uint8_t *info = malloc(n ? n : 1);
-        if (info != NULL) {
-            kd_tracker_encode_info(info, p->meta, p->meta_len, p->connected_at_us, pod_id, a->id,
-                                   a->project_id);
-            p->tracked = kd_tracker_conn_up(ks->tracker, p->tracked, a->id, a->project_id, info, n);
-            free(info);
-        }
-    }
+    /* The pod's AgentMeta lives in its tracker entry (the ConnectedAgentInfo GitLab reads). */
+    if (ks->tracker != NULL)
+        p->tracked = kd_tracker_conn_up(ks->tracker, p->tracked, a->id, a->project_id, pod_id,
+                                        p->connected_at_us, meta, meta_len);
     kd_grpc_send_message(call, (const uint8_t *)"", 0); /* RegisterResponse {} */
     kd_grpc_finish(call, KD_GRPC_OK, NULL, NULL, 0);
     return 0;
@@ -739,7 +725,6 @@ void kd_kas_agent_conn_close(struct kd_shard *s, void *user)
         kd_list_unlink(&p->link);
         if (ks->tracker != NULL)
             kd_tracker_conn_down(ks->tracker, p->tracked);
-        free(p->meta);
         free(p);
         kd_pool_agent_release(&ks->pool, a);
         p = next;
@@ -860,7 +845,7 @@ void kd_kas_on_turn(struct kd_shard *s)
         end_waiting(ks);
         /* Stop advertising at once: this shard's entries leave Redis before its agents do. */
         if (ks->tracker != NULL)
-            kd_tracker_stop(ks->tracker, NULL, NULL);
+            kd_tracker_stop(ks->tracker);
     }
     if (ks->tracker != NULL)
         kd_tracker_flush(ks->tracker);

@@ -73,9 +73,6 @@ struct kd_tracker {
     struct kd_timer tick; /* heartbeat / resync retry / sweeper */
     unsigned ticks;
     struct sweep *sweep;
-    void (*stop_done)(void *);
-    void *stop_arg;
-    unsigned stop_pending;
     struct kd_tracker_stats st;
 };
 
@@ -122,13 +119,23 @@ static void write_done(void *arg, const struct kd_resp *reply, const char *err)
     t->resync_needed = true; /* the next re-sync repairs whatever this write meant to do */
 }
 
-static void cmd(struct kd_tracker *t, const struct argv *a, kd_redis_cb cb, void *arg)
+/* Every command the tracker sends goes through here (counted for kasd_tracker_redis_*). <0: it
+ * could not even be queued (cb is not called). */
+static int issue(struct kd_tracker *t, kd_redis_cb cb, void *arg, int argc, const char *const *v,
+                 const size_t *l)
 {
     t->st.writes++;
-    if (kd_redis_cmd(t->r, cb ? cb : write_done, cb ? arg : t, a->n, a->v, a->l) < 0) {
+    int rc = kd_redis_cmd(t->r, cb, arg, argc, v, l);
+    if (rc < 0)
         t->st.write_failures++;
+    return rc;
+}
+
+/* A write whose failure is repaired by the next re-sync. */
+static void cmd(struct kd_tracker *t, const struct argv *a, kd_redis_cb cb, void *arg)
+{
+    if (issue(t, cb ? cb : write_done, cb ? arg : t, a->n, a->v, a->l) < 0)
         t->resync_needed = true;
-    }
 }
 
 /* A variadic command with one fixed head (e.g. SADD key) and many members, chunked. */
@@ -177,11 +184,8 @@ static void multi_flush(struct multi *m)
         v[m->nhead + i] = m->strs + m->soff[i];
         l[m->nhead + i] = m->l[i];
     }
-    m->t->st.writes++;
-    if (kd_redis_cmd(m->t->r, write_done, m->t, argc, v, l) < 0) {
-        m->t->st.write_failures++;
+    if (issue(m->t, write_done, m->t, argc, v, l) < 0)
         m->t->resync_needed = true;
-    }
     free(v);
     free(l);
     m->n = 0;
@@ -398,14 +402,18 @@ void kd_tracker_tunnels(struct kd_tracker *t, int64_t agent_id, bool present)
 /* ---- connection entries ---- */
 
 struct kd_tracker_conn *kd_tracker_conn_up(struct kd_tracker *t, struct kd_tracker_conn *c, int64_t agent_id,
-                                           int64_t project_id, const uint8_t *info, size_t len)
+                                           int64_t project_id, int64_t pod_id, uint64_t connected_at_us,
+                                           const uint8_t *meta, size_t meta_len)
 {
-    if (c != NULL && c->info_len == len && memcmp(c->info, info, len) == 0)
-        return c; /* agentk re-registered with the same meta: nothing to write */
+    size_t len = kd_tracker_encode_info(NULL, meta, meta_len, connected_at_us, pod_id, agent_id, project_id);
     uint8_t *copy = malloc(len ? len : 1);
     if (copy == NULL)
         return c;
-    memcpy(copy, info, len);
+    kd_tracker_encode_info(copy, meta, meta_len, connected_at_us, pod_id, agent_id, project_id);
+    if (c != NULL && c->info_len == len && memcmp(c->info, copy, len) == 0) {
+        free(copy);
+        return c; /* agentk re-registered with the same meta: nothing to write */
+    }
     if (c == NULL) {
         c = calloc(1, sizeof(*c));
         if (c == NULL) {
@@ -654,8 +662,7 @@ static void resync(struct kd_tracker *t)
     av_str(&a, idx_key(t, t->cfg->instance_id, t->shard, idx, sizeof(idx)));
     t->resync_needed = false;
     t->resync_running = true;
-    t->st.writes++;
-    if (kd_redis_cmd(t->r, resync_members, t, a.n, a.v, a.l) < 0) {
+    if (issue(t, resync_members, t, a.n, a.v, a.l) < 0) {
         t->resync_running = false;
         t->resync_needed = true;
     }
@@ -776,7 +783,7 @@ static void sweep_finish(struct sweep *w, bool ok)
         size_t lens[] = {strlen(alive), strlen(k), strlen(w->iid)};
         t->st.writes++;
         if (kd_redis_eval(t->r, &hdel_if_dead, write_done, t, 2, 3, argv, lens) < 0)
-            t->st.write_failures++;
+            t->st.write_failures++; /* the record stays: the next pass retries */
         struct argv a = {0};
         snprintf(k, sizeof(k), "%s:{fleet}:sweep:%s", t->cfg->prefix, w->iid);
         a.n = 0;
@@ -834,8 +841,7 @@ static void sweep_checked(void *arg, const struct kd_resp *reply, const char *er
     av_str(&a, "SRANDMEMBER");
     av_str(&a, idx_key(t, w->iid, w->shard, idx, sizeof(idx)));
     av_str(&a, "512");
-    t->st.writes++;
-    if (kd_redis_cmd(t->r, sweep_batch, w, a.n, a.v, a.l) < 0)
+    if (issue(t, sweep_batch, w, a.n, a.v, a.l) < 0)
         sweep_finish(w, false);
 }
 
@@ -857,8 +863,7 @@ static void sweep_next(struct sweep *w)
     struct argv a = {0};
     av_str(&a, "EXISTS");
     av_str(&a, k);
-    t->st.writes++;
-    if (kd_redis_cmd(t->r, sweep_checked, w, a.n, a.v, a.l) < 0)
+    if (issue(t, sweep_checked, w, a.n, a.v, a.l) < 0)
         sweep_finish(w, false);
 }
 
@@ -913,8 +918,7 @@ static void sweep_alive(void *arg, const struct kd_resp *reply, const char *err)
             av_str(&a, "PX");
             av_str(&a, lease);
             t->sweep = w;
-            t->st.writes++;
-            if (kd_redis_cmd(t->r, sweep_lease, w, a.n, a.v, a.l) < 0) {
+            if (issue(t, sweep_lease, w, a.n, a.v, a.l) < 0) {
                 t->sweep = NULL;
                 free(w);
             }
@@ -980,8 +984,7 @@ static void sweep_instances(void *arg, const struct kd_resp *reply, const char *
     }
     int rc = -1;
     if (sc->n > 0) {
-        t->st.writes++;
-        rc = kd_redis_cmd(t->r, sweep_alive, sc, (int)(1 + sc->n), v, l);
+        rc = issue(t, sweep_alive, sc, (int)(1 + sc->n), v, l);
     }
     if (rc < 0) {
         free(sc->ids);
@@ -1002,8 +1005,7 @@ static void sweep_pass(struct kd_tracker *t)
     struct argv a = {0};
     av_str(&a, "HGETALL");
     av_str(&a, k);
-    t->st.writes++;
-    kd_redis_cmd(t->r, sweep_instances, t, a.n, a.v, a.l);
+    issue(t, sweep_instances, t, a.n, a.v, a.l);
 }
 
 static void tick(struct kd_timer *tm)
@@ -1178,28 +1180,13 @@ static void drop_pending(struct kd_tracker *t)
     }
 }
 
-static void stop_step(void *arg, const struct kd_resp *reply, const char *err)
-{
-    struct kd_tracker *t = arg;
-    (void)reply;
-    (void)err;
-    if (t->stop_pending > 0 && --t->stop_pending == 0 && t->stop_done != NULL) {
-        void (*done)(void *) = t->stop_done;
-        t->stop_done = NULL;
-        done(t->stop_arg);
-    }
-}
-
-void kd_tracker_stop(struct kd_tracker *t, void (*done)(void *arg), void *arg)
+void kd_tracker_stop(struct kd_tracker *t)
 {
     kd_tracker_flush(t); /* pending deletes first */
     t->stopping = true;
     kd_timerwheel_cancel(kd_shard_timers(t->s), &t->tick);
-    if (!t->up) {
-        if (done != NULL)
-            done(arg);
-        return;
-    }
+    if (!t->up)
+        return; /* the alive key expires; a peer's sweeper removes the rest */
     char idx[160], m[96];
     /* Shard 0 first: without its alive key the instance reads as dead at once (readers drop its
      * entries even before they are deleted), and a peer's sweeper removes what this stop cannot:
@@ -1230,19 +1217,6 @@ void kd_tracker_stop(struct kd_tracker *t, void (*done)(void *arg), void *arg)
                 multi_add(&rem, m, (size_t)snprintf(m, sizeof(m), "t:%" PRId64, e->agent_id));
             }
     multi_done(&rem);
-    /* One connection, replies in order: the answer to this PING means everything above was
-     * answered. */
-    t->stop_done = done;
-    t->stop_arg = arg;
-    t->stop_pending = 1;
-    struct argv a = {0};
-    av_str(&a, "PING");
-    if (kd_redis_cmd(t->r, stop_step, t, a.n, a.v, a.l) < 0) {
-        t->stop_pending = 0;
-        t->stop_done = NULL;
-        if (done != NULL)
-            done(arg);
-    }
 }
 
 void kd_tracker_stats(const struct kd_tracker *t, struct kd_tracker_stats *out)
@@ -1452,7 +1426,7 @@ static void lookup_entries(void *arg, const struct kd_resp *reply, const char *e
         l[d] = strlen(keys[d]);
     }
     lk->pending++;
-    if (kd_redis_cmd(t->r, lookup_alive, lk, (int)lk->nd, v, l) < 0) {
+    if (issue(t, lookup_alive, lk, (int)lk->nd, v, l) < 0) {
         lk->pending--;
         lookup_fail(lk, KD_GRPC_UNAVAILABLE, redis_error(t));
     }
@@ -1512,7 +1486,7 @@ static void lookup_half_close(kd_grpc_call *call)
     av_str(&a, "HGETALL");
     av_str(&a, k);
     lk->pending++;
-    if (kd_redis_cmd(t->r, lookup_entries, lk, a.n, a.v, a.l) < 0) {
+    if (issue(t, lookup_entries, lk, a.n, a.v, a.l) < 0) {
         lk->pending--;
         lookup_fail(lk, KD_GRPC_UNAVAILABLE, redis_error(t));
     }

@@ -46,12 +46,12 @@ void kd_tracker_free(struct kd_tracker *t);
 void kd_tracker_redis_up(struct kd_tracker *t);
 void kd_tracker_redis_down(struct kd_tracker *t);
 
-/* An agent connection registered (info: encoded ConnectedAgentInfo). cur NULL: a new entry, which
- * is returned; otherwise the entry is updated and written again only if the bytes changed.
- * NULL on allocation failure (the connection is then simply not advertised). */
+/* An agent connection registered (meta: its AgentMeta as agentk sent it, borrowed). cur NULL: a new
+ * entry, which is returned; otherwise the entry is updated and written again only if its
+ * ConnectedAgentInfo changed. NULL on allocation failure (the connection is then not advertised). */
 struct kd_tracker_conn *kd_tracker_conn_up(struct kd_tracker *t, struct kd_tracker_conn *cur,
-                                           int64_t agent_id, int64_t project_id, const uint8_t *info,
-                                           size_t len);
+                                           int64_t agent_id, int64_t project_id, int64_t pod_id,
+                                           uint64_t connected_at_us, const uint8_t *meta, size_t meta_len);
 void kd_tracker_conn_down(struct kd_tracker *t, struct kd_tracker_conn *c);
 /* This instance holds ≥ 1 usable tunnel of the agent (present) or none (!present). */
 void kd_tracker_tunnels(struct kd_tracker *t, int64_t agent_id, bool present);
@@ -61,9 +61,9 @@ void kd_tracker_request_resync(struct kd_tracker *t);
 
 /* Once per loop turn: write the batch of changes. */
 void kd_tracker_flush(struct kd_tracker *t);
-/* The shard is stopping: remove every entry of this shard (shard 0: and the instance) from
- * Redis. done() runs once the removal was answered or failed (the connection may then close). */
-void kd_tracker_stop(struct kd_tracker *t, void (*done)(void *arg), void *arg);
+/* The shard is stopping: remove every entry of this shard from Redis (shard 0 first deletes the
+ * instance's alive key). The shard's Redis connection closes only after these are answered. */
+void kd_tracker_stop(struct kd_tracker *t);
 
 struct kd_tracker_stats {
     uint64_t conns, tunnels_flags;     /* entries wanted in Redis now */

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import gitlab_client  # noqa: E402
 from agentk import AgentK  # noqa: E402
 from gitlab_client import GitLabClient  # noqa: E402
-from kasd_harness import Kasd  # noqa: E402
+from kasd_harness import Kasd, service_config, write_tokens  # noqa: E402
 
 CURL = shutil.which("curl")
 
@@ -215,34 +215,10 @@ class Observability(unittest.TestCase):
     def setUpClass(cls):
         cls.dir = tempfile.mkdtemp(prefix="kasd-obs-")
         cls.tokens = {i: base64.urlsafe_b64encode(os.urandom(24)).decode() for i in (1, 2)}
-        with open(os.path.join(cls.dir, "tokens.yaml"), "w") as f:
-            f.write("agents:\n")
-            for i, t in cls.tokens.items():
-                f.write(f"  - token: \"{t}\"\n    agent_id: {i}\n    project_id: {100 + i}\n"
-                        f"    agent_name: agent-{i}\n")
+        write_tokens(os.path.join(cls.dir, "tokens.yaml"), {i: (t, 100 + i) for i, t in cls.tokens.items()})
         cls.secret = gitlab_client.generate_secret()
         gitlab_client.write_secret(os.path.join(cls.dir, "api-secret"), cls.secret)
-        cfg = f"""\
-shards: 2
-agent:
-  listen:
-    address: 127.0.0.1:0
-  token_file: {cls.dir}/tokens.yaml
-api:
-  listen:
-    address: 127.0.0.1:0
-    authentication_secret_file: {cls.dir}/api-secret
-private_api:
-  listen:
-    address: 127.0.0.1:0
-observability:
-  listen:
-    address: 127.0.0.1:0
-limits:
-  routing_timeout: 1s
-  shutdown_grace: 3s
-"""
-        cls.kasd = Kasd(config=cfg)
+        cls.kasd = Kasd(config=service_config(cls.dir, "limits:\n  routing_timeout: 1s\n  shutdown_grace: 3s\n"))
         assert cls.kasd.started, cls.kasd.log()
         assert "observability" in cls.kasd.listeners, cls.kasd.log()
         cls.base = "http://%s:%d" % cls.kasd.listeners["observability"]
