@@ -366,7 +366,12 @@ int main(int argc, char **argv)
         sp->grpc.tls = sp->tls;
         sp->grpc.max_message = cfg.limits.grpc_max_message_size;
         sp->grpc.max_concurrent_streams = cfg.limits.grpc_max_concurrent_streams;
+        sp->grpc.max_header_list = cfg.limits.grpc_max_header_list_size;
         sp->grpc.max_connection_age_ms = sp->cfg->max_connection_age_ms;
+        sp->grpc.max_connection_age_grace_ms = sp->cfg->max_connection_age_grace_ms;
+        sp->grpc.keepalive_ms = sp->cfg->keepalive_time_ms;
+        sp->grpc.keepalive_timeout_ms = sp->cfg->keepalive_timeout_ms;
+        sp->grpc.ping_min_interval_ms = sp->cfg->keepalive_min_time_ms;
         kd_grpc_server_cfg_defaults(&sp->grpc);
         struct kd_server_listener *l = &o.listeners[o.nlisteners++];
         l->name = sp->name;

@@ -359,7 +359,17 @@ int kd_config_defaults(struct kd_config *c)
     c->limits.shutdown_grace_ms = 10000;
     c->limits.grpc_max_message_size = 4u << 20;
     c->limits.grpc_max_concurrent_streams = 500;
-    c->limits.routing_timeout_ms = 20000;                       /* GitLab kas: 20 s */
+    c->limits.grpc_max_header_list_size = 1u << 20;
+    c->limits.routing_timeout_ms = 20000; /* GitLab kas: 20 s */
+    struct kd_listen_cfg *grpc_listeners[] = {&c->agent.listen, &c->api.listen, &c->private_api.listen};
+    for (size_t i = 0; i < 3; i++) {
+        struct kd_listen_cfg *l = grpc_listeners[i];
+        l->max_connection_age_ms = 24u * 3600u * 1000u;
+        l->max_connection_age_grace_ms = 60000;
+        l->keepalive_time_ms = 50000;     /* GitLab kas: server pings every 50 s of idle */
+        l->keepalive_timeout_ms = 20000;  /* grpc-go's server default */
+        l->keepalive_min_time_ms = 20000; /* GitLab kas permits client pings every >= 20 s */
+    }
     c->agent.listen.max_connection_age_ms = 2u * 3600u * 1000u; /* GitLab kas: 2 h */
     c->log.level = KD_LOG_INFO;
 
@@ -428,14 +438,39 @@ static int agent_listen_done(struct parse *p, yaml_mark_t at);
 static int api_listen_done(struct parse *p, yaml_mark_t at);
 static int private_api_listen_done(struct parse *p, yaml_mark_t at);
 
+/* Connection policy of a gRPC listener: max age (0 = never) and its grace, keepalive PING after
+ * keepalive_time of silence, closed when unanswered for keepalive_timeout, client pings closer
+ * than keepalive_min_time are strikes. */
+#define GRPC_CONN_KEYS(section)                                                                              \
+    {.key = "max_connection_age",                                                                            \
+     .kind = K_DURATION,                                                                                     \
+     .off = OFF(section.listen.max_connection_age_ms),                                                       \
+     .min = 0,                                                                                               \
+     .max = UINT32_MAX},                                                                                     \
+        {.key = "max_connection_age_grace",                                                                  \
+         .kind = K_DURATION,                                                                                 \
+         .off = OFF(section.listen.max_connection_age_grace_ms),                                             \
+         .min = 1,                                                                                           \
+         .max = 86400000},                                                                                   \
+        {.key = "keepalive_time",                                                                            \
+         .kind = K_DURATION,                                                                                 \
+         .off = OFF(section.listen.keepalive_time_ms),                                                       \
+         .min = 100,                                                                                         \
+         .max = 86400000},                                                                                   \
+        {.key = "keepalive_timeout",                                                                         \
+         .kind = K_DURATION,                                                                                 \
+         .off = OFF(section.listen.keepalive_timeout_ms),                                                    \
+         .min = 100,                                                                                         \
+         .max = 3600000},                                                                                    \
+    {                                                                                                        \
+        .key = "keepalive_min_time", .kind = K_DURATION, .off = OFF(section.listen.keepalive_min_time_ms),   \
+        .min = 1, .max = 86400000                                                                            \
+    }
+
 static const struct field agent_listen_keys[] = {
     LISTEN_ADDRESS(agent, "127.0.0.1:8150"),
     TLS_FILES(agent),
-    {.key = "max_connection_age",
-     .kind = K_DURATION,
-     .off = OFF(agent.listen.max_connection_age_ms),
-     .min = 0,
-     .max = UINT32_MAX},
+    GRPC_CONN_KEYS(agent),
     {0},
 };
 static const struct field agent_keys[] = {
@@ -444,10 +479,7 @@ static const struct field agent_keys[] = {
     {0},
 };
 static const struct field api_listen_keys[] = {
-    LISTEN_ADDRESS(api, "127.0.0.1:8153"),
-    SECRET_FILE(api),
-    TLS_FILES(api),
-    {0},
+    LISTEN_ADDRESS(api, "127.0.0.1:8153"), SECRET_FILE(api), TLS_FILES(api), GRPC_CONN_KEYS(api), {0},
 };
 static const struct field api_keys[] = {
     {.key = "listen", .kind = K_MAP, .sub = api_listen_keys, .done = api_listen_done},
@@ -458,6 +490,7 @@ static const struct field private_api_listen_keys[] = {
     SECRET_FILE(private_api),
     TLS_FILES(private_api),
     {.key = "client_ca_file", .kind = K_STRING, .off = OFF(private_api.listen.client_ca_file)},
+    GRPC_CONN_KEYS(private_api),
     {0},
 };
 static const struct field private_api_keys[] = {
@@ -570,6 +603,12 @@ static const struct field limits_keys[] = {
      .off = OFF(limits.grpc_max_concurrent_streams),
      .min = 1,
      .max = 1000000},
+    /* Up to 16 MiB (grpc-go's own receive default); at least 8 KiB, so ordinary calls fit. */
+    {.key = "grpc_max_header_list_size",
+     .kind = K_UINT,
+     .off = OFF(limits.grpc_max_header_list_size),
+     .min = 8192,
+     .max = 16777216},
     {.key = "routing_timeout",
      .kind = K_DURATION,
      .off = OFF(limits.routing_timeout_ms),

@@ -26,7 +26,12 @@ struct kd_listen_cfg {
     char *certificate_file;           /* TLS: PEM chain; with key_file, the listener speaks TLS (ALPN h2) */
     char *key_file;                   /* TLS: PEM private key */
     char *client_ca_file;             /* private_api: require client certificates from these CAs (mTLS) */
-    uint32_t max_connection_age_ms;   /* agent: GOAWAY after this age (± 10 % jitter); 0 = never */
+    /* gRPC listeners (agent, api, private_api): */
+    uint32_t max_connection_age_ms;       /* GOAWAY after this age (± 10 % jitter); 0 = never */
+    uint32_t max_connection_age_grace_ms; /* then calls in flight have this long */
+    uint32_t keepalive_time_ms;           /* nothing received this long: PING the peer */
+    uint32_t keepalive_timeout_ms;        /* that PING unanswered this long: close */
+    uint32_t keepalive_min_time_ms;       /* client PINGs closer than this are strikes (3: GOAWAY) */
 };
 
 struct kd_config {
@@ -86,6 +91,7 @@ struct kd_config {
         uint32_t shutdown_grace_ms;     /* limits.shutdown_grace: in-flight work may finish this long */
         uint32_t grpc_max_message_size; /* limits.grpc_max_message_size: bytes per gRPC message */
         uint32_t grpc_max_concurrent_streams; /* limits.grpc_max_concurrent_streams: per connection */
+        uint32_t grpc_max_header_list_size;   /* limits.grpc_max_header_list_size: metadata bytes per call */
         uint32_t routing_timeout_ms;          /* limits.routing_timeout: longest wait for an agent's tunnel */
     } limits;
 

@@ -70,6 +70,8 @@ struct kd_h2_call {
     bool over_high;      /* send_message returned 1: on_writable owed */
     bool writable_due;   /* on_writable to run after mem_send */
     bool in_trailers;    /* receiving the second header block */
+    bool end_on_goaway;  /* server: kd_h2_end_marked finishes it with OK */
+    bool hdr_overflow;   /* server: request headers over a limit, the rest not stored */
     int fin_status;
     struct kd_list link;     /* h->calls */
     struct kd_list writable; /* h->writable_list */
@@ -82,7 +84,11 @@ struct kd_h2 {
     struct kd_list writable_list;
     size_t live;
     uint64_t last_ping_us;
+    uint64_t ping_sent_us; /* our keepalive PING outstanding since then; 0: none */
     unsigned strikes;
+    /* Received header bytes held by live calls (request headers, response headers and trailers),
+     * against header_budget: max_header_list bounds one block, this bounds the connection. */
+    size_t hdr_bytes, hdr_budget;
     bool fatal;
     const char *fatal_msg;
     struct kd_h2_counters counters;
@@ -227,6 +233,7 @@ static void call_free(struct kd_h2_call *c)
         kd_list_unlink(&c->link);
     if (kd_list_is_linked(&c->writable))
         kd_list_unlink(&c->writable);
+    c->h->hdr_bytes -= c->hdr.bytes + c->trl.bytes;
     hdrs_free(&c->hdr);
     hdrs_free(&c->trl);
     hdrs_free(&c->fin);
@@ -439,16 +446,36 @@ static int on_header(nghttp2_session *s, const nghttp2_frame *f, const uint8_t *
         bool trailers = c->got_headers || (f->hd.flags & NGHTTP2_FLAG_END_STREAM);
         hs = trailers ? &c->trl : &c->hdr;
     }
-    if (hs->bytes + nlen + vlen + 32 > h->o.max_header_list)
-        return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE; /* nghttp2 resets the stream */
+    size_t add = nlen + vlen + 32;
+    if (h->o.server && c->hdr_overflow)
+        return 0; /* refused already: answered when the block is complete */
+    if (hs->bytes + add > h->o.max_header_list || h->hdr_bytes + add > h->hdr_budget) {
+        h->counters.headers_refused++;
+        if (!h->o.server)
+            return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE; /* nghttp2 resets the stream */
+        /* Keep reading the block (HPACK state must follow it) but store nothing more; the call
+         * gets a gRPC status instead of a bare RST_STREAM. */
+        c->hdr_overflow = true;
+        return 0;
+    }
     if (hdrs_add(hs, name, nlen, value, vlen) < 0)
         return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+    h->hdr_bytes += add;
     return 0;
 }
 
 static int server_request_ready(struct kd_h2 *h, struct kd_h2_call *c, bool end_stream)
 {
     size_t ctlen = 0;
+    if (c->hdr_overflow) {
+        char msg[160];
+        snprintf(msg, sizeof(msg),
+                 "grpc: request metadata larger than the server accepts (%u bytes per call, fewer "
+                 "while other calls of the connection hold large metadata)",
+                 h->o.max_header_list);
+        kd_h2_call_finish(c, KD_GRPC_RESOURCE_EXHAUSTED, msg, NULL, 0);
+        return 0;
+    }
     const char *method = hdrs_find(&c->hdr, ":method", NULL);
     const char *ct = hdrs_find(&c->hdr, "content-type", &ctlen);
     if (method == NULL || strcmp(method, "POST") != 0 || ct == NULL || ctlen < 16 ||
@@ -567,8 +594,13 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *f, void *ud)
         }
         break;
     case NGHTTP2_PING:
-        if (f->hd.flags & NGHTTP2_FLAG_ACK)
+        if (f->hd.flags & NGHTTP2_FLAG_ACK) {
+            /* Only our own PINGs are acknowledged by the peer (nghttp2 answers theirs). */
+            h->ping_sent_us = 0;
+            h->counters.ping_acks++;
+            h->counters.last_ping_ack_us = now_us();
             break;
+        }
         h->counters.pings_received++;
         if (h->o.server && h->o.ping_min_interval_ms > 0) {
             uint64_t t = now_us();
@@ -701,6 +733,12 @@ struct kd_h2 *kd_h2_new(const struct kd_h2_opts *o)
     nghttp2_option_new(&opt);
     nghttp2_option_set_no_auto_window_update(opt, 1);
     nghttp2_option_set_max_send_header_block_length(opt, 65536);
+    /* nghttp2 refuses (connection error) header blocks spread over more than 8 CONTINUATION
+     * frames by default; a client sends a block at our 16 KiB frame size, so a block as large as
+     * max_header_list needs about limit / 16 KiB. Twice that, so a client over the limit still gets
+     * a gRPC status (RESOURCE_EXHAUSTED) rather than a connection error; the bytes themselves
+     * are bounded in on_header whatever the count. */
+    nghttp2_option_set_max_continuations(opt, o->max_header_list / 16384u * 2u + 8u);
     int rc = o->server ? nghttp2_session_server_new3(&h->s, cb, h, opt, &ng_mem)
                        : nghttp2_session_client_new3(&h->s, cb, h, opt, &ng_mem);
     nghttp2_option_del(opt);
@@ -715,6 +753,10 @@ struct kd_h2 *kd_h2_new(const struct kd_h2_opts *o)
         {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, o->initial_window ? o->initial_window : 65535},
         {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, o->max_header_list},
     };
+    h->hdr_budget = o->header_budget
+                        ? o->header_budget
+                        : 2u * (size_t)o->max_header_list +
+                              4096u * (o->max_concurrent_streams ? o->max_concurrent_streams : 100);
     nghttp2_submit_settings(h->s, NGHTTP2_FLAG_NONE, iv, 3);
     /* A connection-level window larger than one stream's, so one slow stream cannot stall the others
      * while its own window is held. */
@@ -811,7 +853,19 @@ void kd_h2_goaway(struct kd_h2 *h, uint32_t error_code, const char *debug)
 
 void kd_h2_ping(struct kd_h2 *h)
 {
-    nghttp2_submit_ping(h->s, NGHTTP2_FLAG_NONE, NULL);
+    /* One at a time: the opaque data is not used to tell ACKs apart, so a second PING would let
+     * the first one's ACK answer both. */
+    if (h->ping_sent_us != 0)
+        return;
+    if (nghttp2_submit_ping(h->s, NGHTTP2_FLAG_NONE, NULL) == 0) {
+        h->ping_sent_us = now_us();
+        h->counters.pings_sent++;
+    }
+}
+
+uint64_t kd_h2_ping_outstanding_since(const struct kd_h2 *h)
+{
+    return h->ping_sent_us;
 }
 
 uint64_t kd_h2_expire(struct kd_h2 *h, uint64_t now)
@@ -1052,6 +1106,31 @@ void kd_h2_call_cancel(struct kd_h2_call *c, int status, const char *message)
     c->finish_pending = c->close_pending = false;
     nghttp2_submit_rst_stream(c->h->s, NGHTTP2_FLAG_NONE, c->sid, NGHTTP2_CANCEL);
     call_done(c, status, message);
+}
+
+void kd_h2_call_set_end_on_goaway(struct kd_h2_call *c, bool on)
+{
+    c->end_on_goaway = on;
+}
+
+size_t kd_h2_end_marked(struct kd_h2 *h)
+{
+    size_t n = 0;
+    if (!h->o.server)
+        return 0;
+    /* on_done may free the handler's state and end other calls (never free them: the structs
+     * stay until nghttp2 closes their streams), so the next node is read after each one. */
+    for (struct kd_list *l = h->calls.next; l != &h->calls; l = l->next) {
+        struct kd_h2_call *c = KD_CONTAINER_OF(l, struct kd_h2_call, link);
+        if (!c->end_on_goaway || c->handler == NULL)
+            continue;
+        c->end_on_goaway = false;
+        if (!c->finished)
+            kd_h2_call_finish(c, KD_GRPC_OK, NULL, NULL, 0);
+        call_done(c, c->fin_status, NULL);
+        n++;
+    }
+    return n;
 }
 
 void kd_h2_call_hold_input(struct kd_h2_call *c, bool hold)

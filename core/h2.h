@@ -57,8 +57,12 @@ struct kd_h2_opts {
     uint32_t max_message;            /* bytes; larger messages fail with RESOURCE_EXHAUSTED */
     uint32_t max_concurrent_streams; /* server: advertised SETTINGS_MAX_CONCURRENT_STREAMS */
     uint32_t max_header_list;        /* bytes of header names+values accepted per block */
-    uint32_t initial_window;         /* per-stream receive window */
-    uint32_t ping_min_interval_ms;   /* server: pings closer than this are strikes; 0 = no policy */
+    /* Header bytes (as max_header_list counts them) all live calls of the connection may hold
+     * together; 0: 2 x max_header_list + 4 KiB per concurrent stream. A request over either limit
+     * is answered RESOURCE_EXHAUSTED (server) without being stored. */
+    uint32_t header_budget;
+    uint32_t initial_window;       /* per-stream receive window */
+    uint32_t ping_min_interval_ms; /* server: pings closer than this are strikes; 0 = no policy */
     /* Server: a new call. */
     int (*on_call)(void *ud, struct kd_h2_call *c);
     /* Either side: the peer sent GOAWAY (client: stop using this session for new calls). */
@@ -90,8 +94,12 @@ bool kd_h2_want_write(const struct kd_h2 *h);
 
 /* Graceful: GOAWAY announcing no new streams; calls in flight carry on. */
 void kd_h2_goaway(struct kd_h2 *h, uint32_t error_code, const char *debug);
-/* Send a PING (keepalive). */
+/* Send a keepalive PING unless one is outstanding (sent, its ACK not received). */
 void kd_h2_ping(struct kd_h2 *h);
+/* When (now_us clock, microseconds) the outstanding keepalive PING was sent; 0 when none is
+ * (never sent, or its ACK arrived). The peer's own pings are acknowledged by nghttp2 and play no
+ * part here. */
+uint64_t kd_h2_ping_outstanding_since(const struct kd_h2 *h);
 /* Fail calls whose deadline is <= now_us (server: DEADLINE_EXCEEDED to the client; client: RST
  * and on_done DEADLINE_EXCEEDED). Returns the next deadline, or UINT64_MAX. The answer may be
  * earlier than the true next deadline (never later) when the call that had it ended: calling again
@@ -102,6 +110,9 @@ size_t kd_h2_live_calls(const struct kd_h2 *h);
 /* Counters for metrics and tests. */
 struct kd_h2_counters {
     uint64_t calls_started, pings_received, ping_strikes;
+    uint64_t pings_sent, ping_acks; /* our keepalive PINGs and the ACKs they got */
+    uint64_t headers_refused;       /* requests over max_header_list or header_budget */
+    uint64_t last_ping_ack_us;      /* when the last ACK arrived (0: never) */
 };
 const struct kd_h2_counters *kd_h2_counters(const struct kd_h2 *h);
 
@@ -139,6 +150,14 @@ int kd_h2_call_finish(struct kd_h2_call *c, int status, const char *message, con
 int kd_h2_call_close_send(struct kd_h2_call *c);
 /* Either side: abort with RST_STREAM(CANCEL); on_done(status, message) follows at once. */
 void kd_h2_call_cancel(struct kd_h2_call *c, int status, const char *message);
+/* Server: mark (true) or unmark the call to end when the connection goes away: kd_h2_end_marked
+ * finishes it with OK. For calls that hold nothing the client waits for (an idle tunnel, a
+ * long-lived watch), so the client reopens them on a new connection at once instead of losing
+ * them at the end of the grace period. */
+void kd_h2_call_set_end_on_goaway(struct kd_h2_call *c, bool on);
+/* Server: finish every marked live call with OK and run its on_done now (trailers go out with the
+ * next kd_h2_send). Must not run inside a handler callback of this session. Returns how many. */
+size_t kd_h2_end_marked(struct kd_h2 *h);
 /* Stop (true) or resume (false) acknowledging inbound bytes for this call. */
 void kd_h2_call_hold_input(struct kd_h2_call *c, bool hold);
 size_t kd_h2_call_queued(const struct kd_h2_call *c);

@@ -202,6 +202,8 @@ static void bind_tunnel(struct back *b, struct tunnel *t)
     kd_timerwheel_cancel(kd_shard_timers(ks->s), &b->timer);
     route_observe(ks, b, KD_KAS_ROUTE_SUCCESS);
     t->st = KD_TUN_BOUND;
+    /* From now on the tunnel carries a call: at GOAWAY it gets the grace period to finish it. */
+    kd_grpc_call_set_end_on_goaway(t->call, false);
     t->back = b;
     b->t = t;
     b->bound = true;
@@ -620,6 +622,10 @@ static int connect_start(kd_grpc_call *call, void *ud)
     t->call = call;
     t->st = KD_TUN_WAIT_DESCRIPTOR;
     kd_grpc_accept(call, &tunnel_handler, t);
+    /* Unbound (waiting for its descriptor, then idle) it holds nothing: at max connection age or
+     * shutdown it ends with OK right after the GOAWAY, so agentk opens its replacement on the new
+     * connection before the grace period runs out (as GitLab kas does). */
+    kd_grpc_call_set_end_on_goaway(call, true);
     /* Response headers now: agentk waits for them before it sends the descriptor? No, but a
      * stream with headers sent is plainly alive for proxies in between. */
     kd_grpc_send_headers(call, NULL, 0);

@@ -247,6 +247,9 @@ static void render_metrics(struct kd_control *c, struct buf *b)
          "TLS handshakes completed on the listener (ALPN h2)."},
         {offsetof(struct kd_listener_stats, tls_failures), "kasd_listener_tls_handshake_failures_total",
          "TLS handshakes that failed (bad certificate, protocol, no ALPN h2, not TLS)."},
+        {offsetof(struct kd_listener_stats, keepalive_timeouts), "kasd_listener_keepalive_timeouts_total",
+         "Connections closed because a keepalive PING got no ACK within the listener's keepalive_timeout "
+         "(a dead or unreachable peer)."},
     };
     for (size_t f = 0; f < sizeof(lfields) / sizeof(lfields[0]); f++) {
         family(b, lfields[f].name, "counter", lfields[f].help);

@@ -48,8 +48,9 @@ struct gconn {
     bool server;
     bool handshake_ok; /* TLS done (if any) and the HTTP/2 preface seen */
     bool goaway_sent;
-    bool usable;   /* client: may start calls */
-    bool user_ref; /* client: the channel's user still holds it */
+    bool end_marked_due; /* a call was marked after GOAWAY: end it in the next flush */
+    bool usable;         /* client: may start calls */
+    bool user_ref;       /* client: the channel's user still holds it */
     bool tls_alpn_checked;
     uint64_t bytes_in;
     uint64_t opened_ms;
@@ -80,9 +81,11 @@ void kd_grpc_server_cfg_defaults(struct kd_grpc_server_cfg *cfg)
     if (cfg->max_concurrent_streams == 0)
         cfg->max_concurrent_streams = 500;
     if (cfg->max_header_list == 0)
-        cfg->max_header_list = 16384;
+        cfg->max_header_list = 1u << 20;
     if (cfg->keepalive_ms == 0)
         cfg->keepalive_ms = 50000;
+    if (cfg->keepalive_timeout_ms == 0)
+        cfg->keepalive_timeout_ms = 20000; /* grpc-go's server default */
     if (cfg->ping_min_interval_ms == 0)
         cfg->ping_min_interval_ms = 20000;
     if (cfg->handshake_timeout_ms == 0)
@@ -138,8 +141,11 @@ static void arm_house(struct gconn *g)
     struct kd_shard *s = kd_conn_shard(g->c);
     uint64_t next = UINT64_MAX;
     if (g->server) {
+        uint64_t ping_us = g->h != NULL ? kd_h2_ping_outstanding_since(g->h) : 0;
         if (!g->handshake_ok)
             next = g->opened_ms + g->cfg->handshake_timeout_ms;
+        else if (ping_us != 0)
+            next = ping_us / 1000 + g->cfg->keepalive_timeout_ms;
         else
             next = g->last_rx_ms + g->cfg->keepalive_ms;
         if (g->age_close_at != 0 && g->age_close_at < next)
@@ -184,6 +190,28 @@ static void log_conn(struct gconn *g, enum kd_log_level lvl, const char *event, 
     kd_log_end(&l);
 }
 
+/* GOAWAY (no new streams; calls in flight carry on), and the calls marked to end at GOAWAY end
+ * now, after it in the byte stream: the client has seen the GOAWAY by the time they end, so it
+ * opens their replacements on a new connection. Not for use inside a handler callback. */
+static void send_goaway(struct gconn *g, const char *debug)
+{
+    kd_h2_goaway(g->h, NGHTTP2_NO_ERROR_CODE, debug);
+    g->goaway_sent = true;
+    g->end_marked_due = false;
+    kd_h2_end_marked(g->h);
+    want_flush(g);
+}
+
+void kd_grpc_call_set_end_on_goaway(kd_grpc_call *call, bool on)
+{
+    struct gconn *g = call_gconn(call);
+    kd_h2_call_set_end_on_goaway(call, on);
+    if (on && g->goaway_sent && g->server) {
+        g->end_marked_due = true; /* on_flush ends it, outside the caller's callback */
+        want_flush(g);
+    }
+}
+
 static void house_cb(struct kd_timer *t)
 {
     struct gconn *g = KD_CONTAINER_OF(t, struct gconn, house_timer);
@@ -201,17 +229,27 @@ static void house_cb(struct kd_timer *t)
         kd_conn_close(g->c, 0);
         return;
     }
+    uint64_t ping_us = kd_h2_ping_outstanding_since(g->h);
+    if (ping_us != 0 && now >= ping_us / 1000 + g->cfg->keepalive_timeout_ms) {
+        /* A peer that is gone without a FIN or RST (host down, NAT entry dropped) answers nothing;
+         * without this its connection and calls would stay until TCP gives up, if ever. */
+        char why[96];
+        snprintf(why, sizeof(why), "keepalive PING not answered within %u ms", g->cfg->keepalive_timeout_ms);
+        COUNT(g, keepalive_timeouts);
+        log_conn(g, KD_LOG_INFO, "keepalive_timeout", why);
+        kd_conn_close(g->c, -ETIMEDOUT);
+        return;
+    }
     if (g->age_goaway_at != 0 && g->age_close_at == 0 && now >= g->age_goaway_at) {
         /* Ask the client to go elsewhere (it reconnects, possibly to another instance); calls in
-         * flight get the grace period. */
-        kd_h2_goaway(g->h, NGHTTP2_NO_ERROR_CODE, "max_age");
-        g->goaway_sent = true;
+         * flight get the grace period, calls marked to end at GOAWAY end now. */
+        send_goaway(g, "max_age");
         g->age_close_at = now + g->cfg->max_connection_age_grace_ms;
     }
-    if (now >= g->last_rx_ms + g->cfg->keepalive_ms) {
-        kd_h2_ping(g->h); /* the ACK counts as traffic and pushes the next ping out */
-        g->last_rx_ms = now;
-    }
+    /* Idle (nothing received for keepalive_ms): PING; its ACK, not just any byte, clears it. A
+     * peer's own keepalive pings count as received bytes, so they postpone ours. */
+    if (ping_us == 0 && now >= g->last_rx_ms + g->cfg->keepalive_ms)
+        kd_h2_ping(g->h);
     want_flush(g);
     arm_house(g);
 }
@@ -323,6 +361,10 @@ static int on_data(struct kd_conn *c, const uint8_t *data, size_t len)
 static void on_flush(struct kd_conn *c)
 {
     struct gconn *g = c->ctx;
+    if (g->end_marked_due) {
+        g->end_marked_due = false;
+        kd_h2_end_marked(g->h);
+    }
     int rc = c->out_bytes > OUT_HIGH ? 0 : kd_h2_send(g->h, write_out, g);
     if (rc == 0 && g->tls != NULL)
         rc = drain_tls(g);
@@ -399,10 +441,10 @@ static void on_close(struct kd_conn *c, int err)
 static void on_shutdown(struct kd_conn *c)
 {
     struct gconn *g = c->ctx;
-    if (!g->goaway_sent) {
-        kd_h2_goaway(g->h, NGHTTP2_NO_ERROR_CODE, "server shutting down");
-        g->goaway_sent = true;
-    }
+    if (!g->goaway_sent)
+        send_goaway(g, "server shutting down");
+    else if (g->server)
+        kd_h2_end_marked(g->h); /* after a max-age GOAWAY: calls marked since end now too */
     kd_conn_want_flush(c);
 }
 

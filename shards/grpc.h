@@ -45,11 +45,12 @@ struct kd_grpc_server_cfg {
     struct kd_tls_ctx *tls;                /* NULL: h2c (prior knowledge) */
     uint32_t max_message;                  /* default 4 MiB */
     uint32_t max_concurrent_streams;       /* default 500 (agentk opens up to 500 tunnel streams) */
-    uint32_t max_header_list;              /* default 16 KiB */
-    uint32_t keepalive_ms;                 /* idle connection ping interval; default 50 s */
+    uint32_t max_header_list;              /* default 1 MiB (SETTINGS_MAX_HEADER_LIST_SIZE) */
+    uint32_t keepalive_ms;                 /* nothing received this long: PING; default 50 s */
+    uint32_t keepalive_timeout_ms;         /* that PING unanswered this long: close; default 20 s */
     uint32_t ping_min_interval_ms;         /* client pings closer than this are strikes; default 20 s */
     uint32_t max_connection_age_ms;        /* 0 = none; GOAWAY after age ± 10 % jitter */
-    uint32_t max_connection_age_grace_ms;  /* then close after this much longer */
+    uint32_t max_connection_age_grace_ms;  /* then close after this much longer; default 60 s */
     uint32_t handshake_timeout_ms;         /* no complete preface/TLS handshake by then: close */
     /* A connection of this listener closed; `user` is what kd_grpc_conn_set_user stored (or NULL).
      * Runs on the connection's shard after every call on it has ended. */
@@ -74,6 +75,13 @@ int kd_grpc_finish(kd_grpc_call *call, int status, const char *message, const st
 int kd_grpc_close_send(kd_grpc_call *call);
 void kd_grpc_cancel(kd_grpc_call *call, int status, const char *message);
 void kd_grpc_hold_input(kd_grpc_call *call, bool hold);
+/* Server: a marked call ends with status OK as soon as its connection sends GOAWAY (max
+ * connection age, shutdown) instead of running into the grace period: its on_done runs then, as
+ * for any end. For calls that hold nothing in flight — an idle reverse tunnel, a long-lived watch
+ * stream — so the client reopens them on its next connection first (grpc-go never moves streams).
+ * Marking a call on a connection that has sent GOAWAY already ends it within this loop turn (not
+ * inside the caller's callback). Unmark before the call carries work that must finish. */
+void kd_grpc_call_set_end_on_goaway(kd_grpc_call *call, bool on);
 /* The connection a call lives on. */
 struct kd_conn *kd_grpc_call_conn(const kd_grpc_call *call);
 

@@ -76,9 +76,10 @@ struct kd_shard_stats {
     kd_stat accept_errors;
     /* gRPC listeners, by listener index (kd_server_opts.listeners): connections opened here
      * (accepted, not adopted) and closed here (after any hand-off), calls started, TLS handshakes
-     * completed and failed. Summed over shards they describe the listener. */
+     * completed and failed, connections closed because our keepalive PING went unanswered.
+     * Summed over shards they describe the listener. */
     struct kd_listener_stats {
-        kd_stat opened, closed, streams, tls_handshakes, tls_failures;
+        kd_stat opened, closed, streams, tls_handshakes, tls_failures, keepalive_timeouts;
     } listener[KD_MAX_LISTENERS];
     struct kd_redis_stats redis; /* the shard's Redis connection (kd_server_opts.redis) */
 };

@@ -16,6 +16,8 @@ import unittest
 
 import grpc
 
+sys.path.insert(0, os.path.dirname(__file__))
+
 SERVER = os.environ.get("GRPC_TESTSERVER", "build/test/grpc_testserver")
 CERTS = os.environ.get("KD_TEST_CERTS", os.path.join(os.path.dirname(__file__), "..", "certs"))
 HAVE_CERTS = os.path.exists(os.path.join(CERTS, "server.pem"))
@@ -263,9 +265,38 @@ class BadInput(unittest.TestCase):
         self.assertLess(time.monotonic() - t0, 4)
         self.ok()
 
-    def test_huge_headers_refused_connection_survives(self):
-        with self.assertRaises(grpc.RpcError):
-            self.ch.unary_unary("/test.Echo/Unary")(b"x", timeout=10, metadata=(("x-big", "v" * 20000),))
+    def test_large_metadata_accepted_up_to_the_advertised_limit(self):
+        """grpc-go and grpcio clients enforce the SETTINGS_MAX_HEADER_LIST_SIZE we advertise on their
+        side: 64 KiB of metadata (agentk, GitLab) must fit, and more than the limit fails in the
+        caller with RESOURCE_EXHAUSTED (not a broken connection)."""
+        md = tuple((f"x-big-{i}", "v" * 8192) for i in range(8))
+        self.assertEqual(self.ch.unary_unary("/test.Echo/Unary")(b"x", timeout=10, metadata=md), b"x")
+        with self.assertRaises(grpc.RpcError) as cm:
+            self.ch.unary_unary("/test.Echo/Unary")(
+                b"x", timeout=10, metadata=tuple((f"x-big-{i}", "v" * 60000) for i in range(20)))
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.RESOURCE_EXHAUSTED)
+        self.ok()
+
+    def test_header_block_over_the_limit_gets_a_status_connection_survives(self):
+        """A peer that ignores our SETTINGS: the call is answered trailers-only (HEADERS with
+        END_STREAM, RESOURCE_EXHAUSTED), not reset, and the connection carries on."""
+        import h2raw
+        p = h2raw.Peer(("127.0.0.1", self.srv.port), answer_pings=True).connect()
+        self.addCleanup(p.close)
+        block = h2raw.grpc_request_headers(
+            "/test.Echo/Unary", extra=[(f"x-big-{i}", "v" * 60000) for i in range(20)])  # 1.2 MB
+        p.send(h2raw.header_frames(1, block))
+        got = p.pump(lambda t, f, sid, pl: sid == 1 and t in (h2raw.HEADERS, h2raw.RST_STREAM), timeout=10)
+        self.assertTrue(got, "no answer to the oversized request")
+        t, f = p.frames[-1][1], p.frames[-1][2]
+        self.assertEqual(t, h2raw.HEADERS, "answered with a status, not RST_STREAM")
+        self.assertTrue(f & h2raw.END_STREAM, "trailers-only response")
+        # still usable: a normal call on the same connection, then a PING round trip
+        p.send(h2raw.header_frames(3, h2raw.grpc_request_headers("/test.Echo/Unary")) +
+               h2raw.frame(h2raw.DATA, h2raw.END_STREAM, 3, h2raw.grpc_message(b"ok")))
+        self.assertTrue(p.pump(lambda t, f, sid, pl: sid == 3 and t == h2raw.DATA, timeout=10))
+        p.send(h2raw.frame(h2raw.PING, 0, 0, b"12345678"))
+        self.assertTrue(p.pump(lambda t, f, sid, pl: t == h2raw.PING and f & h2raw.ACK, timeout=10))
         self.ok()
 
     def test_ping_flood_gets_goaway_enhance_your_calm(self):

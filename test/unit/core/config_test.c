@@ -488,16 +488,19 @@ Test(config, unknown_keys_everywhere)
          "kasd.yaml:2:3: agent.lisen: unknown key (expected one of: listen, token_file)"},
         {"agent:\n  listen:\n    authentication_secret_file: x\n",
          "kasd.yaml:3:5: agent.listen.authentication_secret_file: unknown key (expected one of: address, "
-         "certificate_file, key_file, max_connection_age)"},
+         "certificate_file, key_file, max_connection_age, "
+         "max_connection_age_grace, keepalive_time, keepalive_timeout, keepalive_min_time)"},
         {"api:\n  token_file: x\n", "kasd.yaml:2:3: api.token_file: unknown key (expected: listen)"},
         {"api:\n  listen:\n    adress: x\n", "kasd.yaml:3:5: api.listen.adress: unknown key (expected one "
                                              "of: address, authentication_secret_file, certificate_file, "
-                                             "key_file)"},
+                                             "key_file, max_connection_age, max_connection_age_grace, "
+                                             "keepalive_time, keepalive_timeout, keepalive_min_time)"},
         {"private_api:\n  lsten: {}\n", "kasd.yaml:2:3: private_api.lsten: unknown key (expected: listen)"},
         {"private_api:\n  listen:\n    network: tcp\n",
          "kasd.yaml:3:5: private_api.listen.network: unknown key "
          "(expected one of: address, authentication_secret_file, certificate_file, key_file, "
-         "client_ca_file)"},
+         "client_ca_file, max_connection_age, max_connection_age_grace, keepalive_time, "
+         "keepalive_timeout, keepalive_min_time)"},
         {"observability:\n  port: 1\n", "kasd.yaml:2:3: observability.port: unknown key (expected: listen)"},
         {"observability:\n  listen:\n    authentication_secret_file: s\n",
          "kasd.yaml:3:5: observability.listen.authentication_secret_file: unknown key (expected: address)"},
@@ -510,7 +513,7 @@ Test(config, unknown_keys_everywhere)
         {"limits:\n  max_conns: 1\n",
          "kasd.yaml:2:3: limits.max_conns: unknown key (expected one of: connections_per_shard, "
          "recv_buffers_per_shard, recv_buffer_size, router_ring_size, shutdown_grace, grpc_max_message_size, "
-         "grpc_max_concurrent_streams, routing_timeout)"},
+         "grpc_max_concurrent_streams, grpc_max_header_list_size, routing_timeout)"},
         {"log:\n  lvl: debug\n", "kasd.yaml:2:3: log.lvl: unknown key (expected: level)"},
         /* Keys are case-sensitive, like kas's. */
         {"Shards: 1\n",
@@ -1248,6 +1251,57 @@ Test(config, tls_and_grpc_keys)
     cr_assert_eq(c.agent.listen.max_connection_age_ms, 1800000);
     cr_assert_eq(c.limits.grpc_max_message_size, 1048576);
     cr_assert_eq(c.limits.grpc_max_concurrent_streams, 100);
+    kd_config_free(&c);
+
+    /* Connection policy of every gRPC listener, and the metadata limit. */
+    kd_config_defaults(&c);
+    const struct kd_listen_cfg *ls[] = {&c.agent.listen, &c.api.listen, &c.private_api.listen};
+    for (int i = 0; i < 3; i++) {
+        cr_assert_eq(ls[i]->max_connection_age_ms, i == 0 ? 7200000u : 86400000u, "listener %d", i);
+        cr_assert_eq(ls[i]->max_connection_age_grace_ms, 60000);
+        cr_assert_eq(ls[i]->keepalive_time_ms, 50000, "GitLab kas: PING after 50 s of silence");
+        cr_assert_eq(ls[i]->keepalive_timeout_ms, 20000, "grpc-go's server default");
+        cr_assert_eq(ls[i]->keepalive_min_time_ms, 20000, "GitLab kas permits client pings every 20 s");
+    }
+    cr_assert_eq(c.limits.grpc_max_header_list_size, 1u << 20);
+    static const char conn[] = "api:\n  listen:\n    max_connection_age: 0\n    keepalive_time: 1s\n"
+                               "    keepalive_timeout: 500ms\n    keepalive_min_time: 100ms\n"
+                               "private_api:\n  listen:\n    max_connection_age: 3h\n"
+                               "    max_connection_age_grace: 2m\n"
+                               "limits:\n  grpc_max_header_list_size: 65536\n";
+    cr_assert_eq(kd_config_load_string(&c, "kasd.yaml", conn, sizeof(conn) - 1, err, sizeof(err)), 0, "%s",
+                 err);
+    cr_assert_eq(c.api.listen.max_connection_age_ms, 0);
+    cr_assert_eq(c.api.listen.keepalive_time_ms, 1000);
+    cr_assert_eq(c.api.listen.keepalive_timeout_ms, 500);
+    cr_assert_eq(c.api.listen.keepalive_min_time_ms, 100);
+    cr_assert_eq(c.private_api.listen.max_connection_age_ms, 3u * 3600000u);
+    cr_assert_eq(c.private_api.listen.max_connection_age_grace_ms, 120000);
+    cr_assert_eq(c.agent.listen.keepalive_time_ms, 50000, "other listeners keep theirs");
+    cr_assert_eq(c.limits.grpc_max_header_list_size, 65536);
+    static const struct {
+        const char *yaml, *want;
+    } bad[] = {
+        {"agent:\n  listen:\n    keepalive_time: 50ms\n",
+         "kasd.yaml:3:21: agent.listen.keepalive_time: must be between 100ms and 86400000ms, got \"50ms\""},
+        {"api:\n  listen:\n    keepalive_timeout: 2h\n",
+         "kasd.yaml:3:24: api.listen.keepalive_timeout: must be between 100ms and 3600000ms, got \"2h\""},
+        {"private_api:\n  listen:\n    max_connection_age_grace: 0\n",
+         "kasd.yaml:3:31: private_api.listen.max_connection_age_grace: must be between 1ms and 86400000ms, "
+         "got \"0\""},
+        {"api:\n  listen:\n    keepalive_min_time: 10\n",
+         "kasd.yaml:3:25: api.listen.keepalive_min_time: expected a duration like 250ms, 10s, 1m30s or 2h, "
+         "got \"10\""},
+        {"limits:\n  grpc_max_header_list_size: 16777217\n",
+         "kasd.yaml:2:30: limits.grpc_max_header_list_size: must be between 8192 and 16777216, got "
+         "\"16777217\""},
+    };
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        cr_assert_eq(
+            kd_config_load_string(&c, "kasd.yaml", bad[i].yaml, strlen(bad[i].yaml), err, sizeof(err)),
+            -EINVAL);
+        cr_assert_str_eq(err, bad[i].want);
+    }
     kd_config_free(&c);
 
     kd_config_defaults(&c);

@@ -233,3 +233,145 @@ Test(h2, expire_answers_without_walking_and_never_late)
     cr_assert_eq(b.status, KD_GRPC_CANCELLED);
     kd_h2_free(cli);
 }
+
+/* ---- keepalive PING, end-at-GOAWAY marks, the connection's header budget ---- */
+
+struct pair {
+    struct kd_h2 *cli, *srv;
+    struct side cs, ss;
+};
+
+static void pair_open(struct pair *p, const struct kd_h2_opts *so)
+{
+    struct kd_h2_opts co = *so;
+    co.server = false;
+    co.on_call = NULL;
+    p->srv = kd_h2_new(so);
+    p->cli = kd_h2_new(&co);
+    cr_assert_not_null(p->srv);
+    cr_assert_not_null(p->cli);
+    p->cs = (struct side){.h = p->cli, .peer = p->srv};
+    p->ss = (struct side){.h = p->srv, .peer = p->cli};
+}
+
+static void pair_close(struct pair *p)
+{
+    kd_h2_free(p->cli);
+    kd_h2_free(p->srv);
+}
+
+static const struct kd_h2_opts base_srv = {
+    .server = true,
+    .max_message = 1u << 20,
+    .max_concurrent_streams = 100,
+    .max_header_list = 16384,
+    .initial_window = 1u << 20,
+    .on_call = on_call,
+};
+
+Test(h2, keepalive_ping_outstanding_until_its_ack)
+{
+    struct pair p;
+    pair_open(&p, &base_srv);
+    pump(&p.cs, &p.ss);
+    cr_assert_eq(kd_h2_ping_outstanding_since(p.srv), 0);
+    kd_h2_ping(p.srv);
+    uint64_t since = kd_h2_ping_outstanding_since(p.srv);
+    cr_assert_neq(since, 0, "a sent PING is outstanding");
+    kd_h2_ping(p.srv); /* one at a time */
+    cr_assert_eq(kd_h2_counters(p.srv)->pings_sent, 1);
+    /* The peer's own PINGs are answered by nghttp2 and do not clear ours: send one from the
+     * client while the server's PING has not reached it yet. */
+    cr_assert_eq(kd_h2_send(p.cli, to_peer, &p.cs), 0);
+    kd_h2_ping(p.cli);
+    cr_assert_eq(kd_h2_send(p.cli, to_peer, &p.cs), 0);
+    cr_assert_eq(kd_h2_counters(p.srv)->pings_received, 1);
+    cr_assert_eq(kd_h2_ping_outstanding_since(p.srv), since,
+                 "answering the peer's PING is not an ACK of ours");
+    pump(&p.cs, &p.ss);
+    cr_assert_eq(kd_h2_ping_outstanding_since(p.srv), 0, "the ACK clears it");
+    cr_assert_eq(kd_h2_counters(p.srv)->ping_acks, 1);
+    cr_assert_geq(kd_h2_counters(p.srv)->last_ping_ack_us, since);
+    cr_assert_eq(kd_h2_counters(p.srv)->ping_strikes, 0);
+    pair_close(&p);
+}
+
+static int marked_calls;
+static int on_call_mark(void *ud, struct kd_h2_call *c)
+{
+    (void)ud;
+    kd_h2_call_set_handler(c, &echo_handler, NULL);
+    /* every other call is marked */
+    kd_h2_call_set_end_on_goaway(c, (marked_calls++ & 1) == 0);
+    return 0;
+}
+
+Test(h2, end_marked_finishes_marked_calls_with_ok_only)
+{
+    struct kd_h2_opts so = base_srv;
+    so.on_call = on_call_mark;
+    marked_calls = 0;
+    struct pair p;
+    pair_open(&p, &so);
+    struct expect e[4];
+    for (int i = 0; i < 4; i++) {
+        e[i] = (struct expect){.status = -1};
+        cr_assert_not_null(
+            kd_h2_call_start(p.cli, "/t.E/Watch", "localhost", NULL, 0, 0, 0, &client_handler, &e[i]));
+    }
+    pump(&p.cs, &p.ss);
+    cr_assert_eq(kd_h2_live_calls(p.srv), 4);
+    kd_h2_goaway(p.srv, 0, "max_age");
+    cr_assert_eq(kd_h2_end_marked(p.srv), 2);
+    cr_assert_eq(kd_h2_live_calls(p.srv), 2, "on_done ran at once for the marked calls");
+    cr_assert_eq(kd_h2_end_marked(p.srv), 0, "each ends once");
+    pump(&p.cs, &p.ss);
+    for (int i = 0; i < 4; i++) {
+        if ((i & 1) == 0) {
+            cr_assert(e[i].done, "marked call %d ended", i);
+            cr_assert_eq(e[i].status, KD_GRPC_OK);
+        } else {
+            cr_assert(!e[i].done, "unmarked call %d carries on", i);
+        }
+    }
+    pair_close(&p);
+}
+
+static struct kd_h2_call *start_with_md(struct kd_h2 *cli, struct expect *e, size_t mdlen)
+{
+    static char v[20000];
+    memset(v, 'm', sizeof(v));
+    struct kd_h2_header md = {"x-big", 5, v, mdlen};
+    return kd_h2_call_start(cli, "/t.E/Watch", "localhost", &md, 1, 0, 0, &client_handler, e);
+}
+
+Test(h2, header_budget_bounds_the_connection_not_one_call)
+{
+    struct kd_h2_opts so = base_srv;
+    so.max_header_list = 16384;
+    so.header_budget = 20000;
+    struct pair p;
+    pair_open(&p, &so);
+    struct expect a = {.status = -1}, b = {.status = -1}, c = {.status = -1}, d = {.status = -1};
+    struct kd_h2_call *ca = start_with_md(p.cli, &a, 12000);
+    pump(&p.cs, &p.ss);
+    cr_assert(!a.done, "within both limits: the call runs");
+    start_with_md(p.cli, &b, 12000);
+    pump(&p.cs, &p.ss);
+    cr_assert(b.done, "over the connection's budget while the first call holds its headers");
+    cr_assert_eq(b.status, KD_GRPC_RESOURCE_EXHAUSTED);
+    start_with_md(p.cli, &d, 17000);
+    pump(&p.cs, &p.ss);
+    cr_assert_eq(d.status, KD_GRPC_RESOURCE_EXHAUSTED, "over max_header_list alone");
+    kd_h2_call_close_send(ca);
+    pump(&p.cs, &p.ss);
+    cr_assert_eq(a.status, KD_GRPC_OK);
+    struct kd_h2_call *cc = start_with_md(p.cli, &c, 12000);
+    pump(&p.cs, &p.ss);
+    cr_assert(!c.done, "the budget came back when the first call ended");
+    kd_h2_call_close_send(cc);
+    pump(&p.cs, &p.ss);
+    cr_assert_eq(c.status, KD_GRPC_OK);
+    cr_assert_eq(kd_h2_counters(p.srv)->headers_refused, 2);
+    pair_close(&p);
+}
