@@ -646,6 +646,10 @@ class Pod:
         agent = self.agent
         agent._count("tunnels_closed")
         agent._count_code("tunnel_end_codes", code)
+        with agent._lock:
+            agent.tunnel_ends.append({"time": time.monotonic(), "pod": self.index, "seq": t.seq,
+                                      "used": t.used, "started": t.started,
+                                      "code": code.name if isinstance(code, grpc.StatusCode) else str(code)})
         if code is not None and code != grpc.StatusCode.OK:
             agent._set_last_error(f"{code.name}: {details}")
         with self.cond:
@@ -750,6 +754,8 @@ class AgentK:
         self.pods = [Pod(self, i) for i in range(pods)]
         self._lock = threading.Lock()
         self._stats = self._new_stats()
+        # every ended tunnel stream, in order: {time, pod, seq, used, started, code (status name)}
+        self.tunnel_ends = []
         self._started = False
 
     @staticmethod

@@ -127,6 +127,22 @@ limits:
         # the agent's header metadata comes back to the caller
         self.assertIn(("x-echo-tag", "t1"), list(call.initial_metadata()))
 
+    def test_64k_of_metadata_reaches_the_agent(self):
+        """grpc-go/grpcio callers keep to the MAX_HEADER_LIST_SIZE kasd advertises: 64 KiB of
+        metadata must fit (it was 16 KiB), reach the agent whole, and more than the limit
+        (1 MiB) fails cleanly with RESOURCE_EXHAUSTED."""
+        md = tuple((f"x-big-{i}", chr(ord("a") + i) * 8192) for i in range(8))
+        data, _ = self.gl.unary("/test.Echo/Meta", b"", agent_id=2, timeout=10, metadata=md)
+        lines = dict(l.split(b"=", 1) for l in data.splitlines())
+        for k, v in md:
+            self.assertEqual(lines.get(k.encode()), v.encode(), k)
+        with self.assertRaises(grpc.RpcError) as cm:
+            self.gl.unary("/test.Echo/Meta", b"", agent_id=2, timeout=10,
+                          metadata=tuple((f"x-big-{i}", "v" * 60000) for i in range(20)))
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.RESOURCE_EXHAUSTED)
+        data, _ = self.gl.unary("/test.Echo/Who", b"", agent_id=2, timeout=10)
+        self.assertEqual(data, b"2")
+
     def test_agent_error_passes_through(self):
         with self.assertRaises(grpc.RpcError) as cm:
             self.gl.unary("/test.Echo/Fail", b"", agent_id=2, timeout=10)
