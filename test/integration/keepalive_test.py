@@ -268,8 +268,12 @@ class IdleTunnelsAtGoaway(unittest.TestCase):
         self.assertNotIn("error", out, out.get("error"))
         self.assertEqual(out.get("data"), b"7.0")
         self.assertLess(out["done"] - first, 6, "the busy tunnel finished within the grace period")
+        deadline = time.monotonic() + 10  # the tunnel stream ends just after the call's answer
+        while not [e for e in self.ends_after(t_conn) if e["used"]]:
+            self.assertLess(time.monotonic(), deadline, f"busy tunnel never ended: {self.agent.tunnel_ends}")
+            time.sleep(0.05)
         used = [e for e in self.ends_after(t_conn) if e["used"]]
-        self.assertTrue(used and used[0]["code"] == "OK", used)
+        self.assertEqual(used[0]["code"], "OK", used)
         # and the agent is reachable through the new connection's tunnels
         data, _ = self.gl.unary("/test.Echo/Unary", b"again", agent_id=1, timeout=10)
         self.assertEqual(data, b"again")
