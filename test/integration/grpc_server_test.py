@@ -350,7 +350,9 @@ class Compression(unittest.TestCase):
                     self.assertIn("after decompression larger than max", cm.exception.details())
                 grown = vm_hwm_kib(srv.proc.pid) - before
                 # the limit is 4 MiB: the message buffer plus zlib's state, nowhere near 256 MiB
-                self.assertLess(grown, 24 * 1024, f"kasd's peak RSS grew {grown} KiB")
+                # (an ASan build keeps freed buffers in quarantine: more slack there)
+                slack = 96 * 1024 if "ASAN_OPTIONS" in os.environ else 24 * 1024
+                self.assertLess(grown, slack, f"kasd's peak RSS grew {grown} KiB")
                 self.assertEqual(call(b"after", timeout=10), b"after")
         finally:
             self.assertEqual(srv.stop(), 0)
