@@ -516,12 +516,10 @@ static int server_request_ready(struct kd_h2 *h, struct kd_h2_call *c, bool end_
         int alg = kd_compress_alg_parse(enc, elen);
         if (alg < 0) {
             char m[160];
-            static const struct kd_h2_header accept = {"grpc-accept-encoding", 20,
-                                                       KD_COMPRESS_ACCEPT_ENCODING,
-                                                       sizeof(KD_COMPRESS_ACCEPT_ENCODING) - 1};
             snprintf(m, sizeof(m), "grpc: Decompressor is not installed for grpc-encoding \"%.*s\"",
                      (int)(elen > 64 ? 64 : elen), enc);
-            kd_h2_call_finish(c, KD_GRPC_UNIMPLEMENTED, m, &accept, 1);
+            /* the trailers-only response carries grpc-accept-encoding, as grpc-go's does */
+            kd_h2_call_finish(c, KD_GRPC_UNIMPLEMENTED, m, NULL, 0);
             return 0;
         }
         c->recv_alg = (uint8_t)alg;
