@@ -49,6 +49,7 @@
 #include "core/hash.h"
 #include "core/log.h"
 #include "core/tls.h"
+#include "core/compress.h"
 #include "shards/grpc.h"
 #include "shards/server.h"
 #include "shards/shard.h"
@@ -62,6 +63,7 @@ enum method { M_UNARY, M_BULK, M_SOURCE, M_SINK, M_COUNT, M_NONE = M_COUNT };
 static const char *const method_names[M_COUNT] = {"Unary", "Bulk", "Source", "Sink"};
 
 struct opts {
+    bool gzip; /* --gzip: grpc-encoding gzip and every message compressed, as agentk sends */
     struct sockaddr_in target;
     char authority[64];
     char server_name[64];
@@ -647,6 +649,7 @@ static void agent_connect(struct agent *a)
         .authority = O.authority,
         .tls = O.tls,
         .server_name = O.server_name,
+        .compression = O.gzip ? KD_COMPRESS_GZIP : KD_COMPRESS_IDENTITY,
     };
     a->gen++;
     a->idle = a->accepted = 0;
@@ -831,6 +834,7 @@ static void usage(FILE *f)
             "  --seed S             token seed (default 1); --tokens FILE reads tokens instead\n"
             "  --ca FILE            TLS to the target, verifying with this CA (--server-name, default host)\n"
             "  --shards S           event-loop threads (default 1)\n"
+            "  --gzip               compress every call (grpc-encoding: gzip), as agentk does\n"
             "  --connect-window W   agents connecting at once per shard (default 256)\n"
             "  --duration SECONDS   exit after this long (default 3600)\n"
             "  --ready-timeout S    report not_ready after this long (default 120)\n");
@@ -839,20 +843,32 @@ static void usage(FILE *f)
 int main(int argc, char **argv)
 {
     static const struct option lo[] = {
-        {"target", required_argument, NULL, 't'},   {"listen", required_argument, NULL, 'l'},
-        {"agents", required_argument, NULL, 'n'},   {"first-agent", required_argument, NULL, 'f'},
-        {"tunnels", required_argument, NULL, 'k'},  {"seed", required_argument, NULL, 'S'},
-        {"tokens", required_argument, NULL, 'T'},   {"write-tokens", required_argument, NULL, 'W'},
-        {"ca", required_argument, NULL, 'c'},       {"server-name", required_argument, NULL, 'N'},
-        {"shards", required_argument, NULL, 's'},   {"connect-window", required_argument, NULL, 'w'},
-        {"duration", required_argument, NULL, 'd'}, {"ready-timeout", required_argument, NULL, 'r'},
-        {"help", no_argument, NULL, 'h'},           {NULL, 0, NULL, 0},
+        {"target", required_argument, NULL, 't'},
+        {"listen", required_argument, NULL, 'l'},
+        {"agents", required_argument, NULL, 'n'},
+        {"first-agent", required_argument, NULL, 'f'},
+        {"tunnels", required_argument, NULL, 'k'},
+        {"seed", required_argument, NULL, 'S'},
+        {"tokens", required_argument, NULL, 'T'},
+        {"write-tokens", required_argument, NULL, 'W'},
+        {"ca", required_argument, NULL, 'c'},
+        {"server-name", required_argument, NULL, 'N'},
+        {"shards", required_argument, NULL, 's'},
+        {"connect-window", required_argument, NULL, 'w'},
+        {"duration", required_argument, NULL, 'd'},
+        {"ready-timeout", required_argument, NULL, 'r'},
+        {"gzip", no_argument, NULL, 'G'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
     };
     const char *write_tokens = NULL, *tokens_file = NULL, *ca = NULL, *target = NULL;
     O.seed = 1;
     int opt;
     while ((opt = getopt_long(argc, argv, "", lo, NULL)) != -1) {
         switch (opt) {
+        case 'G':
+            O.gzip = true;
+            break;
         case 't':
             target = optarg;
             break;

@@ -38,6 +38,7 @@
 #include "core/list.h"
 #include "core/log.h"
 #include "core/tls.h"
+#include "core/compress.h"
 #include "shards/grpc.h"
 #include "shards/server.h"
 #include "shards/shard.h"
@@ -50,6 +51,7 @@ static const char *const mode_paths[] = {"/bench.Echo/Unary", "/bench.Echo/Bulk"
 enum phase { PH_WARMUP, PH_RUN, PH_DRAIN, PH_DONE };
 
 struct opts {
+    bool gzip; /* --gzip: grpc-encoding gzip and every message compressed, as agentk sends */
     struct sockaddr_in target;
     char authority[64];
     char server_name[64];
@@ -284,6 +286,7 @@ static struct kd_grpc_channel *open_channel(struct lgshard *sh)
         .authority = O.authority,
         .tls = O.tls,
         .server_name = O.server_name,
+        .compression = O.gzip ? KD_COMPRESS_GZIP : KD_COMPRESS_IDENTITY,
     };
     return kd_grpc_channel_open(sh->s, &o);
 }
@@ -585,6 +588,7 @@ static void usage(FILE *f)
             "  --shards S            event-loop threads (default 1)\n"
             "  --label TEXT          copied to the output\n"
             "  --json                one JSON object on stdout\n"
+            "  --gzip                compress every call (grpc-encoding: gzip)\n"
             "  --self-check          check the histogram maths and exit\n");
 }
 
@@ -612,6 +616,7 @@ int main(int argc, char **argv)
         {"label", required_argument, NULL, 'L'},
         {"json", no_argument, NULL, 'j'},
         {"self-check", no_argument, NULL, 'X'},
+        {"gzip", no_argument, NULL, 'G'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
@@ -619,6 +624,9 @@ int main(int argc, char **argv)
     int opt;
     while ((opt = getopt_long(argc, argv, "", lo, NULL)) != -1) {
         switch (opt) {
+        case 'G':
+            O.gzip = true;
+            break;
         case 't':
             target = optarg;
             break;

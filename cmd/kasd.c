@@ -365,6 +365,7 @@ int main(int argc, char **argv)
         }
         sp->grpc.tls = sp->tls;
         sp->grpc.max_message = cfg.limits.grpc_max_message_size;
+        sp->grpc.response_compression = (uint8_t)cfg.grpc.response_compression;
         sp->grpc.max_concurrent_streams = cfg.limits.grpc_max_concurrent_streams;
         sp->grpc.max_header_list = cfg.limits.grpc_max_header_list_size;
         sp->grpc.max_connection_age_ms = sp->cfg->max_connection_age_ms;

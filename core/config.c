@@ -391,18 +391,19 @@ int kd_config_defaults(struct kd_config *c)
 struct parse;
 
 enum kind {
-    K_MAP,        /* a section: sub lists its keys, done (optional) validates it afterwards */
-    K_LISTEN,     /* numeric host:port into the struct kd_listen_cfg at off */
-    K_STRING,     /* non-empty string into the char * at off */
-    K_UINT,       /* decimal integer in [min, max] into the unsigned at off */
-    K_POW2,       /* like K_UINT, and a power of two */
-    K_DURATION,   /* Go-style duration, in [min, max] milliseconds, into the uint32_t at off */
-    K_LOG_LEVEL,  /* debug | info | warn | error into the enum kd_log_level at off */
-    K_REDIS_ADDR, /* host:port (DNS names allowed: redis is dialled, not bound) or unix:/path */
-    K_KEY_PREFIX, /* non-empty, no whitespace or control bytes */
-    K_BOOL,       /* true | false into the int at off (1 / 0) */
-    K_SECRET,     /* a file name into the char * at off; its contents, read now, into the char * at off2 */
-    K_ADDR_LIST,  /* a sequence of K_REDIS_ADDR: '\n'-joined into the char * at off, count at off2 */
+    K_MAP,         /* a section: sub lists its keys, done (optional) validates it afterwards */
+    K_LISTEN,      /* numeric host:port into the struct kd_listen_cfg at off */
+    K_STRING,      /* non-empty string into the char * at off */
+    K_UINT,        /* decimal integer in [min, max] into the unsigned at off */
+    K_POW2,        /* like K_UINT, and a power of two */
+    K_DURATION,    /* Go-style duration, in [min, max] milliseconds, into the uint32_t at off */
+    K_LOG_LEVEL,   /* debug | info | warn | error into the enum kd_log_level at off */
+    K_REDIS_ADDR,  /* host:port (DNS names allowed: redis is dialled, not bound) or unix:/path */
+    K_KEY_PREFIX,  /* non-empty, no whitespace or control bytes */
+    K_BOOL,        /* true | false into the int at off (1 / 0) */
+    K_SECRET,      /* a file name into the char * at off; its contents, read now, into the char * at off2 */
+    K_ADDR_LIST,   /* a sequence of K_REDIS_ADDR: '\n'-joined into the char * at off, count at off2 */
+    K_COMPRESSION, /* identity | gzip into the unsigned at off (enum kd_compress_alg) */
 };
 
 struct field {
@@ -617,6 +618,10 @@ static const struct field limits_keys[] = {
     {0},
 };
 static const struct field log_keys[] = {{.key = "level", .kind = K_LOG_LEVEL, .off = OFF(log.level)}, {0}};
+static const struct field grpc_keys[] = {
+    {.key = "response_compression", .kind = K_COMPRESSION, .off = OFF(grpc.response_compression)},
+    {0},
+};
 static const struct field top_keys[] = {
     {.key = "shards", .kind = K_UINT, .off = OFF(shards), .min = 0, .max = 1024},
     {.key = "agent", .kind = K_MAP, .sub = agent_keys},
@@ -626,6 +631,7 @@ static const struct field top_keys[] = {
     {.key = "redis", .kind = K_MAP, .sub = redis_keys, .done = redis_done},
     {.key = "limits", .kind = K_MAP, .sub = limits_keys},
     {.key = "log", .kind = K_MAP, .sub = log_keys},
+    {.key = "grpc", .kind = K_MAP, .sub = grpc_keys},
     {0},
 };
 
@@ -1095,6 +1101,13 @@ static int parse_scalar(struct parse *p, const struct field *f)
         return read_secret(p, f, v, n, at);
     case K_ADDR_LIST:
         break;
+    case K_COMPRESSION:
+        /* values as grpc-encoding names them (core/compress.h: identity 0, gzip 1) */
+        if (!strcmp(v, "identity") || !strcmp(v, "gzip")) {
+            *(unsigned *)(base + f->off) = v[0] == 'g' ? 1u : 0u;
+            return 0;
+        }
+        return fail(p, at, "expected identity or gzip, got %s", got);
     case K_LOG_LEVEL: {
         static const enum kd_log_level levels[] = {KD_LOG_DEBUG, KD_LOG_INFO, KD_LOG_WARN, KD_LOG_ERROR};
 

@@ -96,6 +96,12 @@ struct kd_config {
     } limits;
 
     struct {
+        /* grpc.response_compression: enum kd_compress_alg (identity 0, gzip 1) for response messages
+         * to callers whose grpc-accept-encoding lists it */
+        unsigned response_compression;
+    } grpc;
+
+    struct {
         enum kd_log_level level; /* log.level: debug | info | warn | error */
     } log;
 };

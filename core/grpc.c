@@ -40,10 +40,8 @@ bool kd_grpc_deframer_idle(const struct kd_grpc_deframer *d)
 
 static int start_message(struct kd_grpc_deframer *d)
 {
-    if (d->hdr[0] & 1)
-        return -EPROTO; /* compressed: we advertise no grpc-accept-encoding */
-    if (d->hdr[0] != 0)
-        return -EPROTO; /* reserved flag bits */
+    if (d->hdr[0] & ~1u)
+        return -EPROTO; /* reserved flag bits (bit 0, compressed, is the caller's business) */
     d->msg_len = (uint32_t)d->hdr[1] << 24 | (uint32_t)d->hdr[2] << 16 | (uint32_t)d->hdr[3] << 8 | d->hdr[4];
     if (d->msg_len > d->max_len)
         return -EMSGSIZE;
@@ -73,7 +71,7 @@ int kd_grpc_deframer_feed(struct kd_grpc_deframer *d, const uint8_t *data, size_
         if (d->have == 0 && len >= need) {
             /* The whole message is here: hand it over without copying. */
             d->hdr_len = 0;
-            int rc = cb(ud, data, need);
+            int rc = cb(ud, data, need, (d->hdr[0] & 1) != 0);
             if (rc < 0)
                 return rc;
             data += need;
@@ -95,7 +93,7 @@ int kd_grpc_deframer_feed(struct kd_grpc_deframer *d, const uint8_t *data, size_
         len -= take;
         if (d->have == d->msg_len) {
             d->hdr_len = 0;
-            int rc = cb(ud, d->buf, d->msg_len);
+            int rc = cb(ud, d->buf, d->msg_len, (d->hdr[0] & 1) != 0);
             /* Large partial buffers are not kept for idle streams. */
             if (d->cap > 65536) {
                 free(d->buf);
@@ -111,7 +109,12 @@ int kd_grpc_deframer_feed(struct kd_grpc_deframer *d, const uint8_t *data, size_
 
 void kd_grpc_frame_prefix(uint8_t out[KD_GRPC_PREFIX], uint32_t len)
 {
-    out[0] = 0;
+    kd_grpc_frame_prefix_flag(out, len, false);
+}
+
+void kd_grpc_frame_prefix_flag(uint8_t out[KD_GRPC_PREFIX], uint32_t len, bool compressed)
+{
+    out[0] = compressed ? 1 : 0;
     out[1] = (uint8_t)(len >> 24);
     out[2] = (uint8_t)(len >> 16);
     out[3] = (uint8_t)(len >> 8);

@@ -5,8 +5,8 @@
  * callback for the duration of the call.
  *
  * Length-prefixed message:  | flag (1) | length (4, big-endian) | message (length) |
- * flag bit 0 = compressed. kasd negotiates no compression, so a compressed message is an error
- * (INTERNAL, as grpc-go answers when no decompressor is registered).
+ * flag bit 0 = compressed (with the call's grpc-encoding): the deframer only reports it, the
+ * HTTP/2 layer inflates (core/compress.h) or refuses. max_len bounds the wire (compressed) size.
  */
 #ifndef KD_CORE_GRPC_H
 #define KD_CORE_GRPC_H
@@ -50,13 +50,14 @@ struct kd_grpc_deframer {
     uint32_t cap;
 };
 
-typedef int (*kd_grpc_msg_cb)(void *ud, const uint8_t *msg, size_t len);
+/* compressed: the message's flag bit 0; msg is then still compressed. */
+typedef int (*kd_grpc_msg_cb)(void *ud, const uint8_t *msg, size_t len, bool compressed);
 
 void kd_grpc_deframer_init(struct kd_grpc_deframer *d, uint32_t max_len);
 void kd_grpc_deframer_free(struct kd_grpc_deframer *d);
 /* Feed bytes; cb runs for each complete message (zero-copy when it lies whole in `data`).
  * Returns 0, the callback's negative return, -EMSGSIZE (message over max_len), -EPROTO
- * (compressed or bad flag byte), or -ENOMEM. */
+ * (reserved flag bits set), or -ENOMEM. */
 int kd_grpc_deframer_feed(struct kd_grpc_deframer *d, const uint8_t *data, size_t len, kd_grpc_msg_cb cb,
                           void *ud);
 /* true when no partial message is pending (a half-close here is clean). */
@@ -64,6 +65,8 @@ bool kd_grpc_deframer_idle(const struct kd_grpc_deframer *d);
 
 /* Write the 5-byte prefix for an uncompressed message of len bytes. */
 void kd_grpc_frame_prefix(uint8_t out[KD_GRPC_PREFIX], uint32_t len);
+/* The same with the compressed flag as given (len is then the compressed size). */
+void kd_grpc_frame_prefix_flag(uint8_t out[KD_GRPC_PREFIX], uint32_t len, bool compressed);
 
 /* grpc-timeout: 1-8 ASCII digits and a unit H M S m u n. Result in microseconds (saturating).
  * 0 or -EINVAL. */

@@ -20,6 +20,7 @@
 
 #include "core/chunkpool.h"
 #include "core/clock.h"
+#include "core/compress.h"
 #include "core/grpc.h"
 #include "core/list.h"
 
@@ -72,6 +73,10 @@ struct kd_h2_call {
     bool in_trailers;    /* receiving the second header block */
     bool end_on_goaway;  /* server: kd_h2_end_marked finishes it with OK */
     bool hdr_overflow;   /* server: request headers over a limit, the rest not stored */
+    uint8_t recv_alg;    /* enum kd_compress_alg of the peer's grpc-encoding */
+    uint8_t send_alg;    /* what our messages on this call are compressed with */
+    int fail_status;     /* deliver() refused a message: status and message for on_data_chunk */
+    char fail_msg[160];
     int fin_status;
     struct kd_list link;     /* h->calls */
     struct kd_list writable; /* h->writable_list */
@@ -92,6 +97,10 @@ struct kd_h2 {
     bool fatal;
     const char *fatal_msg;
     struct kd_h2_counters counters;
+    /* zlib state, made on first use and reused by every call of the session (messages are inflated
+     * and deflated whole, one at a time): an idle call holds none. */
+    struct kd_inflater *inf;
+    struct kd_deflater *def;
     /* A lower bound on the deadlines of live calls (UINT64_MAX: none was set since the last walk).
      * kd_h2_expire runs on every flush; while now is below this bound nothing can be due, so it
      * answers without walking every call of the connection. */
@@ -368,12 +377,42 @@ static void consume(struct kd_h2_call *c, size_t len)
     }
 }
 
-static int deliver(void *ud, const uint8_t *msg, size_t len)
+static int refuse(struct kd_h2_call *c, int status, const char *msg)
+{
+    c->fail_status = status;
+    snprintf(c->fail_msg, sizeof(c->fail_msg), "%s", msg);
+    return -ECANCELED;
+}
+
+static int deliver(void *ud, const uint8_t *msg, size_t len, bool compressed)
 {
     struct kd_h2_call *c = ud;
     if (c->handler == NULL || c->handler->on_message == NULL)
         return 0;
-    return c->handler->on_message(c, msg, len);
+    if (!compressed)
+        return c->handler->on_message(c, msg, len);
+    /* grpc-go's wording for each refusal, so callers see what a kas would say. */
+    if (c->recv_alg == KD_COMPRESS_IDENTITY)
+        return refuse(c, KD_GRPC_INTERNAL, "grpc: compressed flag set with identity or empty encoding");
+    struct kd_h2 *h = c->h;
+    if (h->inf == NULL && (h->inf = kd_inflater_new()) == NULL)
+        return -ENOMEM;
+    struct kd_compress_buf out;
+    int rc = kd_inflater_run(h->inf, c->recv_alg, msg, len, h->o.max_message, &out);
+    if (rc == -EMSGSIZE) {
+        char m[128];
+        snprintf(m, sizeof(m), "grpc: received message after decompression larger than max (%llu vs. %u)",
+                 (unsigned long long)h->o.max_message + 1, h->o.max_message);
+        return refuse(c, KD_GRPC_RESOURCE_EXHAUSTED, m);
+    }
+    if (rc == -EBADMSG)
+        return refuse(c, KD_GRPC_INTERNAL,
+                      "grpc: failed to decompress the received message: corrupt, truncated or trailing data");
+    if (rc < 0)
+        return rc;
+    rc = c->handler->on_message(c, out.data, out.len);
+    kd_compress_buf_release(&out);
+    return rc;
 }
 
 static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t sid, const uint8_t *data, size_t len,
@@ -399,12 +438,13 @@ static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t sid, const u
         } else {
             kd_h2_call_cancel(c, KD_GRPC_RESOURCE_EXHAUSTED, msg);
         }
-    } else if (rc == -EPROTO) {
-        const char *msg = "grpc: compressed messages are not supported (no grpc-encoding negotiated)";
+    } else if (rc == -ECANCELED || rc == -EPROTO) {
+        const char *msg = rc == -EPROTO ? "grpc: reserved flag bits set in a message prefix" : c->fail_msg;
+        int st = rc == -EPROTO ? KD_GRPC_INTERNAL : c->fail_status;
         if (c->h->o.server)
-            fail_server_call(c, KD_GRPC_INTERNAL, msg);
+            fail_server_call(c, st, msg);
         else
-            kd_h2_call_cancel(c, KD_GRPC_INTERNAL, msg);
+            kd_h2_call_cancel(c, st, msg);
     } else if (rc < 0) {
         if (c->h->o.server)
             fail_server_call(c, KD_GRPC_INTERNAL, "grpc: handler failed");
@@ -497,6 +537,24 @@ static int server_request_ready(struct kd_h2 *h, struct kd_h2_call *c, bool end_
             return 0;
         }
     }
+    size_t elen = 0, alen = 0;
+    const char *enc = hdrs_find(&c->hdr, "grpc-encoding", &elen);
+    if (enc != NULL) {
+        int alg = kd_compress_alg_parse(enc, elen);
+        if (alg < 0) {
+            char m[160];
+            snprintf(m, sizeof(m), "grpc: Decompressor is not installed for grpc-encoding \"%.*s\"",
+                     (int)(elen > 64 ? 64 : elen), enc);
+            /* the trailers-only response carries grpc-accept-encoding, as grpc-go's does */
+            kd_h2_call_finish(c, KD_GRPC_UNIMPLEMENTED, m, NULL, 0);
+            return 0;
+        }
+        c->recv_alg = (uint8_t)alg;
+    }
+    const char *acc = hdrs_find(&c->hdr, "grpc-accept-encoding", &alen);
+    if (h->o.send_compression != KD_COMPRESS_IDENTITY && acc != NULL &&
+        kd_compress_accepts(acc, alen, h->o.send_compression))
+        c->send_alg = h->o.send_compression;
     c->remote_closed = end_stream;
     int rc = h->o.on_call ? h->o.on_call(h->o.ud, c) : KD_GRPC_UNIMPLEMENTED;
     if (rc != 0 || c->handler == NULL) {
@@ -568,6 +626,17 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *f, void *ud)
         } else {
             if (!c->got_headers && !end) {
                 c->got_headers = true;
+                size_t elen = 0;
+                const char *enc = hdrs_find(&c->hdr, "grpc-encoding", &elen);
+                int alg = enc ? kd_compress_alg_parse(enc, elen) : KD_COMPRESS_IDENTITY;
+                if (alg < 0) {
+                    char m[160];
+                    snprintf(m, sizeof(m), "grpc: Decompressor is not installed for grpc-encoding \"%.*s\"",
+                             (int)(elen > 64 ? 64 : elen), enc);
+                    kd_h2_call_cancel(c, KD_GRPC_INTERNAL, m);
+                    break;
+                }
+                c->recv_alg = (uint8_t)alg;
                 if (c->handler && c->handler->on_headers && c->handler->on_headers(c) < 0)
                     kd_h2_call_cancel(c, KD_GRPC_CANCELLED, "grpc: handler refused headers");
             } else if (end) {
@@ -791,6 +860,8 @@ void kd_h2_free(struct kd_h2 *h)
         call_free(c);
     }
     nghttp2_session_del(h->s);
+    kd_inflater_free(h->inf);
+    kd_deflater_free(h->def);
     free(h);
 }
 
@@ -920,7 +991,7 @@ struct kd_h2_call *kd_h2_call_start(struct kd_h2 *h, const char *path, const cha
                                     const struct kd_h2_header *md, size_t nmd, uint64_t now,
                                     uint64_t timeout_us, const struct kd_h2_handler *handler, void *user)
 {
-    nghttp2_nv nva[72];
+    nghttp2_nv nva[76];
     size_t n = 0;
     char tbuf[16];
     if (nmd > 64)
@@ -935,6 +1006,11 @@ struct kd_h2_call *kd_h2_call_start(struct kd_h2 *h, const char *path, const cha
     nva[n++] = mknv(":authority", 10, authority, strlen(authority));
     nva[n++] = NV_LIT("content-type", "application/grpc");
     nva[n++] = NV_LIT("te", "trailers");
+    nva[n++] = NV_LIT("grpc-accept-encoding", KD_COMPRESS_ACCEPT_ENCODING);
+    if (h->o.send_compression != KD_COMPRESS_IDENTITY) {
+        c->send_alg = h->o.send_compression;
+        nva[n++] = NV_LIT("grpc-encoding", kd_compress_alg_name(c->send_alg));
+    }
     if (timeout_us > 0) {
         kd_grpc_timeout_format(timeout_us, tbuf);
         nva[n++] = mknv("grpc-timeout", 12, tbuf, strlen(tbuf));
@@ -1015,6 +1091,9 @@ static int submit_response_headers(struct kd_h2_call *c, const struct kd_h2_head
         return -EINVAL;
     nva[k++] = NV_LIT(":status", "200");
     nva[k++] = NV_LIT("content-type", "application/grpc");
+    nva[k++] = NV_LIT("grpc-accept-encoding", KD_COMPRESS_ACCEPT_ENCODING);
+    if (c->send_alg != KD_COMPRESS_IDENTITY)
+        nva[k++] = NV_LIT("grpc-encoding", kd_compress_alg_name(c->send_alg));
     for (size_t i = 0; i < n; i++)
         nva[k++] = mknv(md[i].name, md[i].namelen, md[i].value, md[i].valuelen);
     nghttp2_data_provider prd = {.source.ptr = c, .read_callback = read_cb};
@@ -1037,9 +1116,29 @@ int kd_h2_call_send_message(struct kd_h2_call *c, const uint8_t *data, size_t le
         return -EPIPE;
     if (len > UINT32_MAX - KD_CHUNKPOOL_SLACK - sizeof(struct chunk))
         return -EMSGSIZE;
-    kd_grpc_frame_prefix(pfx, (uint32_t)len);
-    if (queue_message(c, pfx, data, len) < 0)
-        return -ENOMEM;
+    if (c->send_alg != KD_COMPRESS_IDENTITY && len > 0) {
+        /* Empty messages go uncompressed, as grpc-go sends them (a gzip of nothing is 20 bytes). */
+        struct kd_h2 *h = c->h;
+        struct kd_compress_buf z;
+        if (h->def == NULL && (h->def = kd_deflater_new(0)) == NULL)
+            return -ENOMEM;
+        int rc = kd_deflater_run(h->def, c->send_alg, data, len, &z);
+        if (rc < 0)
+            return rc;
+        if (z.len > UINT32_MAX - KD_CHUNKPOOL_SLACK - sizeof(struct chunk)) {
+            kd_compress_buf_release(&z);
+            return -EMSGSIZE;
+        }
+        kd_grpc_frame_prefix_flag(pfx, (uint32_t)z.len, true);
+        rc = queue_message(c, pfx, z.data, z.len);
+        kd_compress_buf_release(&z);
+        if (rc < 0)
+            return -ENOMEM;
+    } else {
+        kd_grpc_frame_prefix(pfx, (uint32_t)len);
+        if (queue_message(c, pfx, data, len) < 0)
+            return -ENOMEM;
+    }
     if (c->h->o.server && !c->headers_sent) {
         int rc = submit_response_headers(c, NULL, 0);
         if (rc < 0)
@@ -1072,6 +1171,7 @@ int kd_h2_call_finish(struct kd_h2_call *c, int status, const char *message, con
             n = 64;
         nva[k++] = NV_LIT(":status", "200");
         nva[k++] = NV_LIT("content-type", "application/grpc");
+        nva[k++] = NV_LIT("grpc-accept-encoding", KD_COMPRESS_ACCEPT_ENCODING);
         nva[k++] = mknv("grpc-status", 11, st, strlen(st));
         if (elen > 0)
             nva[k++] = mknv("grpc-message", 12, enc, elen);

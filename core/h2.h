@@ -63,6 +63,12 @@ struct kd_h2_opts {
     uint32_t header_budget;
     uint32_t initial_window;       /* per-stream receive window */
     uint32_t ping_min_interval_ms; /* server: pings closer than this are strikes; 0 = no policy */
+    /* enum kd_compress_alg (core/compress.h); 0 = identity. Server: compress response messages with
+     * it for callers whose grpc-accept-encoding lists it. Client: every call sends grpc-encoding and
+     * compresses every non-empty message. Inbound, gzip and deflate are always accepted (the flag
+     * with identity is INTERNAL, other encodings UNIMPLEMENTED) and handlers see inflated bytes;
+     * max_message bounds both the wire size and the inflated size (RESOURCE_EXHAUSTED). */
+    uint8_t send_compression;
     /* Server: a new call. */
     int (*on_call)(void *ud, struct kd_h2_call *c);
     /* Either side: the peer sent GOAWAY (client: stop using this session for new calls). */

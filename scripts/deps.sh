@@ -9,6 +9,7 @@ KASD_PACKAGES=(
   libh2o-evloop-dev   # observability listener (core/httpd.c)
   libprotobuf-c-dev protobuf-c-compiler
   libhiredis-dev      # RESP2 codec only (core/resp.c); kasd does the Redis I/O itself
+  zlib1g-dev          # gRPC message compression (core/compress.c)
   redis-server
   python3
 )

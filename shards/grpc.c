@@ -683,6 +683,7 @@ static int server_open(struct kd_conn *c, bool adopted)
         .max_header_list = cfg->max_header_list,
         .initial_window = 1u << 20,
         .ping_min_interval_ms = cfg->ping_min_interval_ms,
+        .send_compression = cfg->response_compression,
         .on_call = server_on_call,
         .ud = g,
     };
@@ -917,6 +918,7 @@ struct kd_grpc_channel *kd_grpc_channel_open(struct kd_shard *s, const struct kd
         .max_concurrent_streams = 100,
         .max_header_list = 65536,
         .initial_window = 1u << 20,
+        .send_compression = o->compression,
         .on_goaway = client_goaway,
         .ud = g,
     };

@@ -52,6 +52,7 @@ struct kd_grpc_server_cfg {
     uint32_t max_connection_age_ms;        /* 0 = none; GOAWAY after age ± 10 % jitter */
     uint32_t max_connection_age_grace_ms;  /* then close after this much longer; default 60 s */
     uint32_t handshake_timeout_ms;         /* no complete preface/TLS handshake by then: close */
+    uint8_t response_compression; /* enum kd_compress_alg: 0 identity; gzip for callers accepting it */
     /* A connection of this listener closed; `user` is what kd_grpc_conn_set_user stored (or NULL).
      * Runs on the connection's shard after every call on it has ended. */
     void (*on_conn_close)(struct kd_shard *s, void *user);
@@ -110,6 +111,7 @@ struct kd_grpc_channel_opts {
     struct kd_tls_ctx *tls;  /* NULL: h2c */
     const char *server_name; /* TLS: SNI and verified name */
     uint32_t max_message;    /* default 4 MiB */
+    uint8_t compression; /* enum kd_compress_alg: every call sends grpc-encoding and compressed messages */
 };
 
 /* Open a connection from shard s. Calls may start at once; they go out once connected, or end

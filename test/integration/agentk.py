@@ -731,11 +731,13 @@ class AgentK:
                  register=True, register_interval=300.0, backoff=(1.0, 20.0), max_streams=500,
                  open_batch=None,
                  agent_meta=None, root_certificates=None, server_name=None, extra_metadata=(),
-                 linger=10.0):
+                 linger=10.0, compression=None):
         if violation is not None and violation not in VIOLATIONS:
             raise ValueError(f"unknown violation {violation!r}; one of {sorted(VIOLATIONS)}")
         self.addr = addr
         self.token = token
+        # grpc.Compression.Gzip: every call compressed, as real agentk (grpc-go, gzip by default)
+        self.compression = compression
         self.idle = idle
         self.handlers = dict(DEFAULT_HANDLERS)
         self.handlers.update(handlers or {})
@@ -806,8 +808,8 @@ class AgentK:
             if self.server_name:
                 opts.append(("grpc.ssl_target_name_override", self.server_name))
             creds = grpc.ssl_channel_credentials(root_certificates=self.root_certificates)
-            return grpc.secure_channel(self.addr, creds, options=opts)
-        return grpc.insecure_channel(self.addr, options=opts)
+            return grpc.secure_channel(self.addr, creds, options=opts, compression=self.compression)
+        return grpc.insecure_channel(self.addr, options=opts, compression=self.compression)
 
     def _backoff(self, failures):
         lo, hi = self.backoff

@@ -323,6 +323,72 @@ class BadInput(unittest.TestCase):
         self.ok()
 
 
+def vm_hwm_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+class Compression(unittest.TestCase):
+    """grpcio callers that compress (as agentk's grpc-go does, with gzip) and a server that answers
+    compressed when configured to."""
+
+    def run_calls(self, addr, compression):
+        with grpc.insecure_channel(addr, compression=compression) as ch:
+            # random bytes grow a little when compressed: the largest stays under the 4 MiB wire limit
+            for size in (0, 1, 100, 65536, 1 << 20, 4 << 20):
+                data = bytes((i * 7) % 251 for i in range(size)) if size < 70000 else os.urandom(size)
+                if size == 4 << 20:
+                    data = b"kasd" * (1 << 20)  # 4 MiB inflated, a few KiB compressed
+                self.assertEqual(ch.unary_unary("/test.Echo/Unary")(data, timeout=30), data, size)
+            msgs = [f"msg {i}".encode() * 50 for i in range(50)]
+            self.assertEqual(list(ch.stream_stream("/test.Echo/Bidi")(iter(msgs), timeout=30)), msgs)
+            reply = ch.stream_unary("/test.Echo/ClientStream")(iter([b"q" * 10000] * 30), timeout=30)
+            self.assertEqual(reply, b"300000")
+
+    def test_gzip_and_deflate_callers(self):
+        srv = Server()
+        try:
+            for comp in (grpc.Compression.Gzip, grpc.Compression.Deflate, grpc.Compression.NoCompression):
+                with self.subTest(comp=comp):
+                    self.run_calls(srv.addr, comp)
+        finally:
+            self.assertEqual(srv.stop(), 0)
+
+    def test_gzip_responses_decoded_by_grpcio(self):
+        srv = Server("--response-gzip")
+        try:
+            for comp in (grpc.Compression.Gzip, grpc.Compression.NoCompression):
+                with self.subTest(comp=comp):
+                    self.run_calls(srv.addr, comp)
+        finally:
+            self.assertEqual(srv.stop(), 0)
+
+    def test_gzip_bomb_resource_exhausted_and_memory_bounded(self):
+        srv = Server()
+        try:
+            with grpc.insecure_channel(srv.addr, compression=grpc.Compression.Gzip) as ch:
+                call = ch.unary_unary("/test.Echo/Unary")
+                self.assertEqual(call(b"warm", timeout=10), b"warm")
+                before = vm_hwm_kib(srv.proc.pid)
+                bomb = bytes(256 << 20)  # 256 MiB of zeros: about 250 KiB on the wire
+                for _ in range(3):
+                    with self.assertRaises(grpc.RpcError) as cm:
+                        call(bomb, timeout=60)
+                    self.assertEqual(cm.exception.code(), grpc.StatusCode.RESOURCE_EXHAUSTED)
+                    self.assertIn("after decompression larger than max", cm.exception.details())
+                grown = vm_hwm_kib(srv.proc.pid) - before
+                # the limit is 4 MiB: the message buffer plus zlib's state, nowhere near 256 MiB
+                # (an ASan build keeps freed buffers in quarantine: more slack there)
+                slack = 96 * 1024 if "ASAN_OPTIONS" in os.environ else 24 * 1024
+                self.assertLess(grown, slack, f"kasd's peak RSS grew {grown} KiB")
+                self.assertEqual(call(b"after", timeout=10), b"after")
+        finally:
+            self.assertEqual(srv.stop(), 0)
+
+
 class Shutdown(unittest.TestCase):
     def test_shutdown_mid_call_gives_unavailable_not_hang(self):
         srv = Server()

@@ -328,6 +328,76 @@ limits:
                 self.assertEqual(ch.unary_unary("/grpc.health.v1.Health/Check")(b"", timeout=5), b"\x08\x01")
 
 
+class Compressed(unittest.TestCase):
+    """A gzip agent (as real agentk) and gzip, deflate and identity callers, routed through kasd:
+    compression is per hop, so every combination gives the same bytes."""
+
+    def test_gzip_agent_any_caller(self):
+        d = tempfile.mkdtemp(prefix="kasd-routing-gz-")
+        token = base64.urlsafe_b64encode(os.urandom(24)).decode()
+        with open(os.path.join(d, "tokens.yaml"), "w") as f:
+            f.write(f"agents:\n  - token: \"{token}\"\n    agent_id: 5\n    project_id: 105\n"
+                    f"    agent_name: agent-5\n")
+        secret = gitlab_client.generate_secret()
+        gitlab_client.write_secret(os.path.join(d, "api-secret"), secret)
+        for resp in ("identity", "gzip"):
+            cfg = f"""\
+shards: 2
+agent:
+  listen:
+    address: 127.0.0.1:0
+  token_file: {d}/tokens.yaml
+api:
+  listen:
+    address: 127.0.0.1:0
+    authentication_secret_file: {d}/api-secret
+private_api:
+  listen:
+    address: 127.0.0.1:0
+observability:
+  listen:
+    address: 127.0.0.1:0
+grpc:
+  response_compression: {resp}
+limits:
+  routing_timeout: 2s
+  shutdown_grace: 3s
+"""
+            kasd = Kasd(config=cfg)
+            self.assertTrue(kasd.started, kasd.log())
+            agent = AgentK("%s:%d" % kasd.listeners["agent"], token, idle=2,
+                           compression=grpc.Compression.Gzip).start()
+            try:
+                agent.wait_for(lambda s: s["tunnels_idle"] >= 2 and s["registers"] >= 1, timeout=15)
+                api = "%s:%d" % kasd.listeners["api"]
+                # grpc.default_compression_algorithm: 0 identity, 1 deflate, 2 gzip
+                for alg in (0, 2, 1):
+                    with self.subTest(response=resp, caller=alg):
+                        gl = GitLabClient(api, secret, options=[("grpc.default_compression_algorithm", alg)])
+                        try:
+                            data = b"kas" * 30000 + os.urandom(1000)
+                            got, _ = gl.unary("/test.Echo/Unary", data, agent_id=5, timeout=10)
+                            self.assertEqual(got, data)
+                            chunks = [os.urandom(20000) + b"z" * 40000 for _ in range(20)]
+                            res = collect(gl.stream("/test.Echo/Stream", iter(chunks), agent_id=5, timeout=30))
+                            self.assertEqual(res.code, grpc.StatusCode.OK, res.details)
+                            self.assertEqual(b"".join(res.messages), b"".join(chunks))
+                            # per hop: the agent never sees the caller's encoding headers
+                            meta, _ = gl.unary("/test.Echo/Meta", b"", agent_id=5, timeout=10,
+                                               metadata=(("x-foo", "bar"),))
+                            keys = [l.split(b"=", 1)[0] for l in meta.splitlines()]
+                            self.assertIn(b"x-foo", keys)
+                            self.assertNotIn(b"grpc-encoding", keys)
+                            self.assertNotIn(b"grpc-accept-encoding", keys)
+                        finally:
+                            gl.close()
+            finally:
+                agent.stop(2)
+                rc = kasd.stop()
+                kasd.kill()
+            self.assertEqual(rc, 0, kasd.log())
+
+
 class Reload(unittest.TestCase):
     def test_sighup_reloads_tokens(self):
         d = tempfile.mkdtemp(prefix="kasd-reload-")

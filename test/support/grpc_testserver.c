@@ -22,6 +22,7 @@
 
 #include "core/log.h"
 #include "core/tls.h"
+#include "core/compress.h"
 #include "shards/grpc.h"
 #include "shards/server.h"
 
@@ -228,11 +229,16 @@ int main(int argc, char **argv)
     const char *cert = NULL, *key = NULL;
     unsigned shards = 2;
     uint32_t max_message = 0, age_ms = 0, grace_ms = 0, handshake_ms = 0;
-    static const struct option lo[] = {
-        {"cert", required_argument, NULL, 'c'},         {"key", required_argument, NULL, 'k'},
-        {"shards", required_argument, NULL, 's'},       {"max-message", required_argument, NULL, 'm'},
-        {"max-age-ms", required_argument, NULL, 'a'},   {"grace-ms", required_argument, NULL, 'g'},
-        {"handshake-ms", required_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
+    bool response_gzip = false;
+    static const struct option lo[] = {{"cert", required_argument, NULL, 'c'},
+                                       {"key", required_argument, NULL, 'k'},
+                                       {"shards", required_argument, NULL, 's'},
+                                       {"max-message", required_argument, NULL, 'm'},
+                                       {"max-age-ms", required_argument, NULL, 'a'},
+                                       {"grace-ms", required_argument, NULL, 'g'},
+                                       {"handshake-ms", required_argument, NULL, 'h'},
+                                       {"response-gzip", no_argument, NULL, 'z'},
+                                       {NULL, 0, NULL, 0}};
     int opt;
     while ((opt = getopt_long(argc, argv, "", lo, NULL)) != -1) {
         switch (opt) {
@@ -256,6 +262,9 @@ int main(int argc, char **argv)
             break;
         case 'h':
             handshake_ms = (uint32_t)atoi(optarg);
+            break;
+        case 'z':
+            response_gzip = true;
             break;
         default:
             return 2;
@@ -282,6 +291,7 @@ int main(int argc, char **argv)
         cfg[i].max_connection_age_ms = age_ms;
         cfg[i].max_connection_age_grace_ms = grace_ms;
         cfg[i].handshake_timeout_ms = handshake_ms;
+        cfg[i].response_compression = response_gzip ? KD_COMPRESS_GZIP : KD_COMPRESS_IDENTITY;
         kd_grpc_server_cfg_defaults(&cfg[i]);
     }
     char err[512];

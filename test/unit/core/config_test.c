@@ -483,7 +483,7 @@ Test(config, unknown_keys_everywhere)
 {
     static const struct error_case cases[] = {
         {"lisen: 1\n", "kasd.yaml:1:1: lisen: unknown key (expected one of: shards, agent, api, private_api, "
-                       "observability, redis, limits, log)"},
+                       "observability, redis, limits, log, grpc)"},
         {"agent:\n  lisen: 1\n",
          "kasd.yaml:2:3: agent.lisen: unknown key (expected one of: listen, token_file)"},
         {"agent:\n  listen:\n    authentication_secret_file: x\n",
@@ -518,7 +518,7 @@ Test(config, unknown_keys_everywhere)
         /* Keys are case-sensitive, like kas's. */
         {"Shards: 1\n",
          "kasd.yaml:1:1: Shards: unknown key (expected one of: shards, agent, api, private_api, "
-         "observability, redis, limits, log)"},
+         "observability, redis, limits, log, grpc)"},
     };
 
     EXPECT_ERRORS(cases);
@@ -528,7 +528,7 @@ Test(config, odd_keys_are_quoted_and_escaped)
 {
     static const struct error_case cases[] = {
         {"'': 1\n", "kasd.yaml:1:1: \"\": unknown key (expected one of: shards, agent, api, private_api, "
-                    "observability, redis, limits, log)"},
+                    "observability, redis, limits, log, grpc)"},
         {"log:\n  \"le vel\\t\": x\n", "kasd.yaml:2:3: log.\"le vel\\x09\": unknown key (expected: level)"},
         {"log:\n  \"l\\u00e9vel\": x\n",
          "kasd.yaml:2:3: log.\"l\\xc3\\xa9vel\": unknown key (expected: level)"},
@@ -846,7 +846,7 @@ Test(config, anchors_aliases_and_tags_are_refused)
         {"&top\nshards: 1\n", "kasd.yaml:1:1: anchors are not supported (anchor \"top\")"},
         {"a: &a [1, 2]\nb: &b [*a, *a]\n",
          "kasd.yaml:1:1: a: unknown key (expected one of: shards, agent, api, "
-         "private_api, observability, redis, limits, log)"},
+         "private_api, observability, redis, limits, log, grpc)"},
         {"log:\n  level: &l info\n", "kasd.yaml:2:10: log.level: anchors are not supported (anchor \"l\")"},
         {"shards: !!int 4\n",
          "kasd.yaml:1:9: shards: tags are not supported (tag \"tag:yaml.org,2002:int\")"},
@@ -1359,4 +1359,20 @@ Test(config, redis_secrets_tls_and_sentinel_errors)
     kd_config_free(&c);
     unlink(empty);
     free(empty);
+}
+
+Test(config, grpc_response_compression)
+{
+    struct kd_config c;
+    kd_config_defaults(&c);
+    cr_assert_eq(c.grpc.response_compression, 0, "identity by default");
+    kd_config_free(&c);
+    expect_ok(&c, "grpc:\n  response_compression: gzip\n");
+    cr_assert_eq(c.grpc.response_compression, 1);
+    kd_config_free(&c);
+    expect_ok(&c, "grpc:\n  response_compression: identity\n");
+    cr_assert_eq(c.grpc.response_compression, 0);
+    kd_config_free(&c);
+    expect_error("grpc:\n  response_compression: snappy\n",
+                 "kasd.yaml:2:25: grpc.response_compression: expected identity or gzip, got \"snappy\"");
 }

@@ -10,14 +10,16 @@ struct seen {
     int n;
     size_t lens[64];
     uint8_t first[64];
+    bool compressed[64];
     int fail_at; /* return -EIO at this message index (or -1) */
 };
 
-static int collect(void *ud, const uint8_t *msg, size_t len)
+static int collect(void *ud, const uint8_t *msg, size_t len, bool compressed)
 {
     struct seen *s = ud;
     if (s->n == s->fail_at)
         return -EIO;
+    s->compressed[s->n] = compressed;
     s->lens[s->n] = len;
     s->first[s->n] = len ? msg[0] : 0;
     s->n++;
@@ -71,8 +73,13 @@ Test(grpc, deframe_limits_and_flags)
     kd_grpc_deframer_free(&d);
 
     kd_grpc_deframer_init(&d, 100);
-    uint8_t compressed[] = {1, 0, 0, 0, 1, 'x'};
-    cr_assert_eq(kd_grpc_deframer_feed(&d, compressed, sizeof(compressed), collect, &s), -EPROTO);
+    /* the compressed flag is passed on, not refused: inflating is the HTTP/2 layer's business */
+    uint8_t compressed[] = {1, 0, 0, 0, 1, 'x', 0, 0, 0, 0, 1, 'y'};
+    cr_assert_eq(kd_grpc_deframer_feed(&d, compressed, sizeof(compressed), collect, &s), 0);
+    cr_assert_eq(s.n, 2);
+    cr_assert(s.compressed[0]);
+    cr_assert_not(s.compressed[1]);
+    s.n = 0;
     kd_grpc_deframer_free(&d);
 
     kd_grpc_deframer_init(&d, 100);

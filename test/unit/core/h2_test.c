@@ -2,10 +2,12 @@
  * around the output chunk classes (core/chunkpool.h) are echoed byte for byte and in order, many
  * small messages share chunks, and the chunks go back to the thread's pool. */
 #include <criterion/criterion.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "core/chunkpool.h"
+#include "core/compress.h"
 #include "core/grpc.h"
 #include "core/h2.h"
 
@@ -374,4 +376,141 @@ Test(h2, header_budget_bounds_the_connection_not_one_call)
     cr_assert_eq(c.status, KD_GRPC_OK);
     cr_assert_eq(kd_h2_counters(p.srv)->headers_refused, 2);
     pair_close(&p);
+}
+
+/* ---- compression: grpc-encoding on both sides, refusals in grpc-go's words ---- */
+
+struct zexpect {
+    struct expect e;
+    char message[256];
+    char resp_encoding[32];
+    char trailer_accept[64];
+    int n_accept;
+};
+
+static int z_headers(struct kd_h2_call *c)
+{
+    struct zexpect *z = kd_h2_call_user(c);
+    size_t n = 0;
+    const char *v = kd_h2_call_header_value(c, "grpc-encoding", &n);
+    snprintf(z->resp_encoding, sizeof(z->resp_encoding), "%.*s", v ? (int)n : 0, v ? v : "");
+    return 0;
+}
+
+static void z_done(struct kd_h2_call *c, int status, const char *message)
+{
+    struct zexpect *z = kd_h2_call_user(c);
+    struct kd_h2_header hh;
+    for (size_t i = 0; kd_h2_call_trailer(c, i, &hh); i++)
+        if (hh.namelen == 20 && memcmp(hh.name, "grpc-accept-encoding", 20) == 0 && ++z->n_accept)
+            snprintf(z->trailer_accept, sizeof(z->trailer_accept), "%.*s", (int)hh.valuelen, hh.value);
+    snprintf(z->message, sizeof(z->message), "%s", message);
+    z->e.status = status;
+    z->e.done = true;
+}
+
+static const struct kd_h2_handler z_handler = {
+    .on_headers = z_headers,
+    .on_message = client_message,
+    .on_done = z_done,
+};
+
+static char seen_req_encoding[32];
+
+static int z_on_call(void *ud, struct kd_h2_call *c)
+{
+    size_t n = 0;
+    const char *v = kd_h2_call_header_value(c, "grpc-encoding", &n);
+    snprintf(seen_req_encoding, sizeof(seen_req_encoding), "%.*s", v ? (int)n : 0, v ? v : "");
+    return on_call(ud, c);
+}
+
+/* Echo sizes through a client sending with cli_alg to a server answering with srv_alg (when the
+ * client accepts it, which kasd's client always does). md: extra request metadata. */
+static void z_run(uint8_t cli_alg, uint8_t srv_alg, uint32_t max, const size_t *sizes, size_t n,
+                  const struct kd_h2_header *md, size_t nmd, struct zexpect *z)
+{
+    struct kd_h2_opts so = {
+        .server = true,
+        .max_message = max,
+        .max_concurrent_streams = 100,
+        .max_header_list = 16384,
+        .initial_window = 1u << 20,
+        .on_call = z_on_call,
+        .send_compression = srv_alg,
+    };
+    struct kd_h2_opts co = so;
+    co.server = false;
+    co.on_call = NULL;
+    co.max_message = 64u << 20;
+    co.send_compression = cli_alg;
+    struct kd_h2 *srv = kd_h2_new(&so), *cli = kd_h2_new(&co);
+    struct side cs = {.h = cli, .peer = srv}, ss = {.h = srv, .peer = cli};
+    z->e = (struct expect){.sizes = sizes, .n = n, .status = -1};
+    seen_req_encoding[0] = '\0';
+    struct kd_h2_call *call =
+        kd_h2_call_start(cli, "/t.Echo/Bidi", "localhost", md, nmd, 0, 0, &z_handler, z);
+    cr_assert_not_null(call);
+    for (size_t i = 0; i < n; i++) {
+        uint8_t *m = malloc(sizes[i] + 1);
+        fill(m, sizes[i], i);
+        int rc = kd_h2_call_send_message(call, m, sizes[i]);
+        free(m);
+        if (rc < 0)
+            break;
+        pump(&cs, &ss);
+        if (z->e.done)
+            break;
+    }
+    if (!z->e.done)
+        kd_h2_call_close_send(call);
+    pump(&cs, &ss);
+    cr_assert(z->e.done, "call not finished");
+    kd_h2_free(cli);
+    kd_h2_free(srv);
+}
+
+Test(h2, compressed_both_ways)
+{
+    static const size_t sizes[] = {0, 1, 100, 5000, 70000, 1u << 20, 3};
+    static const uint8_t algs[][2] = {{KD_COMPRESS_GZIP, 0},
+                                      {KD_COMPRESS_DEFLATE, 0},
+                                      {KD_COMPRESS_GZIP, KD_COMPRESS_GZIP},
+                                      {0, KD_COMPRESS_GZIP},
+                                      {0, 0}};
+    for (size_t k = 0; k < sizeof(algs) / sizeof(algs[0]); k++) {
+        struct zexpect z;
+        memset(&z, 0, sizeof(z));
+        z_run(algs[k][0], algs[k][1], 4u << 20, sizes, 7, NULL, 0, &z);
+        cr_assert_eq(z.e.status, KD_GRPC_OK, "case %zu: %d %s", k, z.e.status, z.message);
+        cr_assert_eq(z.e.got, 7, "every message echoed inflated, byte for byte");
+        cr_assert_str_eq(seen_req_encoding, algs[k][0] ? kd_compress_alg_name(algs[k][0]) : "");
+        cr_assert_str_eq(z.resp_encoding, algs[k][1] ? "gzip" : "", "case %zu", k);
+    }
+}
+
+Test(h2, unknown_encoding_is_unimplemented_with_accept_encoding)
+{
+    static const struct kd_h2_header md[] = {{"grpc-encoding", 13, "snappy", 6}};
+    static const size_t sizes[] = {10};
+    struct zexpect z;
+    memset(&z, 0, sizeof(z));
+    z_run(0, 0, 1u << 20, sizes, 1, md, 1, &z);
+    cr_assert_eq(z.e.status, KD_GRPC_UNIMPLEMENTED);
+    cr_assert_str_eq(z.message, "grpc: Decompressor is not installed for grpc-encoding \"snappy\"");
+    cr_assert_str_eq(z.trailer_accept, KD_COMPRESS_ACCEPT_ENCODING);
+    cr_assert_eq(z.n_accept, 1, "grpc-accept-encoding once");
+}
+
+Test(h2, inflated_size_bounded_by_max_message)
+{
+    /* 1 MiB compresses far below the 64 KiB limit on the wire, but inflates above it */
+    static const size_t sizes[] = {1000, 1u << 20};
+    struct zexpect z;
+    memset(&z, 0, sizeof(z));
+    z_run(KD_COMPRESS_GZIP, 0, 65536, sizes, 2, NULL, 0, &z);
+    cr_assert_eq(z.e.status, KD_GRPC_RESOURCE_EXHAUSTED, "%d %s", z.e.status, z.message);
+    cr_assert_str_eq(z.message,
+                     "grpc: received message after decompression larger than max (65537 vs. 65536)");
+    cr_assert_eq(z.e.got, 1);
 }
