@@ -35,6 +35,10 @@ for tool in go gofmt protoc protoc-gen-go protoc-gen-go-grpc; do
 done
 
 outdir=$(realpath "$outdir")
+out_agent=$(realpath -m "$out_agent")
+out_client=$(realpath -m "$out_client")
+src=$(realpath "$src")
+proto_dir=$(realpath "$proto_dir")
 gopath=$outdir/gopath
 export GO111MODULE=off GOFLAGS= GOPROXY=off GOPATH=$gopath:/usr/share/gocode \
        GOCACHE=$outdir/gocache GOTOOLCHAIN=local CGO_ENABLED=0
