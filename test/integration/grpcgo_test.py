@@ -263,7 +263,10 @@ limits:
             for face in ("agent:\n  listen:\n    address: 127.0.0.1:0\n", "api:\n  listen:\n    address: 127.0.0.1:0\n"):
                 cfg = cfg.replace(face, face + tls)
         cls.kasd = Kasd(config=cfg)
-        assert cls.kasd.started, cls.kasd.log()
+        if not cls.kasd.started:
+            cls.kasd.kill()
+            cls.redis.kill()
+            raise AssertionError(cls.kasd.log())
         host = "localhost" if cls.tls else "127.0.0.1"
         cls.agent_port = cls.kasd.listeners["agent"][1]
         cls.api_addr = "%s:%d" % (host, cls.kasd.listeners["api"][1])
@@ -325,18 +328,24 @@ class GrpcGo(GoPeers, unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.start("grpcgo")
-        cls.agent_addr = "grpc://127.0.0.1:%d" % cls.agent_port
-        cls.a1 = cls.agent(1, cls.agent_addr, "--keepalive-time", "20s")
-        cls.proxy = H2PingProxy(("127.0.0.1", cls.agent_port))
-        cls.idle = cls.agent(2, "grpc://" + cls.proxy.address)   # agentk's own 55 s keepalive
-        cls.idle_started = time.monotonic()
+        cls.proxy = None
+        try:
+            cls.agent_addr = "grpc://127.0.0.1:%d" % cls.agent_port
+            cls.a1 = cls.agent(1, cls.agent_addr, "--keepalive-time", "20s")
+            cls.proxy = H2PingProxy(("127.0.0.1", cls.agent_port))
+            cls.idle = cls.agent(2, "grpc://" + cls.proxy.address)   # agentk's own 55 s keepalive
+            cls.idle_started = time.monotonic()
+        except BaseException:
+            cls.tearDownClass()  # unittest does not call it when setUpClass fails
+            raise
 
     @classmethod
     def tearDownClass(cls):
         try:
             cls.stop()
         finally:
-            cls.proxy.close()
+            if cls.proxy:
+                cls.proxy.close()
 
     def test_1a_registers_and_is_listed(self):
         self.a1.wait_ready()
@@ -482,6 +491,6 @@ class GrpcGoTls(GoPeers, unittest.TestCase):
 if __name__ == "__main__":
     result = unittest.main(exit=False, verbosity=2).result
     failed = len(result.failures) + len(result.errors)
-    print(f"{result.testsRun - failed - len(result.skipped)} passed, {failed} failed, "
+    print(f"{max(0, result.testsRun - failed - len(result.skipped))} passed, {failed} failed, "
           f"{len(result.skipped)} skipped")
     sys.exit(1 if failed else 0)
