@@ -314,8 +314,7 @@ uint64_t kd_agentcfg_fingerprint(const char *dir)
         for (const char *c = de->d_name; *c; c++)
             h = (h ^ (uint8_t)*c) * 1099511628211ull;
         h = mix(h ^ mix((uint64_t)st.st_size) ^ mix((uint64_t)st.st_ino * 3) ^
-                mix((uint64_t)st.st_mtim.tv_sec * 1000000000ull + (uint64_t)st.st_mtim.tv_nsec) ^
-                mix((uint64_t)st.st_ctim.tv_nsec + 7));
+                mix((uint64_t)st.st_mtim.tv_sec * 1000000000ull + (uint64_t)st.st_mtim.tv_nsec));
         sum += h;
         count++;
     }

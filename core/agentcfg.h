@@ -49,7 +49,8 @@ size_t kd_agentcfg_count(const struct kd_agentcfg_set *s);
 uint64_t kd_agentcfg_generation(const struct kd_agentcfg_set *s);
 
 /* A digest of the names, sizes, inode numbers and modification times of the directory's *.yaml
- * files (order independent): it changes whenever a load could give a different answer. 0 when the
+ * files (order independent). An edit that keeps a file's size and modification time (a tool that
+ * restores mtime) goes unnoticed: that is what SIGHUP is for. 0 when the
  * directory cannot be read. Costs one readdir and one fstatat per file. */
 uint64_t kd_agentcfg_fingerprint(const char *dir);
 
