@@ -8,11 +8,13 @@
 #include <unistd.h>
 
 #include "cmd/dev.h"
+#include "core/agentcfg.h"
 #include "core/config.h"
 #include "core/log.h"
 #include "core/jwt.h"
 #include "core/tls.h"
 #include "core/tokens.h"
+#include "shards/agentconfig.h"
 #include "shards/kas.h"
 #include "shards/conn.h"
 #include "shards/control.h"
@@ -48,6 +50,37 @@ static void reload_tokens(const struct kd_config *cfg, struct kd_kas *kas, struc
                    "a shard did not pass a quiescent point in 5 s; the old "
                    "table is kept (not freed)");
     kd_log_msg(KD_LOG_INFO, "tokens_reloaded", "%s", cfg->agent.token_file);
+}
+
+/* Agent configuration files (agent.configuration_dir): load the directory again and swap the new
+ * set in, freeing the old one after a grace period exactly like the token table; the shards notice
+ * the new generation on their next turn (the grace period wakes them) and push what changed.
+ * Called on SIGHUP and when the directory's fingerprint changed. A directory that cannot be read
+ * keeps the previous set (logged once per change of the fingerprint, never in a loop). */
+static void reload_agentcfg(const struct kd_config *cfg, struct kd_kas *kas, struct kd_server *srv)
+{
+    if (kas->agentcfg == NULL)
+        return;
+    struct kd_agentcfg_set *fresh = NULL;
+    const struct kd_agentcfg_set *cur = kd_agentcfg_handle_get(kas->agentcfg);
+    int r = kd_agentcfg_load(cfg->agent.configuration_dir, cur, &fresh);
+    if (r < 0) {
+        kd_log_msg(KD_LOG_ERROR, "agent_configuration_reload_failed",
+                   "%s: %s (keeping the previous configurations)", cfg->agent.configuration_dir,
+                   strerror(-r));
+        return;
+    }
+    struct kd_agentcfg_set *old = kd_agentcfg_handle_swap(kas->agentcfg, fresh);
+    if (kd_epoch_synchronize(kas->epoch, wake_shard, srv, 5000) == 0)
+        kd_agentcfg_free(old);
+    else
+        kd_log_msg(KD_LOG_WARN, "agent_configuration_reload",
+                   "a shard did not pass a quiescent point in 5 s; the old set is kept (not freed)");
+    struct kd_logline l;
+    kd_log_begin(&l, KD_LOG_INFO, "agent_configuration_reloaded");
+    kd_log_str(&l, "dir", cfg->agent.configuration_dir);
+    kd_log_uint(&l, "files", kd_agentcfg_count(fresh));
+    kd_log_end(&l);
 }
 
 static void usage(FILE *f)
@@ -273,11 +306,12 @@ int main(int argc, char **argv)
         {.name = "private_api", .cfg = &cfg.private_api.listen},
     };
     const struct kd_grpc_method agent_methods[] = {kd_grpc_health_method, kd_kas_connect_method,
-                                                   kd_kas_register_method};
+                                                   kd_kas_register_method, kd_agentconfig_method};
     const struct kd_grpc_method api_methods[] = {kd_grpc_health_method,
                                                  kd_tracker_get_connected_agents_method};
     const struct kd_grpc_method private_methods[] = {kd_grpc_health_method};
-    struct kd_kas kas = {.routing_timeout_ms = cfg.limits.routing_timeout_ms};
+    struct kd_kas kas = {.routing_timeout_ms = cfg.limits.routing_timeout_ms,
+                         .gitlab_external_url = cfg.gitlab.external_url ? cfg.gitlab.external_url : ""};
     static struct kd_tracker_cfg tracker_cfg; /* outlives the shards */
     struct kd_tokens_handle tokens_handle;
     struct kd_tokens *tokens = NULL;
@@ -306,6 +340,25 @@ int main(int argc, char **argv)
         kd_log_msg(KD_LOG_WARN, "no_api_secret",
                    "no api.listen.authentication_secret_file: every api call is "
                    "refused");
+    }
+    struct kd_agentcfg_handle agentcfg_handle;
+    uint64_t agentcfg_fp = 0;
+    if (cfg.agent.configuration_dir != NULL) {
+        /* The directory must be readable at start (a typo should not silently serve empty
+         * configurations); later failures keep what was loaded. */
+        struct kd_agentcfg_set *set = NULL;
+        agentcfg_fp = kd_agentcfg_fingerprint(cfg.agent.configuration_dir);
+        int r = kd_agentcfg_load(cfg.agent.configuration_dir, NULL, &set);
+        if (r < 0) {
+            kd_log_msg(KD_LOG_ERROR, "start_failed", "agent.configuration_dir: %s: %s",
+                       cfg.agent.configuration_dir, strerror(-r));
+            kd_tokens_free(tokens);
+            kd_log_stop();
+            kd_config_free(&cfg);
+            return 2;
+        }
+        kd_agentcfg_handle_init(&agentcfg_handle, set);
+        kas.agentcfg = &agentcfg_handle;
     }
     struct kd_embedded_redis redis = {.pid = -1};
     static struct redis_setup rsetup; /* static: ~6 KiB, and it must outlive the shards */
@@ -446,12 +499,35 @@ int main(int argc, char **argv)
         kd_log_end(&l);
     }
 
+    /* With agent.configuration_dir, this thread also looks at the directory once a second
+     * (readdir + fstatat of the *.yaml files, compared as one fingerprint) rather than using
+     * inotify: it sees edits made through symlink swaps (Kubernetes ConfigMap volumes) and
+     * directories replaced or mounted later, needs no watch limits, cannot overflow, and keeps
+     * file I/O off the shards. The cost is a second of latency and a few syscalls per file. */
     for (;;) {
         int sig;
-        if (sigwait(&sigs, &sig) != 0)
+        if (kas.agentcfg != NULL) {
+            struct timespec tick = {.tv_sec = 1};
+            sig = sigtimedwait(&sigs, NULL, &tick);
+            if (sig < 0) {
+                bool tick_passed = errno == EAGAIN;
+                uint64_t fp =
+                    tick_passed ? kd_agentcfg_fingerprint(cfg.agent.configuration_dir) : agentcfg_fp;
+                if (fp != agentcfg_fp) {
+                    agentcfg_fp = fp;
+                    reload_agentcfg(&cfg, &kas, srv);
+                }
+                continue;
+            }
+        } else if (sigwait(&sigs, &sig) != 0) {
             continue;
+        }
         if (sig == SIGHUP) {
             reload_tokens(&cfg, &kas, srv);
+            if (kas.agentcfg != NULL) {
+                agentcfg_fp = kd_agentcfg_fingerprint(cfg.agent.configuration_dir);
+                reload_agentcfg(&cfg, &kas, srv);
+            }
             continue;
         }
         struct kd_logline l;
@@ -472,6 +548,8 @@ out:
         kd_epoch_destroy(kas.epoch);
     if (kas.tokens != NULL)
         kd_tokens_free(kd_tokens_handle_swap(kas.tokens, NULL));
+    if (kas.agentcfg != NULL)
+        kd_agentcfg_free(kd_agentcfg_handle_swap(kas.agentcfg, NULL));
     for (size_t i = 0; i < sizeof(specs) / sizeof(specs[0]); i++)
         if (specs[i].tls != NULL)
             kd_tls_ctx_destroy(specs[i].tls);

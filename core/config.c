@@ -247,7 +247,7 @@ const char *kd_log_level_name(enum kd_log_level l)
 
 /* Every heap string a kd_config owns. A new char * member of struct kd_config must be added here,
  * or it will leak on free and be shared (then double-freed) by the transactional copy. */
-#define NSTRINGS 35
+#define NSTRINGS 37
 
 static void string_slots(struct kd_config *c, char **s[NSTRINGS])
 {
@@ -257,6 +257,8 @@ static void string_slots(struct kd_config *c, char **s[NSTRINGS])
     s[i++] = &c->agent.listen.address;
     s[i++] = &c->agent.listen.authentication_secret_file;
     s[i++] = &c->agent.token_file;
+    s[i++] = &c->agent.configuration_dir;
+    s[i++] = &c->gitlab.external_url;
     s[i++] = &c->api.listen.address;
     s[i++] = &c->api.listen.authentication_secret_file;
     s[i++] = &c->private_api.listen.address;
@@ -477,6 +479,11 @@ static const struct field agent_listen_keys[] = {
 static const struct field agent_keys[] = {
     {.key = "listen", .kind = K_MAP, .sub = agent_listen_keys, .done = agent_listen_done},
     {.key = "token_file", .kind = K_STRING, .off = OFF(agent.token_file)},
+    {.key = "configuration_dir", .kind = K_STRING, .off = OFF(agent.configuration_dir)},
+    {0},
+};
+static const struct field gitlab_keys[] = {
+    {.key = "external_url", .kind = K_STRING, .off = OFF(gitlab.external_url)},
     {0},
 };
 static const struct field api_listen_keys[] = {
@@ -629,6 +636,7 @@ static const struct field top_keys[] = {
     {.key = "private_api", .kind = K_MAP, .sub = private_api_keys},
     {.key = "observability", .kind = K_MAP, .sub = observability_keys},
     {.key = "redis", .kind = K_MAP, .sub = redis_keys, .done = redis_done},
+    {.key = "gitlab", .kind = K_MAP, .sub = gitlab_keys},
     {.key = "limits", .kind = K_MAP, .sub = limits_keys},
     {.key = "log", .kind = K_MAP, .sub = log_keys},
     {.key = "grpc", .kind = K_MAP, .sub = grpc_keys},
@@ -1456,5 +1464,85 @@ int kd_config_load_file(struct kd_config *c, const char *path, char *err, size_t
     }
     r = kd_config_load_string(c, path, buf, len, err, errlen);
     free(buf);
+    return r;
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* A YAML document checked for well-formedness only (agent configuration files)                   */
+
+/* Events are pulled one by one and dropped at once, so memory stays at libyaml's token queue and
+ * nesting stack (both bounded by the input, itself bounded by KD_CONFIG_YAML_DOC_MAX). Anchors and
+ * aliases are accepted: nothing is expanded, so they cost nothing here. */
+int kd_config_yaml_check(const char *name, const char *buf, size_t len, char *err, size_t errlen)
+{
+    struct parse *p;
+    size_t nl = 0;
+    int r = 0, depth = 0, docs = 0;
+    bool root_seen = false;
+
+    if (!name)
+        name = "<string>";
+    if (err && errlen)
+        err[0] = '\0';
+    if (len > KD_CONFIG_YAML_DOC_MAX) {
+        set_error(err, errlen, "%s: larger than %u bytes", name, KD_CONFIG_YAML_DOC_MAX);
+        return -EFBIG;
+    }
+    if (!buf) {
+        buf = "";
+        len = 0;
+    }
+    p = calloc(1, sizeof(*p));
+    if (!p) {
+        set_error(err, errlen, "%s: out of memory", name);
+        return -ENOMEM;
+    }
+    p->buf = buf;
+    p->len = len;
+    p->err = err;
+    p->errlen = errlen;
+    append_escaped(p->name, sizeof(p->name), &nl, name, strlen(name), sizeof(p->name) / 4 - 4);
+    if (!yaml_parser_initialize(&p->parser)) {
+        free(p);
+        set_error(err, errlen, "%s: out of memory", name);
+        return -ENOMEM;
+    }
+    yaml_parser_set_input_string(&p->parser, (const unsigned char *)buf, len);
+    for (;;) {
+        yaml_event_t *e = &p->ev;
+
+        if (!yaml_parser_parse(&p->parser, e)) {
+            r = syntax_error(p);
+            break;
+        }
+        p->have_ev = true;
+        if (e->type == YAML_STREAM_END_EVENT)
+            break;
+        if (e->type == YAML_DOCUMENT_START_EVENT && ++docs > 1) {
+            r = fail(p, e->start_mark, "only one YAML document is allowed");
+            break;
+        }
+        if (depth == 0 && !root_seen &&
+            (e->type == YAML_SCALAR_EVENT || e->type == YAML_SEQUENCE_START_EVENT ||
+             e->type == YAML_MAPPING_START_EVENT || e->type == YAML_ALIAS_EVENT)) {
+            root_seen = true;
+            if (e->type != YAML_MAPPING_START_EVENT && !is_null(e)) {
+                r = fail(p, e->start_mark, "expected a mapping at the top level, got %s", event_kind(e));
+                break;
+            }
+        }
+        if (e->type == YAML_MAPPING_START_EVENT || e->type == YAML_SEQUENCE_START_EVENT)
+            depth++;
+        else if (e->type == YAML_MAPPING_END_EVENT || e->type == YAML_SEQUENCE_END_EVENT)
+            depth--;
+        else if (e->type == YAML_DOCUMENT_END_EVENT)
+            root_seen = false;
+        yaml_event_delete(e);
+        p->have_ev = false;
+    }
+    if (p->have_ev)
+        yaml_event_delete(&p->ev);
+    yaml_parser_delete(&p->parser);
+    free(p);
     return r;
 }

@@ -42,7 +42,11 @@ struct kd_config {
     struct {
         struct kd_listen_cfg listen;
         char *token_file; /* embedded token resolver: token -> agent (NULL: none configured) */
+        char *configuration_dir; /* per-agent configuration files <name or id>.yaml (NULL: none) */
     } agent;
+    struct {
+        char *external_url; /* gitlab.external_url: GitLab's public URL, told to agents (NULL: "") */
+    } gitlab;
     struct {
         struct kd_listen_cfg listen;
     } api;
@@ -124,5 +128,15 @@ int kd_config_parse_hostport(const char *s, struct sockaddr_storage *ss, socklen
 int kd_config_parse_duration(const char *s, uint64_t *ms);
 
 const char *kd_log_level_name(enum kd_log_level l);
+
+/* Largest document kd_config_yaml_check() accepts. */
+#define KD_CONFIG_YAML_DOC_MAX (1024u * 1024)
+
+/* Check that buf[0..len) is one well-formed YAML document whose top level is a mapping (an empty
+ * or null document counts as an empty mapping); the content is not interpreted. libyaml stays in
+ * this file: other modules validate YAML through this. 0, or -EINVAL (syntax, shape, more than one
+ * document), -EFBIG (len > KD_CONFIG_YAML_DOC_MAX), -ENOMEM, with one line
+ * "NAME:LINE:COL: message" in err (LINE and COL from 1). Thread-safe (no shared state). */
+int kd_config_yaml_check(const char *name, const char *buf, size_t len, char *err, size_t errlen);
 
 #endif

@@ -17,6 +17,7 @@
 #include "core/log.h"
 #include "core/pb.h"
 #include "core/tokens.h"
+#include "shards/agentconfig.h"
 #include "shards/conn.h"
 #include "shards/kas.h"
 #include "shards/pool.h"
@@ -75,6 +76,7 @@ struct kd_kas_shard {
     bool stop_seen;
     struct kd_pool pool;
     struct kd_tracker *tracker; /* NULL without Redis */
+    struct kd_agentconfig_shard *acfg;
     struct kd_kas_stats stats;
     struct kd_kas_route_hist route[KD_KAS_ROUTE_OUTCOMES];
 };
@@ -564,9 +566,8 @@ static const struct kd_h2_handler tunnel_handler = {
     .on_done = tunnel_done,
 };
 
-/* Authenticate an agent call and make sure it runs on the agent's owner shard.
- * 1: the call was moved (start again there); 0: go on with *ident; >0: reject with that status. */
-static int agent_call_gate(kd_grpc_call *call, struct kd_agent_ident *ident)
+/* Authenticate an agent call and make sure it runs on the agent's owner shard (kas.h). */
+int kd_kas_agent_call_gate(kd_grpc_call *call, struct kd_agent_ident *ident)
 {
     struct kd_shard *s = kd_conn_shard(kd_grpc_call_conn(call));
     struct kd_kas_shard *ks = kd_kas_shard_of(s);
@@ -607,7 +608,7 @@ static int agent_call_gate(kd_grpc_call *call, struct kd_agent_ident *ident)
 static int connect_start(kd_grpc_call *call, void *ud)
 {
     struct kd_agent_ident ident;
-    if (agent_call_gate(call, &ident) != 0)
+    if (kd_kas_agent_call_gate(call, &ident) != 0)
         return 0; /* moved to the owner shard, or answered */
     struct kd_kas_shard *ks = kd_kas_shard_of(kd_conn_shard(kd_grpc_call_conn(call)));
     agent_t *a = kd_pool_agent_get(&ks->pool, ident.agent_id);
@@ -707,7 +708,7 @@ static const struct kd_h2_handler register_handler = {
 static int register_start(kd_grpc_call *call, void *ud)
 {
     struct kd_agent_ident ident;
-    if (agent_call_gate(call, &ident) != 0)
+    if (kd_kas_agent_call_gate(call, &ident) != 0)
         return 0;
     kd_grpc_accept(call, &register_handler, NULL);
     return 0;
@@ -764,10 +765,16 @@ int kd_kas_shard_start(struct kd_shard *s)
         free(ks);
         return -ENOMEM;
     }
+    if ((ks->acfg = kd_agentconfig_shard_new(s)) == NULL) {
+        kd_pool_fini(&ks->pool, NULL);
+        free(ks);
+        return -ENOMEM;
+    }
     struct kd_redis *r = kd_shard_redis(s);
     if (ks->kas->tracker != NULL && r != NULL) {
         ks->tracker = kd_tracker_new(s, ks->kas->tracker, r);
         if (ks->tracker == NULL) {
+            kd_agentconfig_shard_free(ks->acfg);
             kd_pool_fini(&ks->pool, NULL);
             free(ks);
             return -ENOMEM;
@@ -778,6 +785,12 @@ int kd_kas_shard_start(struct kd_shard *s)
     }
     kd_shard_set_user(s, ks);
     return 0;
+}
+
+struct kd_agentconfig_shard *kd_kas_agentconfig(struct kd_shard *s)
+{
+    struct kd_kas_shard *ks = kd_kas_shard_of(s);
+    return ks != NULL ? ks->acfg : NULL;
 }
 
 static void drop_waiting(struct kd_pool_wait *w)
@@ -806,6 +819,7 @@ void kd_kas_shard_stop(struct kd_shard *s)
     /* Every connection is closed by now, so every tunnel, pod and bound back is gone; waiting
      * backs may remain (their R shard is stopping too). */
     kd_pool_fini(&ks->pool, drop_waiting);
+    kd_agentconfig_shard_free(ks->acfg);
     free(ks);
     kd_shard_set_user(s, NULL);
 }
@@ -846,6 +860,7 @@ void kd_kas_on_turn(struct kd_shard *s)
         return;
     if (ks->kas->epoch != NULL)
         kd_epoch_quiescent(ks->kas->epoch, kd_shard_id(s));
+    kd_agentconfig_on_turn(ks->acfg);
     if (s->stopping && !ks->stop_seen) {
         ks->stop_seen = true;
         end_waiting(ks);

@@ -36,6 +36,9 @@
 #include "shards/tracker.h"
 
 struct kd_tokens_handle;
+struct kd_agentcfg_handle;
+struct kd_agent_ident;
+struct kd_agentconfig_shard;
 struct kd_epoch;
 struct kd_tracker;
 struct kd_tracker_cfg;
@@ -94,6 +97,9 @@ struct kd_kas {
     uint32_t routing_timeout_ms;     /* cap on waiting for a tunnel (GitLab kas: 20 s) */
     unsigned nshards;
     const struct kd_tracker_cfg *tracker; /* fleet state in Redis (NULL: none) */
+    struct kd_agentcfg_handle *agentcfg;  /* agent configuration files (NULL: every agent gets the
+                                           * empty configuration); swapped like the tokens */
+    const char *gitlab_external_url;      /* told to agents in their configuration ("" if unset) */
 };
 
 /* Server hooks (kd_server_opts): per-shard state and message dispatch. opts.user = struct kd_kas. */
@@ -154,6 +160,15 @@ int kd_kas_api_authenticate(kd_grpc_call *call);
 void kd_kas_count_api_auth_failure(struct kd_shard *s);
 /* The shard's Redis tracker (shards/tracker.h), or NULL. */
 struct kd_tracker *kd_kas_tracker(struct kd_shard *s);
+
+/* The agent listener's authentication and placement, shared by its methods: resolve the bearer
+ * token into *ident and make sure the call runs on the agent's owner shard. 1: the call was moved
+ * (start() runs again there; return 0 from start()); 0: go on with *ident (agent_name is borrowed
+ * from the token table: copy it to keep it past this turn); >0: the call was answered with that
+ * status (UNAUTHENTICATED for a missing or unknown token). */
+int kd_kas_agent_call_gate(kd_grpc_call *call, struct kd_agent_ident *ident);
+/* This shard's GetConfiguration streams (shards/agentconfig.h). */
+struct kd_agentconfig_shard *kd_kas_agentconfig(struct kd_shard *s);
 
 /* "Bearer <x>" from the call's authorization header; NULL if absent or not a bearer credential. */
 const char *kd_kas_bearer(kd_grpc_call *call, size_t *len);

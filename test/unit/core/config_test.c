@@ -483,9 +483,9 @@ Test(config, unknown_keys_everywhere)
 {
     static const struct error_case cases[] = {
         {"lisen: 1\n", "kasd.yaml:1:1: lisen: unknown key (expected one of: shards, agent, api, private_api, "
-                       "observability, redis, limits, log, grpc)"},
+                       "observability, redis, gitlab, limits, log, grpc)"},
         {"agent:\n  lisen: 1\n",
-         "kasd.yaml:2:3: agent.lisen: unknown key (expected one of: listen, token_file)"},
+         "kasd.yaml:2:3: agent.lisen: unknown key (expected one of: listen, token_file, configuration_dir)"},
         {"agent:\n  listen:\n    authentication_secret_file: x\n",
          "kasd.yaml:3:5: agent.listen.authentication_secret_file: unknown key (expected one of: address, "
          "certificate_file, key_file, max_connection_age, "
@@ -518,7 +518,7 @@ Test(config, unknown_keys_everywhere)
         /* Keys are case-sensitive, like kas's. */
         {"Shards: 1\n",
          "kasd.yaml:1:1: Shards: unknown key (expected one of: shards, agent, api, private_api, "
-         "observability, redis, limits, log, grpc)"},
+         "observability, redis, gitlab, limits, log, grpc)"},
     };
 
     EXPECT_ERRORS(cases);
@@ -528,7 +528,7 @@ Test(config, odd_keys_are_quoted_and_escaped)
 {
     static const struct error_case cases[] = {
         {"'': 1\n", "kasd.yaml:1:1: \"\": unknown key (expected one of: shards, agent, api, private_api, "
-                    "observability, redis, limits, log, grpc)"},
+                    "observability, redis, gitlab, limits, log, grpc)"},
         {"log:\n  \"le vel\\t\": x\n", "kasd.yaml:2:3: log.\"le vel\\x09\": unknown key (expected: level)"},
         {"log:\n  \"l\\u00e9vel\": x\n",
          "kasd.yaml:2:3: log.\"l\\xc3\\xa9vel\": unknown key (expected: level)"},
@@ -846,7 +846,7 @@ Test(config, anchors_aliases_and_tags_are_refused)
         {"&top\nshards: 1\n", "kasd.yaml:1:1: anchors are not supported (anchor \"top\")"},
         {"a: &a [1, 2]\nb: &b [*a, *a]\n",
          "kasd.yaml:1:1: a: unknown key (expected one of: shards, agent, api, "
-         "private_api, observability, redis, limits, log, grpc)"},
+         "private_api, observability, redis, gitlab, limits, log, grpc)"},
         {"log:\n  level: &l info\n", "kasd.yaml:2:10: log.level: anchors are not supported (anchor \"l\")"},
         {"shards: !!int 4\n",
          "kasd.yaml:1:9: shards: tags are not supported (tag \"tag:yaml.org,2002:int\")"},
@@ -1375,4 +1375,74 @@ Test(config, grpc_response_compression)
     kd_config_free(&c);
     expect_error("grpc:\n  response_compression: snappy\n",
                  "kasd.yaml:2:25: grpc.response_compression: expected identity or gzip, got \"snappy\"");
+}
+
+/* ---- kd_config_yaml_check (agent configuration files) ---- */
+
+static int yaml_check(const char *doc, char *err, size_t errlen)
+{
+    return kd_config_yaml_check("agent.yaml", doc, strlen(doc), err, errlen);
+}
+
+Test(config_yaml_check, accepts_mappings_and_empty_documents)
+{
+    char err[256];
+    cr_assert_eq(yaml_check("a: 1\nb: [1, 2]\nc: {d: e}\n", err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(yaml_check("", err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(yaml_check("# only a comment\n", err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(yaml_check("~\n", err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(yaml_check("---\nx: &a 1\ny: *a\n...\n", err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(yaml_check("{\"json\": [true, null]}", err, sizeof(err)), 0, "%s", err);
+}
+
+Test(config_yaml_check, syntax_error_has_line_and_column)
+{
+    char err[256];
+    cr_assert_eq(yaml_check("ok: true\nlist: [1, 2\n", err, sizeof(err)), -EINVAL);
+    cr_assert(strncmp(err, "agent.yaml:3:1: YAML syntax error: ", 35) == 0, "%s", err);
+    cr_assert_eq(yaml_check("a: b\n  c: d\n", err, sizeof(err)), -EINVAL);
+    cr_assert(strncmp(err, "agent.yaml:2:4: YAML syntax error: ", 35) == 0, "%s", err);
+}
+
+Test(config_yaml_check, top_level_must_be_a_mapping)
+{
+    char err[256];
+    cr_assert_eq(yaml_check("- a\n- b\n", err, sizeof(err)), -EINVAL);
+    cr_assert_str_eq(err, "agent.yaml:1:1: expected a mapping at the top level, got a sequence");
+    cr_assert_eq(yaml_check("\n  just text\n", err, sizeof(err)), -EINVAL);
+    cr_assert_str_eq(err, "agent.yaml:2:3: expected a mapping at the top level, got a scalar");
+}
+
+Test(config_yaml_check, one_document_and_bounded_size)
+{
+    char err[256];
+    cr_assert_eq(yaml_check("a: 1\n---\nb: 2\n", err, sizeof(err)), -EINVAL);
+    cr_assert_str_eq(err, "agent.yaml:2:1: only one YAML document is allowed");
+    size_t n = KD_CONFIG_YAML_DOC_MAX + 1;
+    char *big = malloc(n);
+    cr_assert_not_null(big);
+    memset(big, '#', n);
+    cr_assert_eq(kd_config_yaml_check("big.yaml", big, n, err, sizeof(err)), -EFBIG);
+    cr_assert_str_eq(err, "big.yaml: larger than 1048576 bytes");
+    memset(big, ' ', n - 1);
+    cr_assert_eq(kd_config_yaml_check("big.yaml", big, n - 1, err, sizeof(err)), 0, "%s", err);
+    free(big);
+}
+
+Test(config_keys, gitlab_external_url_and_configuration_dir)
+{
+    struct kd_config c;
+    char err[256];
+    cr_assert_eq(kd_config_defaults(&c), 0);
+    cr_assert_null(c.gitlab.external_url);
+    cr_assert_null(c.agent.configuration_dir);
+    const char *y = "gitlab:\n  external_url: https://gitlab.example.com\nagent:\n  configuration_dir: "
+                    "/etc/kasd/agents\n";
+    cr_assert_eq(kd_config_load_string(&c, "k.yaml", y, strlen(y), err, sizeof(err)), 0, "%s", err);
+    cr_assert_str_eq(c.gitlab.external_url, "https://gitlab.example.com");
+    cr_assert_str_eq(c.agent.configuration_dir, "/etc/kasd/agents");
+    const char *bad = "gitlab:\n  external_uri: x\n";
+    cr_assert_eq(kd_config_load_string(&c, "k.yaml", bad, strlen(bad), err, sizeof(err)), -EINVAL);
+    cr_assert(strstr(err, "k.yaml:2:3: gitlab") != NULL, "%s", err);
+    kd_config_free(&c);
 }
