@@ -1,7 +1,9 @@
 """kasd as a process: options, configuration errors, start on ephemeral loopback ports, accept
 connections on every listener, the embedded Redis, graceful stop on SIGTERM/SIGINT with exit 0."""
+import base64
 import json
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -12,7 +14,7 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from kasd_harness import BASE_CONFIG, KASD, Kasd, connect, port_open, redis_ping  # noqa: E402
+from kasd_harness import BASE_CONFIG, KASD, Kasd, connect, port_open, redis_ping, write_tokens  # noqa: E402
 
 
 def run(*args, timeout=20):
@@ -52,7 +54,21 @@ class Options(unittest.TestCase):
     def test_packaged_example_config_is_valid(self):
         example = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "packaging",
                                "kasd.example.yaml")
+        # The files it names are checked too (as start-up reads them): without them it is refused,
+        # naming the first one; with valid files in their place it is valid.
         r = run("--check-config", example)
+        self.assertEqual(r.returncode, 2, r.stdout)
+        self.assertIn("/etc/kasd/agent-tokens.yaml", r.stderr)
+        d = tempfile.mkdtemp(prefix="kasd-example-")
+        self.addCleanup(shutil.rmtree, d, True)
+        write_tokens(os.path.join(d, "agent-tokens.yaml"), {1: ("x" * 32, 1)})
+        for name in ("api-secret", "private-api-secret"):
+            with open(os.path.join(d, name), "w") as f:
+                f.write(base64.b64encode(os.urandom(32)).decode() + "\n")
+        with open(example) as f:
+            text = f.read()
+        self.assertIn("/etc/kasd/", text)
+        r = run("--check-config", self.write(text.replace("/etc/kasd/", d + "/")))
         self.assertEqual(r.returncode, 0, r.stderr)
 
     def test_check_config_unknown_key_names_file_line_and_key(self):
