@@ -14,7 +14,7 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from kasd_harness import BASE_CONFIG, KASD, Kasd, connect, port_open, redis_ping, write_tokens  # noqa: E402
+from kasd_harness import BASE_CONFIG, KASD, Kasd, connect, port_open, redis_ping, service_config, write_tokens  # noqa: E402
 
 
 def run(*args, timeout=20):
@@ -173,6 +173,30 @@ class Lifecycle(unittest.TestCase):
         self.assertEqual(k.wait(30), 0, k.log())
         for s in socks:
             s.close()
+
+    def test_8k_path_is_logged_as_valid_json(self):
+        # An api call without a bearer token is logged with its :path; 8 KB of it cannot fit a log
+        # line (KD_LOG_LINE_MAX 4096), so the line is cut and must still parse.
+        import grpc
+        d = tempfile.mkdtemp(prefix="kasd-longpath-")
+        self.addCleanup(shutil.rmtree, d, True)
+        write_tokens(os.path.join(d, "tokens.yaml"), {1: ("y" * 32, 1)})
+        with open(os.path.join(d, "api-secret"), "w") as f:
+            f.write(base64.b64encode(os.urandom(32)).decode() + "\n")
+        k = self.start(config=service_config(d))
+        self.assertTrue(k.started, k.log())
+        host, port = k.listeners["api"]
+        path = "/gitlab.agent.x." + "a%2F\"\\b" * 1200 + "/Method"
+        self.assertGreater(len(path), 8192)
+        with grpc.insecure_channel(f"{host}:{port}") as ch:
+            with self.assertRaises(grpc.RpcError) as cm:
+                ch.unary_unary(path)(b"", timeout=10)
+            self.assertEqual(cm.exception.code(), grpc.StatusCode.UNAUTHENTICATED)
+        ev = k.wait_event("api_auth_failed", 5)
+        self.assertTrue(ev.get("truncated"), ev)
+        self.assertTrue(path.startswith(ev["method"]) and len(ev["method"]) > 3000, ev["method"][:100])
+        self.assertEqual(k.stop(), 0, k.log())  # stop() also checks that every line parses
+        self.check_json_log(k)
 
     def test_dev_mode_creates_files_once(self):
         state = tempfile.mkdtemp(prefix="kasd-dev-")
