@@ -160,10 +160,10 @@ class Lifecycle(unittest.TestCase):
         log = k.log()
         self.assertIn("Address already in use", log)
         self.assertIn("api listener", log)
-        # the embedded redis it had started is gone too
-        if k.redis_address:
-            host, p = k.redis_address.rsplit(":", 1)
-            self.assertFalse(port_open(host, int(p)))
+        # the embedded redis it had started (before binding the listeners) is gone too
+        self.assertIsNotNone(k.redis_address, log)
+        host, p = k.redis_address.rsplit(":", 1)
+        self.assertFalse(port_open(host, int(p)))
 
     def test_many_connections_then_stop(self):
         k = self.start()
