@@ -105,18 +105,18 @@ static void usage(FILE *f)
 }
 
 /* Redis options from the configuration, made on the main thread before shards start: host names
- * are resolved here, once (a shard never blocks on DNS; see shards/redis.h), the TLS context is
- * built, and the error names the key. */
+ * are resolved here, once (a shard never blocks on DNS; see shards/redis.h), and the error names
+ * the key. The TLS context (borrowed) was built by start_files_load(). */
 struct redis_setup {
     struct kd_redis_opts o;
     char address[300];
     char server_name[260];
     char sentinel_buf[16][300];
     const char *sentinels[16];
-    struct kd_tls_ctx *tls;
 };
 
-static int redis_setup(struct redis_setup *rs, const struct kd_config *cfg, char *err, size_t errlen)
+static int redis_setup(struct redis_setup *rs, const struct kd_config *cfg, struct kd_tls_ctx *tls, char *err,
+                       size_t errlen)
 {
     char why[400];
     memset(rs, 0, sizeof(*rs));
@@ -156,18 +156,7 @@ static int redis_setup(struct redis_setup *rs, const struct kd_config *cfg, char
         o->address = rs->address;
     }
     if (cfg->redis.tls.enabled == 1) {
-        struct kd_tls_ctx_opts to = {
-            .server = false,
-            .ca_file = cfg->redis.tls.ca_file,
-            .cert_file = cfg->redis.tls.certificate_file,
-            .key_file = cfg->redis.tls.key_file,
-            .min_version = 12,
-        };
-        if (kd_tls_ctx_create(&to, &rs->tls, why, sizeof(why)) < 0) {
-            snprintf(err, errlen, "redis.tls: %s", why);
-            return -EINVAL;
-        }
-        o->tls = rs->tls;
+        o->tls = tls;
         if (cfg->redis.tls.server_name != NULL) {
             o->server_name = cfg->redis.tls.server_name;
         } else if (cfg->redis.address != NULL && cfg->redis.sentinel.master_name == NULL) {
@@ -190,27 +179,123 @@ struct listener_spec {
     struct kd_listen_cfg *cfg;
     bool mtls;
     struct kd_grpc_server_cfg grpc;
-    struct kd_tls_ctx *tls;
 };
 
+enum { NLISTENERS = 3 }; /* agent, api, private_api, in this order */
+
+/* Everything start-up reads from the files the configuration names, other than the configuration
+ * itself and the Redis password files (kd_config_load_file reads those). --check-config loads this
+ * too, through the same function, so "valid" means start-up will not fail on a file and both print
+ * the same message. Owned here; main() hands the tokens over to the kas handle. */
+struct start_files {
+    struct kd_tokens *tokens; /* agent.token_file; NULL when unset */
+    uint8_t api_secret[sizeof(((struct kd_kas *)0)->api_secret)];
+    size_t api_secret_len; /* 0 when unset */
+    /* Checked at start as kas does, although no private API method verifies tokens yet. */
+    uint8_t private_api_secret[sizeof(((struct kd_kas *)0)->api_secret)];
+    size_t private_api_secret_len;
+    struct kd_tls_ctx *listener_tls[NLISTENERS]; /* NULL: the listener speaks h2c */
+    struct kd_tls_ctx *redis_tls;                /* NULL: plain TCP to Redis */
+    struct kd_agentcfg_set *agentcfg;            /* agent.configuration_dir; NULL when unset */
+    uint64_t agentcfg_fp;                        /* its fingerprint when loaded (change poll) */
+};
+
+static void start_files_free(struct start_files *f)
+{
+    kd_tokens_free(f->tokens);
+    kd_agentcfg_free(f->agentcfg);
+    for (int i = 0; i < NLISTENERS; i++)
+        if (f->listener_tls[i] != NULL)
+            kd_tls_ctx_destroy(f->listener_tls[i]);
+    if (f->redis_tls != NULL)
+        kd_tls_ctx_destroy(f->redis_tls);
+    explicit_bzero(f, sizeof(*f));
+}
+
 /* TLS for a listener that has certificate_file and key_file; the error names the listener. */
-static int listener_tls(struct listener_spec *l, char *err, size_t errlen)
+static int listener_tls(const char *name, const struct kd_listen_cfg *cfg, struct kd_tls_ctx **out, char *err,
+                        size_t errlen)
 {
     char why[400];
-    if (l->cfg->certificate_file == NULL)
+    if (cfg->certificate_file == NULL)
         return 0;
     struct kd_tls_ctx_opts o = {
         .server = true,
-        .cert_file = l->cfg->certificate_file,
-        .key_file = l->cfg->key_file,
-        .ca_file = l->cfg->client_ca_file,
-        .require_client_cert = l->cfg->client_ca_file != NULL,
+        .cert_file = cfg->certificate_file,
+        .key_file = cfg->key_file,
+        .ca_file = cfg->client_ca_file,
+        .require_client_cert = cfg->client_ca_file != NULL,
         .alpn = "h2",
         .min_version = 12,
     };
-    int rc = kd_tls_ctx_create(&o, &l->tls, why, sizeof(why));
+    int rc = kd_tls_ctx_create(&o, out, why, sizeof(why));
     if (rc < 0)
-        snprintf(err, errlen, "%s.listen TLS: %s", l->name, why);
+        snprintf(err, errlen, "%s.listen TLS: %s", name, why);
+    return rc;
+}
+
+static int secret_load(const char *key, const char *path, uint8_t *out, size_t cap, size_t *len, char *err,
+                       size_t errlen)
+{
+    char why[400];
+    *len = 0;
+    if (path == NULL)
+        return 0;
+    int rc = kd_jwt_secret_load(path, out, cap, len, why, sizeof(why));
+    if (rc < 0)
+        snprintf(err, errlen, "%s: %s", key, why);
+    return rc;
+}
+
+/* Load every file of *f (zeroed by the caller). On error returns a negative errno, writes one line
+ * naming the key into err and frees what was loaded. */
+static int start_files_load(struct start_files *f, const struct kd_config *cfg, char *err, size_t errlen)
+{
+    static const char *const names[NLISTENERS] = {"agent", "api", "private_api"};
+    const struct kd_listen_cfg *listen[NLISTENERS] = {&cfg->agent.listen, &cfg->api.listen,
+                                                      &cfg->private_api.listen};
+    char why[400];
+    int rc = 0;
+    if (cfg->agent.token_file != NULL &&
+        (rc = kd_tokens_load_file(cfg->agent.token_file, &f->tokens, why, sizeof(why))) < 0) {
+        snprintf(err, errlen, "agent.token_file: %s", why);
+        goto fail;
+    }
+    if (cfg->agent.configuration_dir != NULL) {
+        /* The directory must be readable at start (a typo should not silently serve empty
+         * configurations); later failures keep what was loaded. */
+        f->agentcfg_fp = kd_agentcfg_fingerprint(cfg->agent.configuration_dir);
+        if ((rc = kd_agentcfg_load(cfg->agent.configuration_dir, NULL, &f->agentcfg)) < 0) {
+            snprintf(err, errlen, "agent.configuration_dir: %s: %s", cfg->agent.configuration_dir,
+                     strerror(-rc));
+            goto fail;
+        }
+    }
+    if ((rc = secret_load("api.listen.authentication_secret_file", cfg->api.listen.authentication_secret_file,
+                          f->api_secret, sizeof(f->api_secret), &f->api_secret_len, err, errlen)) < 0 ||
+        (rc = secret_load("private_api.listen.authentication_secret_file",
+                          cfg->private_api.listen.authentication_secret_file, f->private_api_secret,
+                          sizeof(f->private_api_secret), &f->private_api_secret_len, err, errlen)) < 0)
+        goto fail;
+    for (int i = 0; i < NLISTENERS; i++)
+        if ((rc = listener_tls(names[i], listen[i], &f->listener_tls[i], err, errlen)) < 0)
+            goto fail;
+    if (cfg->redis.tls.enabled == 1) {
+        struct kd_tls_ctx_opts to = {
+            .server = false,
+            .ca_file = cfg->redis.tls.ca_file,
+            .cert_file = cfg->redis.tls.certificate_file,
+            .key_file = cfg->redis.tls.key_file,
+            .min_version = 12,
+        };
+        if ((rc = kd_tls_ctx_create(&to, &f->redis_tls, why, sizeof(why))) < 0) {
+            snprintf(err, errlen, "redis.tls: %s", why);
+            goto fail;
+        }
+    }
+    return 0;
+fail:
+    start_files_free(f);
     return rc;
 }
 
@@ -263,12 +348,15 @@ int main(int argc, char **argv)
     char err[512];
     kd_config_defaults(&cfg);
     if (check_path != NULL) {
-        int rc = kd_config_load_file(&cfg, check_path, err, sizeof(err));
-        if (rc < 0) {
+        /* The same loads as a start, in the same order, with the same messages. */
+        struct start_files files = {0};
+        if (kd_config_load_file(&cfg, check_path, err, sizeof(err)) < 0 ||
+            start_files_load(&files, &cfg, err, sizeof(err)) < 0) {
             fprintf(stderr, "kasd: %s\n", err);
             kd_config_free(&cfg);
             return 2;
         }
+        start_files_free(&files);
         printf("%s: configuration is valid\n", check_path);
         kd_config_free(&cfg);
         return 0;
@@ -295,12 +383,21 @@ int main(int argc, char **argv)
     }
     fflush(stdout);
 
+    /* Before anything starts (the embedded Redis, shards): a file that cannot be used is a
+     * configuration error, reported like one (plain text, exit 2), as --check-config reports it. */
+    static struct start_files files; /* static: it holds the secrets and must outlive the shards */
+    if (start_files_load(&files, &cfg, err, sizeof(err)) < 0) {
+        fprintf(stderr, "kasd: %s\n", err);
+        kd_config_free(&cfg);
+        return 2;
+    }
+
     kd_log_configure(cfg.log.level, 2);
     if (kd_log_start() < 0)
         fprintf(stderr, "kasd: logger thread unavailable, logging synchronously\n");
 
     int exit_code = 1;
-    struct listener_spec specs[] = {
+    struct listener_spec specs[NLISTENERS] = {
         {.name = "agent", .cfg = &cfg.agent.listen},
         {.name = "api", .cfg = &cfg.api.listen},
         {.name = "private_api", .cfg = &cfg.private_api.listen},
@@ -314,51 +411,25 @@ int main(int argc, char **argv)
                          .gitlab_external_url = cfg.gitlab.external_url ? cfg.gitlab.external_url : ""};
     static struct kd_tracker_cfg tracker_cfg; /* outlives the shards */
     struct kd_tokens_handle tokens_handle;
-    struct kd_tokens *tokens = NULL;
-    if (cfg.agent.token_file != NULL) {
-        if (kd_tokens_load_file(cfg.agent.token_file, &tokens, err, sizeof(err)) < 0) {
-            kd_log_msg(KD_LOG_ERROR, "start_failed", "agent.token_file: %s", err);
-            kd_log_stop();
-            kd_config_free(&cfg);
-            return 2;
-        }
-        kd_tokens_handle_init(&tokens_handle, tokens);
-        kas.tokens = &tokens_handle;
+    if (files.tokens != NULL) {
+        kd_tokens_handle_init(&tokens_handle, files.tokens);
+        kas.tokens = &tokens_handle; /* frees it at exit and on SIGHUP swaps */
+        files.tokens = NULL;
     } else {
         kd_log_msg(KD_LOG_WARN, "no_agent_tokens", "no agent.token_file: every agent is refused");
     }
-    if (cfg.api.listen.authentication_secret_file != NULL) {
-        if (kd_jwt_secret_load(cfg.api.listen.authentication_secret_file, kas.api_secret,
-                               sizeof(kas.api_secret), &kas.api_secret_len, err, sizeof(err)) < 0) {
-            kd_log_msg(KD_LOG_ERROR, "start_failed", "api.listen.authentication_secret_file: %s", err);
-            kd_tokens_free(tokens);
-            kd_log_stop();
-            kd_config_free(&cfg);
-            return 2;
-        }
-    } else {
+    memcpy(kas.api_secret, files.api_secret, sizeof(kas.api_secret));
+    kas.api_secret_len = files.api_secret_len;
+    if (kas.api_secret_len == 0)
         kd_log_msg(KD_LOG_WARN, "no_api_secret",
                    "no api.listen.authentication_secret_file: every api call is "
                    "refused");
-    }
     struct kd_agentcfg_handle agentcfg_handle;
-    uint64_t agentcfg_fp = 0;
-    if (cfg.agent.configuration_dir != NULL) {
-        /* The directory must be readable at start (a typo should not silently serve empty
-         * configurations); later failures keep what was loaded. */
-        struct kd_agentcfg_set *set = NULL;
-        agentcfg_fp = kd_agentcfg_fingerprint(cfg.agent.configuration_dir);
-        int r = kd_agentcfg_load(cfg.agent.configuration_dir, NULL, &set);
-        if (r < 0) {
-            kd_log_msg(KD_LOG_ERROR, "start_failed", "agent.configuration_dir: %s: %s",
-                       cfg.agent.configuration_dir, strerror(-r));
-            kd_tokens_free(tokens);
-            kd_log_stop();
-            kd_config_free(&cfg);
-            return 2;
-        }
-        kd_agentcfg_handle_init(&agentcfg_handle, set);
-        kas.agentcfg = &agentcfg_handle;
+    uint64_t agentcfg_fp = files.agentcfg_fp;
+    if (files.agentcfg != NULL) {
+        kd_agentcfg_handle_init(&agentcfg_handle, files.agentcfg);
+        kas.agentcfg = &agentcfg_handle; /* freed at exit; SIGHUP and the poll swap it */
+        files.agentcfg = NULL;
     }
     struct kd_embedded_redis redis = {.pid = -1};
     static struct redis_setup rsetup; /* static: ~6 KiB, and it must outlive the shards */
@@ -377,7 +448,7 @@ int main(int argc, char **argv)
         kd_log_end(&l);
     }
 
-    if (redis_setup(&rsetup, &cfg, err, sizeof(err)) < 0) {
+    if (redis_setup(&rsetup, &cfg, files.redis_tls, err, sizeof(err)) < 0) {
         kd_log_msg(KD_LOG_ERROR, "start_failed", "%s", err);
         goto out;
     }
@@ -399,10 +470,6 @@ int main(int argc, char **argv)
     };
     for (size_t i = 0; i < sizeof(specs) / sizeof(specs[0]); i++) {
         struct listener_spec *sp = &specs[i];
-        if (listener_tls(sp, err, sizeof(err)) < 0) {
-            kd_log_msg(KD_LOG_ERROR, "start_failed", "%s", err);
-            goto out;
-        }
         sp->grpc.name = sp->name;
         if (i == 0) {
             sp->grpc.methods = agent_methods;
@@ -416,7 +483,7 @@ int main(int argc, char **argv)
             sp->grpc.methods = private_methods;
             sp->grpc.nmethods = sizeof(private_methods) / sizeof(private_methods[0]);
         }
-        sp->grpc.tls = sp->tls;
+        sp->grpc.tls = files.listener_tls[i];
         sp->grpc.max_message = cfg.limits.grpc_max_message_size;
         sp->grpc.response_compression = (uint8_t)cfg.grpc.response_compression;
         sp->grpc.max_concurrent_streams = cfg.limits.grpc_max_concurrent_streams;
@@ -466,7 +533,7 @@ int main(int argc, char **argv)
         kd_log_begin(&l, KD_LOG_INFO, "listening");
         kd_log_str(&l, "listener", o.listeners[i].name);
         kd_log_str(&l, "address", addr);
-        kd_log_str(&l, "protocol", specs[i].tls ? "grpc+tls" : "grpc+h2c");
+        kd_log_str(&l, "protocol", files.listener_tls[i] ? "grpc+tls" : "grpc+h2c");
         kd_log_end(&l);
     }
     /* The control thread (observability: /metrics, /liveness, /readiness) is router participant n;
@@ -550,12 +617,9 @@ out:
         kd_tokens_free(kd_tokens_handle_swap(kas.tokens, NULL));
     if (kas.agentcfg != NULL)
         kd_agentcfg_free(kd_agentcfg_handle_swap(kas.agentcfg, NULL));
-    for (size_t i = 0; i < sizeof(specs) / sizeof(specs[0]); i++)
-        if (specs[i].tls != NULL)
-            kd_tls_ctx_destroy(specs[i].tls);
     kd_redis_embedded_stop(&redis);
-    if (rsetup.tls != NULL)
-        kd_tls_ctx_destroy(rsetup.tls);
+    start_files_free(
+        &files); /* after the server: its listeners and Redis connections used the TLS contexts */
     if (exit_code == 0)
         kd_log_msg(KD_LOG_INFO, "stopped", "clean exit");
     kd_log_stop();

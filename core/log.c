@@ -127,81 +127,161 @@ void kd_log_stop(void)
     g.running = false;
 }
 
-static void append_raw(struct kd_logline *l, const char *s, size_t n)
+/* How a line is cut. Every line keeps TAIL_MAX bytes back for its end: the closing quote of a
+ * string cut short, the ,"truncated":true marker and "}\n". Anything else is added only while it
+ * fits in front of that reserve:
+ *   - a key, a number, a bool or null goes in whole or not at all (the field is rolled back);
+ *   - a string value is cut between two characters (never inside an escape sequence or a UTF-8
+ *     sequence), then closed;
+ *   - once anything was cut, later fields are dropped, so a truncated line holds a prefix of its
+ *     fields and the last one may be cut short.
+ * So a line is always one JSON object, at most KD_LOG_LINE_MAX bytes (docs/operations.md). */
+#define TAIL_MAX (sizeof("\",\"truncated\":true}\n") - 1)
+#define ROOM     (KD_LOG_LINE_MAX - TAIL_MAX)
+
+/* Whole or not at all. */
+static bool append_raw(struct kd_logline *l, const char *s, size_t n)
 {
-    /* Keep room for the closing "}\n" and a truncation marker. */
-    size_t room = KD_LOG_LINE_MAX - 40;
-    if (l->off)
-        return;
-    if (l->len + n > room) {
-        n = l->len < room ? room - l->len : 0;
+    if (l->off || l->truncated)
+        return false;
+    if (l->len + n > ROOM) {
         l->truncated = true;
+        return false;
     }
     memcpy(l->buf + l->len, s, n);
     l->len += n;
+    return true;
+}
+
+/* Length of the well-formed UTF-8 sequence at s[0..n) (lead byte s[0] >= 0x80), or 0 when it is
+ * not one; then *bad is how many bytes to replace with one U+FFFD (the longest prefix that could
+ * have begun a valid sequence, at least 1: Unicode's "maximal subpart" practice, as browsers and
+ * Go's encoding/json do). Overlongs, surrogates and code points beyond U+10FFFF are not valid. */
+static size_t utf8_len(const unsigned char *s, size_t n, size_t *bad)
+{
+    unsigned char c = s[0], lo = 0x80, hi = 0xbf;
+    size_t need;
+    if (c >= 0xc2 && c <= 0xdf)
+        need = 2;
+    else if (c >= 0xe0 && c <= 0xef)
+        need = 3, lo = c == 0xe0 ? 0xa0 : 0x80, hi = c == 0xed ? 0x9f : 0xbf;
+    else if (c >= 0xf0 && c <= 0xf4)
+        need = 4, lo = c == 0xf0 ? 0x90 : 0x80, hi = c == 0xf4 ? 0x8f : 0xbf;
+    else {
+        *bad = 1;
+        return 0;
+    }
+    size_t i = 1;
+    for (; i < need && i < n; i++) {
+        if (s[i] < lo || s[i] > hi)
+            break;
+        lo = 0x80, hi = 0xbf; /* only the second byte has a narrower range */
+    }
+    if (i == need)
+        return need;
+    *bad = i;
+    return 0;
+}
+
+/* The JSON form of the character at s[0..n) (n >= 1) into out (up to 6 bytes); returns its length
+ * and sets *used to the input bytes it stands for. */
+static size_t escape_one(const unsigned char *s, size_t n, char out[6], size_t *used)
+{
+    static const char hex[] = "0123456789abcdef";
+    unsigned char c = s[0];
+    *used = 1;
+    if (c == '"' || c == '\\') {
+        out[0] = '\\';
+        out[1] = (char)c;
+        return 2;
+    }
+    if (c == '\n' || c == '\t' || c == '\r') {
+        out[0] = '\\';
+        out[1] = c == '\n' ? 'n' : c == '\t' ? 't' : 'r';
+        return 2;
+    }
+    if (c < 0x20 || c == 0x7f) {
+        memcpy(out, "\\u00", 4);
+        out[4] = hex[c >> 4];
+        out[5] = hex[c & 15];
+        return 6;
+    }
+    if (c < 0x80) {
+        out[0] = (char)c;
+        return 1;
+    }
+    /* Values can come from peers (a request's :path); bytes that are not UTF-8 would make the
+     * whole line invalid JSON, so they are replaced, visibly. */
+    size_t bad = 0, u = utf8_len(s, n, &bad);
+    if (u == 0) {
+        memcpy(out, "\\ufffd", 6);
+        *used = bad;
+        return 6;
+    }
+    memcpy(out, s, u);
+    *used = u;
+    return u;
 }
 
 size_t kd_log_escape(char *dst, size_t dstlen, const char *src, size_t n)
 {
-    static const char hex[] = "0123456789abcdef";
+    const unsigned char *s = (const unsigned char *)src;
     size_t o = 0;
     if (dstlen == 0)
         return 0;
-    for (size_t i = 0; i < n; i++) {
-        unsigned char c = (unsigned char)src[i];
-        char esc[7];
-        size_t el;
-        if (c == '"' || c == '\\') {
-            esc[0] = '\\';
-            esc[1] = (char)c;
-            el = 2;
-        } else if (c == '\n') {
-            memcpy(esc, "\\n", 2);
-            el = 2;
-        } else if (c == '\t') {
-            memcpy(esc, "\\t", 2);
-            el = 2;
-        } else if (c == '\r') {
-            memcpy(esc, "\\r", 2);
-            el = 2;
-        } else if (c < 0x20 || c == 0x7f) {
-            memcpy(esc, "\\u00", 4);
-            esc[4] = hex[c >> 4];
-            esc[5] = hex[c & 15];
-            el = 6;
-        } else {
-            /* Bytes >= 0x80 pass through; invalid UTF-8 is the caller's problem to avoid, and
-             * every caller logs either ASCII or bytes it already validated. */
-            esc[0] = (char)c;
-            el = 1;
-        }
+    while (n > 0) {
+        char esc[6];
+        size_t used, el = escape_one(s, n, esc, &used);
         if (o + el + 1 > dstlen)
             break;
         memcpy(dst + o, esc, el);
         o += el;
+        s += used;
+        n -= used;
     }
     dst[o] = '\0';
     return o;
 }
 
-static void append_escaped(struct kd_logline *l, const char *s, size_t n)
+/* Escape s[0..n) onto the line, character by character, while it fits before ROOM. Returns false
+ * (and marks the line) when it had to stop early. */
+static bool append_escaped(struct kd_logline *l, const char *src, size_t n)
 {
-    char tmp[1024];
-    while (n > 0 && !l->truncated && !l->off) {
-        /* Escape in chunks; worst case 6 output bytes per input byte. */
-        size_t take = n < 160 ? n : 160;
-        size_t w = kd_log_escape(tmp, sizeof(tmp), s, take);
-        append_raw(l, tmp, w);
-        s += take;
-        n -= take;
+    const unsigned char *s = (const unsigned char *)src;
+    if (l->off || l->truncated)
+        return false;
+    while (n > 0) {
+        char esc[6];
+        size_t used, el = escape_one(s, n, esc, &used);
+        if (l->len + el > ROOM) {
+            l->truncated = true;
+            return false;
+        }
+        memcpy(l->buf + l->len, esc, el);
+        l->len += el;
+        s += used;
+        n -= used;
     }
+    return true;
 }
 
-static void append_key(struct kd_logline *l, const char *key)
+/* ,"key": whole or rolled back. */
+static bool append_key(struct kd_logline *l, const char *key)
 {
-    append_raw(l, ",\"", 2);
-    append_escaped(l, key, strlen(key));
-    append_raw(l, "\":", 2);
+    size_t start = l->len;
+    if (append_raw(l, ",\"", 2) && append_escaped(l, key, strlen(key)) && append_raw(l, "\":", 2))
+        return true;
+    if (!l->off)
+        l->len = start;
+    return false;
+}
+
+/* ,"key":<value> for a value that must not be cut (numbers, true/false/null). */
+static void append_field(struct kd_logline *l, const char *key, const char *v, size_t n)
+{
+    size_t start = l->len;
+    if (append_key(l, key) && !append_raw(l, v, n))
+        l->len = start;
 }
 
 void kd_log_begin(struct kd_logline *l, enum kd_log_level level, const char *event)
@@ -229,17 +309,22 @@ void kd_log_begin(struct kd_logline *l, enum kd_log_level level, const char *eve
 
 void kd_log_strn(struct kd_logline *l, const char *key, const char *value, size_t n)
 {
-    append_key(l, key);
-    append_raw(l, "\"", 1);
+    size_t start = l->len;
+    if (!append_key(l, key))
+        return;
+    if (!append_raw(l, "\"", 1)) {
+        l->len = start; /* a key without its value would leave the object unfinished */
+        return;
+    }
+    /* Cut or not, the string is closed: the reserve always has room for this quote. */
     append_escaped(l, value, n);
-    append_raw(l, "\"", 1);
+    l->buf[l->len++] = '"';
 }
 
 void kd_log_str(struct kd_logline *l, const char *key, const char *value)
 {
     if (value == NULL) {
-        append_key(l, key);
-        append_raw(l, "null", 4);
+        append_field(l, key, "null", 4);
         return;
     }
     kd_log_strn(l, key, value, strlen(value));
@@ -249,22 +334,19 @@ void kd_log_int(struct kd_logline *l, const char *key, int64_t value)
 {
     char tmp[32];
     int n = snprintf(tmp, sizeof(tmp), "%lld", (long long)value);
-    append_key(l, key);
-    append_raw(l, tmp, (size_t)n);
+    append_field(l, key, tmp, (size_t)n);
 }
 
 void kd_log_uint(struct kd_logline *l, const char *key, uint64_t value)
 {
     char tmp[32];
     int n = snprintf(tmp, sizeof(tmp), "%llu", (unsigned long long)value);
-    append_key(l, key);
-    append_raw(l, tmp, (size_t)n);
+    append_field(l, key, tmp, (size_t)n);
 }
 
 void kd_log_bool(struct kd_logline *l, const char *key, bool value)
 {
-    append_key(l, key);
-    append_raw(l, value ? "true" : "false", value ? 4 : 5);
+    append_field(l, key, value ? "true" : "false", value ? 4 : 5);
 }
 
 void kd_log_errno(struct kd_logline *l, int err)
@@ -279,8 +361,11 @@ void kd_log_end(struct kd_logline *l)
 {
     if (l->off)
         return;
-    if (l->truncated)
-        memcpy(l->buf + l->len, ",\"truncated\":true", 17), l->len += 17;
+    /* Within the TAIL_MAX reserve, whatever was cut before. */
+    if (l->truncated) {
+        memcpy(l->buf + l->len, ",\"truncated\":true", 17);
+        l->len += 17;
+    }
     memcpy(l->buf + l->len, "}\n", 2);
     l->len += 2;
     int w = atomic_load_explicit(&g.pipe_w, memory_order_acquire);

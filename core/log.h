@@ -20,7 +20,9 @@
 
 #include "core/config.h"
 
-/* Lines longer than this are cut (and marked "truncated":true); PIPE_BUF keeps writes atomic. */
+/* Lines longer than this are cut and marked "truncated":true, and stay valid JSON: a string value is
+ * cut between characters and closed, later fields are dropped (log.c). PIPE_BUF keeps writes
+ * atomic. Bytes that are not UTF-8 are logged as \ufffd. */
 #define KD_LOG_LINE_MAX 4096
 
 struct kd_logline {
@@ -57,7 +59,8 @@ void kd_log_end(struct kd_logline *l);
 void kd_log_msg(enum kd_log_level level, const char *event, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
-/* JSON-escape src[0..n) into dst (NUL-terminated, cut to fit). Returns bytes written. For tests. */
+/* JSON-escape src[0..n) into dst (NUL-terminated, cut to fit between characters; invalid UTF-8 becomes
+ * \ufffd). Returns bytes written. For tests. */
 size_t kd_log_escape(char *dst, size_t dstlen, const char *src, size_t n);
 
 #endif

@@ -182,15 +182,33 @@ class GrpcServer(unittest.TestCase):
 
     @unittest.skipUnless(HAVE_CERTS, "no test certificates")
     def test_tls_garbage_and_plaintext_are_refused_others_carry_on(self):
-        s = socket.create_connection(("127.0.0.1", self.srv.tls_port), timeout=5)
-        s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00" * 100)
-        s.settimeout(5)
-        try:
-            while s.recv(4096):
-                pass
-        except ConnectionResetError:
-            pass
-        s.close()
+        # Plaintext HTTP/2, a handshake record that is not a ClientHello, random bytes: each
+        # connection must be closed (EOF or reset, not left hanging) having received nothing but
+        # TLS alert records (content type 21, TLS 1.x, 2 bytes, level fatal) - no HTTP/2 frame.
+        for garbage in (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00" * 100,
+                        b"\x16\x03\x01\x00\x05hello" + b"\x00" * 100, os.urandom(200)):
+            s = socket.create_connection(("127.0.0.1", self.srv.tls_port), timeout=5)
+            s.sendall(garbage)
+            got, how, end = b"", None, time.monotonic() + 5
+            while how is None:
+                s.settimeout(max(end - time.monotonic(), 0.01))
+                try:
+                    chunk = s.recv(4096)
+                    if chunk:
+                        got += chunk
+                    else:
+                        how = "eof"
+                except ConnectionResetError:
+                    how = "reset"
+                except socket.timeout:
+                    how = "timeout"
+            s.close()
+            self.assertIn(how, ("eof", "reset"), f"garbage {garbage[:8]!r}: not closed within 5 s")
+            rest = got
+            while rest:
+                self.assertTrue(len(rest) >= 7 and rest[0] == 21 and rest[1] == 3 and rest[3:5] == b"\x00\x02"
+                                and rest[5] == 2, f"garbage {garbage[:8]!r}: got {got.hex()}, not TLS alerts")
+                rest = rest[7:]
         self.assertEqual(self.unary("/test.Echo/Unary", b"still"), b"still")
 
 
@@ -202,14 +220,21 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
 def read_frames(s, until, timeout=5):
-    """Read frames until `until(type, flags, payload)` is true or the peer closes. Returns (found, closed)."""
-    s.settimeout(timeout)
+    """Read frames until `until(type, flags, payload)` is true, the peer closes, or `timeout` passes.
+    Returns (found, closed): closed is True only for an EOF or a reset, never for a timeout (a
+    silent peer is not a closed one)."""
     buf = b""
     end = time.monotonic() + timeout
-    while time.monotonic() < end:
+    while True:
+        left = end - time.monotonic()
+        if left <= 0:
+            return False, False
+        s.settimeout(left)
         try:
             chunk = s.recv(65536)
-        except (ConnectionResetError, socket.timeout):
+        except socket.timeout:
+            return False, False
+        except ConnectionResetError:
             return False, True
         if not chunk:
             return False, True
@@ -222,7 +247,6 @@ def read_frames(s, until, timeout=5):
             buf = buf[9 + ln:]
             if until(ftype, flags, payload):
                 return True, False
-    return False, False
 
 
 class BadInput(unittest.TestCase):
@@ -246,15 +270,17 @@ class BadInput(unittest.TestCase):
         s = self.connect()
         s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 10)
         found, closed = read_frames(s, lambda t, f, p: False, timeout=5)
-        self.assertTrue(closed)
+        self.assertTrue(closed, "a connection that does not start with the preface must be closed")
         self.ok()
 
     def test_invalid_frames_goaway(self):
         s = self.connect()
         # SETTINGS on a stream (PROTOCOL_ERROR), then junk
         s.sendall(PREFACE + h2_frame(4, 0, 0) + h2_frame(4, 0, 1, b"\x00" * 6) + os.urandom(200))
-        found, closed = read_frames(s, lambda t, f, p: t == 7)
-        self.assertTrue(found or closed)
+        found, _ = read_frames(s, lambda t, f, p: t == 7 and int.from_bytes(p[4:8], "big") == 1)
+        self.assertTrue(found, "expected GOAWAY PROTOCOL_ERROR")
+        found, closed = read_frames(s, lambda t, f, p: False)
+        self.assertTrue(closed, "closed after the GOAWAY")
         self.ok()
 
     def test_half_open_connection_closed_after_timeout(self):

@@ -70,6 +70,8 @@ class Kasd:
         with open(self.config_path, "w") as f:
             f.write(config)
         self.lines = []
+        self.bad_lines = []
+        self._partial = None
         self.events = []
         self.listeners = {}
         self.redis_address = None
@@ -88,9 +90,15 @@ class Kasd:
             with self._cond:
                 self.lines.append(line)
                 try:
-                    ev = json.loads(line)
+                    ev = json.loads(raw.decode("utf-8"))  # strict: the bytes must be UTF-8 too
                 except ValueError:
                     ev = None
+                if not raw.endswith(b"\n"):
+                    self._partial = line  # only a process killed mid-write leaves one
+                elif not isinstance(ev, dict) and not (not self.events and line.startswith("kasd: ")):
+                    # kasd's log is one JSON object per line; the only plain lines are the
+                    # "kasd: ..." ones printed before the logger starts (configuration errors).
+                    self.bad_lines.append(line)
                 if isinstance(ev, dict):
                     self.events.append(ev)
                     if ev.get("event") == "listening":
@@ -137,7 +145,19 @@ class Kasd:
         self.stdout = self.proc.stdout.read()
         self.proc.stdout.close()
         self.proc.stderr.close()
+        self.check_log_lines()
         return rc
+
+    def check_log_lines(self):
+        """Every line kasd wrote to stderr is one JSON object (checked for every test that stops or
+        kills its kasd)."""
+        with self._cond:
+            bad = list(self.bad_lines)
+            if self._partial is not None and not (self.proc.returncode or 0) < 0:
+                bad.append(self._partial + "  <- no newline at exit")
+        if bad:
+            raise AssertionError("kasd wrote log lines that are not JSON objects:\n" +
+                                 "\n".join(b[:600] for b in bad))
 
     def stop(self, timeout=30):
         if self.proc.poll() is None:
@@ -148,12 +168,14 @@ class Kasd:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(5)
+        self._reader.join(5)
         for f in (self.proc.stdout, self.proc.stderr):
             if not f.closed:
                 try:
                     f.close()
                 except OSError:
                     pass
+        self.check_log_lines()
 
     def log(self):
         with self._cond:

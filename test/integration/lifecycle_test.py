@@ -1,7 +1,9 @@
 """kasd as a process: options, configuration errors, start on ephemeral loopback ports, accept
 connections on every listener, the embedded Redis, graceful stop on SIGTERM/SIGINT with exit 0."""
+import base64
 import json
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -12,7 +14,7 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from kasd_harness import BASE_CONFIG, KASD, Kasd, connect, port_open, redis_ping  # noqa: E402
+from kasd_harness import BASE_CONFIG, KASD, Kasd, connect, port_open, redis_ping, service_config, write_tokens  # noqa: E402
 
 
 def run(*args, timeout=20):
@@ -52,7 +54,21 @@ class Options(unittest.TestCase):
     def test_packaged_example_config_is_valid(self):
         example = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "packaging",
                                "kasd.example.yaml")
+        # The files it names are checked too (as start-up reads them): without them it is refused,
+        # naming the first one; with valid files in their place it is valid.
         r = run("--check-config", example)
+        self.assertEqual(r.returncode, 2, r.stdout)
+        self.assertIn("/etc/kasd/agent-tokens.yaml", r.stderr)
+        d = tempfile.mkdtemp(prefix="kasd-example-")
+        self.addCleanup(shutil.rmtree, d, True)
+        write_tokens(os.path.join(d, "agent-tokens.yaml"), {1: ("x" * 32, 1)})
+        for name in ("api-secret", "private-api-secret"):
+            with open(os.path.join(d, name), "w") as f:
+                f.write(base64.b64encode(os.urandom(32)).decode() + "\n")
+        with open(example) as f:
+            text = f.read()
+        self.assertIn("/etc/kasd/", text)
+        r = run("--check-config", self.write(text.replace("/etc/kasd/", d + "/")))
         self.assertEqual(r.returncode, 0, r.stderr)
 
     def test_check_config_unknown_key_names_file_line_and_key(self):
@@ -144,10 +160,10 @@ class Lifecycle(unittest.TestCase):
         log = k.log()
         self.assertIn("Address already in use", log)
         self.assertIn("api listener", log)
-        # the embedded redis it had started is gone too
-        if k.redis_address:
-            host, p = k.redis_address.rsplit(":", 1)
-            self.assertFalse(port_open(host, int(p)))
+        # the embedded redis it had started (before binding the listeners) is gone too
+        self.assertIsNotNone(k.redis_address, log)
+        host, p = k.redis_address.rsplit(":", 1)
+        self.assertFalse(port_open(host, int(p)))
 
     def test_many_connections_then_stop(self):
         k = self.start()
@@ -157,6 +173,30 @@ class Lifecycle(unittest.TestCase):
         self.assertEqual(k.wait(30), 0, k.log())
         for s in socks:
             s.close()
+
+    def test_8k_path_is_logged_as_valid_json(self):
+        # An api call without a bearer token is logged with its :path; 8 KB of it cannot fit a log
+        # line (KD_LOG_LINE_MAX 4096), so the line is cut and must still parse.
+        import grpc
+        d = tempfile.mkdtemp(prefix="kasd-longpath-")
+        self.addCleanup(shutil.rmtree, d, True)
+        write_tokens(os.path.join(d, "tokens.yaml"), {1: ("y" * 32, 1)})
+        with open(os.path.join(d, "api-secret"), "w") as f:
+            f.write(base64.b64encode(os.urandom(32)).decode() + "\n")
+        k = self.start(config=service_config(d))
+        self.assertTrue(k.started, k.log())
+        host, port = k.listeners["api"]
+        path = "/gitlab.agent.x." + "a%2F\"\\b" * 1200 + "/Method"
+        self.assertGreater(len(path), 8192)
+        with grpc.insecure_channel(f"{host}:{port}") as ch:
+            with self.assertRaises(grpc.RpcError) as cm:
+                ch.unary_unary(path)(b"", timeout=10)
+            self.assertEqual(cm.exception.code(), grpc.StatusCode.UNAUTHENTICATED)
+        ev = k.wait_event("api_auth_failed", 5)
+        self.assertTrue(ev.get("truncated"), ev)
+        self.assertTrue(path.startswith(ev["method"]) and len(ev["method"]) > 3000, ev["method"][:100])
+        self.assertEqual(k.stop(), 0, k.log())  # stop() also checks that every line parses
+        self.check_json_log(k)
 
     def test_dev_mode_creates_files_once(self):
         state = tempfile.mkdtemp(prefix="kasd-dev-")

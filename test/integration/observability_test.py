@@ -414,6 +414,8 @@ class Observability(unittest.TestCase):
             t.start()
         for t in threads:
             t.join(30)
+        # a scrape still hanging is a failure too, not an absence of errors
+        self.assertEqual([t for t in threads if t.is_alive()], [])
         self.assertEqual(errors, [])
 
     # --- health ---
@@ -492,6 +494,8 @@ limits:
             if total(parse_exposition(body)[1], "kasd_received_bytes_total") > 0:
                 break
             time.sleep(0.05)
+        else:
+            self.fail("the call never reached kasd: nothing would be in flight while draining")
         time.sleep(0.2)
         k.signal(signal.SIGTERM)
         k.wait_event("stopping", 5)

@@ -238,11 +238,9 @@ limits:
             "expired": "Bearer " + make_jwt(self.secret, now=now - 3600, ttl=60),
             "not yet valid": "Bearer " + make_jwt(self.secret, now=now + 3600, ttl=60),
             "wrong audience": "Bearer " + make_jwt(self.secret, aud="someone-else"),
+            # make_jwt builds unsigned tokens on purpose; if it cannot, the test must say so
+            "alg none": "Bearer " + make_jwt(self.secret, alg="none"),
         }
-        try:
-            bad["alg none"] = "Bearer " + make_jwt(self.secret, alg="none")
-        except (ValueError, TypeError):
-            pass
         for name, auth in bad.items():
             with self.assertRaises(grpc.RpcError, msg=name) as cm:
                 self.gl.unary("/test.Echo/Unary", b"", agent_id=1, timeout=5, auth=auth)

@@ -134,13 +134,18 @@ Test(tunnel, request_info_round_trip)
     cr_assert_eq(kd_pb_next(&r, &f), 1);
     cr_assert_eq(f.num, 1);
     kd_pb_reader_init(&ri, f.data, f.len);
-    int entries = 0;
+    int entries = 0, methods = 0;
     while (kd_pb_next(&ri, &g) == 1) {
-        if (g.num == 1)
+        if (g.num == 1) {
+            /* counted below: a missing method field must fail, not skip this check */
+            methods++;
+            cr_assert_eq(g.len, 6);
             cr_assert_eq(memcmp(g.data, "/a.B/C", 6), 0);
+        }
         if (g.num == 2)
             entries++;
     }
+    cr_assert_eq(methods, 1);
     cr_assert_eq(entries, 2);
     /* the same entries read back through the blob walker */
     struct md m = {0};
