@@ -152,6 +152,24 @@ class CheckConfig(unittest.TestCase):
                 self.break_file("redis-password", how)
                 self.assert_refused_like_start(self.config(redis=True), "redis.")
 
+    def test_broken_configuration_dir(self):
+        for how in ("missing", "file"):
+            with self.subTest(how=how):
+                self.setUp()
+                path = os.path.join(self.d, "agents")
+                if how == "file":
+                    self.put("agents", "not a directory\n")
+                with open(self.config()) as f:
+                    text = f.read()
+                text = text.replace(
+                    f"  token_file: {self.d}/tokens.yaml\n",
+                    f"  token_file: {self.d}/tokens.yaml\n  configuration_dir: {path}\n")
+                with open(os.path.join(self.d, "kasd.yaml"), "w") as f:
+                    f.write(text)
+                msg = self.assert_refused_like_start(os.path.join(self.d, "kasd.yaml"),
+                                                     "agent.configuration_dir")
+                self.assertIn(path, msg)
+
     @unittest.skipUnless(HAVE_CERTS, "no test certificates")
     def test_broken_tls_files(self):
         for name in ("server.pem", "server.key"):
