@@ -367,6 +367,7 @@ int main(int argc, char **argv)
         sp->grpc.max_message = cfg.limits.grpc_max_message_size;
         sp->grpc.max_concurrent_streams = cfg.limits.grpc_max_concurrent_streams;
         sp->grpc.max_connection_age_ms = sp->cfg->max_connection_age_ms;
+        sp->grpc.websocket = sp->cfg->websocket != 0; /* set for the agent listener only */
         kd_grpc_server_cfg_defaults(&sp->grpc);
         struct kd_server_listener *l = &o.listeners[o.nlisteners++];
         l->name = sp->name;

@@ -361,6 +361,7 @@ int kd_config_defaults(struct kd_config *c)
     c->limits.grpc_max_concurrent_streams = 500;
     c->limits.routing_timeout_ms = 20000;                       /* GitLab kas: 20 s */
     c->agent.listen.max_connection_age_ms = 2u * 3600u * 1000u; /* GitLab kas: 2 h */
+    c->agent.listen.websocket = 1; /* agentk's ws:// and wss:// addresses (GitLab.com's default) */
     c->log.level = KD_LOG_INFO;
 
     c->source = strdup("<defaults>");
@@ -436,6 +437,7 @@ static const struct field agent_listen_keys[] = {
      .off = OFF(agent.listen.max_connection_age_ms),
      .min = 0,
      .max = UINT32_MAX},
+    {.key = "websocket", .kind = K_BOOL, .off = OFF(agent.listen.websocket)},
     {0},
 };
 static const struct field agent_keys[] = {

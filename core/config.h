@@ -27,6 +27,7 @@ struct kd_listen_cfg {
     char *key_file;                   /* TLS: PEM private key */
     char *client_ca_file;             /* private_api: require client certificates from these CAs (mTLS) */
     uint32_t max_connection_age_ms;   /* agent: GOAWAY after this age (± 10 % jitter); 0 = never */
+    int websocket;                    /* agent: also accept HTTP/2 inside WebSocket (ws-tunnel); 1 / 0 */
 };
 
 struct kd_config {

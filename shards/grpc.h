@@ -51,6 +51,7 @@ struct kd_grpc_server_cfg {
     uint32_t max_connection_age_ms;        /* 0 = none; GOAWAY after age ± 10 % jitter */
     uint32_t max_connection_age_grace_ms;  /* then close after this much longer */
     uint32_t handshake_timeout_ms;         /* no complete preface/TLS handshake by then: close */
+    bool websocket;                        /* also HTTP/2 inside WebSocket (core/ws.h), by first bytes */
     /* A connection of this listener closed; `user` is what kd_grpc_conn_set_user stored (or NULL).
      * Runs on the connection's shard after every call on it has ended. */
     void (*on_conn_close)(struct kd_shard *s, void *user);
