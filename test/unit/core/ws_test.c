@@ -305,7 +305,8 @@ static void decode_all_splits(const uint8_t *buf, size_t n, uint64_t max, const 
             cr_assert_eq(rc, want_rc, "split %zu/%zu: rc %d want %d (%s)", a, b, rc, want_rc,
                          d.close_why ? d.close_why : "");
             cr_assert_eq(s->len, want_len, "split %zu/%zu: %zu bytes, want %zu", a, b, s->len, want_len);
-            cr_assert(memcmp(s->data, want, want_len) == 0, "split %zu/%zu: bytes differ", a, b);
+            cr_assert(want_len == 0 || memcmp(s->data, want, want_len) == 0, "split %zu/%zu: bytes differ", a,
+                      b);
             cr_assert_eq(s->pings, want_pings, "split %zu/%zu", a, b);
             if (want_rc == 1)
                 cr_assert_eq(d.close_code, want_code, "split %zu/%zu: code %u want %u", a, b, d.close_code,
@@ -319,7 +320,7 @@ static void decode_all_splits(const uint8_t *buf, size_t n, uint64_t max, const 
         rc = kd_ws_decode(&d, buf + i, 1, &sink_ev, s);
     cr_assert_eq(rc, want_rc);
     cr_assert_eq(s->len, want_len);
-    cr_assert(memcmp(s->data, want, want_len) == 0);
+    cr_assert(want_len == 0 || memcmp(s->data, want, want_len) == 0);
     free(s);
 }
 
@@ -372,9 +373,9 @@ Test(ws_decode, fragmentation_with_interleaved_ping)
 
 Test(ws_decode, ping_max_payload)
 {
-    uint8_t p[125], buf[200];
+    uint8_t p[126], buf[200];
     memset(p, 0xa5, sizeof(p));
-    size_t n = cframe(buf, 0x89, m1, p, sizeof(p));
+    size_t n = cframe(buf, 0x89, m1, p, 125);
     decode_all_splits(buf, n, 0, NULL, 0, 1, 0, 0);
     n = cframe(buf, 0x89, m1, p, 126); /* 126 needs the 16-bit form: too long for control */
     decode_all_splits(buf, n, 0, NULL, 0, 0, 1, KD_WS_CLOSE_PROTOCOL);
