@@ -373,6 +373,7 @@ int kd_config_defaults(struct kd_config *c)
         l->keepalive_min_time_ms = 20000; /* GitLab kas permits client pings every >= 20 s */
     }
     c->agent.listen.max_connection_age_ms = 2u * 3600u * 1000u; /* GitLab kas: 2 h */
+    c->agent.listen.websocket = 1; /* agentk's ws:// and wss:// addresses (GitLab.com's default) */
     c->log.level = KD_LOG_INFO;
 
     c->source = strdup("<defaults>");
@@ -474,6 +475,7 @@ static const struct field agent_listen_keys[] = {
     LISTEN_ADDRESS(agent, "127.0.0.1:8150"),
     TLS_FILES(agent),
     GRPC_CONN_KEYS(agent),
+    {.key = "websocket", .kind = K_BOOL, .off = OFF(agent.listen.websocket)},
     {0},
 };
 static const struct field agent_keys[] = {

@@ -32,6 +32,7 @@ struct kd_listen_cfg {
     uint32_t keepalive_time_ms;           /* nothing received this long: PING the peer */
     uint32_t keepalive_timeout_ms;        /* that PING unanswered this long: close */
     uint32_t keepalive_min_time_ms;       /* client PINGs closer than this are strikes (3: GOAWAY) */
+    int websocket;                        /* agent: also accept HTTP/2 inside WebSocket (ws-tunnel); 1 / 0 */
 };
 
 struct kd_config {
@@ -41,7 +42,7 @@ struct kd_config {
 
     struct {
         struct kd_listen_cfg listen;
-        char *token_file; /* embedded token resolver: token -> agent (NULL: none configured) */
+        char *token_file;        /* embedded token resolver: token -> agent (NULL: none configured) */
         char *configuration_dir; /* per-agent configuration files <name or id>.yaml (NULL: none) */
     } agent;
     struct {

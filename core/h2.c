@@ -60,22 +60,25 @@ struct kd_h2_call {
     size_t out_bytes;
     size_t unconsumed; /* inbound bytes not yet acknowledged (held input) */
     bool hold_input;
-    bool headers_sent;   /* server: response HEADERS submitted */
-    bool provider_live;  /* a data provider is attached to the stream */
-    bool deferred;       /* the provider returned DEFERRED and waits for resume */
-    bool finish_pending; /* server: trailers go after the queued data */
-    bool finished;       /* server: finish called */
-    bool close_pending;  /* client: END_STREAM after the queued data */
-    bool remote_closed;  /* peer sent END_STREAM */
-    bool got_headers;    /* client: response headers seen */
-    bool over_high;      /* send_message returned 1: on_writable owed */
-    bool writable_due;   /* on_writable to run after mem_send */
-    bool in_trailers;    /* receiving the second header block */
-    bool end_on_goaway;  /* server: kd_h2_end_marked finishes it with OK */
-    bool hdr_overflow;   /* server: request headers over a limit, the rest not stored */
-    uint8_t recv_alg;    /* enum kd_compress_alg of the peer's grpc-encoding */
-    uint8_t send_alg;    /* what our messages on this call are compressed with */
-    int fail_status;     /* deliver() refused a message: status and message for on_data_chunk */
+    bool headers_sent;      /* server: response HEADERS submitted */
+    bool provider_live;     /* a data provider is attached to the stream */
+    bool deferred;          /* the provider returned DEFERRED and waits for resume */
+    bool finish_pending;    /* server: trailers go after the queued data */
+    bool finished;          /* server: finish called */
+    bool close_pending;     /* client: END_STREAM after the queued data */
+    bool remote_closed;     /* peer sent END_STREAM */
+    bool got_headers;       /* client: response headers seen */
+    bool over_high;         /* send_message returned 1: on_writable owed */
+    bool writable_due;      /* on_writable to run after mem_send */
+    bool in_trailers;       /* receiving the second header block */
+    bool end_on_goaway;     /* server: kd_h2_end_marked finishes it with OK */
+    bool hdr_overflow;      /* server: request headers over a limit, the rest not stored */
+    uint8_t pseudo_seen;    /* server: bit per request pseudo-header received (PS_*) */
+    bool regular_seen;      /* server: a regular header came, so no pseudo-header may follow */
+    const char *bad_header; /* server: why the request's header block is malformed (RST PROTOCOL_ERROR) */
+    uint8_t recv_alg;       /* enum kd_compress_alg of the peer's grpc-encoding */
+    uint8_t send_alg;       /* what our messages on this call are compressed with */
+    int fail_status;        /* deliver() refused a message: status and message for on_data_chunk */
     char fail_msg[160];
     int fin_status;
     struct kd_list link;     /* h->calls */
@@ -467,6 +470,62 @@ static int on_begin_headers(nghttp2_session *s, const nghttp2_frame *f, void *ud
     return 0;
 }
 
+/* Server request headers are checked here rather than by nghttp2's HTTP messaging layer, which
+ * the server session turns off: nghttp2 refuses an :authority outside RFC 3986's host syntax, and
+ * grpc-go clients dialling through a custom dialer (agentk's ws:// and wss:// addresses through
+ * "passthrough:") send the whole URL there ("ws://kas.example.com"), which grpc-go servers (GitLab
+ * kas) accept. Everything else nghttp2 would refuse in a request header block is refused here:
+ * names that are not lower-case tokens, NUL/CR/LF in values, unknown, repeated or late
+ * pseudo-headers, connection-specific headers, TE other than "trailers". */
+enum { PS_METHOD = 1, PS_SCHEME = 2, PS_PATH = 4, PS_AUTHORITY = 8 };
+
+static bool lit_eq(const uint8_t *p, size_t n, const char *lit)
+{
+    return n == strlen(lit) && memcmp(p, lit, n) == 0;
+}
+
+static const char *request_header_check(struct kd_h2_call *c, const uint8_t *name, size_t nlen,
+                                        const uint8_t *value, size_t vlen)
+{
+    for (size_t i = 0; i < vlen; i++)
+        if (value[i] == 0 || value[i] == '\r' || value[i] == '\n')
+            return "NUL, CR or LF in a header value";
+    if (nlen == 0)
+        return "empty header name";
+    if (name[0] == ':') {
+        uint8_t bit = lit_eq(name, nlen, ":method")      ? PS_METHOD
+                      : lit_eq(name, nlen, ":scheme")    ? PS_SCHEME
+                      : lit_eq(name, nlen, ":path")      ? PS_PATH
+                      : lit_eq(name, nlen, ":authority") ? PS_AUTHORITY
+                                                         : 0;
+        if (bit == 0)
+            return "unknown pseudo-header";
+        if (c->regular_seen)
+            return "pseudo-header after a regular header";
+        if (c->pseudo_seen & bit)
+            return "repeated pseudo-header";
+        if (bit == PS_PATH && vlen == 0)
+            return "empty :path";
+        c->pseudo_seen |= bit;
+        return NULL;
+    }
+    c->regular_seen = true;
+    for (size_t i = 0; i < nlen; i++) {
+        uint8_t ch = name[i];
+        if (!((ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') ||
+              strchr("!#$%&'*+-.^_`|~", ch) != NULL) ||
+            ch == 0)
+            return "header name is not a lower-case token";
+    }
+    if (lit_eq(name, nlen, "connection") || lit_eq(name, nlen, "keep-alive") ||
+        lit_eq(name, nlen, "proxy-connection") || lit_eq(name, nlen, "transfer-encoding") ||
+        lit_eq(name, nlen, "upgrade"))
+        return "connection-specific header";
+    if (lit_eq(name, nlen, "te") && !lit_eq(value, vlen, "trailers"))
+        return "te other than trailers";
+    return NULL;
+}
+
 static int on_header(nghttp2_session *s, const nghttp2_frame *f, const uint8_t *name, size_t nlen,
                      const uint8_t *value, size_t vlen, uint8_t flags, void *ud)
 {
@@ -480,6 +539,10 @@ static int on_header(nghttp2_session *s, const nghttp2_frame *f, const uint8_t *
     if (h->o.server) {
         if (f->headers.cat != NGHTTP2_HCAT_REQUEST)
             return 0; /* client trailers carry nothing gRPC uses */
+        if (c->bad_header != NULL)
+            return 0; /* refused already: reset when the block is complete */
+        if ((c->bad_header = request_header_check(c, name, nlen, value, vlen)) != NULL)
+            return 0;
         hs = &c->hdr;
     } else {
         /* A response HEADERS with END_STREAM and no earlier headers is trailers-only. */
@@ -507,6 +570,15 @@ static int on_header(nghttp2_session *s, const nghttp2_frame *f, const uint8_t *
 static int server_request_ready(struct kd_h2 *h, struct kd_h2_call *c, bool end_stream)
 {
     size_t ctlen = 0;
+    if (c->bad_header == NULL &&
+        (c->pseudo_seen & (PS_METHOD | PS_SCHEME | PS_PATH)) != (PS_METHOD | PS_SCHEME | PS_PATH))
+        c->bad_header = "missing :method, :scheme or :path";
+    if (c->bad_header != NULL) {
+        /* A malformed request (RFC 9113 8.1.1): the stream is reset, as nghttp2 would. */
+        c->finished = true;
+        nghttp2_submit_rst_stream(h->s, NGHTTP2_FLAG_NONE, c->sid, NGHTTP2_PROTOCOL_ERROR);
+        return 0;
+    }
     if (c->hdr_overflow) {
         char msg[160];
         snprintf(msg, sizeof(msg),
@@ -802,6 +874,8 @@ struct kd_h2 *kd_h2_new(const struct kd_h2_opts *o)
     nghttp2_option_new(&opt);
     nghttp2_option_set_no_auto_window_update(opt, 1);
     nghttp2_option_set_max_send_header_block_length(opt, 65536);
+    if (o->server)
+        nghttp2_option_set_no_http_messaging(opt, 1); /* see request_header_check() */
     /* nghttp2 refuses (connection error) header blocks spread over more than 8 CONTINUATION
      * frames by default; a client sends a block at our 16 KiB frame size, so a block as large as
      * max_header_list needs about limit / 16 KiB. Twice that, so a client over the limit still gets

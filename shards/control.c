@@ -250,6 +250,13 @@ static void render_metrics(struct kd_control *c, struct buf *b)
         {offsetof(struct kd_listener_stats, keepalive_timeouts), "kasd_listener_keepalive_timeouts_total",
          "Connections closed because a keepalive PING got no ACK within the listener's keepalive_timeout "
          "(a dead or unreachable peer)."},
+        {offsetof(struct kd_listener_stats, ws_upgrades), "kasd_listener_websocket_upgrades_total",
+         "Connections upgraded to WebSocket (ws-tunnel: HTTP/2 inside binary messages)."},
+        {offsetof(struct kd_listener_stats, ws_refused), "kasd_listener_websocket_refused_total",
+         "WebSocket upgrade requests answered with an HTTP error (bad request, version, head too large)."},
+        {offsetof(struct kd_listener_stats, ws_bad_frames), "kasd_listener_websocket_bad_frames_total",
+         "WebSocket connections closed on a frame the protocol does not allow (unmasked, text, "
+         "oversize...)."},
     };
     for (size_t f = 0; f < sizeof(lfields) / sizeof(lfields[0]); f++) {
         family(b, lfields[f].name, "counter", lfields[f].help);

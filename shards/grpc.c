@@ -1,6 +1,18 @@
 /* grpc.c — see grpc.h. One struct gconn per connection, server or client, owning the HTTP/2
- * session, the optional TLS state and two shard-local timers (call deadlines; housekeeping:
- * handshake timeout, idle keepalive ping, max connection age). */
+ * session, the optional TLS state, the optional WebSocket state (agent listener: agentk's ws:// and
+ * wss:// addresses) and two shard-local timers (call deadlines; housekeeping: handshake timeout,
+ * idle keepalive ping, max connection age).
+ *
+ * Byte path of a server connection ("wire" says which way the plaintext goes):
+ *
+ *   recv ─> [TLS] ─> wire_in ─┬─ SNIFF: first byte 'G' (and no ALPN h2) ─> WS_HEAD, else ─> H2
+ *                             ├─ H2 ─────────────────────────────────────────────> h2_in (nghttp2)
+ *                             ├─ WS_HEAD: kd_ws_handshake ─> 101 (or 4xx and finish) ─> WS
+ *                             └─ WS: kd_ws_decode ─ binary payload ─> h2_in; ping ─> pong
+ *   on_flush: kd_h2_send ─> H2: write_out ─> [TLS] ─> kd_conn_write
+ *                          WS: ws_write_out: staged into binary frames of <= 16 KiB ─> [TLS] ─> ...
+ *
+ * While SNIFF or WS_HEAD nothing of HTTP/2 is sent: a WebSocket client must see the 101 first. */
 #include "shards/grpc.h"
 
 #include <arpa/inet.h>
@@ -14,6 +26,7 @@
 #include "core/clock.h"
 #include "core/log.h"
 #include "core/tls.h"
+#include "core/ws.h"
 #include "shards/conn.h"
 #include "shards/shard.h"
 
@@ -22,6 +35,17 @@
 #define H2_PREFACE_LEN         24
 #define NGHTTP2_NO_ERROR_CODE  0
 #define ENHANCE_YOUR_CALM_CODE 0xb
+/* Payload per outbound WebSocket frame: far below agentk's 10 MiB message read limit, and small
+ * enough to stage on the stack. */
+#define WS_OUT_FRAME 16384
+
+/* How plaintext bytes of a connection are read (see the picture at the top). */
+enum wire {
+    WIRE_H2 = 0,  /* HTTP/2 directly (clients; listeners without WebSocket) */
+    WIRE_SNIFF,   /* nothing received yet: the first byte decides */
+    WIRE_WS_HEAD, /* reading the HTTP/1.1 upgrade request */
+    WIRE_WS,      /* HTTP/2 inside binary WebSocket frames */
+};
 
 /* A call waiting for its connection to reach the owner shard (kd_grpc_call_move). */
 struct parked_msg {
@@ -67,6 +91,12 @@ struct gconn {
     struct parked *parked; /* calls to start again after the move */
     size_t parked_bytes;
     const struct kd_grpc_method *starting; /* the method whose start() is running */
+    /* WebSocket. The decoder is plain memory inside the gconn, so a partial frame (header bytes,
+     * mask phase, control payload) travels with the connection in a hand-off. */
+    uint8_t wire;                  /* enum wire */
+    bool ws_closing;               /* a close frame or an HTTP error answer is out: no more frames */
+    struct kd_ws_handshake *ws_hs; /* WIRE_WS_HEAD only */
+    struct kd_ws_decoder ws;       /* WIRE_WS */
 };
 
 static uint64_t now_us(void)
@@ -304,6 +334,110 @@ static int h2_in(struct gconn *g, const uint8_t *data, size_t len)
     return 0;
 }
 
+/* Bytes for the peer that do not come from nghttp2 (the 101, pongs, close frames). */
+static int out_raw(struct gconn *g, const void *data, size_t len)
+{
+    if (g->c == NULL)
+        return -EPIPE;
+    return g->tls != NULL ? kd_tls_write(g->tls, data, len) : kd_conn_write(g->c, data, len);
+}
+
+static int ws_payload(void *ud, const uint8_t *data, size_t len)
+{
+    struct gconn *g = ud;
+    if (g->goaway_sent && g->c->finish)
+        return 0; /* the HTTP/2 session failed: its GOAWAY is on the way, ignore the rest */
+    g->bytes_in += len;
+    return h2_in(g, data, len);
+}
+
+static int ws_ping(void *ud, const uint8_t *payload, size_t len)
+{
+    struct gconn *g = ud;
+    uint8_t f[KD_WS_FRAME_HDR_MAX + 125];
+    size_t h = kd_ws_frame_header(f, KD_WS_OP_PONG, true, len);
+    memcpy(f + h, payload, len);
+    return out_raw(g, f, h + len);
+}
+
+static const struct kd_ws_events ws_events = {.on_data = ws_payload, .on_ping = ws_ping};
+
+/* Send our close frame (once) and close when it is out. */
+static void ws_close(struct gconn *g, uint16_t code, const char *why)
+{
+    if (g->ws_closing)
+        return;
+    g->ws_closing = true;
+    uint8_t f[KD_WS_CLOSE_FRAME_MAX];
+    out_raw(g, f, kd_ws_close_frame(f, code, why));
+    kd_conn_finish(g->c);
+}
+
+/* Plaintext bytes (after TLS, if any): HTTP/2 directly, or inside WebSocket. */
+static void wire_in(struct gconn *g, const uint8_t *data, size_t len)
+{
+    if (len == 0)
+        return;
+    if (g->wire == WIRE_SNIFF) {
+        /* HTTP/2's client preface starts "PRI * HTTP/2.0", a WebSocket upgrade "GET ": the first
+         * byte tells them apart. A TLS client that negotiated ALPN h2 promised HTTP/2 (kas decides
+         * by ALPN too), so its bytes go to nghttp2 whatever they are. */
+        if (data[0] == 'G' && (g->tls == NULL || kd_tls_alpn(g->tls) == NULL)) {
+            g->ws_hs = kd_ws_handshake_new(0);
+            if (g->ws_hs == NULL) {
+                kd_conn_close(g->c, -ENOMEM);
+                return;
+            }
+            g->wire = WIRE_WS_HEAD;
+        } else {
+            g->wire = WIRE_H2;
+            kd_conn_want_flush(g->c); /* our SETTINGS, held while sniffing */
+        }
+    }
+    if (g->wire == WIRE_H2) {
+        g->bytes_in += len;
+        h2_in(g, data, len);
+        return;
+    }
+    if (g->wire == WIRE_WS_HEAD) {
+        if (g->ws_closing)
+            return; /* refused: the answer is on its way, the rest is not read */
+        size_t used;
+        int st = kd_ws_handshake_feed(g->ws_hs, data, len, &used);
+        if (st == 0)
+            return;
+        int rc = out_raw(g, g->ws_hs->resp, g->ws_hs->resp_len);
+        if (st != 101 || rc < 0) {
+            COUNT(g, ws_refused);
+            log_conn(g, KD_LOG_INFO, "websocket_upgrade_refused", rc < 0 ? strerror(-rc) : g->ws_hs->reason);
+            g->ws_closing = true;
+            kd_conn_finish(g->c);
+            return;
+        }
+        COUNT(g, ws_upgrades);
+        kd_ws_handshake_free(g->ws_hs);
+        g->ws_hs = NULL;
+        kd_ws_decoder_init(&g->ws, 0);
+        g->wire = WIRE_WS;
+        kd_conn_want_flush(g->c); /* the 101, then our SETTINGS in the first binary frame */
+        data += used;
+        len -= used;
+    }
+    if (g->ws_closing || len == 0)
+        return;
+    int rc = kd_ws_decode(&g->ws, data, len, &ws_events, g);
+    if (rc < 0) {
+        kd_conn_close(g->c, rc);
+    } else if (rc == 1) {
+        if (!g->ws.peer_closed) {
+            COUNT(g, ws_bad_frames);
+            log_conn(g, KD_LOG_INFO, "websocket_bad_frame", g->ws.close_why);
+        }
+        /* A close from the peer is echoed with its code (RFC 6455 5.5.1). */
+        ws_close(g, g->ws.close_code, g->ws.peer_closed ? NULL : g->ws.close_why);
+    }
+}
+
 static int on_data(struct kd_conn *c, const uint8_t *data, size_t len)
 {
     struct gconn *g = c->ctx;
@@ -311,8 +445,7 @@ static int on_data(struct kd_conn *c, const uint8_t *data, size_t len)
     if (g->goaway_sent && c->finish)
         return 0; /* closing after a protocol error: ignore the rest */
     if (g->tls == NULL) {
-        g->bytes_in += len;
-        h2_in(g, data, len);
+        wire_in(g, data, len);
     } else {
         if (kd_tls_feed(g->tls, data, len) < 0)
             return -ENOMEM;
@@ -342,8 +475,7 @@ static int on_data(struct kd_conn *c, const uint8_t *data, size_t len)
                 }
                 COUNT(g, tls_handshakes);
             }
-            g->bytes_in += (uint64_t)n;
-            h2_in(g, buf, (size_t)n);
+            wire_in(g, buf, (size_t)n);
             /* During a hand-off keep going: records already fed must be decrypted here (their
              * calls get parked), or they would wait on the new shard for the peer's next bytes. */
             if (c->state == KD_CONN_CLOSING)
@@ -358,6 +490,48 @@ static int on_data(struct kd_conn *c, const uint8_t *data, size_t len)
     return 0;
 }
 
+/* What nghttp2 produces on a WebSocket connection, staged into binary frames: one frame per
+ * WS_OUT_FRAME bytes rather than one per HTTP/2 frame (nghttp2 hands them over one by one). */
+struct ws_out {
+    struct gconn *g;
+    size_t len;
+    uint8_t buf[WS_OUT_FRAME];
+};
+
+static int ws_out_frame(struct ws_out *o)
+{
+    if (o->len == 0)
+        return 0;
+    uint8_t h[KD_WS_FRAME_HDR_MAX];
+    int rc = out_raw(o->g, h, kd_ws_frame_header(h, KD_WS_OP_BINARY, true, o->len));
+    if (rc >= 0)
+        rc = out_raw(o->g, o->buf, o->len);
+    o->len = 0;
+    return rc < 0 ? rc : 0;
+}
+
+static int ws_write_out(void *ud, const uint8_t *data, size_t len)
+{
+    struct ws_out *o = ud;
+    while (len > 0) {
+        size_t n = sizeof(o->buf) - o->len;
+        if (n > len)
+            n = len;
+        memcpy(o->buf + o->len, data, n);
+        o->len += n;
+        data += n;
+        len -= n;
+        if (o->len == sizeof(o->buf)) {
+            int rc = ws_out_frame(o);
+            if (rc < 0)
+                return rc;
+        }
+    }
+    struct gconn *g = o->g;
+    size_t queued = g->c->out_bytes + o->len + (g->tls ? kd_tls_output_pending(g->tls) : 0);
+    return queued > OUT_HIGH ? 1 : 0;
+}
+
 static void on_flush(struct kd_conn *c)
 {
     struct gconn *g = c->ctx;
@@ -365,7 +539,21 @@ static void on_flush(struct kd_conn *c)
         g->end_marked_due = false;
         kd_h2_end_marked(g->h);
     }
-    int rc = c->out_bytes > OUT_HIGH ? 0 : kd_h2_send(g->h, write_out, g);
+    int rc = 0;
+    if (c->out_bytes > OUT_HIGH) {
+        /* the peer reads slowly: wait for the queue to drain */
+    } else if (g->wire == WIRE_H2) {
+        rc = kd_h2_send(g->h, write_out, g);
+    } else if (g->wire == WIRE_WS && !g->ws_closing) {
+        struct ws_out o = {.g = g};
+        rc = kd_h2_send(g->h, ws_write_out, &o);
+        if (rc == 0)
+            rc = ws_out_frame(&o);
+        /* The session is over (GOAWAY sent, or a protocol error): end the WebSocket cleanly. */
+        if (rc == 0 && (kd_h2_finished(g->h) || c->finish))
+            ws_close(g, KD_WS_CLOSE_NORMAL, NULL);
+    }
+    /* SNIFF and WS_HEAD: no HTTP/2 yet; the TLS handshake or our HTTP answer may be waiting. */
     if (rc == 0 && g->tls != NULL)
         rc = drain_tls(g);
     if (rc < 0) {
@@ -396,6 +584,8 @@ static void on_detach_server(struct kd_conn *c)
 
 static void free_gconn(struct gconn *g)
 {
+    kd_ws_handshake_free(g->ws_hs);
+    g->ws_hs = NULL;
     kd_h2_free(g->h);
     g->h = NULL;
     if (g->tls)
@@ -441,6 +631,10 @@ static void on_close(struct kd_conn *c, int err)
 static void on_shutdown(struct kd_conn *c)
 {
     struct gconn *g = c->ctx;
+    if (g->wire == WIRE_SNIFF || g->wire == WIRE_WS_HEAD) {
+        kd_conn_close(c, 0); /* no session yet: nothing to say goodbye in */
+        return;
+    }
     if (!g->goaway_sent)
         send_goaway(g, "server shutting down");
     else if (g->server)
@@ -671,6 +865,7 @@ static int server_open(struct kd_conn *c, bool adopted)
     g->cfg = cfg;
     g->server = true;
     g->moving_to = -1;
+    g->wire = cfg->websocket ? WIRE_SNIFF : WIRE_H2;
     g->opened_ms = g->last_rx_ms = kd_shard_now_ms(s);
     g->max_message = cfg->max_message;
     kd_timer_init(&g->deadline_timer, deadline_cb);

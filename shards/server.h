@@ -80,6 +80,8 @@ struct kd_shard_stats {
      * Summed over shards they describe the listener. */
     struct kd_listener_stats {
         kd_stat opened, closed, streams, tls_handshakes, tls_failures, keepalive_timeouts;
+        kd_stat ws_upgrades, ws_refused,
+            ws_bad_frames; /* WebSocket: 101 sent, upgrade refused, closed on a bad frame */
     } listener[KD_MAX_LISTENERS];
     struct kd_redis_stats redis; /* the shard's Redis connection (kd_server_opts.redis) */
 };

@@ -325,6 +325,50 @@ class BadInput(unittest.TestCase):
         self.assertTrue(p.pump(lambda t, f, sid, pl: t == h2raw.PING and f & h2raw.ACK, timeout=10))
         self.ok()
 
+    def test_url_authority_accepted_malformed_requests_reset(self):
+        """A grpc-go client dialling through a custom dialer (agentk's ws:// addresses) sends the
+        whole URL as :authority: served, as grpc-go servers do. Malformed request header blocks are
+        still reset with PROTOCOL_ERROR (kasd checks them itself) and the connection carries on."""
+        import h2raw
+        p = h2raw.Peer(("127.0.0.1", self.srv.port), answer_pings=True).connect()
+        self.addCleanup(p.close)
+        p.send(h2raw.header_frames(1, h2raw.grpc_request_headers("/test.Echo/Unary",
+                                                                 authority="ws://127.0.0.1:8150")) +
+               h2raw.frame(h2raw.DATA, h2raw.END_STREAM, 1, h2raw.grpc_message(b"ok")))
+        self.assertTrue(p.pump(lambda t, f, sid, pl: sid == 1 and t == h2raw.DATA, timeout=10),
+                        "a URL in :authority was not served")
+        bad = [
+            [("X-Upper", "v")],
+            [("connection", "close")],
+            [("te", "gzip")],
+            [("x-crlf", "a\r\nb")],
+            [(":unknown", "v")],
+        ]
+        sid = 3
+        for extra in bad:
+            with self.subTest(extra=extra):
+                p.send(h2raw.header_frames(sid, h2raw.grpc_request_headers("/test.Echo/Unary", extra=extra),
+                                           end_stream=True))
+                got = p.pump(lambda t, f, s_, pl: s_ == sid and t in (h2raw.HEADERS, h2raw.RST_STREAM),
+                             timeout=10)
+                self.assertTrue(got, "no answer")
+                t, pl = p.frames[-1][1], p.frames[-1][4]
+                self.assertEqual(t, h2raw.RST_STREAM, f"{extra} was not reset")
+                self.assertEqual(struct.unpack(">I", pl)[0], 1, "PROTOCOL_ERROR")
+            sid += 2
+        # a pseudo-header after a regular one, and a request without :path
+        late = h2raw.grpc_request_headers("/test.Echo/Unary") + h2raw.literal(":path", "/x")
+        nopath = b"".join(h2raw.literal(n, v) for n, v in
+                          ((":method", "POST"), (":scheme", "http"), ("content-type", "application/grpc")))
+        for block in (late, nopath):
+            p.send(h2raw.header_frames(sid, block, end_stream=True))
+            self.assertTrue(p.pump(lambda t, f, s_, pl: s_ == sid and t == h2raw.RST_STREAM, timeout=10))
+            sid += 2
+        p.send(h2raw.header_frames(sid, h2raw.grpc_request_headers("/test.Echo/Unary")) +
+               h2raw.frame(h2raw.DATA, h2raw.END_STREAM, sid, h2raw.grpc_message(b"ok")))
+        self.assertTrue(p.pump(lambda t, f, s_, pl: s_ == sid and t == h2raw.DATA, timeout=10))
+        self.ok()
+
     def test_ping_flood_gets_goaway_enhance_your_calm(self):
         s = self.connect()
         flood = PREFACE + h2_frame(4, 0, 0) + b"".join(h2_frame(6, 0, 0, struct.pack(">Q", i)) for i in range(10))

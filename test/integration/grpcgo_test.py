@@ -15,8 +15,7 @@ redis-server. Cases:
      alongside the other cases of its class;
   4. GetConfiguration delivers a configuration with the agent's id (skipped while proto/ has no
      agent_configuration protos);
-  5. ws:// and wss://: the agent over WebSocket registers and serves a routed call (skipped unless
-     KASD_TEST_WS=1).
+  5. ws:// and wss://: the agent over WebSocket registers and serves a routed call.
 
 KASD_GOAGENT_EXTRA_ARGS (debugging only) adds arguments to every kasd-goagent, e.g. --no-gzip.
 """
@@ -43,7 +42,6 @@ GOAGENT = os.environ.get("KASD_GOAGENT", "build/test/go/kasd-goagent")
 GOCLIENT = os.environ.get("KASD_GOCLIENT", "build/test/go/kasd-goclient")
 CERTS = os.environ.get("KD_TEST_CERTS", os.path.join(HERE, "..", "certs"))
 EXTRA = shlex.split(os.environ.get("KASD_GOAGENT_EXTRA_ARGS", ""))
-WS = os.environ.get("KASD_TEST_WS") == "1"
 IDLE_SECONDS = 70
 VERSION, COMMIT = "v17.1.0-goagent-test", "c0ffee0123456789"
 EIGHT_MIB = 8 << 20
@@ -406,7 +404,6 @@ class GrpcGo(GoPeers, unittest.TestCase):
         self.assertIn("gitlab_external_url", ev)
         self.assertIn("commit_id", ev)
 
-    @unittest.skipUnless(WS, "kasd's WebSocket support is on branch ws: set KASD_TEST_WS=1")
     def test_5a_ws(self):
         a = self.agent(3, "ws://127.0.0.1:%d" % self.agent_port)
         a.wait_ready()
@@ -478,7 +475,6 @@ class GrpcGoTls(GoPeers, unittest.TestCase):
         self.assertEqual(ev["code"], "Unavailable", ev)
         self.assertFalse(a.named("registered"))
 
-    @unittest.skipUnless(WS, "kasd's WebSocket support is on branch ws: set KASD_TEST_WS=1")
     def test_5b_wss(self):
         a = self.agent(6, "wss://localhost:%d" % self.agent_port, "--ca-file", self.ca)
         a.wait_ready()

@@ -489,7 +489,7 @@ Test(config, unknown_keys_everywhere)
         {"agent:\n  listen:\n    authentication_secret_file: x\n",
          "kasd.yaml:3:5: agent.listen.authentication_secret_file: unknown key (expected one of: address, "
          "certificate_file, key_file, max_connection_age, "
-         "max_connection_age_grace, keepalive_time, keepalive_timeout, keepalive_min_time)"},
+         "max_connection_age_grace, keepalive_time, keepalive_timeout, keepalive_min_time, websocket)"},
         {"api:\n  token_file: x\n", "kasd.yaml:2:3: api.token_file: unknown key (expected: listen)"},
         {"api:\n  listen:\n    adress: x\n", "kasd.yaml:3:5: api.listen.adress: unknown key (expected one "
                                              "of: address, authentication_secret_file, certificate_file, "
@@ -1302,6 +1302,19 @@ Test(config, tls_and_grpc_keys)
             -EINVAL);
         cr_assert_str_eq(err, bad[i].want);
     }
+    kd_config_free(&c);
+
+    kd_config_defaults(&c);
+    cr_assert_eq(c.agent.listen.websocket, 1, "WebSocket on the agent listener by default");
+    static const char nows[] = "agent:\n  listen:\n    websocket: false\n";
+    cr_assert_eq(kd_config_load_string(&c, "kasd.yaml", nows, sizeof(nows) - 1, err, sizeof(err)), 0, "%s",
+                 err);
+    cr_assert_eq(c.agent.listen.websocket, 0);
+    kd_config_free(&c);
+    kd_config_defaults(&c);
+    static const char badws[] = "agent:\n  listen:\n    websocket: yes\n";
+    cr_assert_eq(kd_config_load_string(&c, "kasd.yaml", badws, sizeof(badws) - 1, err, sizeof(err)), -EINVAL);
+    cr_assert(strstr(err, "agent.listen.websocket: expected true or false") != NULL, "%s", err);
     kd_config_free(&c);
 
     kd_config_defaults(&c);
