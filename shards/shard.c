@@ -335,7 +335,8 @@ static void loop(struct kd_shard *s)
             if (exit_ready(s)) {
                 if (s->now_ms - s->drained_since_ms >= STOP_BARRIER_MS)
                     kd_log_msg(KD_LOG_WARN, "stop_barrier_timeout",
-                               "messages between shards still in flight after %u ms; leaving", STOP_BARRIER_MS);
+                               "messages between shards still in flight after %u ms; leaving",
+                               STOP_BARRIER_MS);
                 break;
             }
         }
