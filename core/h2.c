@@ -26,6 +26,30 @@
 
 #define LOW_WATER        (KD_H2_CALL_HIGH_WATER / 2)
 #define PING_STRIKES_MAX 2
+/* A refused header block that decoded to more than this many times its wire bytes was built from
+ * the dynamic table on purpose (one-byte references to a large entry): an HPACK bomb. */
+#define HPACK_AMPLIFY_MAX 32
+
+/* A token bucket: `burst` tokens at most, `rate` regained per second; take() fails when empty. */
+struct bucket {
+    uint64_t tokens_x1000; /* thousandths of a token, so slow rates regain between frames */
+    uint64_t at_us;
+};
+
+static bool bucket_take(struct bucket *b, uint64_t now, uint64_t burst, uint64_t rate)
+{
+    if (b->at_us == 0) {
+        b->tokens_x1000 = burst * 1000;
+    } else {
+        uint64_t gain = (now - b->at_us) * rate / 1000;
+        b->tokens_x1000 = b->tokens_x1000 + gain > burst * 1000 ? burst * 1000 : b->tokens_x1000 + gain;
+    }
+    b->at_us = now;
+    if (b->tokens_x1000 < 1000)
+        return false;
+    b->tokens_x1000 -= 1000;
+    return true;
+}
 
 struct hdr_ref {
     uint32_t noff, nlen, voff, vlen;
@@ -99,6 +123,17 @@ struct kd_h2 {
     size_t hdr_bytes, hdr_budget;
     bool fatal;
     const char *fatal_msg;
+    /* GOAWAY: the graceful one (no error) at most once, then at most one final one (an error:
+     * ours, or nghttp2's for a connection error it found). ours_queued: GOAWAYs we submitted that
+     * are not written yet, so on_frame_send tells nghttp2's own apart (nghttp2 queues in order). */
+    bool goaway_graceful, goaway_final;
+    unsigned goaway_ours_queued;
+    struct bucket resets, settings;
+    uint64_t settings_received;
+    /* The header block being received: its wire bytes (HEADERS + CONTINUATION payloads) and what
+     * it decoded to (as max_header_list counts), to tell an HPACK bomb from plain large metadata. */
+    size_t hb_wire, hb_decoded;
+    char lib_err[96]; /* nghttp2's last error text (error_callback2), for the log */
     struct kd_h2_counters counters;
     /* zlib state, made on first use and reused by every call of the session (messages are inflated
      * and deflated whole, one at a time): an idle call holds none. */
@@ -532,6 +567,7 @@ static int on_header(nghttp2_session *s, const nghttp2_frame *f, const uint8_t *
     struct kd_h2 *h = ud;
     if (f->hd.type != NGHTTP2_HEADERS)
         return 0;
+    h->hb_decoded += nlen + vlen + 32;
     struct kd_h2_call *c = nghttp2_session_get_stream_user_data(s, f->hd.stream_id);
     if (c == NULL)
         return 0;
@@ -581,6 +617,13 @@ static int server_request_ready(struct kd_h2 *h, struct kd_h2_call *c, bool end_
     }
     if (c->hdr_overflow) {
         char msg[160];
+        if (h->o.on_abuse) {
+            char why[96];
+            bool bomb = h->hb_decoded > HPACK_AMPLIFY_MAX * h->hb_wire;
+            snprintf(why, sizeof(why), "request headers of %zu bytes (%zu on the wire) over the limit",
+                     h->hb_decoded, h->hb_wire);
+            h->o.on_abuse(h->o.ud, bomb ? KD_H2_ABUSE_HPACK : KD_H2_ABUSE_HEADER_OVERFLOW, why);
+        }
         snprintf(msg, sizeof(msg),
                  "grpc: request metadata larger than the server accepts (%u bytes per call, fewer "
                  "while other calls of the connection hold large metadata)",
@@ -677,6 +720,52 @@ static void client_final(struct kd_h2_call *c)
     call_done(c, status, decoded);
 }
 
+static void submit_goaway(struct kd_h2 *h, uint32_t code, const char *debug)
+{
+    int32_t last = h->o.server ? nghttp2_session_get_last_proc_stream_id(h->s) : 0;
+    if (nghttp2_submit_goaway(h->s, NGHTTP2_FLAG_NONE, last, code, (const uint8_t *)debug,
+                              debug ? strlen(debug) : 0) == 0)
+        h->goaway_ours_queued++;
+}
+
+/* The peer is abusive: one final GOAWAY (unless one went already), report it, and stop reading.
+ * The caller returns NGHTTP2_ERR_CALLBACK_FAILURE so nghttp2 parses nothing more of the buffer: a
+ * flood's remaining frames would otherwise each be acted on (each PING past the strikes used to
+ * queue one more GOAWAY). */
+static int abuse_fatal(struct kd_h2 *h, enum kd_h2_abuse reason, const char *debug, const char *msg)
+{
+    if (h->fatal)
+        return NGHTTP2_ERR_CALLBACK_FAILURE;
+    h->fatal = true;
+    h->fatal_msg = msg;
+    if (!h->goaway_final) {
+        h->goaway_final = true;
+        submit_goaway(h, NGHTTP2_ENHANCE_YOUR_CALM, debug);
+    }
+    if (h->o.on_abuse)
+        h->o.on_abuse(h->o.ud, reason, msg);
+    return NGHTTP2_ERR_CALLBACK_FAILURE;
+}
+
+static int on_begin_frame(nghttp2_session *s, const nghttp2_frame_hd *hd, void *ud)
+{
+    struct kd_h2 *h = ud;
+    if (hd->type == NGHTTP2_HEADERS) {
+        h->hb_wire = hd->length;
+        h->hb_decoded = 0;
+    } else if (hd->type == NGHTTP2_CONTINUATION) {
+        h->hb_wire += hd->length;
+    }
+    return 0;
+}
+
+static int on_error(nghttp2_session *s, int lib_error_code, const char *msg, size_t len, void *ud)
+{
+    struct kd_h2 *h = ud;
+    snprintf(h->lib_err, sizeof(h->lib_err), "%.*s", (int)len, msg);
+    return 0;
+}
+
 static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *f, void *ud)
 {
     struct kd_h2 *h = ud;
@@ -748,13 +837,9 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *f, void *ud)
             if (h->last_ping_us != 0 && t - h->last_ping_us < (uint64_t)h->o.ping_min_interval_ms * 1000u) {
                 h->strikes++;
                 h->counters.ping_strikes++;
-                if (h->strikes > PING_STRIKES_MAX) {
-                    static const char dbg[] = "too_many_pings";
-                    nghttp2_submit_goaway(s, NGHTTP2_FLAG_NONE, nghttp2_session_get_last_proc_stream_id(s),
-                                          NGHTTP2_ENHANCE_YOUR_CALM, (const uint8_t *)dbg, sizeof(dbg) - 1);
-                    h->fatal = true;
-                    h->fatal_msg = "client pinged too often (GOAWAY ENHANCE_YOUR_CALM too_many_pings)";
-                }
+                if (h->strikes > PING_STRIKES_MAX)
+                    return abuse_fatal(h, KD_H2_ABUSE_PING_FLOOD, "too_many_pings",
+                                       "client pinged too often (GOAWAY ENHANCE_YOUR_CALM too_many_pings)");
             }
             h->last_ping_us = t;
         }
@@ -762,6 +847,21 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *f, void *ud)
     case NGHTTP2_GOAWAY:
         if (h->o.on_goaway)
             h->o.on_goaway(h->o.ud, f->goaway.error_code);
+        break;
+    case NGHTTP2_RST_STREAM:
+        /* Each reset stream cost a call's start (headers, routing) and nothing of the client's:
+         * resetting at once, thousands per second, is the rapid reset attack. */
+        if (h->o.server && !bucket_take(&h->resets, now_us(), KD_H2_RESET_BURST, KD_H2_RESET_RATE))
+            return abuse_fatal(h, KD_H2_ABUSE_RAPID_RESET, "rapid_reset",
+                               "client reset streams faster than allowed (GOAWAY ENHANCE_YOUR_CALM)");
+        break;
+    case NGHTTP2_SETTINGS:
+        if (!(f->hd.flags & NGHTTP2_FLAG_ACK))
+            h->settings_received++;
+        if (!(f->hd.flags & NGHTTP2_FLAG_ACK) &&
+            !bucket_take(&h->settings, now_us(), KD_H2_SETTINGS_BURST, KD_H2_SETTINGS_RATE))
+            return abuse_fatal(h, KD_H2_ABUSE_SETTINGS_FLOOD, "settings_flood",
+                               "peer sent SETTINGS faster than allowed (GOAWAY ENHANCE_YOUR_CALM)");
         break;
     default:
         break;
@@ -774,6 +874,24 @@ static int on_frame_send(nghttp2_session *s, const nghttp2_frame *f, void *ud)
     struct kd_h2 *h = ud;
     if (f->hd.type == NGHTTP2_HEADERS || f->hd.type == NGHTTP2_DATA)
         h->strikes = 0; /* as grpc-go: pings are fine while we are sending */
+    if (f->hd.type == NGHTTP2_GOAWAY) {
+        h->counters.goaways_sent++;
+        if (h->goaway_ours_queued > 0) {
+            h->goaway_ours_queued--;
+        } else {
+            /* nghttp2's own: it found a connection error in what the peer sent. */
+            h->goaway_final = true;
+            if (h->o.on_abuse && f->goaway.error_code != NGHTTP2_NO_ERROR) {
+                char why[160];
+                snprintf(why, sizeof(why), "GOAWAY %s: %s", nghttp2_http2_strerror(f->goaway.error_code),
+                         h->lib_err[0] ? h->lib_err : "connection error");
+                h->o.on_abuse(h->o.ud,
+                              f->goaway.error_code == NGHTTP2_COMPRESSION_ERROR ? KD_H2_ABUSE_HPACK
+                                                                                : KD_H2_ABUSE_PROTOCOL_ERROR,
+                              why);
+            }
+        }
+    }
     if (h->o.server && f->hd.type == NGHTTP2_HEADERS && (f->hd.flags & NGHTTP2_FLAG_END_STREAM)) {
         /* Status sent. If the client is still sending, stop it: the call is over. */
         if (!nghttp2_session_get_stream_remote_close(s, f->hd.stream_id))
@@ -871,6 +989,8 @@ struct kd_h2 *kd_h2_new(const struct kd_h2_opts *o)
     nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cb, on_data_chunk);
     nghttp2_session_callbacks_set_on_stream_close_callback(cb, on_stream_close);
     nghttp2_session_callbacks_set_on_frame_not_send_callback(cb, on_frame_not_send);
+    nghttp2_session_callbacks_set_on_begin_frame_callback(cb, on_begin_frame);
+    nghttp2_session_callbacks_set_error_callback2(cb, on_error);
     nghttp2_option_new(&opt);
     nghttp2_option_set_no_auto_window_update(opt, 1);
     nghttp2_option_set_max_send_header_block_length(opt, 65536);
@@ -882,6 +1002,9 @@ struct kd_h2 *kd_h2_new(const struct kd_h2_opts *o)
      * a gRPC status (RESOURCE_EXHAUSTED) rather than a connection error; the bytes themselves
      * are bounded in on_header whatever the count. */
     nghttp2_option_set_max_continuations(opt, o->max_header_list / 16384u * 2u + 8u);
+    /* nghttp2's own reset limit ends the connection with INTERNAL_ERROR and tells us nothing; ours
+     * (on_frame_recv) bites first, this stays as a backstop. */
+    nghttp2_option_set_stream_reset_rate_limit(opt, 2u * KD_H2_RESET_BURST, 2u * KD_H2_RESET_RATE);
     int rc = o->server ? nghttp2_session_server_new3(&h->s, cb, h, opt, &ng_mem)
                        : nghttp2_session_client_new3(&h->s, cb, h, opt, &ng_mem);
     nghttp2_option_del(opt);
@@ -939,12 +1062,39 @@ void kd_h2_free(struct kd_h2 *h)
     free(h);
 }
 
+const char *kd_h2_abuse_name(enum kd_h2_abuse reason)
+{
+    static const char *const names[KD_H2_ABUSE_COUNT] = {
+        "rapid_reset", "ping_flood", "settings_flood", "header_overflow", "hpack", "protocol_error",
+    };
+    return (unsigned)reason < KD_H2_ABUSE_COUNT ? names[reason] : "unknown";
+}
+
 int kd_h2_recv(struct kd_h2 *h, const uint8_t *data, size_t len, const char **err)
 {
+    if (h->fatal) {
+        /* Closing after abuse: what else the peer sends is not looked at. */
+        *err = h->fatal_msg;
+        return -EPROTO;
+    }
     ssize_t rc = nghttp2_session_mem_recv(h->s, data, len);
-    if (rc < 0) {
+    if (rc < 0 && !h->fatal) {
         *err = nghttp2_strerror((int)rc);
-        return rc == NGHTTP2_ERR_NOMEM ? -ENOMEM : -EPROTO;
+        if (rc == NGHTTP2_ERR_NOMEM)
+            return -ENOMEM;
+        if (h->o.on_abuse) {
+            /* Errors nghttp2 returns without a GOAWAY of its own (those are reported as sent). */
+            enum kd_h2_abuse r = KD_H2_ABUSE_PROTOCOL_ERROR;
+            if (rc == NGHTTP2_ERR_FLOODED) /* ACKs of PING or SETTINGS the peer does not read */
+                r = h->counters.pings_received >= h->settings_received ? KD_H2_ABUSE_PING_FLOOD
+                                                                       : KD_H2_ABUSE_SETTINGS_FLOOD;
+            else if (rc == NGHTTP2_ERR_TOO_MANY_SETTINGS)
+                r = KD_H2_ABUSE_SETTINGS_FLOOD;
+            h->o.on_abuse(h->o.ud, r, *err);
+        }
+        h->fatal = true;
+        h->fatal_msg = *err;
+        return -EPROTO;
     }
     if (h->fatal) {
         *err = h->fatal_msg;
@@ -991,9 +1141,13 @@ bool kd_h2_want_write(const struct kd_h2 *h)
 
 void kd_h2_goaway(struct kd_h2 *h, uint32_t error_code, const char *debug)
 {
-    size_t dl = debug ? strlen(debug) : 0;
-    int32_t last = h->o.server ? nghttp2_session_get_last_proc_stream_id(h->s) : 0;
-    nghttp2_submit_goaway(h->s, NGHTTP2_FLAG_NONE, last, error_code, (const uint8_t *)debug, dl);
+    if (h->goaway_final || (error_code == NGHTTP2_NO_ERROR && h->goaway_graceful))
+        return;
+    if (error_code == NGHTTP2_NO_ERROR)
+        h->goaway_graceful = true;
+    else
+        h->goaway_final = true;
+    submit_goaway(h, error_code, debug);
 }
 
 void kd_h2_ping(struct kd_h2 *h)

@@ -52,6 +52,33 @@ struct kd_h2_handler {
     void (*on_done)(struct kd_h2_call *c, int status, const char *message);
 };
 
+/* What a peer did that the session refused or ended the connection for (kd_h2_opts.on_abuse). A
+ * small fixed set: metrics label them by kd_h2_abuse_name. Connection-ending reasons are reported
+ * once per connection; header_overflow and hpack once per refused request. */
+enum kd_h2_abuse {
+    KD_H2_ABUSE_RAPID_RESET,     /* server: streams reset faster than the reset budget (GOAWAY
+                                  * ENHANCE_YOUR_CALM; CVE-2023-44487) */
+    KD_H2_ABUSE_PING_FLOOD,      /* server: pings past the strikes (GOAWAY too_many_pings), or PING
+                                  * ACKs piling up unread */
+    KD_H2_ABUSE_SETTINGS_FLOOD,  /* SETTINGS frames faster than the settings budget (GOAWAY
+                                  * ENHANCE_YOUR_CALM), ACKs piling up unread, too many entries */
+    KD_H2_ABUSE_HEADER_OVERFLOW, /* server: request headers over max_header_list or the budget
+                                  * (the call gets RESOURCE_EXHAUSTED) */
+    KD_H2_ABUSE_HPACK,           /* a refused header block that decoded to > 32x its wire size (an
+                                  * HPACK bomb), or an HPACK decoding error (GOAWAY COMPRESSION_ERROR) */
+    KD_H2_ABUSE_PROTOCOL_ERROR,  /* any other connection error (nghttp2's GOAWAY, not HTTP/2) */
+    KD_H2_ABUSE_COUNT
+};
+const char *kd_h2_abuse_name(enum kd_h2_abuse reason);
+
+/* Server: client RST_STREAMs allowed in a burst, and regained per second (a token bucket, as
+ * nghttp2's default stream reset limit); past them the connection gets GOAWAY ENHANCE_YOUR_CALM. */
+#define KD_H2_RESET_BURST 1000
+#define KD_H2_RESET_RATE  33
+/* SETTINGS frames (not ACKs) allowed in a burst, and per second. Clients send one or two. */
+#define KD_H2_SETTINGS_BURST 100
+#define KD_H2_SETTINGS_RATE  10
+
 struct kd_h2_opts {
     bool server;
     uint32_t max_message;            /* bytes; larger messages fail with RESOURCE_EXHAUSTED */
@@ -73,6 +100,9 @@ struct kd_h2_opts {
     int (*on_call)(void *ud, struct kd_h2_call *c);
     /* Either side: the peer sent GOAWAY (client: stop using this session for new calls). */
     void (*on_goaway)(void *ud, uint32_t error_code);
+    /* Either side, optional: the peer abused the protocol (see enum kd_h2_abuse); detail names it
+     * for the log. Runs inside kd_h2_recv or kd_h2_send: count and log, nothing else. */
+    void (*on_abuse)(void *ud, enum kd_h2_abuse reason, const char *detail);
     void *ud;
 };
 
@@ -98,7 +128,9 @@ int kd_h2_send(struct kd_h2 *h, kd_h2_write_fn write, void *ud);
 bool kd_h2_finished(const struct kd_h2 *h);
 bool kd_h2_want_write(const struct kd_h2 *h);
 
-/* Graceful: GOAWAY announcing no new streams; calls in flight carry on. */
+/* Graceful (error_code 0): GOAWAY announcing no new streams; calls in flight carry on. Sent once per
+ * connection: later calls are no-ops. A GOAWAY with an error is final: at most one follows the
+ * graceful one (ours or nghttp2's for a connection error), never more. */
 void kd_h2_goaway(struct kd_h2 *h, uint32_t error_code, const char *debug);
 /* Send a keepalive PING unless one is outstanding (sent, its ACK not received). */
 void kd_h2_ping(struct kd_h2 *h);
@@ -118,6 +150,7 @@ struct kd_h2_counters {
     uint64_t calls_started, pings_received, ping_strikes;
     uint64_t pings_sent, ping_acks; /* our keepalive PINGs and the ACKs they got */
     uint64_t headers_refused;       /* requests over max_header_list or header_budget */
+    uint64_t goaways_sent;          /* GOAWAY frames written (ours and nghttp2's) */
     uint64_t last_ping_ack_us;      /* when the last ACK arrived (0: never) */
 };
 const struct kd_h2_counters *kd_h2_counters(const struct kd_h2 *h);

@@ -270,6 +270,19 @@ static void render_metrics(struct kd_control *c, struct buf *b)
             }
     }
 
+    family(b, "kasd_listener_http2_abuse_total", "counter",
+           "HTTP/2 abuse on the gRPC listener by reason (docs/operations.md): rapid_reset, ping_flood, "
+           "settings_flood (connection ended with GOAWAY), header_overflow, hpack (request refused, or "
+           "GOAWAY COMPRESSION_ERROR), protocol_error (connection error).");
+    for (unsigned l = 0; l < c->srv->opts.nlisteners && l < KD_MAX_LISTENERS; l++)
+        for (unsigned i = 0; i < c->n; i++)
+            for (unsigned r = 0; r < KD_H2_ABUSE_COUNT; r++)
+                bprintf(b,
+                        "kasd_listener_http2_abuse_total{listener=\"%s\",shard=\"%u\",reason=\"%s\"} %llu\n",
+                        c->srv->opts.listeners[l].name, i, kd_h2_abuse_name((enum kd_h2_abuse)r),
+                        (unsigned long long)kd_stat_get(
+                            &kd_server_shard_stats(c->srv, i)->listener[l].http2_abuse[r]));
+
     ROUTER_COUNTER(sent, "kasd_router_messages_sent_total", "Cross-shard messages sent (including to self).");
     ROUTER_COUNTER(received, "kasd_router_messages_received_total", "Cross-shard messages handled.");
     ROUTER_COUNTER(overflowed, "kasd_router_messages_overflowed_total",

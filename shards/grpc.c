@@ -76,6 +76,7 @@ struct gconn {
     bool usable;         /* client: may start calls */
     bool user_ref;       /* client: the channel's user still holds it */
     bool tls_alpn_checked;
+    uint8_t abuse_logged; /* bit per enum kd_h2_abuse: logged once per connection */
     uint64_t bytes_in;
     uint64_t opened_ms;
     uint64_t last_rx_ms;
@@ -220,6 +221,31 @@ static void log_conn(struct gconn *g, enum kd_log_level lvl, const char *event, 
     kd_log_end(&l);
 }
 
+/* Counted every time, logged once per connection and reason: a flood must not become a flood of
+ * log lines. */
+static void on_abuse(void *ud, enum kd_h2_abuse reason, const char *detail)
+{
+    struct gconn *g = ud;
+    struct kd_listener_stats *ls = lstats(g);
+    if (ls != NULL && (unsigned)reason < KD_H2_ABUSE_COUNT)
+        kd_stat_inc(&ls->http2_abuse[reason]);
+    if (g->abuse_logged & (1u << reason))
+        return;
+    g->abuse_logged |= (uint8_t)(1u << reason);
+    struct kd_logline l;
+    kd_log_begin(&l, KD_LOG_WARN, "http2_abuse");
+    if (g->server)
+        kd_log_str(&l, "listener", g->cfg->name);
+    else
+        kd_log_str(&l, "target", g->authority);
+    if (g->peer[0])
+        kd_log_str(&l, "peer", g->peer);
+    kd_log_str(&l, "reason", kd_h2_abuse_name(reason));
+    if (detail)
+        kd_log_str(&l, "detail", detail);
+    kd_log_end(&l);
+}
+
 /* GOAWAY (no new streams; calls in flight carry on), and the calls marked to end at GOAWAY end
  * now, after it in the byte stream: the client has seen the GOAWAY by the time they end, so it
  * opens their replacements on a new connection. Not for use inside a handler callback. */
@@ -318,6 +344,8 @@ static int drain_tls(struct gconn *g)
 static int h2_in(struct gconn *g, const uint8_t *data, size_t len)
 {
     const char *err = NULL;
+    if (g->goaway_sent && g->c->finish)
+        return 0; /* closing after a protocol error (later TLS records of the same read) */
     if (!g->handshake_ok && g->bytes_in >= H2_PREFACE_LEN &&
         (g->tls == NULL || kd_tls_handshake_done(g->tls))) {
         g->handshake_ok = true;
@@ -325,7 +353,8 @@ static int h2_in(struct gconn *g, const uint8_t *data, size_t len)
     }
     int rc = kd_h2_recv(g->h, data, len, &err);
     if (rc < 0) {
-        log_conn(g, KD_LOG_INFO, "http2_error", err);
+        if (g->abuse_logged == 0) /* else said already, with the reason */
+            log_conn(g, KD_LOG_INFO, "http2_error", err);
         /* nghttp2 queued a GOAWAY: send it, then close. */
         g->goaway_sent = true;
         kd_conn_finish(g->c);
@@ -880,6 +909,7 @@ static int server_open(struct kd_conn *c, bool adopted)
         .ping_min_interval_ms = cfg->ping_min_interval_ms,
         .send_compression = cfg->response_compression,
         .on_call = server_on_call,
+        .on_abuse = on_abuse,
         .ud = g,
     };
     g->h = kd_h2_new(&o);
@@ -1115,6 +1145,7 @@ struct kd_grpc_channel *kd_grpc_channel_open(struct kd_shard *s, const struct kd
         .initial_window = 1u << 20,
         .send_compression = o->compression,
         .on_goaway = client_goaway,
+        .on_abuse = on_abuse,
         .ud = g,
     };
     g->h = kd_h2_new(&ho);

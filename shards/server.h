@@ -18,6 +18,7 @@
 #include <stdint.h>
 #include <sys/socket.h>
 
+#include "core/h2.h"
 #include "core/stat.h"
 #include "router/ring.h"
 #include "shards/redis.h"
@@ -77,11 +78,13 @@ struct kd_shard_stats {
     /* gRPC listeners, by listener index (kd_server_opts.listeners): connections opened here
      * (accepted, not adopted) and closed here (after any hand-off), calls started, TLS handshakes
      * completed and failed, connections closed because our keepalive PING went unanswered.
+     * http2_abuse: HTTP/2 abuse by reason (enum kd_h2_abuse, core/h2.h).
      * Summed over shards they describe the listener. */
     struct kd_listener_stats {
         kd_stat opened, closed, streams, tls_handshakes, tls_failures, keepalive_timeouts;
         kd_stat ws_upgrades, ws_refused,
             ws_bad_frames; /* WebSocket: 101 sent, upgrade refused, closed on a bad frame */
+        kd_stat http2_abuse[KD_H2_ABUSE_COUNT];
     } listener[KD_MAX_LISTENERS];
     struct kd_redis_stats redis; /* the shard's Redis connection (kd_server_opts.redis) */
 };

@@ -33,13 +33,24 @@ const struct kd_conn_ops *kd_shard_listener_ops(const struct kd_shard *s, unsign
     return s->srv->opts.listeners[listener].ops;
 }
 
+/* Counted before the message can be seen by its receiver (the ring push publishes it). Messages to
+ * the control thread are not: it is no shard, and the barrier does not wait for it. */
+static void count_sent(struct kd_shard *s, unsigned to)
+{
+    if (to < s->srv->n)
+        atomic_store_explicit(&s->msgs_sent, atomic_load_explicit(&s->msgs_sent, memory_order_relaxed) + 1,
+                              memory_order_relaxed);
+}
+
 void kd_shard_send(struct kd_shard *s, unsigned to, struct kd_msg *m)
 {
+    count_sent(s, to);
     kd_router_send(s->srv->router, s->id, to, m);
 }
 
 void kd_shard_post(struct kd_shard *s, unsigned to, struct kd_msg *m)
 {
+    count_sent(s, to);
     if (to != s->id) {
         kd_router_send(s->srv->router, s->id, to, m);
         return;
@@ -176,6 +187,44 @@ static void on_router_msg(void *ctx, const struct kd_msg *m)
     } else {
         kd_log_msg(KD_LOG_ERROR, "router_unknown_message", "type %u from %u dropped", m->type, m->from);
     }
+    if (m->from < s->srv->n) {
+        /* The handler may have given this shard work again (an adopted connection): not drained
+         * until the loop says so, and that is visible before the message counts as handled. */
+        atomic_store_explicit(&s->drained, false, memory_order_relaxed);
+        atomic_store_explicit(&s->msgs_handled,
+                              atomic_load_explicit(&s->msgs_handled, memory_order_relaxed) + 1,
+                              memory_order_release);
+    }
+}
+
+/* Give up waiting for the other shards after this long (a peer that never settles must not keep
+ * kasd from exiting). */
+#define STOP_BARRIER_MS 5000
+
+/* Whether a drained shard may leave its loop. Not before every shard is drained and no message
+ * between shards is queued or being handled: a shard that left would strand what is sent to it (a
+ * routed call's END, FRONT_DONE, ...) in the router's rings, and with it the call's state on both
+ * sides (LeakSanitizer's report at exit after a grace period that cut calls off).
+ *
+ * Handled counts are read before sent counts. Both only grow, and a message is counted sent before
+ * anyone can handle it, so equal sums mean that at a moment between the two reads every message
+ * sent had been handled, its handler included; a drained shard sends only from a handler, so no
+ * more can come. */
+static bool exit_ready(struct kd_shard *s)
+{
+    struct kd_server *srv = s->srv;
+    uint64_t handled = 0, sent = 0;
+    if (s->now_ms - s->drained_since_ms >= STOP_BARRIER_MS)
+        return true;
+    for (unsigned i = 0; i < srv->n; i++)
+        handled += atomic_load_explicit(&srv->shards[i].msgs_handled, memory_order_acquire);
+    for (unsigned i = 0; i < srv->n; i++)
+        if (!atomic_load_explicit(&srv->shards[i].drained, memory_order_acquire))
+            return false;
+    atomic_thread_fence(memory_order_seq_cst);
+    for (unsigned i = 0; i < srv->n; i++)
+        sent += atomic_load_explicit(&srv->shards[i].msgs_sent, memory_order_acquire);
+    return handled == sent;
 }
 
 static void stop_timer_cb(struct kd_timer *t)
@@ -277,8 +326,20 @@ static void loop(struct kd_shard *s)
             kd_redis_stop(s->redis);
 
         uint32_t own_ops = s->ops_inflight - (s->eventfd_armed ? 1u : 0u);
-        if (s->stopping && s->conns.live == 0 && s->listeners_open == 0 && own_ops == 0 && s->local_len == 0)
-            break;
+        bool settled =
+            s->stopping && s->conns.live == 0 && s->listeners_open == 0 && own_ops == 0 && s->local_len == 0;
+        if (settled) {
+            if (s->drained_since_ms == 0)
+                s->drained_since_ms = s->now_ms;
+            atomic_store_explicit(&s->drained, true, memory_order_release);
+            if (exit_ready(s)) {
+                if (s->now_ms - s->drained_since_ms >= STOP_BARRIER_MS)
+                    kd_log_msg(KD_LOG_WARN, "stop_barrier_timeout",
+                               "messages between shards still in flight after %u ms; leaving",
+                               STOP_BARRIER_MS);
+                break;
+            }
+        }
 
         bool busy = reaped == KD_SHARD_CQE_BUDGET || drained >= KD_SHARD_MSG_BUDGET || s->local_len > 0 ||
                     fired == KD_SHARD_TIMER_BUDGET || !kd_list_is_empty(&s->dirty);
@@ -290,6 +351,8 @@ static void loop(struct kd_shard *s)
         uint64_t wait_ms = next == UINT64_MAX ? 60000 : (next > s->now_ms ? next - s->now_ms : 0);
         if (kd_router_has_backlog(r, s->id) && wait_ms > 1)
             wait_ms = 1; /* our overflow waits for room in a ring: nobody will ring us for that */
+        if (settled && wait_ms > 1)
+            wait_ms = 1; /* the others settling wakes nobody: look again soon */
         if (wait_ms == 0 || !kd_router_prepare_sleep(r, s->id)) {
             io_uring_submit_and_get_events(&s->ring);
             continue;

@@ -99,6 +99,14 @@ struct kd_shard {
     struct kd_redis *redis; /* the shard's Redis connection (kd_server_opts.redis), or NULL */
     void *user;             /* protocol's per-shard state */
     struct kd_shard_stats stats;
+
+    /* The stop barrier (see exit_ready in shard.c). Written by this shard, read by the others.
+     * msgs_sent: messages this shard sent to a shard (itself included) with kd_shard_send/post;
+     * msgs_handled: such messages this shard has handled, counted once the handler returned.
+     * drained: stopping, with no connection, listener, operation or local message left. */
+    _Atomic uint64_t msgs_sent, msgs_handled;
+    _Atomic bool drained;
+    uint64_t drained_since_ms; /* 0: not drained */
 };
 
 /* The server as shards see it (defined here, not in server.h: only shards/ looks inside). */
