@@ -1000,7 +1000,7 @@ void kd_grpc_hold_input(kd_grpc_call *call, bool hold)
 /* ---- health ---- */
 
 /* HealthCheckRequest { string service = 1; }: the service name, or NULL if malformed. */
-static const uint8_t *health_service(const uint8_t *p, size_t len, size_t *slen)
+const uint8_t *kd_grpc_health_service(const uint8_t *p, size_t len, size_t *slen)
 {
     const uint8_t *end = p + len, *svc = (const uint8_t *)"";
     *slen = 0;
@@ -1046,7 +1046,7 @@ static const uint8_t *health_service(const uint8_t *p, size_t len, size_t *slen)
 static int health_message(struct kd_h2_call *call, const uint8_t *msg, size_t len)
 {
     size_t slen;
-    const uint8_t *svc = health_service(msg, len, &slen);
+    const uint8_t *svc = kd_grpc_health_service(msg, len, &slen);
     if (svc == NULL)
         return kd_grpc_finish(call, KD_GRPC_INVALID_ARGUMENT, "malformed HealthCheckRequest", NULL, 0), 0;
     if (slen != 0 && !(slen == 4 && memcmp(svc, "kasd", 4) == 0))

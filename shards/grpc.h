@@ -127,4 +127,8 @@ bool kd_grpc_channel_usable(const struct kd_grpc_channel *ch);
 /* Close the channel: live calls end with UNAVAILABLE; the struct is freed once closed. */
 void kd_grpc_channel_close(struct kd_grpc_channel *ch);
 
+/* HealthCheckRequest { string service = 1; }: the service name (the last one; "" when absent), or
+ * NULL when the message is malformed. Exposed for test/fuzz/request_fuzz.c. */
+const uint8_t *kd_grpc_health_service(const uint8_t *p, size_t len, size_t *slen);
+
 #endif
