@@ -21,6 +21,7 @@
 #include "shards/grpc.h"
 #include "shards/redis.h"
 #include "shards/tracker.h"
+#include "shards/tunnel_codec.h"
 #include "shards/server.h"
 
 static void wake_shard(void *ud, unsigned slot)
@@ -408,6 +409,7 @@ int main(int argc, char **argv)
                                                  kd_tracker_get_connected_agents_method};
     const struct kd_grpc_method private_methods[] = {kd_grpc_health_method};
     struct kd_kas kas = {.routing_timeout_ms = cfg.limits.routing_timeout_ms,
+                         .max_message = cfg.limits.grpc_max_message_size,
                          .gitlab_external_url = cfg.gitlab.external_url ? cfg.gitlab.external_url : ""};
     static struct kd_tracker_cfg tracker_cfg; /* outlives the shards */
     struct kd_tokens_handle tokens_handle;
@@ -485,6 +487,12 @@ int main(int argc, char **argv)
         }
         sp->grpc.tls = files.listener_tls[i];
         sp->grpc.max_message = cfg.limits.grpc_max_message_size;
+        /* A routed call's message of up to the limit travels to and from the agent wrapped in a
+         * tunnel Message: the agent listener takes the limit plus that wrapping, and the tunnel
+         * code holds the unwrapped data to the limit itself (agents.c). */
+        if (i == 0)
+            sp->grpc.max_message += KD_TUN_WRAP_OVERHEAD;
+        sp->grpc.max_message_key = "limits.grpc_max_message_size";
         sp->grpc.response_compression = (uint8_t)cfg.grpc.response_compression;
         sp->grpc.max_concurrent_streams = cfg.limits.grpc_max_concurrent_streams;
         sp->grpc.max_header_list = cfg.limits.grpc_max_header_list_size;

@@ -473,6 +473,19 @@ static int tunnel_message(kd_grpc_call *call, const uint8_t *msg, size_t len)
         break;
     }
     case KD_TUN_MESSAGE: {
+        uint32_t max = ks->kas->max_message ? ks->kas->max_message : 4u << 20;
+        if (tm.data_len > max) {
+            /* The listener let the wrapping through (limit + KD_TUN_WRAP_OVERHEAD); the answer
+             * itself must still fit the limit the caller's side holds every message to. */
+            char m[160];
+            snprintf(m, sizeof(m),
+                     "agent's message larger than max (%zu vs. %u bytes); limits.grpc_max_message_size",
+                     tm.data_len, max);
+            back_end(b, KD_GRPC_RESOURCE_EXHAUSTED, m, NULL, 0);
+            t->st = KD_TUN_DONE;
+            kd_grpc_finish(call, KD_GRPC_RESOURCE_EXHAUSTED, m, NULL, 0);
+            return 0;
+        }
         struct kd_rt_blob *d = kd_kas_payload(s, sizeof(*d) + tm.data_len);
         d->len = (uint32_t)tm.data_len;
         memcpy(d->data, tm.data, tm.data_len);
@@ -547,8 +560,12 @@ static void tunnel_done(kd_grpc_call *call, int status, const char *message)
     struct kd_kas_shard *ks = kd_kas_shard_of(kd_conn_shard(kd_grpc_call_conn(call)));
     if (t->back != NULL) {
         struct back *b = t->back;
-        if (!b->ended)
+        if (!b->ended && status == KD_GRPC_RESOURCE_EXHAUSTED && message != NULL) {
+            /* kasd refused an agent's message over the agent listener's limit: say so. */
+            back_end(b, KD_GRPC_RESOURCE_EXHAUSTED, message, NULL, 0);
+        } else if (!b->ended) {
             back_end(b, KD_GRPC_UNAVAILABLE, "agent disconnected during the call", NULL, 0);
+        }
         /* The back waits for FRONT_DONE; a bound back holds neither tunnel nor agent. */
         b->t = NULL;
     }

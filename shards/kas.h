@@ -95,6 +95,8 @@ struct kd_kas {
     uint8_t api_secret[128];         /* JWT secret of the api listener */
     size_t api_secret_len;           /* 0: no secret configured: api calls are UNAUTHENTICATED */
     uint32_t routing_timeout_ms;     /* cap on waiting for a tunnel (GitLab kas: 20 s) */
+    uint32_t max_message;            /* limits.grpc_max_message_size: a routed call's messages, either
+                                      * way, unwrapped from the tunnel (0: 4 MiB) */
     unsigned nshards;
     const struct kd_tracker_cfg *tracker; /* fleet state in Redis (NULL: none) */
     struct kd_agentcfg_handle *agentcfg;  /* agent configuration files (NULL: every agent gets the
