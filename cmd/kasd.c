@@ -410,6 +410,8 @@ int main(int argc, char **argv)
     const struct kd_grpc_method private_methods[] = {kd_grpc_health_method};
     struct kd_kas kas = {.routing_timeout_ms = cfg.limits.routing_timeout_ms,
                          .max_message = cfg.limits.grpc_max_message_size,
+                         .pods_per_connection = cfg.limits.pods_per_connection,
+                         .pods_per_agent = cfg.limits.pods_per_agent,
                          .gitlab_external_url = cfg.gitlab.external_url ? cfg.gitlab.external_url : ""};
     static struct kd_tracker_cfg tracker_cfg; /* outlives the shards */
     struct kd_tokens_handle tokens_handle;
@@ -525,6 +527,11 @@ int main(int argc, char **argv)
     tracker_cfg.heartbeat_ms = cfg.redis.heartbeat_ms;
     tracker_cfg.ttl_ms = cfg.redis.instance_ttl_ms;
     tracker_cfg.sweep_ms = cfg.redis.sweep_ms;
+    /* What GitLab can receive: its clients keep gRPC's 4 MiB receive default, whatever kasd's own
+     * message limit is; and never more than kasd lets itself receive. */
+    tracker_cfg.max_response = cfg.limits.connected_agents_max_size < cfg.limits.grpc_max_message_size
+                                   ? cfg.limits.connected_agents_max_size
+                                   : cfg.limits.grpc_max_message_size;
     kd_tracker_cfg_init(&tracker_cfg);
     kas.tracker = &tracker_cfg;
     /* Redis sees every shard's connection as kasd-<instance>-shard<N> (CLIENT LIST). */

@@ -1325,6 +1325,27 @@ static void lookup_answer(struct lookup *lk, const struct kd_resp *alive)
         }
         total += kd_pb_len_field_size(1, lk->lens[i]);
     }
+    /* An answer over what callers receive (GitLab keeps gRPC's 4 MiB default) would fail there as
+     * a whole: answer the entries that fit, OK, with the trailer kasd-truncated: true (a Rails
+     * client takes any non-OK as an error, so the partial list is more use than a failure). */
+    size_t max = lk->t->cfg->max_response ? lk->t->cfg->max_response : (4u << 20) - (64u << 10);
+    size_t dropped = 0, all = 0;
+    if (total > max) {
+        total = 0;
+        for (size_t i = 0; i < lk->n; i++) {
+            if (lk->vals[i] == NULL)
+                continue;
+            all++;
+            size_t sz = kd_pb_len_field_size(1, lk->lens[i]);
+            if (total + sz > max) {
+                free(lk->vals[i]);
+                lk->vals[i] = NULL;
+                dropped++;
+                continue;
+            }
+            total += sz;
+        }
+    }
     uint8_t *out = malloc(total ? total : 1), *p = out;
     if (out == NULL) {
         lookup_fail(lk, KD_GRPC_RESOURCE_EXHAUSTED, "out of memory");
@@ -1333,9 +1354,19 @@ static void lookup_answer(struct lookup *lk, const struct kd_resp *alive)
     for (size_t i = 0; i < lk->n; i++)
         if (lk->vals[i] != NULL)
             p = kd_pb_put_len_field(p, 1, lk->vals[i], lk->lens[i]);
+    if (dropped > 0) {
+        lk->t->st.lookups_truncated++;
+        struct kd_logline l;
+        kd_log_begin(&l, KD_LOG_WARN, "get_connected_agents_truncated");
+        kd_log_int(&l, "entries", (int64_t)all);
+        kd_log_int(&l, "answered", (int64_t)(all - dropped));
+        kd_log_int(&l, "max_bytes", (int64_t)max);
+        kd_log_end(&l);
+    }
     if (lk->call != NULL) {
+        static const struct kd_h2_header truncated = {"kasd-truncated", 14, "true", 4};
         kd_grpc_send_message(lk->call, out, total);
-        kd_grpc_finish(lk->call, KD_GRPC_OK, NULL, NULL, 0);
+        kd_grpc_finish(lk->call, KD_GRPC_OK, NULL, dropped > 0 ? &truncated : NULL, dropped > 0 ? 1 : 0);
     }
     free(out);
 }

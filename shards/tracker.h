@@ -34,6 +34,9 @@ struct kd_tracker_cfg {
     uint32_t heartbeat_ms; /* SET alive every this often (default 10 s) */
     uint32_t ttl_ms;       /* alive key TTL (default 30 s) */
     uint32_t sweep_ms;     /* sweeper pass on shard 0 (default 30 s) */
+    /* GetConnectedAgentsResponse bytes at most (limits.connected_agents_max_size, also capped at
+     * limits.grpc_max_message_size); 0: 4 MiB - 64 KiB */
+    uint32_t max_response;
 };
 
 /* Draw a fresh instance id into cfg (getrandom). */
@@ -70,6 +73,7 @@ struct kd_tracker_stats {
     uint64_t writes, write_failures;   /* commands issued by the tracker / failed */
     uint64_t resyncs, swept_instances; /* full re-syncs; dead instances swept by this shard */
     uint64_t lookups, lookup_failures; /* GetConnectedAgents */
+    uint64_t lookups_truncated;        /* ... answered OK with only the entries that fit */
 };
 void kd_tracker_stats(const struct kd_tracker *t, struct kd_tracker_stats *out);
 
