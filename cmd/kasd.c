@@ -527,6 +527,9 @@ int main(int argc, char **argv)
     tracker_cfg.heartbeat_ms = cfg.redis.heartbeat_ms;
     tracker_cfg.ttl_ms = cfg.redis.instance_ttl_ms;
     tracker_cfg.sweep_ms = cfg.redis.sweep_ms;
+    static atomic_uint tracker_unsynced; /* outlives the shards, like tracker_cfg */
+    atomic_init(&tracker_unsynced, kas.nshards);
+    tracker_cfg.unsynced = &tracker_unsynced;
     /* What GitLab can receive: its clients keep gRPC's 4 MiB receive default, whatever kasd's own
      * message limit is; and never more than kasd lets itself receive. */
     tracker_cfg.max_response = cfg.limits.connected_agents_max_size < cfg.limits.grpc_max_message_size

@@ -13,6 +13,7 @@
 #ifndef KD_SHARDS_TRACKER_H
 #define KD_SHARDS_TRACKER_H
 
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -37,6 +38,11 @@ struct kd_tracker_cfg {
     /* GetConnectedAgentsResponse bytes at most (limits.connected_agents_max_size, also capped at
      * limits.grpc_max_message_size); 0: 4 MiB - 64 KiB */
     uint32_t max_response;
+    /* Shards whose state in Redis is not (yet, or no longer) complete: every tracker starts
+     * counted, leaves once its re-sync has been applied and comes back when its connection drops.
+     * GetConnectedAgents answers UNAVAILABLE while it is not 0, rather than a list missing this
+     * instance's agents. Starts at nshards (kd_tracker_cfg_init); NULL: no such gate. */
+    atomic_uint *unsynced;
 };
 
 /* Draw a fresh instance id into cfg (getrandom). */

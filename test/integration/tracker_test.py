@@ -292,6 +292,53 @@ limits:
             self.__class__.redis = old
             r2.kill()
 
+    def test_no_partial_answer_while_resyncing(self):
+        """Right after Redis comes back empty, GetConnectedAgents answers UNAVAILABLE (re-syncing)
+        until every shard of the instance has re-published its agents, never OK with some missing."""
+        r3 = RedisServer()
+        old, self.__class__.redis = self.__class__.redis, r3
+        d = self.start_kasd(prefix="resync")
+        # callers on separate connections, so the lookups are served by both shards
+        gls = [GitLabClient("%s:%d" % d.listeners["api"], self.secret,
+                            options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(4)]
+        try:
+            for agent_id in (1, 2, 3):  # project PROJECT; 2 shards: some agents on each
+                self.agent(d, agent_id)
+            self.wait_count(3, gl=gls[0], project_id=PROJECT)
+            for round_ in range(3):
+                r3.stop()  # --save "": Redis comes back empty, kasd must write everything again
+                self.assertTrue(wait_until(lambda: readiness(d) == 503, 5))
+                r3.start()
+                seen = {"ok": 0, "unavailable": 0}
+                deadline = time.monotonic() + 10
+                i = 0
+                while time.monotonic() < deadline:
+                    gl = gls[i % len(gls)]
+                    i += 1
+                    try:
+                        n = len(gl.get_connected_agents(project_id=PROJECT, timeout=5).agents)
+                    except grpc.RpcError as e:
+                        self.assertEqual(e.code(), grpc.StatusCode.UNAVAILABLE, e.details())
+                        self.assertTrue("re-syncing" in e.details() or "redis" in e.details(), e.details())
+                        seen["unavailable"] += 1
+                        continue
+                    self.assertEqual(n, 3, f"round {round_}: an OK answer missing agents after {seen}")
+                    seen["ok"] += 1
+                    if seen["ok"] >= 20:
+                        break
+                self.assertGreaterEqual(seen["ok"], 20, f"round {round_}: {seen}\n" + d.log())
+        finally:
+            for a in list(self.agents):
+                if a.addr == "%s:%d" % d.listeners["agent"]:
+                    a.stop(2)
+                    self.agents.remove(a)
+            for gl in gls:
+                gl.close()
+            d.stop()
+            d.kill()
+            self.__class__.redis = old
+            r3.kill()
+
     def test_shard0_reconnect_resyncs_every_shard(self):
         """If a peer swept this instance while shard 0's heartbeat was away, every shard re-publishes
         once shard 0 is back (not only shard 0)."""
