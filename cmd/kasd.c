@@ -21,6 +21,7 @@
 #include "shards/grpc.h"
 #include "shards/redis.h"
 #include "shards/tracker.h"
+#include "shards/tunnel_codec.h"
 #include "shards/server.h"
 
 static void wake_shard(void *ud, unsigned slot)
@@ -408,6 +409,9 @@ int main(int argc, char **argv)
                                                  kd_tracker_get_connected_agents_method};
     const struct kd_grpc_method private_methods[] = {kd_grpc_health_method};
     struct kd_kas kas = {.routing_timeout_ms = cfg.limits.routing_timeout_ms,
+                         .max_message = cfg.limits.grpc_max_message_size,
+                         .pods_per_connection = cfg.limits.pods_per_connection,
+                         .pods_per_agent = cfg.limits.pods_per_agent,
                          .gitlab_external_url = cfg.gitlab.external_url ? cfg.gitlab.external_url : ""};
     static struct kd_tracker_cfg tracker_cfg; /* outlives the shards */
     struct kd_tokens_handle tokens_handle;
@@ -485,6 +489,12 @@ int main(int argc, char **argv)
         }
         sp->grpc.tls = files.listener_tls[i];
         sp->grpc.max_message = cfg.limits.grpc_max_message_size;
+        /* A routed call's message of up to the limit travels to and from the agent wrapped in a
+         * tunnel Message: the agent listener takes the limit plus that wrapping, and the tunnel
+         * code holds the unwrapped data to the limit itself (agents.c). */
+        if (i == 0)
+            sp->grpc.max_message += KD_TUN_WRAP_OVERHEAD;
+        sp->grpc.max_message_key = "limits.grpc_max_message_size";
         sp->grpc.response_compression = (uint8_t)cfg.grpc.response_compression;
         sp->grpc.max_concurrent_streams = cfg.limits.grpc_max_concurrent_streams;
         sp->grpc.max_header_list = cfg.limits.grpc_max_header_list_size;
@@ -517,6 +527,14 @@ int main(int argc, char **argv)
     tracker_cfg.heartbeat_ms = cfg.redis.heartbeat_ms;
     tracker_cfg.ttl_ms = cfg.redis.instance_ttl_ms;
     tracker_cfg.sweep_ms = cfg.redis.sweep_ms;
+    static atomic_uint tracker_unsynced; /* outlives the shards, like tracker_cfg */
+    atomic_init(&tracker_unsynced, kas.nshards);
+    tracker_cfg.unsynced = &tracker_unsynced;
+    /* What GitLab can receive: its clients keep gRPC's 4 MiB receive default, whatever kasd's own
+     * message limit is; and never more than kasd lets itself receive. */
+    tracker_cfg.max_response = cfg.limits.connected_agents_max_size < cfg.limits.grpc_max_message_size
+                                   ? cfg.limits.connected_agents_max_size
+                                   : cfg.limits.grpc_max_message_size;
     kd_tracker_cfg_init(&tracker_cfg);
     kas.tracker = &tracker_cfg;
     /* Redis sees every shard's connection as kasd-<instance>-shard<N> (CLIENT LIST). */

@@ -363,6 +363,9 @@ int kd_config_defaults(struct kd_config *c)
     c->limits.grpc_max_concurrent_streams = 500;
     c->limits.grpc_max_header_list_size = 1u << 20;
     c->limits.routing_timeout_ms = 20000; /* GitLab kas: 20 s */
+    c->limits.pods_per_connection = 16;
+    c->limits.pods_per_agent = 1000;
+    c->limits.connected_agents_max_size = (4u << 20) - (64u << 10);
     struct kd_listen_cfg *grpc_listeners[] = {&c->agent.listen, &c->api.listen, &c->private_api.listen};
     for (size_t i = 0; i < 3; i++) {
         struct kd_listen_cfg *l = grpc_listeners[i];
@@ -624,6 +627,20 @@ static const struct field limits_keys[] = {
      .off = OFF(limits.routing_timeout_ms),
      .min = 1,
      .max = 3600000},
+    /* Pods (Register pod_ids) one agent connection, and one agent on this instance, may hold
+     * (docs/configuration.md): each is an entry in Redis and in GetConnectedAgents. */
+    {.key = "pods_per_connection",
+     .kind = K_UINT,
+     .off = OFF(limits.pods_per_connection),
+     .min = 1,
+     .max = 1000000},
+    {.key = "pods_per_agent", .kind = K_UINT, .off = OFF(limits.pods_per_agent), .min = 1, .max = 1000000},
+    /* Bytes of one GetConnectedAgentsResponse; at least 1 KiB so one ordinary entry fits. */
+    {.key = "connected_agents_max_size",
+     .kind = K_UINT,
+     .off = OFF(limits.connected_agents_max_size),
+     .min = 1024,
+     .max = 1073741824},
     {0},
 };
 static const struct field log_keys[] = {{.key = "level", .kind = K_LOG_LEVEL, .off = OFF(log.level)}, {0}};
@@ -1190,10 +1207,10 @@ static int parse_map(struct parse *p, const struct field *fields)
                 break;
         saved = push(p, key, kl);
         if (!fields[i].key) {
-            char expected[256];
+            char expected[448];
             size_t el = 0, nfields = 0;
 
-            /* The tables are short: the list always fits (at most ~90 bytes for the top level). */
+            /* The tables are short: the list always fits (limits, the longest, is ~300 bytes). */
             expected[0] = '\0';
             for (size_t j = 0; fields[j].key && el < sizeof(expected); j++, nfields++)
                 el += (size_t)snprintf(expected + el, sizeof(expected) - el, "%s%s", j ? ", " : "",

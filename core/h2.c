@@ -438,9 +438,10 @@ static int deliver(void *ud, const uint8_t *msg, size_t len, bool compressed)
     struct kd_compress_buf out;
     int rc = kd_inflater_run(h->inf, c->recv_alg, msg, len, h->o.max_message, &out);
     if (rc == -EMSGSIZE) {
-        char m[128];
-        snprintf(m, sizeof(m), "grpc: received message after decompression larger than max (%llu vs. %u)",
-                 (unsigned long long)h->o.max_message + 1, h->o.max_message);
+        char m[sizeof(c->fail_msg)];
+        snprintf(m, sizeof(m), "grpc: received message after decompression larger than max (%llu vs. %u)%s%s",
+                 (unsigned long long)h->o.max_message + 1, h->o.max_message, h->o.max_message_key ? "; " : "",
+                 h->o.max_message_key ? h->o.max_message_key : "");
         return refuse(c, KD_GRPC_RESOURCE_EXHAUSTED, m);
     }
     if (rc == -EBADMSG)
@@ -469,8 +470,10 @@ static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t sid, const u
     int rc = kd_grpc_deframer_feed(&c->df, data, len, deliver, c);
     consume(c, len);
     if (rc == -EMSGSIZE) {
-        char msg[128];
-        snprintf(msg, sizeof(msg), "grpc: received message larger than max (%u bytes)", c->h->o.max_message);
+        char msg[160];
+        const char *key = c->h->o.max_message_key;
+        snprintf(msg, sizeof(msg), "grpc: received message larger than max (%u bytes)%s%s",
+                 c->h->o.max_message, key ? "; " : "", key ? key : "");
         if (c->h->o.server) {
             fail_server_call(c, KD_GRPC_RESOURCE_EXHAUSTED, msg);
         } else {

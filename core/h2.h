@@ -81,7 +81,10 @@ const char *kd_h2_abuse_name(enum kd_h2_abuse reason);
 
 struct kd_h2_opts {
     bool server;
-    uint32_t max_message;            /* bytes; larger messages fail with RESOURCE_EXHAUSTED */
+    uint32_t max_message; /* bytes; larger messages fail with RESOURCE_EXHAUSTED */
+    /* The configuration key behind max_message, appended to that refusal so an operator knows what
+     * to raise (NULL: grpc-go's wording alone). */
+    const char *max_message_key;
     uint32_t max_concurrent_streams; /* server: advertised SETTINGS_MAX_CONCURRENT_STREAMS */
     uint32_t max_header_list;        /* bytes of header names+values accepted per block */
     /* Header bytes (as max_header_list counts them) all live calls of the connection may hold

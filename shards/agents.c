@@ -6,6 +6,7 @@
  * iff it is neither bound nor ended.
  */
 #include <errno.h>
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -68,6 +69,8 @@ struct agent_conn {
     int64_t agent_id;
     int64_t project_id; /* from the token */
     struct pod *pods;
+    unsigned npods;      /* on pods (held to limits.pods_per_connection) */
+    bool refusal_logged; /* one log line per connection, however often it retries */
 };
 
 struct kd_kas_shard {
@@ -473,6 +476,19 @@ static int tunnel_message(kd_grpc_call *call, const uint8_t *msg, size_t len)
         break;
     }
     case KD_TUN_MESSAGE: {
+        uint32_t max = ks->kas->max_message ? ks->kas->max_message : 4u << 20;
+        if (tm.data_len > max) {
+            /* The listener let the wrapping through (limit + KD_TUN_WRAP_OVERHEAD); the answer
+             * itself must still fit the limit the caller's side holds every message to. */
+            char m[160];
+            snprintf(m, sizeof(m),
+                     "agent's message larger than max (%zu vs. %u bytes); limits.grpc_max_message_size",
+                     tm.data_len, max);
+            back_end(b, KD_GRPC_RESOURCE_EXHAUSTED, m, NULL, 0);
+            t->st = KD_TUN_DONE;
+            kd_grpc_finish(call, KD_GRPC_RESOURCE_EXHAUSTED, m, NULL, 0);
+            return 0;
+        }
         struct kd_rt_blob *d = kd_kas_payload(s, sizeof(*d) + tm.data_len);
         d->len = (uint32_t)tm.data_len;
         memcpy(d->data, tm.data, tm.data_len);
@@ -547,8 +563,12 @@ static void tunnel_done(kd_grpc_call *call, int status, const char *message)
     struct kd_kas_shard *ks = kd_kas_shard_of(kd_conn_shard(kd_grpc_call_conn(call)));
     if (t->back != NULL) {
         struct back *b = t->back;
-        if (!b->ended)
+        if (!b->ended && status == KD_GRPC_RESOURCE_EXHAUSTED && message != NULL) {
+            /* kasd refused an agent's message over the agent listener's limit: say so. */
+            back_end(b, KD_GRPC_RESOURCE_EXHAUSTED, message, NULL, 0);
+        } else if (!b->ended) {
             back_end(b, KD_GRPC_UNAVAILABLE, "agent disconnected during the call", NULL, 0);
+        }
         /* The back waits for FRONT_DONE; a bound back holds neither tunnel nor agent. */
         b->t = NULL;
     }
@@ -670,6 +690,40 @@ static int register_message(kd_grpc_call *call, const uint8_t *msg, size_t len)
     struct pod *p = NULL;
     for (p = ac->pods; p != NULL && p->pod_id != pod_id; p = p->conn_next)
         ;
+    if (p == NULL && a != NULL) {
+        /* Every pod is an entry in Redis and in GetConnectedAgents: a connection registering pod_ids
+         * without end must not grow either. A new pod past a limit is refused; the ones registered
+         * before it stay (no silent eviction of a real pod by a flood). */
+        uint32_t per_conn = ks->kas->pods_per_connection ? ks->kas->pods_per_connection : 16;
+        uint32_t per_agent = ks->kas->pods_per_agent ? ks->kas->pods_per_agent : 1000;
+        const char *key = NULL;
+        uint32_t lim = 0;
+        if (ac->npods >= per_conn) {
+            key = "limits.pods_per_connection";
+            lim = per_conn;
+            ks->stats.pods_refused_conn++;
+        } else if (a->npods >= per_agent) {
+            key = "limits.pods_per_agent";
+            lim = per_agent;
+            ks->stats.pods_refused_agent++;
+        }
+        if (key != NULL) {
+            char m[160];
+            snprintf(m, sizeof(m), "too many pods registered (%s is %u); pod_id %" PRId64 " refused", key,
+                     lim, pod_id);
+            if (!ac->refusal_logged) {
+                ac->refusal_logged = true;
+                struct kd_logline l;
+                kd_log_begin(&l, KD_LOG_WARN, "agent_pods_refused");
+                kd_log_int(&l, "agent_id", a->id);
+                kd_log_str(&l, "limit", key);
+                kd_log_int(&l, "max", lim);
+                kd_log_end(&l);
+            }
+            kd_grpc_finish(call, KD_GRPC_RESOURCE_EXHAUSTED, m, NULL, 0);
+            return 0;
+        }
+    }
     if (p == NULL) {
         p = calloc(1, sizeof(*p));
         if (p == NULL || a == NULL) {
@@ -682,7 +736,9 @@ static int register_message(kd_grpc_call *call, const uint8_t *msg, size_t len)
         p->connected_at_us = kd_clock_wall_us();
         p->conn_next = ac->pods;
         ac->pods = p;
+        ac->npods++;
         kd_list_push_back(&a->pods, &p->link);
+        a->npods++;
     }
     /* The pod's AgentMeta lives in its tracker entry (the ConnectedAgentInfo GitLab reads). */
     if (ks->tracker != NULL)
@@ -730,6 +786,7 @@ void kd_kas_agent_conn_close(struct kd_shard *s, void *user)
         struct pod *next = p->conn_next;
         agent_t *a = p->agent;
         kd_list_unlink(&p->link);
+        a->npods--;
         if (ks->tracker != NULL)
             kd_tracker_conn_down(ks->tracker, p->tracked);
         free(p);

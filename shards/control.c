@@ -339,6 +339,16 @@ static void render_metrics(struct kd_control *c, struct buf *b)
                "Agent calls refused because the agent token was missing or unknown.");
     KAS_SERIES("counter", sn->kas.protocol_violations, "kasd_agent_protocol_violations_total",
                "Tunnels closed because the agent broke the tunnel protocol.");
+    family(b, "kasd_agent_pods_refused_total", "counter",
+           "Register calls refused RESOURCE_EXHAUSTED because a new pod_id would pass a limit (the limits "
+           "key).");
+    for (unsigned i = 0; i < c->n; i++)
+        if (c->have[i]) {
+            bprintf(b, "kasd_agent_pods_refused_total{shard=\"%u\",limit=\"pods_per_connection\"} %llu\n", i,
+                    (unsigned long long)c->snaps[i].kas.pods_refused_conn);
+            bprintf(b, "kasd_agent_pods_refused_total{shard=\"%u\",limit=\"pods_per_agent\"} %llu\n", i,
+                    (unsigned long long)c->snaps[i].kas.pods_refused_agent);
+        }
 
     KAS_SERIES("gauge", sn->tracker.conns, "kasd_tracker_connections",
                "Agent connections (agentk pods) this shard advertises in Redis for GetConnectedAgents.");
@@ -363,6 +373,9 @@ static void render_metrics(struct kd_control *c, struct buf *b)
             bprintf(b, "kasd_get_connected_agents_total{shard=\"%u\",outcome=\"failed\"} %llu\n", i,
                     (unsigned long long)ts->lookup_failures);
         }
+    KAS_SERIES("counter", sn->tracker.lookups_truncated, "kasd_get_connected_agents_truncated_total",
+               "GetConnectedAgents answers cut to limits.connected_agents_max_size (also counted as ok; "
+               "trailer kasd-truncated: true).");
 
     /* The histogram is merged over the shards that answered (no shard label: buckets add up). */
     static const char *const outcome[KD_KAS_ROUTE_OUTCOMES] = {"success", "timeout", "aborted"};

@@ -903,6 +903,7 @@ static int server_open(struct kd_conn *c, bool adopted)
     struct kd_h2_opts o = {
         .server = true,
         .max_message = cfg->max_message,
+        .max_message_key = cfg->max_message_key,
         .max_concurrent_streams = cfg->max_concurrent_streams,
         .max_header_list = cfg->max_header_list,
         .initial_window = 1u << 20,

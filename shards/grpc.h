@@ -44,6 +44,7 @@ struct kd_grpc_server_cfg {
     const struct kd_grpc_method *fallback; /* any other path; NULL: UNIMPLEMENTED */
     struct kd_tls_ctx *tls;                /* NULL: h2c (prior knowledge) */
     uint32_t max_message;                  /* default 4 MiB */
+    const char *max_message_key;           /* named in the refusal of a larger message (or NULL) */
     uint32_t max_concurrent_streams;       /* default 500 (agentk opens up to 500 tunnel streams) */
     uint32_t max_header_list;              /* default 1 MiB (SETTINGS_MAX_HEADER_LIST_SIZE) */
     uint32_t keepalive_ms;                 /* nothing received this long: PING; default 50 s */

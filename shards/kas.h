@@ -95,6 +95,10 @@ struct kd_kas {
     uint8_t api_secret[128];         /* JWT secret of the api listener */
     size_t api_secret_len;           /* 0: no secret configured: api calls are UNAUTHENTICATED */
     uint32_t routing_timeout_ms;     /* cap on waiting for a tunnel (GitLab kas: 20 s) */
+    uint32_t pods_per_connection;    /* limits.pods_per_connection (0: 16) */
+    uint32_t pods_per_agent;         /* limits.pods_per_agent, on this instance (0: 1000) */
+    uint32_t max_message;            /* limits.grpc_max_message_size: a routed call's messages, either
+                                      * way, unwrapped from the tunnel (0: 4 MiB) */
     unsigned nshards;
     const struct kd_tracker_cfg *tracker; /* fleet state in Redis (NULL: none) */
     struct kd_agentcfg_handle *agentcfg;  /* agent configuration files (NULL: every agent gets the
@@ -121,6 +125,8 @@ struct kd_kas_stats {
     uint64_t agents, tunnels_idle, tunnels_busy, waiting_calls;
     uint64_t routed_ok, routed_failed, routed_no_tunnel, auth_failures, protocol_violations;
     uint64_t api_auth_failures;    /* api listener: JWT missing or refused (on the accepting shard) */
+    uint64_t pods_refused_conn;    /* Register of a new pod_id refused: limits.pods_per_connection */
+    uint64_t pods_refused_agent;   /* ... refused: limits.pods_per_agent */
     uint64_t routed_by_status[17]; /* routed calls finished on the owner shard, by gRPC status code */
 };
 void kd_kas_stats(struct kd_shard *s, struct kd_kas_stats *out);

@@ -29,6 +29,7 @@ struct kd_pool_agent {
     struct kd_list idle;
     struct kd_list waiting;
     struct kd_list pods; /* agents.c's pod records */
+    unsigned npods;      /* on that list (agents.c holds it to limits.pods_per_agent) */
     unsigned ntunnels;
     unsigned nready; /* tunnels whose descriptor arrived and that have not ended (agents.c) */
 };

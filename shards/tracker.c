@@ -69,6 +69,9 @@ struct kd_tracker {
     unsigned resync_wait;
     bool resync_needed; /* a write failed, or the connection came back: re-sync at the next chance */
     bool resync_running;
+    bool synced;          /* counted out of cfg->unsynced: a re-sync on this connection was applied */
+    unsigned conn_gen;    /* bumped when the connection drops: a PING sent before proves nothing */
+    unsigned applied_gen; /* conn_gen when the re-sync's PING went out */
     bool stopping;
     struct kd_timer tick; /* heartbeat / resync retry / sweeper */
     unsigned ticks;
@@ -617,6 +620,29 @@ static size_t remove_members(struct kd_tracker *t, const char *iid, unsigned sha
     return removed;
 }
 
+static void set_synced(struct kd_tracker *t, bool synced)
+{
+    if (t->synced == synced)
+        return;
+    t->synced = synced;
+    if (t->cfg->unsynced != NULL) {
+        if (synced)
+            atomic_fetch_sub(t->cfg->unsynced, 1);
+        else
+            atomic_fetch_add(t->cfg->unsynced, 1);
+    }
+}
+
+/* The PING after a re-sync's writes: Redis answers a connection's commands in order, so once it
+ * answers, everything the re-sync wrote is in Redis and lookups on any connection see it. */
+static void resync_applied(void *arg, const struct kd_resp *reply, const char *err)
+{
+    struct kd_tracker *t = arg;
+    if (err != NULL || reply->type == KD_RESP_ERROR || !t->up || t->stopping || t->applied_gen != t->conn_gen)
+        return;
+    set_synced(t, true);
+}
+
 static void resync_members(void *arg, const struct kd_resp *reply, const char *err)
 {
     struct kd_tracker *t = arg;
@@ -642,6 +668,13 @@ static void resync_members(void *arg, const struct kd_resp *reply, const char *e
     size_t stale = remove_members(t, t->cfg->instance_id, t->shard, reply, still_wanted, &w);
     free(keys);
     rewrite_all(t);
+    if (!t->synced) {
+        struct argv ping = {0};
+        av_str(&ping, "PING");
+        t->applied_gen = t->conn_gen;
+        if (issue(t, resync_applied, t, ping.n, ping.v, ping.l) < 0)
+            t->resync_needed = true; /* the next re-sync tries again */
+    }
     t->st.resyncs++;
     struct kd_logline l;
     kd_log_begin(&l, KD_LOG_INFO, "redis_resync");
@@ -1157,6 +1190,8 @@ void kd_tracker_request_resync(struct kd_tracker *t)
 void kd_tracker_redis_down(struct kd_tracker *t)
 {
     t->up = false;
+    t->conn_gen++;
+    set_synced(t, false); /* Redis may come back empty (or from an old dump): re-sync first */
     t->resync_needed = true;
     drop_pending(t);
 }
@@ -1325,6 +1360,27 @@ static void lookup_answer(struct lookup *lk, const struct kd_resp *alive)
         }
         total += kd_pb_len_field_size(1, lk->lens[i]);
     }
+    /* An answer over what callers receive (GitLab keeps gRPC's 4 MiB default) would fail there as
+     * a whole: answer the entries that fit, OK, with the trailer kasd-truncated: true (a Rails
+     * client takes any non-OK as an error, so the partial list is more use than a failure). */
+    size_t max = lk->t->cfg->max_response ? lk->t->cfg->max_response : (4u << 20) - (64u << 10);
+    size_t dropped = 0, all = 0;
+    if (total > max) {
+        total = 0;
+        for (size_t i = 0; i < lk->n; i++) {
+            if (lk->vals[i] == NULL)
+                continue;
+            all++;
+            size_t sz = kd_pb_len_field_size(1, lk->lens[i]);
+            if (total + sz > max) {
+                free(lk->vals[i]);
+                lk->vals[i] = NULL;
+                dropped++;
+                continue;
+            }
+            total += sz;
+        }
+    }
     uint8_t *out = malloc(total ? total : 1), *p = out;
     if (out == NULL) {
         lookup_fail(lk, KD_GRPC_RESOURCE_EXHAUSTED, "out of memory");
@@ -1333,9 +1389,19 @@ static void lookup_answer(struct lookup *lk, const struct kd_resp *alive)
     for (size_t i = 0; i < lk->n; i++)
         if (lk->vals[i] != NULL)
             p = kd_pb_put_len_field(p, 1, lk->vals[i], lk->lens[i]);
+    if (dropped > 0) {
+        lk->t->st.lookups_truncated++;
+        struct kd_logline l;
+        kd_log_begin(&l, KD_LOG_WARN, "get_connected_agents_truncated");
+        kd_log_int(&l, "entries", (int64_t)all);
+        kd_log_int(&l, "answered", (int64_t)(all - dropped));
+        kd_log_int(&l, "max_bytes", (int64_t)max);
+        kd_log_end(&l);
+    }
     if (lk->call != NULL) {
+        static const struct kd_h2_header truncated = {"kasd-truncated", 14, "true", 4};
         kd_grpc_send_message(lk->call, out, total);
-        kd_grpc_finish(lk->call, KD_GRPC_OK, NULL, NULL, 0);
+        kd_grpc_finish(lk->call, KD_GRPC_OK, NULL, dropped > 0 ? &truncated : NULL, dropped > 0 ? 1 : 0);
     }
     free(out);
 }
@@ -1480,6 +1546,12 @@ static void lookup_half_close(kd_grpc_call *call)
         return;
     }
     t->st.lookups++;
+    if (t->up && t->cfg->unsynced != NULL && atomic_load(t->cfg->unsynced) != 0) {
+        /* Some shard of this instance has not re-published its agents since Redis came back: an
+         * answer now could lack them, and GitLab would take them for gone. */
+        lookup_fail(lk, KD_GRPC_UNAVAILABLE, "kasd is re-syncing its agents with Redis; try again");
+        return;
+    }
     char k[160];
     snprintf(k, sizeof(k), "%s:{%c:%" PRId64 "}:conns", t->cfg->prefix, which == 1 ? 'p' : 'a', id);
     struct argv a = {0};

@@ -13,6 +13,7 @@
 #ifndef KD_SHARDS_TRACKER_H
 #define KD_SHARDS_TRACKER_H
 
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -34,6 +35,14 @@ struct kd_tracker_cfg {
     uint32_t heartbeat_ms; /* SET alive every this often (default 10 s) */
     uint32_t ttl_ms;       /* alive key TTL (default 30 s) */
     uint32_t sweep_ms;     /* sweeper pass on shard 0 (default 30 s) */
+    /* GetConnectedAgentsResponse bytes at most (limits.connected_agents_max_size, also capped at
+     * limits.grpc_max_message_size); 0: 4 MiB - 64 KiB */
+    uint32_t max_response;
+    /* Shards whose state in Redis is not (yet, or no longer) complete: every tracker starts
+     * counted, leaves once its re-sync has been applied and comes back when its connection drops.
+     * GetConnectedAgents answers UNAVAILABLE while it is not 0, rather than a list missing this
+     * instance's agents. Starts at nshards (kd_tracker_cfg_init); NULL: no such gate. */
+    atomic_uint *unsynced;
 };
 
 /* Draw a fresh instance id into cfg (getrandom). */
@@ -70,6 +79,7 @@ struct kd_tracker_stats {
     uint64_t writes, write_failures;   /* commands issued by the tracker / failed */
     uint64_t resyncs, swept_instances; /* full re-syncs; dead instances swept by this shard */
     uint64_t lookups, lookup_failures; /* GetConnectedAgents */
+    uint64_t lookups_truncated;        /* ... answered OK with only the entries that fit */
 };
 void kd_tracker_stats(const struct kd_tracker *t, struct kd_tracker_stats *out);
 

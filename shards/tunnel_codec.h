@@ -62,6 +62,11 @@ size_t kd_tun_blob_entry_size(size_t klen, const size_t *vlens, size_t nvals);
 uint8_t *kd_tun_blob_put_entry(uint8_t *out, const char *key, size_t klen, const uint8_t *const *vals,
                                const size_t *vlens, size_t nvals);
 
+/* The most a tunnel Message adds around a gRPC message of up to 4 GiB, either way:
+ * ConnectRequest.message (tag 3) or ConnectResponse.message (tag 2) as tag + varint length, holding
+ * Message.data (tag 1) as tag + varint length: 2 * (1 + 5) bytes. */
+#define KD_TUN_WRAP_OVERHEAD 12u
+
 /* ConnectResponse encoders. */
 size_t kd_tun_request_info_size(size_t method_len, const uint8_t *blob, size_t blob_len);
 uint8_t *kd_tun_put_request_info(uint8_t *p, const char *method, size_t method_len, const uint8_t *blob,

@@ -800,8 +800,10 @@ class AgentK:
         return md + self.extra_metadata
 
     def _make_channel(self):
+        # agentk (grpc-go) receives messages up to 10 MiB and sends any size: the same here, so
+        # a tunnel message kasd sends at the limit plus its wrapping is judged as agentk would.
         opts = [("grpc.use_local_subchannel_pool", 1),   # one connection per pod, never shared
-                ("grpc.max_receive_message_length", -1),
+                ("grpc.max_receive_message_length", 10 << 20),
                 ("grpc.max_send_message_length", -1),
                 ("grpc.enable_retries", 0)]
         if self.root_certificates is not None:

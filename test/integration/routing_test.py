@@ -98,6 +98,46 @@ limits:
         trailers = dict(call.trailing_metadata())
         self.assertEqual(trailers.get("x-echo-count"), "1")
 
+    def test_message_just_under_the_limit_round_trips(self):
+        # 4 MiB - 1 bytes, the largest message limits.grpc_max_message_size (default 4 MiB)
+        # allows: wrapped in the tunnel's ConnectResponse/ConnectRequest Message it grows by a
+        # few bytes, and must still reach the agent and come back.
+        big = os.urandom((4 << 20) - 1)
+        data, _ = self.gl.unary("/test.Echo/Unary", big, agent_id=5, timeout=30)
+        self.assertEqual(len(data), len(big))
+        self.assertEqual(data, big)
+
+    def test_message_over_the_limit_resource_exhausted(self):
+        big = b"x" * ((4 << 20) + 1)
+        with self.assertRaises(grpc.RpcError) as cm:
+            self.gl.unary("/test.Echo/Unary", big, agent_id=5, timeout=30)
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.RESOURCE_EXHAUSTED, cm.exception.details())
+        self.assertIn("limits.grpc_max_message_size", cm.exception.details())
+        # the agent's tunnels are unharmed: the next call works
+        data, _ = self.gl.unary("/test.Echo/Unary", b"after", agent_id=5, timeout=10)
+        self.assertEqual(data, b"after")
+
+    def test_agent_answer_over_the_limit_resource_exhausted(self):
+        # The agent answers a message larger than the limit: the caller is told why, not
+        # "agent disconnected".
+        def handle(call):
+            for _ in call:
+                pass
+            call.send_header({})
+            call.send_message(b"y" * ((4 << 20) + 1))
+            call.send_trailer({})
+        a = AgentK(self.agent_addr, self.tokens[SPARE[2]], idle=2, handlers={"/test.Big/Answer": handle})
+        a.start()
+        try:
+            a.wait_for(lambda s: s["tunnels_idle"] >= 2, timeout=10)
+            with self.assertRaises(grpc.RpcError) as cm:
+                self.gl.unary("/test.Big/Answer", b"", agent_id=SPARE[2], timeout=30)
+            self.assertEqual(cm.exception.code(), grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             cm.exception.details())
+            self.assertIn("limits.grpc_max_message_size", cm.exception.details())
+        finally:
+            a.stop(5)
+
     def test_client_streaming_unary_handler(self):
         data, _ = self.gl.client_stream("/test.Echo/Unary", [b"a"], agent_id=2, timeout=10)
         self.assertEqual(data, b"a")

@@ -15,6 +15,7 @@ import grpc
 
 sys.path.insert(0, os.path.dirname(__file__))
 import gitlab_client  # noqa: E402
+import kaspb  # noqa: E402
 from agentk import AgentK  # noqa: E402
 from gitlab_client import GitLabClient  # noqa: E402
 from kasd_harness import Kasd, service_config, write_tokens  # noqa: E402
@@ -291,6 +292,53 @@ limits:
             self.__class__.redis = old
             r2.kill()
 
+    def test_no_partial_answer_while_resyncing(self):
+        """Right after Redis comes back empty, GetConnectedAgents answers UNAVAILABLE (re-syncing)
+        until every shard of the instance has re-published its agents, never OK with some missing."""
+        r3 = RedisServer()
+        old, self.__class__.redis = self.__class__.redis, r3
+        d = self.start_kasd(prefix="resync")
+        # callers on separate connections, so the lookups are served by both shards
+        gls = [GitLabClient("%s:%d" % d.listeners["api"], self.secret,
+                            options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(4)]
+        try:
+            for agent_id in (1, 2, 3):  # project PROJECT; 2 shards: some agents on each
+                self.agent(d, agent_id)
+            self.wait_count(3, gl=gls[0], project_id=PROJECT)
+            for round_ in range(3):
+                r3.stop()  # --save "": Redis comes back empty, kasd must write everything again
+                self.assertTrue(wait_until(lambda: readiness(d) == 503, 5))
+                r3.start()
+                seen = {"ok": 0, "unavailable": 0}
+                deadline = time.monotonic() + 10
+                i = 0
+                while time.monotonic() < deadline:
+                    gl = gls[i % len(gls)]
+                    i += 1
+                    try:
+                        n = len(gl.get_connected_agents(project_id=PROJECT, timeout=5).agents)
+                    except grpc.RpcError as e:
+                        self.assertEqual(e.code(), grpc.StatusCode.UNAVAILABLE, e.details())
+                        self.assertTrue("re-syncing" in e.details() or "redis" in e.details(), e.details())
+                        seen["unavailable"] += 1
+                        continue
+                    self.assertEqual(n, 3, f"round {round_}: an OK answer missing agents after {seen}")
+                    seen["ok"] += 1
+                    if seen["ok"] >= 20:
+                        break
+                self.assertGreaterEqual(seen["ok"], 20, f"round {round_}: {seen}\n" + d.log())
+        finally:
+            for a in list(self.agents):
+                if a.addr == "%s:%d" % d.listeners["agent"]:
+                    a.stop(2)
+                    self.agents.remove(a)
+            for gl in gls:
+                gl.close()
+            d.stop()
+            d.kill()
+            self.__class__.redis = old
+            r3.kill()
+
     def test_shard0_reconnect_resyncs_every_shard(self):
         """If a peer swept this instance while shard 0's heartbeat was away, every shard re-publishes
         once shard 0 is back (not only shard 0)."""
@@ -332,6 +380,128 @@ limits:
             return len(gl.get_connected_agents(timeout=5, **q).agents)
         except grpc.RpcError:
             return -1
+
+
+def metric(kasd, name, **labels):
+    """The sum over shards of a /metrics series with these labels (0 when absent)."""
+    import urllib.request
+    host, port = kasd.listeners["observability"]
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    total = 0
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        lbl, _, val = line[len(name) + 1:].rpartition("} ")
+        have = dict(kv.split("=", 1) for kv in lbl.split(","))
+        if all(have.get(k) == f'"{v}"' for k, v in labels.items()):
+            total += float(val)
+    return total
+
+
+class PodLimits(unittest.TestCase):
+    """limits.pods_per_connection and limits.pods_per_agent bound what one agent may register on
+    this instance; GetConnectedAgents answers at most limits.connected_agents_max_size bytes."""
+    PER_CONN, PER_AGENT = 3, 5
+
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = tempfile.mkdtemp(prefix="kasd-podlimits-")
+        cls.tokens = {i: base64.urlsafe_b64encode(os.urandom(24)).decode() for i in range(1, 4)}
+        write_tokens(os.path.join(cls.dir, "tokens.yaml"), {i: (t, 700 + i) for i, t in cls.tokens.items()})
+        cls.secret = gitlab_client.generate_secret()
+        gitlab_client.write_secret(os.path.join(cls.dir, "api-secret"), cls.secret)
+        cls.redis = RedisServer()
+        cls.k = Kasd(config=service_config(cls.dir, f"""\
+redis:
+  server:
+    address: {cls.redis.address}
+limits:
+  shutdown_grace: 3s
+  pods_per_connection: {cls.PER_CONN}
+  pods_per_agent: {cls.PER_AGENT}
+"""))
+        assert cls.k.started, cls.k.log()
+        cls.gl = GitLabClient("%s:%d" % cls.k.listeners["api"], cls.secret)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.gl.close()
+        rc = cls.k.stop()
+        cls.k.kill()
+        cls.redis.kill()
+        assert rc == 0, f"exit code {rc}\n" + cls.k.log()
+
+    def channel(self, agent_id):
+        """One HTTP/2 connection of its own, authenticated as agent_id."""
+        ch = grpc.insecure_channel("%s:%d" % self.k.listeners["agent"],
+                                   options=[("grpc.use_local_subchannel_pool", 1)])
+        self.addCleanup(ch.close)
+        rpc = ch.unary_unary(kaspb.METHOD_REGISTER,
+                             request_serializer=kaspb.registrar_rpc.RegisterRequest.SerializeToString,
+                             response_deserializer=kaspb.registrar_rpc.RegisterResponse.FromString)
+        md = [("authorization", f"Bearer {self.tokens[agent_id]}")]
+
+        def register(pod_id, pod_name=None):
+            meta = kaspb.entity.AgentMeta(version="v17.0.0", pod_name=pod_name or f"pod-{pod_id}")
+            return rpc(kaspb.registrar_rpc.RegisterRequest(agent_meta=meta, pod_id=pod_id), metadata=md,
+                       timeout=10)
+        return register
+
+    def test_pods_per_connection_and_per_agent(self):
+        refused_conn0 = metric(self.k, "kasd_agent_pods_refused_total", limit="pods_per_connection")
+        refused_agent0 = metric(self.k, "kasd_agent_pods_refused_total", limit="pods_per_agent")
+        a = self.channel(1)
+        for pod in range(1, self.PER_CONN + 1):
+            a(pod)
+        with self.assertRaises(grpc.RpcError) as cm:
+            a(100)
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.RESOURCE_EXHAUSTED)
+        self.assertIn("limits.pods_per_connection", cm.exception.details())
+        a(1)  # the pods already registered stay and may register again
+        b = self.channel(1)
+        for pod in range(11, 11 + self.PER_AGENT - self.PER_CONN):
+            b(pod)
+        with self.assertRaises(grpc.RpcError) as cm:
+            b(200)
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.RESOURCE_EXHAUSTED)
+        self.assertIn("limits.pods_per_agent", cm.exception.details())
+        # nothing was evicted: all five are advertised, the refused ones are not
+        got = wait_until(lambda: {e.connection_id for e in self.gl.get_connected_agents(agent_id=1).agents}
+                         == {1, 2, 3, 11, 12}, 5)
+        self.assertTrue(got, self.gl.get_connected_agents(agent_id=1))
+        # another agent has its own budget
+        self.channel(2)(1)
+        self.assertEqual(metric(self.k, "kasd_agent_pods_refused_total", limit="pods_per_connection"),
+                         refused_conn0 + 1)
+        self.assertEqual(metric(self.k, "kasd_agent_pods_refused_total", limit="pods_per_agent"),
+                         refused_agent0 + 1)
+
+    def test_get_connected_agents_capped_below_the_message_limit(self):
+        # Five pods of agent 3 with 900 KB AgentMeta each: 4.5 MB of entries in Redis, more than a
+        # gRPC client receives by default (4 MiB). The answer holds what fits, says so, and is OK.
+        regs = [self.channel(3) for _ in range(2)]
+        for pod in range(1, 6):
+            regs[pod % 2](pod, pod_name=f"{pod}-" + "n" * 900_000)
+        self.assertTrue(wait_until(lambda: self.redis.cmd("HLEN", "gitlab-kas:{a:3}:conns") == 5, 5))
+        ch = grpc.insecure_channel("%s:%d" % self.k.listeners["api"])  # grpcio's default limits
+        self.addCleanup(ch.close)
+        rpc = ch.unary_unary(kaspb.METHOD_GET_CONNECTED_AGENTS,
+                             request_serializer=kaspb.tracker_rpc.GetConnectedAgentsRequest.SerializeToString,
+                             response_deserializer=kaspb.tracker_rpc.GetConnectedAgentsResponse.FromString)
+        before = metric(self.k, "kasd_get_connected_agents_truncated_total")
+        resp, call = rpc.with_call(kaspb.tracker_rpc.GetConnectedAgentsRequest(agent_id=3),
+                                   metadata=self.gl.metadata(), timeout=10)
+        self.assertLessEqual(resp.ByteSize(), 4 << 20)
+        self.assertEqual(len(resp.agents), 4, "as many entries as fit")
+        self.assertIn(("kasd-truncated", "true"), list(call.trailing_metadata()))
+        self.assertEqual(metric(self.k, "kasd_get_connected_agents_truncated_total"), before + 1)
+        self.assertTrue(any(e.get("event") == "get_connected_agents_truncated" for e in self.k.events),
+                        self.k.log())
+        # an answer that fits carries no marker
+        resp, call = rpc.with_call(kaspb.tracker_rpc.GetConnectedAgentsRequest(agent_id=2),
+                                   metadata=self.gl.metadata(), timeout=10)
+        self.assertNotIn("kasd-truncated", dict(call.trailing_metadata()))
 
 
 class RedisErrors(unittest.TestCase):

@@ -109,6 +109,9 @@ static void expect_defaults(const struct kd_config *c)
     cr_assert_eq(c->limits.recv_buffer_size, 16384);
     cr_assert_eq(c->limits.router_ring_size, 4096);
     cr_assert_eq(c->limits.shutdown_grace_ms, 10000);
+    cr_assert_eq(c->limits.pods_per_connection, 16);
+    cr_assert_eq(c->limits.pods_per_agent, 1000);
+    cr_assert_eq(c->limits.connected_agents_max_size, (4u << 20) - (64u << 10));
     cr_assert_eq(c->log.level, KD_LOG_INFO);
 }
 
@@ -513,7 +516,8 @@ Test(config, unknown_keys_everywhere)
         {"limits:\n  max_conns: 1\n",
          "kasd.yaml:2:3: limits.max_conns: unknown key (expected one of: connections_per_shard, "
          "recv_buffers_per_shard, recv_buffer_size, router_ring_size, shutdown_grace, grpc_max_message_size, "
-         "grpc_max_concurrent_streams, grpc_max_header_list_size, routing_timeout)"},
+         "grpc_max_concurrent_streams, grpc_max_header_list_size, routing_timeout, pods_per_connection, "
+         "pods_per_agent, connected_agents_max_size)"},
         {"log:\n  lvl: debug\n", "kasd.yaml:2:3: log.lvl: unknown key (expected: level)"},
         /* Keys are case-sensitive, like kas's. */
         {"Shards: 1\n",
@@ -652,6 +656,12 @@ Test(config, out_of_range_integers)
          "kasd.yaml:2:21: limits.recv_buffer_size: must be between 1024 and 1048576, got \"1023\""},
         {"limits:\n  recv_buffer_size: 1048577\n",
          "kasd.yaml:2:21: limits.recv_buffer_size: must be between 1024 and 1048576, got \"1048577\""},
+        {"limits:\n  pods_per_connection: 0\n",
+         "kasd.yaml:2:24: limits.pods_per_connection: must be between 1 and 1000000, got \"0\""},
+        {"limits:\n  pods_per_agent: 1000001\n",
+         "kasd.yaml:2:19: limits.pods_per_agent: must be between 1 and 1000000, got \"1000001\""},
+        {"limits:\n  connected_agents_max_size: 1023\n", "kasd.yaml:2:30: limits.connected_agents_max_size: "
+                                                         "must be between 1024 and 1073741824, got \"1023\""},
         {"redis:\n  server:\n    address: r:1\n  database: 2147483648\n",
          "kasd.yaml:4:13: redis.database: must be between 0 and 2147483647, got \"2147483648\""},
     };

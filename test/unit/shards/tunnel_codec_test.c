@@ -25,6 +25,23 @@ Test(tunnel, decode_message)
     cr_assert_eq(t.data_len, 0);
 }
 
+/* KD_TUN_WRAP_OVERHEAD bounds what the tunnel's Message adds, both ways (ConnectResponse.message
+ * = 2, ConnectRequest.message = 3: the same sizes), up to the largest message limit (1 GiB) and
+ * beyond: the agent listener's limit is the message limit plus it. */
+Test(tunnel, wrap_overhead_bounds_the_message_wrapping)
+{
+    static const size_t sizes[] = {0,        1,        127,       128, 16383, 16384, (4u << 20) - 1,
+                                   4u << 20, 1u << 30, UINT32_MAX};
+    for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) {
+        size_t n = sizes[i];
+        cr_assert_leq(kd_tun_message_size(n) - n, KD_TUN_WRAP_OVERHEAD, "%zu", n);
+        cr_assert_leq(kd_pb_len_field_size(3, kd_pb_len_field_size(1, n)) - n, KD_TUN_WRAP_OVERHEAD, "%zu",
+                      n);
+    }
+    /* 4 MiB - 1 bytes: (1 + 4) + (1 + 4) bytes of wrapping, the case that used to be refused */
+    cr_assert_eq(kd_tun_message_size((4u << 20) - 1), (4u << 20) - 1 + 10);
+}
+
 Test(tunnel, decode_error_status)
 {
     /* ConnectRequest{error{status{code:9, message:"no"}}} */
