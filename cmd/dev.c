@@ -20,26 +20,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "core/base64.h"
 #include "core/clock.h"
-
-static const char b64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-static void base64(const uint8_t *in, size_t n, char *out)
-{
-    size_t o = 0;
-    for (size_t i = 0; i < n; i += 3) {
-        uint32_t v = (uint32_t)in[i] << 16;
-        if (i + 1 < n)
-            v |= (uint32_t)in[i + 1] << 8;
-        if (i + 2 < n)
-            v |= in[i + 2];
-        out[o++] = b64[(v >> 18) & 63];
-        out[o++] = b64[(v >> 12) & 63];
-        out[o++] = i + 1 < n ? b64[(v >> 6) & 63] : '=';
-        out[o++] = i + 2 < n ? b64[v & 63] : '=';
-    }
-    out[o] = '\0';
-}
 
 static int random_bytes(uint8_t *buf, size_t n)
 {
@@ -93,7 +75,7 @@ static int secret_file(const char *dir, const char *name, char **slot, char *err
         snprintf(err, errlen, "getrandom: %s", strerror(-rc));
         return rc;
     }
-    base64(raw, sizeof(raw), content);
+    kd_base64_encode(raw, sizeof(raw), content);
     strcat(content, "\n");
     rc = write_once(path, content, &created, err, errlen);
     if (rc < 0)
@@ -131,7 +113,7 @@ int kd_dev_prepare(struct kd_config *cfg, const char *dir, char *err, size_t err
             snprintf(err, errlen, "getrandom: %s", strerror(-rc));
             return rc;
         }
-        base64(raw, sizeof(raw), token);
+        kd_base64_encode(raw, sizeof(raw), token);
         for (char *p = token; *p; p++) /* URL-safe, as GitLab agent tokens are */
             *p = *p == '+' ? '-' : *p == '/' ? '_' : *p;
         snprintf(content, sizeof(content),

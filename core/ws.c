@@ -7,35 +7,17 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/base64.h"
 #include "core/sha1.h"
 
 static const char ws_guid[] = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"; /* RFC 6455 1.3 */
-static const char b64_alphabet[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
 /* ---- upgrade ---- */
 
-static size_t b64_encode(const uint8_t *in, size_t n, char *out)
-{
-    size_t o = 0;
-    for (size_t i = 0; i < n; i += 3) {
-        uint32_t v = (uint32_t)in[i] << 16;
-        if (i + 1 < n)
-            v |= (uint32_t)in[i + 1] << 8;
-        if (i + 2 < n)
-            v |= in[i + 2];
-        out[o++] = b64_alphabet[(v >> 18) & 63];
-        out[o++] = b64_alphabet[(v >> 12) & 63];
-        out[o++] = i + 1 < n ? b64_alphabet[(v >> 6) & 63] : '=';
-        out[o++] = i + 2 < n ? b64_alphabet[v & 63] : '=';
-    }
-    out[o] = '\0';
-    return o;
-}
-
 static int b64_value(char c)
 {
-    const char *p = c ? strchr(b64_alphabet, c) : NULL;
-    return p ? (int)(p - b64_alphabet) : -1;
+    const char *p = c ? strchr(kd_base64_alphabet, c) : NULL;
+    return p ? (int)(p - kd_base64_alphabet) : -1;
 }
 
 /* RFC 6455 4.1: the key is a random 16-byte value, base64-encoded: 22 symbols and "==". The last
@@ -59,7 +41,7 @@ void kd_ws_accept_key(const char *key, size_t len, char out[KD_WS_ACCEPT_LEN + 1
     kd_sha1_update(&c, key, len);
     kd_sha1_update(&c, ws_guid, sizeof(ws_guid) - 1);
     kd_sha1_final(&c, md);
-    b64_encode(md, sizeof(md), out);
+    kd_base64_encode(md, sizeof(md), out);
 }
 
 static bool is_ows(char c)
