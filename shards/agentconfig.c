@@ -269,22 +269,16 @@ void kd_agentconfig_shard_free(struct kd_agentconfig_shard *as)
     free(as);
 }
 
-/* Finish the streams for which keep() is false, with OK. The next record is taken before a
+/* Finish every open stream with OK (the shard is stopping). The next record is taken before a
  * finish, whose on_done (possibly synchronous) frees only the finished record. */
-static size_t end_streams(struct kd_agentconfig_shard *as, const struct kd_conn *only)
+static void end_streams(struct kd_agentconfig_shard *as)
 {
-    size_t n = 0;
     struct kd_list *it = as->streams.next;
     while (it != &as->streams) {
         struct kd_list *next = it->next;
-        struct stream *st = KD_CONTAINER_OF(it, struct stream, link);
-        if (only == NULL || kd_grpc_call_conn(st->call) == only) {
-            kd_grpc_finish(st->call, KD_GRPC_OK, NULL, NULL, 0);
-            n++;
-        }
+        kd_grpc_finish(KD_CONTAINER_OF(it, struct stream, link)->call, KD_GRPC_OK, NULL, NULL, 0);
         it = next;
     }
-    return n;
 }
 
 void kd_agentconfig_on_turn(struct kd_agentconfig_shard *as)
@@ -295,7 +289,7 @@ void kd_agentconfig_on_turn(struct kd_agentconfig_shard *as)
         /* Nothing more will be pushed from here: let agentk reconnect to a live instance now
          * rather than at the end of the grace period. */
         as->stop_seen = true;
-        end_streams(as, NULL);
+        end_streams(as);
         return;
     }
     if (as->kas->agentcfg == NULL || as->nstreams == 0)
