@@ -42,6 +42,7 @@ struct kd_agentconfig_shard;
 struct kd_epoch;
 struct kd_tracker;
 struct kd_tracker_cfg;
+struct kd_presence_cfg;
 
 /* Router message types of routed calls. */
 enum {
@@ -104,6 +105,10 @@ struct kd_kas {
     struct kd_agentcfg_handle *agentcfg;  /* agent configuration files (NULL: every agent gets the
                                            * empty configuration); swapped like the tokens */
     const char *gitlab_external_url;      /* told to agents in their configuration ("" if unset) */
+    /* The fleet (kas-to-kas routing): NULL without Redis tracking (calls reach local tunnels only). */
+    const struct kd_presence_cfg *presence;
+    uint8_t private_secret[128]; /* JWT secret of the private listener (signs and verifies hops) */
+    size_t private_secret_len;   /* 0: no private secret: no forwarding, gateway calls UNAUTHENTICATED */
 };
 
 /* Server hooks (kd_server_opts): per-shard state and message dispatch. opts.user = struct kd_kas. */
@@ -117,6 +122,8 @@ void kd_kas_on_turn(struct kd_shard *s);
 extern const struct kd_grpc_method kd_kas_connect_method;
 extern const struct kd_grpc_method kd_kas_register_method;
 extern const struct kd_grpc_method kd_kas_route_method;
+/* The private listener's kas-to-kas method (/kasd.fleet.v1.Gateway/Tunnel, docs/operations.md). */
+extern const struct kd_grpc_method kd_kas_gateway_method;
 /* kd_grpc_server_cfg.on_conn_close of the agent listener. */
 void kd_kas_agent_conn_close(struct kd_shard *s, void *user);
 

@@ -42,8 +42,13 @@ struct kd_presence_peer {
 struct kd_presence_cfg {
     const struct kd_tracker_cfg *tracker; /* prefix, own instance id, ttl */
     const struct kd_redis_opts *redis;    /* copied for the subscriber connection (subscriber=true) */
-    uint32_t route_cache_size;            /* agents with a cached route, LRU (0: 10000) */
+    uint32_t route_cache_size;            /* fleet.route_cache_size: agents with a cached route, LRU (0: 10000) */
     bool sharded;                         /* use SSUBSCRIBE/SPUBLISH (decided at start) */
+    /* Read by agents.c (routing), set from the fleet.* configuration keys: */
+    uint32_t recheck_ms;        /* fleet.recheck_interval: safety re-check of a waiting call (0: 5000) */
+    bool poll;                  /* fleet.discovery: poll: no events, GitLab kas's polling schedule (S3 bench) */
+    uint32_t peer_idle_ms;      /* fleet.peer_idle_timeout: close an unused peer connection (0: 60000) */
+    uint32_t second_delay_ms;   /* fleet.second_candidate_delay: race the next candidate (0: 50) */
 };
 
 /* A peer went from 0 to >= 1 tunnels of the agent (up) or from >= 1 to 0, or stopped (!up). Only
