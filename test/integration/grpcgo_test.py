@@ -356,12 +356,17 @@ class GrpcGo(GoPeers, unittest.TestCase):
 
     def test_1b_unary_with_and_without_gzip(self):
         self.a1.wait_ready()
+        before = len([e for e in self.a1.named("call_served") if e["method"] == "/kasd.test.Echo/Unary"])
         for gz in ((), ("--gzip",)):
             res = self.assert_client("unary", "--agent-id", "1", "--data", "unary-" + str(bool(gz)),
                                      "--tag", "tag-1b", *gz, agent=self.a1)
             self.assertEqual(res["agent_pod_id"], str(self.a1.pod_id()))
-        served = [e for e in self.a1.named("call_served") if e["method"] == "/kasd.test.Echo/Unary"]
-        self.assertGreaterEqual(len(served), 2, self.a1.log())
+        # the agent logs call_served after its last frame is sent, so the client may see the
+        # answer first: wait for the two lines rather than read the log once
+        unary = lambda evs: [e for e in evs if e.get("event") == "call_served"
+                             and e["method"] == "/kasd.test.Echo/Unary"]
+        served = self.a1.wait_for(lambda evs: len(unary(evs)) >= before + 2 and unary(evs), 5,
+                                  "two more Unary calls served")
         self.assertTrue(all(e["code"] == "OK" for e in served), served)
         # tunnels used are replaced: the pool is back to at least 2 idle
         self.a1.wait_for(lambda evs: [e for e in evs if e.get("event") in ("tunnel_open", "tunnel_used")][-1]
@@ -373,9 +378,10 @@ class GrpcGo(GoPeers, unittest.TestCase):
             res = self.assert_client("stream", "--agent-id", "1", "--bytes", str(EIGHT_MIB),
                                      "--timeout", "120s", *args, agent=self.a1)
             self.assertEqual(res["received_bytes"], EIGHT_MIB)
-        served = [e for e in self.a1.named("call_served") if e["method"] == "/kasd.test.Echo/Stream"]
-        self.assertTrue(any(e["code"] == "OK" and e["in_bytes"] == EIGHT_MIB and e["out_bytes"] == EIGHT_MIB
-                            for e in served), served)
+        big = lambda evs: [e for e in evs if e.get("event") == "call_served"
+                           and e["method"] == "/kasd.test.Echo/Stream" and e["code"] == "OK"
+                           and e["in_bytes"] == EIGHT_MIB and e["out_bytes"] == EIGHT_MIB]
+        self.a1.wait_for(big, 5, "an 8 MiB Stream call served OK")
 
     def test_1d_error_status_passes_through(self):
         self.a1.wait_ready()
