@@ -16,6 +16,7 @@
 #include "core/tokens.h"
 #include "shards/agentconfig.h"
 #include "shards/kas.h"
+#include "shards/presence.h"
 #include "shards/conn.h"
 #include "shards/control.h"
 #include "shards/grpc.h"
@@ -407,7 +408,7 @@ int main(int argc, char **argv)
                                                    kd_kas_register_method, kd_agentconfig_method};
     const struct kd_grpc_method api_methods[] = {kd_grpc_health_method,
                                                  kd_tracker_get_connected_agents_method};
-    const struct kd_grpc_method private_methods[] = {kd_grpc_health_method};
+    const struct kd_grpc_method private_methods[] = {kd_grpc_health_method, kd_kas_gateway_method};
     struct kd_kas kas = {.routing_timeout_ms = cfg.limits.routing_timeout_ms,
                          .max_message = cfg.limits.grpc_max_message_size,
                          .pods_per_connection = cfg.limits.pods_per_connection,
@@ -424,6 +425,8 @@ int main(int argc, char **argv)
     }
     memcpy(kas.api_secret, files.api_secret, sizeof(kas.api_secret));
     kas.api_secret_len = files.api_secret_len;
+    memcpy(kas.private_secret, files.private_api_secret, sizeof(kas.private_secret));
+    kas.private_secret_len = files.private_api_secret_len;
     if (kas.api_secret_len == 0)
         kd_log_msg(KD_LOG_WARN, "no_api_secret",
                    "no api.listen.authentication_secret_file: every api call is "
@@ -521,7 +524,8 @@ int main(int argc, char **argv)
     static char private_addr[80];
     kd_server_address(srv, 2, private_addr, sizeof(private_addr));
     tracker_cfg.prefix = cfg.redis.key_prefix;
-    tracker_cfg.private_addr = private_addr;
+    /* Peers dial the advertised address (NAT, containers) or else the bound one. */
+    tracker_cfg.private_addr = cfg.private_api.advertise_address ? cfg.private_api.advertise_address : private_addr;
     tracker_cfg.version = KD_VERSION;
     tracker_cfg.nshards = kas.nshards;
     tracker_cfg.heartbeat_ms = cfg.redis.heartbeat_ms;
@@ -537,6 +541,21 @@ int main(int argc, char **argv)
                                    : cfg.limits.grpc_max_message_size;
     kd_tracker_cfg_init(&tracker_cfg);
     kas.tracker = &tracker_cfg;
+    /* The fleet (docs/architecture.md): presence events and kas-to-kas forwarding. Peers
+     * authenticate to each other with the private API secret: without it there is no fleet. */
+    static struct kd_presence_cfg presence_cfg; /* outlives the shards */
+    presence_cfg.tracker = &tracker_cfg;
+    presence_cfg.redis = &rsetup.o;
+    presence_cfg.route_cache_size = cfg.fleet.route_cache_size;
+    presence_cfg.recheck_ms = cfg.fleet.recheck_ms;
+    presence_cfg.poll = cfg.fleet.discovery != NULL && strcmp(cfg.fleet.discovery, "poll") == 0;
+    presence_cfg.peer_idle_ms = cfg.fleet.peer_idle_ms;
+    if (kas.private_secret_len > 0)
+        kas.presence = &presence_cfg;
+    else
+        kd_log_msg(KD_LOG_WARN, "no_private_api_secret",
+                   "no private_api.listen.authentication_secret_file: no fleet routing (calls reach only "
+                   "agents connected to this instance)");
     /* Redis sees every shard's connection as kasd-<instance>-shard<N> (CLIENT LIST). */
     static char client_name[40];
     snprintf(client_name, sizeof(client_name), "kasd-%s", tracker_cfg.instance_id);

@@ -247,7 +247,7 @@ const char *kd_log_level_name(enum kd_log_level l)
 
 /* Every heap string a kd_config owns. A new char * member of struct kd_config must be added here,
  * or it will leak on free and be shared (then double-freed) by the transactional copy. */
-#define NSTRINGS 37
+#define NSTRINGS 39
 
 static void string_slots(struct kd_config *c, char **s[NSTRINGS])
 {
@@ -263,6 +263,8 @@ static void string_slots(struct kd_config *c, char **s[NSTRINGS])
     s[i++] = &c->api.listen.authentication_secret_file;
     s[i++] = &c->private_api.listen.address;
     s[i++] = &c->private_api.listen.authentication_secret_file;
+    s[i++] = &c->private_api.advertise_address;
+    s[i++] = &c->fleet.discovery;
     s[i++] = &c->observability.listen.address;
     s[i++] = &c->observability.listen.authentication_secret_file;
     s[i++] = &c->redis.address;
@@ -363,6 +365,9 @@ int kd_config_defaults(struct kd_config *c)
     c->limits.grpc_max_concurrent_streams = 500;
     c->limits.grpc_max_header_list_size = 1u << 20;
     c->limits.routing_timeout_ms = 20000; /* GitLab kas: 20 s */
+    c->fleet.recheck_ms = 5000;
+    c->fleet.route_cache_size = 10000;
+    c->fleet.peer_idle_ms = 60000;
     c->limits.pods_per_connection = 16;
     c->limits.pods_per_agent = 1000;
     c->limits.connected_agents_max_size = (4u << 20) - (64u << 10);
@@ -508,6 +513,17 @@ static const struct field private_api_listen_keys[] = {
 };
 static const struct field private_api_keys[] = {
     {.key = "listen", .kind = K_MAP, .sub = private_api_listen_keys, .done = private_api_listen_done},
+    {.key = "advertise_address", .kind = K_STRING, .off = OFF(private_api.advertise_address)},
+    {0},
+};
+static int private_api_done(struct parse *p, yaml_mark_t at);
+static int fleet_done(struct parse *p, yaml_mark_t at);
+/* Kas-to-kas routing (docs/operations.md, "Running a fleet"). */
+static const struct field fleet_keys[] = {
+    {.key = "recheck_interval", .kind = K_DURATION, .off = OFF(fleet.recheck_ms), .min = 100, .max = 3600000},
+    {.key = "discovery", .kind = K_STRING, .off = OFF(fleet.discovery)},
+    {.key = "route_cache_size", .kind = K_UINT, .off = OFF(fleet.route_cache_size), .min = 1, .max = 100000000},
+    {.key = "peer_idle_timeout", .kind = K_DURATION, .off = OFF(fleet.peer_idle_ms), .min = 1000, .max = 86400000},
     {0},
 };
 static const struct field observability_listen_keys[] = {LISTEN_ADDRESS(observability, "127.0.0.1:8151"),
@@ -652,7 +668,8 @@ static const struct field top_keys[] = {
     {.key = "shards", .kind = K_UINT, .off = OFF(shards), .min = 0, .max = 1024},
     {.key = "agent", .kind = K_MAP, .sub = agent_keys},
     {.key = "api", .kind = K_MAP, .sub = api_keys},
-    {.key = "private_api", .kind = K_MAP, .sub = private_api_keys},
+    {.key = "private_api", .kind = K_MAP, .sub = private_api_keys, .done = private_api_done},
+    {.key = "fleet", .kind = K_MAP, .sub = fleet_keys, .done = fleet_done},
     {.key = "observability", .kind = K_MAP, .sub = observability_keys},
     {.key = "redis", .kind = K_MAP, .sub = redis_keys, .done = redis_done},
     {.key = "gitlab", .kind = K_MAP, .sub = gitlab_keys},
@@ -1258,6 +1275,33 @@ static int api_listen_done(struct parse *p, yaml_mark_t at)
 static int private_api_listen_done(struct parse *p, yaml_mark_t at)
 {
     return tls_pair_done(p, at, &p->c->private_api.listen);
+}
+
+/* Peers dial the advertised address as it is: a numeric ip:port (no DNS on the shards). */
+static int private_api_done(struct parse *p, yaml_mark_t at)
+{
+    const char *a = p->c->private_api.advertise_address;
+    struct sockaddr_storage ss;
+    socklen_t sl;
+    int r = 0;
+    if (a != NULL && kd_config_parse_hostport(a, &ss, &sl) < 0) {
+        size_t saved = push(p, "advertise_address", 17);
+        r = fail(p, at, "expected a numeric ip:port or [v6]:port that peers can dial, got \"%s\"", a);
+        pop(p, saved);
+    }
+    return r;
+}
+
+static int fleet_done(struct parse *p, yaml_mark_t at)
+{
+    const char *d = p->c->fleet.discovery;
+    int r = 0;
+    if (d != NULL && strcmp(d, "events") != 0 && strcmp(d, "poll") != 0) {
+        size_t saved = push(p, "discovery", 9);
+        r = fail(p, at, "expected events or poll, got \"%s\"", d);
+        pop(p, saved);
+    }
+    return r;
 }
 
 /* A tls section turns TLS on unless it says enabled: false; a client certificate needs its key. */

@@ -53,7 +53,14 @@ struct kd_config {
     } api;
     struct {
         struct kd_listen_cfg listen;
+        char *advertise_address; /* private_api.advertise_address: numeric ip:port peers dial (NULL: the bound address) */
     } private_api;
+    struct {
+        uint32_t recheck_ms;       /* fleet.recheck_interval: safety re-check of a waiting call */
+        char *discovery;           /* fleet.discovery: "events" (default) or "poll" (benchmark comparison) */
+        uint32_t route_cache_size; /* fleet.route_cache_size: agents with a cached route per shard */
+        uint32_t peer_idle_ms;     /* fleet.peer_idle_timeout: close an unused peer connection */
+    } fleet;
     struct {
         struct kd_listen_cfg listen;
     } observability;

@@ -20,8 +20,10 @@
 #include "core/tokens.h"
 #include "shards/agentconfig.h"
 #include "shards/conn.h"
+#include "shards/fleet.h"
 #include "shards/kas.h"
 #include "shards/pool.h"
+#include "shards/presence.h"
 #include "shards/redis.h"
 #include "shards/tracker.h"
 #include "shards/tunnel_codec.h"
@@ -37,7 +39,15 @@ struct tunnel {
     uint64_t resp_unacked;
     bool held;
     uint64_t acks_owed; /* request bytes to acknowledge once the tunnel's send queue drains */
+    /* A peer tunnel: the call forwarded to another instance's gateway (a client call), which
+     * relays the agent's ConnectRequest messages; not in any pool. */
+    bool peer;
+    bool ready;                 /* peer: the gateway said "tunnel ready" */
+    struct kd_presence_peer to; /* peer: the instance */
+    struct kd_fleet_chan *chan; /* peer: the connection it runs on */
 };
+
+enum wake { WAKE_START, WAKE_EVENT, WAKE_RECHECK, WAKE_POLL };
 
 struct back {
     struct kd_pool_wait pw; /* pool entry while waiting: agent, method, wait link */
@@ -53,6 +63,20 @@ struct back {
     uint64_t start_ns; /* START arrived here (routing duration histogram) */
     bool bound, ended;
     struct kd_kas_shard *ks;
+    /* the fleet */
+    bool gateway;  /* KD_RT_START_GATEWAY: a local tunnel or nothing; never forwarded */
+    bool watching; /* counted in kd_presence_watch */
+    bool waited;   /* routing found nothing at first: the call waited */
+    bool looking;  /* lk pending */
+    uint8_t wake;  /* enum wake: what started the current forwarding attempts */
+    uint8_t ncand, icand;
+    uint32_t poll_ms;    /* fleet.discovery poll: the next interval */
+    uint64_t event_gen;  /* the presence event that last offered it to a peer */
+    uint64_t deadline_ms;
+    struct kd_presence_lookup lk;
+    struct kd_presence_peer cand[KD_PRESENCE_MAX_PEERS];
+    struct kd_timer recheck;
+    struct kd_list fwd_link; /* ks->forwarding while a peer is asked (off the wait list) */
 };
 
 struct pod {
@@ -82,6 +106,10 @@ struct kd_kas_shard {
     struct kd_agentconfig_shard *acfg;
     struct kd_kas_stats stats;
     struct kd_kas_route_hist route[KD_KAS_ROUTE_OUTCOMES];
+    struct kd_presence *presence; /* NULL: no fleet */
+    struct kd_fleet *fleet;
+    struct kd_list forwarding; /* backs asking a peer */
+    uint64_t event_gen;
 };
 
 const double kd_kas_route_bucket_le[KD_KAS_ROUTE_BUCKETS] = {
@@ -146,12 +174,56 @@ static void post(struct kd_kas_shard *ks, unsigned to, uint16_t type, void *ptr,
     kd_shard_post(ks->s, to, &m);
 }
 
+static const struct kd_h2_handler peer_handler;
+
+static bool fleet_on(const struct kd_kas_shard *ks)
+{
+    return ks->presence != NULL && ks->fleet != NULL;
+}
+
+static bool fleet_poll(const struct kd_kas_shard *ks)
+{
+    return ks->kas->presence != NULL && ks->kas->presence->poll;
+}
+
+static void back_unwatch(struct back *b)
+{
+    struct kd_kas_shard *ks = b->ks;
+    if (b->looking) {
+        kd_presence_lookup_cancel(ks->presence, &b->lk);
+        b->looking = false;
+    }
+    if (b->watching) {
+        kd_presence_unwatch(ks->presence, b->agent_id);
+        b->watching = false;
+    }
+    kd_timerwheel_cancel(kd_shard_timers(ks->s), &b->recheck);
+}
+
+/* A forwarding attempt that has not said "ready" is dropped: the peer sees a cancellation before
+ * any request byte, so nothing was delivered there. */
+static void attempt_abort(struct back *b)
+{
+    struct tunnel *t = b->t;
+    if (t == NULL || !t->peer || t->ready)
+        return;
+    b->t = NULL;
+    t->back = NULL;
+    if (kd_list_is_linked(&b->fwd_link))
+        kd_list_unlink(&b->fwd_link);
+    kd_grpc_cancel(t->call, KD_GRPC_CANCELLED, "routing gave up on this instance"); /* frees t */
+}
+
 static void back_free(struct back *b)
 {
     struct kd_kas_shard *ks = b->ks;
     kd_timerwheel_cancel(kd_shard_timers(ks->s), &b->timer);
     if (b->pw.agent != NULL)
         kd_pool_wait_cancel(&ks->pool, &b->pw);
+    attempt_abort(b);
+    if (kd_list_is_linked(&b->fwd_link))
+        kd_list_unlink(&b->fwd_link);
+    back_unwatch(b);
     kd_chunkpool_free(b->method);
     kd_chunkpool_free(b->md);
     kd_chunkpool_free(b);
@@ -164,6 +236,8 @@ static void back_end(struct back *b, int status, const char *msg, const uint8_t 
     if (b->ended)
         return;
     b->ended = true;
+    if (b->gateway && !b->bound)
+        ks->stats.gw_no_tunnel++;
     size_t ml = strlen(msg);
     struct kd_rt_end *e = kd_kas_payload(ks->s, sizeof(*e) + ml + mdlen);
     e->msg_len = (uint32_t)ml;
@@ -199,6 +273,21 @@ static void tunnel_send(struct tunnel *t, const uint8_t *msg, size_t len)
     (void)rc; /* over the high-water mark: acks wait for on_writable (see tunnel_writable) */
 }
 
+static void count_woken(struct back *b, bool by_tunnel)
+{
+    struct kd_kas_stats *st = &b->ks->stats;
+    if (!b->waited)
+        return;
+    if (by_tunnel)
+        st->woken_tunnel++;
+    else if (b->wake == WAKE_EVENT)
+        st->woken_event++;
+    else if (b->wake == WAKE_RECHECK)
+        st->woken_recheck++;
+    else if (b->wake == WAKE_POLL)
+        st->woken_poll++;
+}
+
 /* Hand the call to the tunnel (both already taken off the pool's lists): RequestInfo goes to the
  * agent, BOUND to R. */
 static void bind_tunnel(struct back *b, struct tunnel *t)
@@ -206,6 +295,11 @@ static void bind_tunnel(struct back *b, struct tunnel *t)
     struct kd_kas_shard *ks = b->ks;
     kd_timerwheel_cancel(kd_shard_timers(ks->s), &b->timer);
     route_observe(ks, b, KD_KAS_ROUTE_SUCCESS);
+    if (b->gateway)
+        ks->stats.gw_ready++;
+    else
+        count_woken(b, true);
+    back_unwatch(b);
     t->st = KD_TUN_BOUND;
     /* From now on the tunnel carries a call: at GOAWAY it gets the grace period to finish it. */
     kd_grpc_call_set_end_on_goaway(t->call, false);
@@ -223,6 +317,161 @@ static void bind_tunnel(struct back *b, struct tunnel *t)
     post(ks, b->r, KD_RT_BOUND, b, b->front, 0, 0);
 }
 
+/* ---- the fleet: offering a call to the instances that hold its agent's tunnels ---- */
+
+static void wait_locally(struct back *b);
+
+static uint32_t recheck_ms(const struct kd_kas_shard *ks)
+{
+    return ks->kas->presence->recheck_ms ? ks->kas->presence->recheck_ms : 5000;
+}
+
+/* The safety re-check of a waiting call (or, fleet.discovery: poll, its first poll). */
+static void arm_recheck(struct back *b)
+{
+    struct kd_kas_shard *ks = b->ks;
+    if (!fleet_on(ks) || kd_list_is_linked(&b->recheck.link))
+        return;
+    b->poll_ms = 100;
+    kd_timerwheel_add(kd_shard_timers(ks->s), &b->recheck,
+                      kd_shard_now_ms(ks->s) + (fleet_poll(ks) ? 50 : recheck_ms(ks)));
+}
+
+/* Ask the next candidate; none left: wait (a local tunnel, an event, the re-check). */
+static void try_next(struct back *b)
+{
+    struct kd_kas_shard *ks = b->ks;
+    while (b->icand < b->ncand && !ks->stop_seen) {
+        const struct kd_presence_peer *pp = &b->cand[b->icand++];
+        struct tunnel *t = kd_chunkpool_calloc(1, sizeof(*t));
+        if (t == NULL)
+            abort();
+        t->peer = true;
+        t->to = *pp;
+        t->back = b;
+        t->st = KD_TUN_BOUND; /* the agent's side of the automaton: Header, Message, Trailer, Error */
+        b->t = t;
+        kd_list_push_back(&ks->forwarding, &b->fwd_link);
+        /* No grpc-timeout: the call may stream for longer than routing may take; this instance
+         * cancels the attempt at the routing deadline, and the caller's own deadline ends the call. */
+        t->call = kd_fleet_call(ks->fleet, pp, b->agent_id, b->method, b->method_len, b->md, b->md_len, 0,
+                                &peer_handler, t, &t->chan);
+        if (t->call != NULL)
+            return;
+        kd_list_unlink(&b->fwd_link);
+        b->t = NULL;
+        kd_chunkpool_free(t);
+        ks->stats.fwd_failed++;
+    }
+    if (ks->stop_seen) {
+        back_end(b, KD_GRPC_UNAVAILABLE, "kasd is shutting down", NULL, 0);
+        return;
+    }
+    wait_locally(b);
+}
+
+/* Offer the call to these peers (random order already), in turn. */
+static void forward(struct back *b, const struct kd_presence_peer *peers, size_t n, enum wake why)
+{
+    struct kd_kas_shard *ks = b->ks;
+    if (b->bound || b->ended || b->t != NULL || n == 0)
+        return;
+    if (b->looking) {
+        kd_presence_lookup_cancel(ks->presence, &b->lk);
+        b->looking = false;
+    }
+    if (b->pw.agent != NULL)
+        kd_pool_wait_cancel(&ks->pool, &b->pw); /* off the wait list while a peer is asked */
+    if (n > KD_PRESENCE_MAX_PEERS)
+        n = KD_PRESENCE_MAX_PEERS;
+    memcpy(b->cand, peers, n * sizeof(*peers));
+    b->ncand = (uint8_t)n;
+    b->icand = 0;
+    b->wake = (uint8_t)why;
+    try_next(b);
+}
+
+static void lookup_done(struct kd_presence_lookup *lk, const struct kd_presence_peer *peers, size_t n,
+                        const char *err)
+{
+    struct back *b = KD_CONTAINER_OF(lk, struct back, lk);
+    b->looking = false;
+    if (err != NULL || n == 0) {
+        b->waited = true; /* Redis down or nobody has it: wait for a tunnel or an event */
+        return;
+    }
+    if (b->wake == WAKE_RECHECK)
+        b->ks->stats.recheck_found++;
+    forward(b, peers, n, (enum wake)b->wake);
+}
+
+static void look_up(struct back *b, bool fresh, enum wake why)
+{
+    if (b->looking)
+        return;
+    b->looking = true;
+    b->wake = (uint8_t)why;
+    kd_presence_lookup(b->ks->presence, &b->lk, b->agent_id, fresh); /* may call lookup_done now */
+}
+
+static void recheck_cb(struct kd_timer *tm)
+{
+    struct back *b = KD_CONTAINER_OF(tm, struct back, recheck);
+    struct kd_kas_shard *ks = b->ks;
+    uint64_t next;
+    if (fleet_poll(ks)) {
+        /* GitLab kas's schedule: 50 ms, then 100 ms doubling to 1 s */
+        next = b->poll_ms;
+        b->poll_ms = b->poll_ms < 100 ? 100 : b->poll_ms * 2 > 1000 ? 1000 : b->poll_ms * 2;
+    } else {
+        next = recheck_ms(ks);
+    }
+    kd_timerwheel_add(kd_shard_timers(ks->s), &b->recheck, kd_shard_now_ms(ks->s) + next);
+    if (b->t == NULL && !b->bound && !b->ended)
+        look_up(b, true, fleet_poll(ks) ? WAKE_POLL : WAKE_RECHECK);
+}
+
+/* (Back) on the wait list: a local tunnel may take it now; otherwise it waits with its deadline
+ * armed, watching its agent's presence channel, with the safety re-check (or the poll) armed. */
+static void wait_locally(struct back *b)
+{
+    struct kd_kas_shard *ks = b->ks;
+    agent_t *a = kd_pool_agent_get(&ks->pool, b->agent_id);
+    if (a == NULL) {
+        back_end(b, KD_GRPC_RESOURCE_EXHAUSTED, "out of memory", NULL, 0);
+        return;
+    }
+    struct kd_pool_tunnel *pt = kd_pool_wait_start(&ks->pool, a, &b->pw);
+    if (pt != NULL) {
+        bind_tunnel(b, KD_CONTAINER_OF(pt, struct tunnel, pt));
+        return;
+    }
+    b->waited = true;
+    arm_recheck(b);
+}
+
+/* A peer said it has a tunnel for agent_id (presence event): offer it this shard's waiting calls
+ * for the agent, oldest first. Calls it cannot take come back to the wait list. */
+static bool waiting_not_offered(struct kd_pool_wait *w, void *ud)
+{
+    struct back *b = KD_CONTAINER_OF(w, struct back, pw);
+    return !b->gateway && b->event_gen != *(uint64_t *)ud;
+}
+
+static void presence_event(void *arg, int64_t agent_id, const struct kd_presence_peer *peer, bool up)
+{
+    struct kd_kas_shard *ks = arg;
+    if (!up || ks->stop_seen)
+        return;
+    uint64_t gen = ++ks->event_gen;
+    struct kd_pool_wait *w;
+    while ((w = kd_pool_wait_find(&ks->pool, agent_id, waiting_not_offered, &gen)) != NULL) {
+        struct back *b = KD_CONTAINER_OF(w, struct back, pw);
+        b->event_gen = gen;
+        forward(b, peer, 1, WAKE_EVENT);
+    }
+}
+
 static void handle_start(struct kd_kas_shard *ks, const struct kd_msg *m)
 {
     struct kd_rt_start *st = m->ptr;
@@ -234,6 +483,7 @@ static void handle_start(struct kd_kas_shard *ks, const struct kd_msg *m)
     b->front = m->ptr2;
     b->r = m->from;
     b->agent_id = st->agent_id;
+    b->gateway = (st->flags & KD_RT_START_GATEWAY) != 0;
     b->method_len = st->method_len;
     b->method = kd_chunkpool_malloc(st->method_len + 1);
     b->md_len = st->md_len;
@@ -244,20 +494,35 @@ static void handle_start(struct kd_kas_shard *ks, const struct kd_msg *m)
     b->method[st->method_len] = '\0';
     memcpy(b->md, st->data + st->method_len, st->md_len);
     uint64_t deadline = st->deadline_ms;
+    b->deadline_ms = deadline;
     kd_kas_release(ks->s, st);
     kd_list_node_init(&b->pw.link);
+    kd_list_node_init(&b->fwd_link);
     b->pw.method = b->method;
     b->pw.method_len = b->method_len;
     kd_timer_init(&b->timer, back_deadline);
+    kd_timer_init(&b->recheck, recheck_cb);
+    kd_presence_lookup_init(&b->lk, lookup_done);
 
     agent_t *a = kd_pool_agent_get(&ks->pool, b->agent_id);
     if (a == NULL) {
         back_end(b, KD_GRPC_RESOURCE_EXHAUSTED, "out of memory", NULL, 0);
         return;
     }
-    struct kd_pool_tunnel *pt = kd_pool_wait_start(&ks->pool, a, &b->pw);
+    struct kd_pool_tunnel *pt = ks->stop_seen && b->gateway ? NULL : kd_pool_wait_start(&ks->pool, a, &b->pw);
     if (pt != NULL) {
         bind_tunnel(b, KD_CONTAINER_OF(pt, struct tunnel, pt));
+        return;
+    }
+    if (b->gateway && (ks->stop_seen || a->nready == 0)) {
+        /* No tunnel of the agent here (or draining): say so at once; the routing instance tries
+         * another. With busy tunnels only, the call waits here like a local one: agentk opens a
+         * new tunnel as soon as one is taken. */
+        if (b->pw.agent != NULL)
+            kd_pool_wait_cancel(&ks->pool, &b->pw);
+        else
+            kd_pool_agent_release(&ks->pool, a);
+        back_end(b, KD_GRPC_UNAVAILABLE, "no tunnel for this agent on this kasd instance", NULL, 0);
         return;
     }
     if (deadline <= kd_shard_now_ms(ks->s)) {
@@ -266,6 +531,26 @@ static void handle_start(struct kd_kas_shard *ks, const struct kd_msg *m)
     }
     /* Queued on the wait list: woken by an event (a tunnel registering), never by polling. */
     kd_timerwheel_add(kd_shard_timers(ks->s), &b->timer, deadline);
+    if (b->gateway || !fleet_on(ks))
+        return;
+    /* Not here: the instances that hold its tunnels. Watch first (subscribe before the lookup). */
+    if (!fleet_poll(ks)) {
+        kd_presence_watch(ks->presence, b->agent_id);
+        b->watching = true;
+        struct kd_presence_peer peers[KD_PRESENCE_MAX_PEERS];
+        int n = kd_presence_cached(ks->presence, b->agent_id, peers, KD_PRESENCE_MAX_PEERS);
+        if (n > 0) {
+            forward(b, peers, (size_t)n, WAKE_START);
+            return;
+        }
+        if (n == 0) {
+            b->waited = true; /* known: no instance has it now */
+            arm_recheck(b);
+            return;
+        }
+    }
+    arm_recheck(b);
+    look_up(b, fleet_poll(ks), WAKE_START); /* may end b: nothing after this */
 }
 
 static bool same_front(struct kd_pool_wait *w, void *ud)
@@ -292,13 +577,18 @@ void kd_kas_back_message(struct kd_shard *s, const struct kd_msg *m)
             break;
         }
         if (b->t != NULL) {
-            size_t n = kd_tun_message_size(len);
-            uint8_t *buf = kd_chunkpool_malloc(n);
-            if (buf == NULL)
-                abort();
-            kd_tun_put_message(buf, d->data, len);
-            int rc = kd_grpc_send_message(b->t->call, buf, n);
-            kd_chunkpool_free(buf);
+            int rc;
+            if (b->t->peer) {
+                rc = kd_grpc_send_message(b->t->call, d->data, len); /* the gateway wraps it */
+            } else {
+                size_t n = kd_tun_message_size(len);
+                uint8_t *buf = kd_chunkpool_malloc(n);
+                if (buf == NULL)
+                    abort();
+                kd_tun_put_message(buf, d->data, len);
+                rc = kd_grpc_send_message(b->t->call, buf, n);
+                kd_chunkpool_free(buf);
+            }
             if (rc == 1) {
                 b->t->acks_owed += len; /* paid in tunnel_writable */
                 kd_kas_release(s, d);
@@ -310,7 +600,9 @@ void kd_kas_back_message(struct kd_shard *s, const struct kd_msg *m)
         break;
     }
     case KD_RT_HALF_CLOSE:
-        if (b->t != NULL && !b->ended) {
+        if (b->t != NULL && !b->ended && b->t->peer) {
+            kd_grpc_close_send(b->t->call);
+        } else if (b->t != NULL && !b->ended) {
             uint8_t buf[4];
             kd_tun_put_close_send(buf);
             kd_grpc_send_message(b->t->call, buf, kd_tun_close_send_size());
@@ -330,6 +622,16 @@ void kd_kas_back_message(struct kd_shard *s, const struct kd_msg *m)
             struct back *wb = KD_CONTAINER_OF(w, struct back, pw);
             route_observe(ks, wb, KD_KAS_ROUTE_ABORTED);
             back_end(wb, KD_GRPC_CANCELLED, "call cancelled by the caller", NULL, 0);
+            break;
+        }
+        /* A call being offered to a peer is on neither list of the pool. */
+        for (struct kd_list *n = ks->forwarding.next; n != &ks->forwarding; n = n->next) {
+            struct back *fb = KD_CONTAINER_OF(n, struct back, fwd_link);
+            if (fb->front == m->ptr2 && fb->r == m->from) {
+                route_observe(ks, fb, KD_KAS_ROUTE_ABORTED);
+                back_end(fb, KD_GRPC_CANCELLED, "call cancelled by the caller", NULL, 0);
+                break;
+            }
         }
         break; /* not found: BOUND is on its way to R, which then sends CANCEL */
     }
@@ -357,17 +659,30 @@ void kd_kas_back_message(struct kd_shard *s, const struct kd_msg *m)
 
 /* ---- tunnels (ReverseTunnel/Connect on the agent listener) ---- */
 
+/* End the tunnel's stream: an agent's is answered; a peer tunnel (our client call) is cancelled,
+ * which runs its on_done now (t is gone after this). */
+static void tunnel_close(struct tunnel *t, int status, const char *msg)
+{
+    if (t->peer)
+        kd_grpc_cancel(t->call, status, msg);
+    else
+        kd_grpc_finish(t->call, status, msg, NULL, 0);
+}
+
 static void tunnel_fail(struct tunnel *t, const char *why)
 {
     struct kd_kas_shard *ks = kd_kas_shard_of(kd_conn_shard(kd_grpc_call_conn(t->call)));
     ks->stats.protocol_violations++;
     struct kd_logline l;
-    kd_log_begin(&l, KD_LOG_INFO, "tunnel_protocol_violation");
-    kd_log_int(&l, "agent_id", t->pt.agent->id);
+    kd_log_begin(&l, KD_LOG_INFO, t->peer ? "fleet_peer_protocol_violation" : "tunnel_protocol_violation");
+    kd_log_int(&l, "agent_id", t->peer ? (t->back ? t->back->agent_id : 0) : t->pt.agent->id);
+    if (t->peer)
+        kd_log_str(&l, "instance", t->to.id);
     kd_log_str(&l, "reason", why);
     kd_log_end(&l);
     if (t->back != NULL)
-        back_end(t->back, KD_GRPC_UNAVAILABLE, "agent broke the tunnel protocol", NULL, 0);
+        back_end(t->back, KD_GRPC_UNAVAILABLE,
+                 t->peer ? "peer instance broke the tunnel protocol" : "agent broke the tunnel protocol", NULL, 0);
     if (t->pt.idle) { /* never hand this stream to a call again */
         kd_list_unlink(&t->pt.link);
         t->pt.idle = false;
@@ -375,7 +690,7 @@ static void tunnel_fail(struct tunnel *t, const char *why)
     t->st = KD_TUN_DONE;
     char msg[160];
     snprintf(msg, sizeof(msg), "tunnel protocol violation: %s", why);
-    kd_grpc_finish(t->call, KD_GRPC_INVALID_ARGUMENT, msg, NULL, 0);
+    tunnel_close(t, KD_GRPC_INVALID_ARGUMENT, msg);
 }
 
 struct methods_acc {
@@ -420,6 +735,52 @@ static void tunnel_idle(struct kd_kas_shard *ks, struct tunnel *t)
         bind_tunnel(KD_CONTAINER_OF(w, struct back, pw), t);
 }
 
+/* Hold the tunnel's input while the caller owes more than a window of its answer. */
+static void resp_sent(struct tunnel *t, size_t len)
+{
+    t->resp_unacked += len;
+    if (!t->held && t->resp_unacked > KD_RT_WINDOW) {
+        /* The caller is slower than the agent: stop reading the tunnel until it catches up. */
+        t->held = true;
+        kd_grpc_hold_input(t->call, true);
+    }
+}
+
+/* A kas-to-kas call's tunnel (this is the gateway): the agent's messages go to the routing
+ * instance as they are, which decodes them as if the tunnel were its own. The automaton still
+ * runs here, so a broken agent is caught where it is connected. */
+static int gateway_relay(struct kd_kas_shard *ks, struct tunnel *t, struct back *b, const uint8_t *msg,
+                         size_t len, const struct kd_tun_msg *tm, int ns)
+{
+    uint32_t max = ks->kas->max_message ? ks->kas->max_message : 4u << 20;
+    if (tm->kind == KD_TUN_MESSAGE && tm->data_len > max) {
+        char m[160];
+        snprintf(m, sizeof(m),
+                 "agent's message larger than max (%zu vs. %u bytes); limits.grpc_max_message_size",
+                 tm->data_len, max);
+        back_end(b, KD_GRPC_RESOURCE_EXHAUSTED, m, NULL, 0);
+        t->st = KD_TUN_DONE;
+        kd_grpc_finish(t->call, KD_GRPC_RESOURCE_EXHAUSTED, m, NULL, 0);
+        return 0;
+    }
+    if (tm->kind == KD_TUN_ERROR && t->pt.idle) {
+        kd_list_unlink(&t->pt.link);
+        t->pt.idle = false;
+    }
+    t->st = (enum kd_tun_state)ns;
+    struct kd_rt_blob *d = kd_kas_payload(ks->s, sizeof(*d) + len);
+    d->len = (uint32_t)len;
+    memcpy(d->data, msg, len);
+    post(ks, b->r, KD_RT_RDATA, d, b->front, 0, 0);
+    resp_sent(t, len);
+    if (tm->kind == KD_TUN_TRAILER || tm->kind == KD_TUN_ERROR) {
+        t->st = KD_TUN_DONE;
+        back_end(b, KD_GRPC_OK, "", NULL, 0);
+        kd_grpc_finish(t->call, KD_GRPC_OK, NULL, NULL, 0);
+    }
+    return 0;
+}
+
 static int tunnel_message(kd_grpc_call *call, const uint8_t *msg, size_t len)
 {
     struct tunnel *t = kd_h2_call_user(call);
@@ -441,10 +802,13 @@ static int tunnel_message(kd_grpc_call *call, const uint8_t *msg, size_t len)
         /* the call is over (END sent): the rest of the agent's answer has nowhere to go */
         if (ns == KD_TUN_DONE && t->st != KD_TUN_DONE) {
             t->st = KD_TUN_DONE;
-            kd_grpc_finish(call, KD_GRPC_OK, NULL, NULL, 0);
+            if (!t->peer) /* a peer ends its call itself */
+                kd_grpc_finish(call, KD_GRPC_OK, NULL, NULL, 0);
         }
         return 0;
     }
+    if (b != NULL && b->gateway && tm.kind != KD_TUN_DESCRIPTOR)
+        return gateway_relay(ks, t, b, msg, len, &tm, ns);
     switch (tm.kind) {
     case KD_TUN_DESCRIPTOR: {
         struct methods_acc acc = {0};
@@ -486,19 +850,14 @@ static int tunnel_message(kd_grpc_call *call, const uint8_t *msg, size_t len)
                      tm.data_len, max);
             back_end(b, KD_GRPC_RESOURCE_EXHAUSTED, m, NULL, 0);
             t->st = KD_TUN_DONE;
-            kd_grpc_finish(call, KD_GRPC_RESOURCE_EXHAUSTED, m, NULL, 0);
+            tunnel_close(t, KD_GRPC_RESOURCE_EXHAUSTED, m);
             return 0;
         }
         struct kd_rt_blob *d = kd_kas_payload(s, sizeof(*d) + tm.data_len);
         d->len = (uint32_t)tm.data_len;
         memcpy(d->data, tm.data, tm.data_len);
         post(ks, b->r, KD_RT_RDATA, d, b->front, 0, 0);
-        t->resp_unacked += tm.data_len;
-        if (!t->held && t->resp_unacked > KD_RT_WINDOW) {
-            /* The caller is slower than the agent: stop reading the tunnel until it catches up. */
-            t->held = true;
-            kd_grpc_hold_input(call, true);
-        }
+        resp_sent(t, tm.data_len);
         break;
     }
     case KD_TUN_TRAILER: {
@@ -507,7 +866,8 @@ static int tunnel_message(kd_grpc_call *call, const uint8_t *msg, size_t len)
         t->st = KD_TUN_DONE;
         back_end(b, KD_GRPC_OK, "", blob, bl > 0 ? (size_t)bl : 0);
         kd_chunkpool_free(blob);
-        kd_grpc_finish(call, KD_GRPC_OK, NULL, NULL, 0);
+        if (!t->peer)
+            kd_grpc_finish(call, KD_GRPC_OK, NULL, NULL, 0);
         break;
     }
     case KD_TUN_ERROR: {
@@ -525,7 +885,8 @@ static int tunnel_message(kd_grpc_call *call, const uint8_t *msg, size_t len)
             int code = tm.code > 0 && tm.code <= 16 ? tm.code : KD_GRPC_UNKNOWN;
             back_end(b, code, text, NULL, 0);
         }
-        kd_grpc_finish(call, KD_GRPC_OK, NULL, NULL, 0);
+        if (!t->peer)
+            kd_grpc_finish(call, KD_GRPC_OK, NULL, NULL, 0);
         break;
     }
     }
@@ -584,6 +945,109 @@ static const struct kd_h2_handler tunnel_handler = {
     .on_half_close = tunnel_half_close,
     .on_writable = tunnel_writable,
     .on_done = tunnel_done,
+};
+
+/* ---- peer tunnels: a call offered to another instance's gateway ---- */
+
+static bool header_is(kd_grpc_call *call, bool trailer, const char *name, const char *value, size_t vlen)
+{
+    struct kd_h2_header h;
+    size_t nl = strlen(name);
+    for (size_t i = 0; trailer ? kd_h2_call_trailer(call, i, &h) : kd_h2_call_header(call, i, &h); i++)
+        if (h.namelen == nl && memcmp(h.name, name, nl) == 0)
+            return h.valuelen == vlen && memcmp(h.value, value, vlen) == 0;
+    return false;
+}
+
+/* "tunnel ready" (and from the instance we meant): the call is delivered there from now on. */
+static int peer_headers(kd_grpc_call *call)
+{
+    struct tunnel *t = kd_h2_call_user(call);
+    struct back *b = t->back;
+    if (b == NULL || b->ended)
+        return -1;
+    if (!header_is(call, false, "kas-hop-gateway", "ready", 5))
+        return -1; /* not a kasd gateway */
+    if (!header_is(call, false, "kas-hop-instance", t->to.id, strlen(t->to.id))) {
+        kd_log_msg(KD_LOG_WARN, "fleet_peer_wrong_instance",
+                   "%s answered as another instance than %s: its address is not used any more", t->to.address,
+                   t->to.id);
+        kd_presence_peer_bad(b->ks->presence, t->to.id);
+        kd_fleet_peer_reset(b->ks->fleet, t->to.id);
+        return -1;
+    }
+    struct kd_kas_shard *ks = b->ks;
+    t->ready = true;
+    kd_list_unlink(&b->fwd_link);
+    ks->stats.fwd_ready++;
+    count_woken(b, false);
+    route_observe(ks, b, KD_KAS_ROUTE_SUCCESS);
+    kd_timerwheel_cancel(kd_shard_timers(ks->s), &b->timer);
+    back_unwatch(b);
+    b->bound = true;
+    post(ks, b->r, KD_RT_BOUND, b, b->front, 0, 0);
+    return 0;
+}
+
+static int peer_message(kd_grpc_call *call, const uint8_t *msg, size_t len)
+{
+    struct tunnel *t = kd_h2_call_user(call);
+    if (!t->ready)
+        return -1; /* a message before "ready": not a kasd gateway */
+    return tunnel_message(call, msg, len);
+}
+
+static void peer_done(kd_grpc_call *call, int status, const char *message)
+{
+    struct tunnel *t = kd_h2_call_user(call);
+    struct kd_kas_shard *ks = kd_kas_shard_of(kd_conn_shard(kd_grpc_call_conn(call)));
+    struct back *b = t->back;
+    kd_fleet_call_end(ks->fleet, t->chan);
+    if (b != NULL && !t->ready) {
+        /* Ended before "ready": nothing was delivered there; the next candidate, or wait. */
+        b->t = NULL;
+        kd_list_unlink(&b->fwd_link);
+        bool no_tunnel = header_is(call, true, "kas-hop-gateway", "no-tunnel", 9) ||
+                         header_is(call, false, "kas-hop-gateway", "no-tunnel", 9);
+        if (no_tunnel) {
+            ks->stats.fwd_no_tunnel++;
+        } else {
+            ks->stats.fwd_failed++;
+            struct kd_logline l;
+            kd_log_begin(&l, KD_LOG_INFO, "fleet_forward_failed");
+            kd_log_int(&l, "agent_id", b->agent_id);
+            kd_log_str(&l, "instance", t->to.id);
+            kd_log_str(&l, "address", t->to.address);
+            kd_log_int(&l, "status", status);
+            kd_log_str(&l, "message", message);
+            kd_log_end(&l);
+            if (status == KD_GRPC_UNAVAILABLE)
+                kd_presence_peer_bad(ks->presence, t->to.id); /* unreachable: read its record again */
+        }
+        kd_chunkpool_free(t);
+        try_next(b);
+        return;
+    }
+    if (b != NULL) {
+        if (!b->ended) {
+            /* The gateway ended the call without the agent's answer: its status says why (the
+             * agent went away there, the peer drained past its grace, or the link broke). */
+            if (status == KD_GRPC_OK)
+                back_end(b, KD_GRPC_UNAVAILABLE, "peer instance ended the call without the agent's answer", NULL,
+                         0);
+            else
+                back_end(b, status, message[0] ? message : "peer instance lost during the call", NULL, 0);
+        }
+        b->t = NULL; /* the back waits for FRONT_DONE */
+    }
+    kd_chunkpool_free(t);
+}
+
+static const struct kd_h2_handler peer_handler = {
+    .on_headers = peer_headers,
+    .on_message = peer_message,
+    .on_writable = tunnel_writable,
+    .on_done = peer_done,
 };
 
 /* Authenticate an agent call and make sure it runs on the agent's owner shard (kas.h). */
@@ -839,7 +1303,23 @@ int kd_kas_shard_start(struct kd_shard *s)
         kd_redis_set_hooks(r, &tracker_hooks, ks->tracker);
         if (kd_redis_up(r))
             kd_tracker_redis_up(ks->tracker);
+        if (ks->kas->presence != NULL) {
+            ks->presence = kd_presence_new(s, ks->kas->presence, r, presence_event, ks);
+            ks->fleet = kd_fleet_new(s, ks->kas);
+            if (ks->presence == NULL || ks->fleet == NULL) {
+                kd_fleet_free(ks->fleet);
+                if (ks->presence != NULL)
+                    kd_presence_free(ks->presence);
+                kd_redis_set_hooks(r, NULL, NULL);
+                kd_tracker_free(ks->tracker);
+                kd_agentconfig_shard_free(ks->acfg);
+                kd_pool_fini(&ks->pool, NULL);
+                free(ks);
+                return -ENOMEM;
+            }
+        }
     }
+    kd_list_init(&ks->forwarding);
     kd_shard_set_user(s, ks);
     return 0;
 }
@@ -854,6 +1334,7 @@ static void drop_waiting(struct kd_pool_wait *w)
 {
     struct back *b = KD_CONTAINER_OF(w, struct back, pw);
     kd_timerwheel_cancel(kd_shard_timers(b->ks->s), &b->timer);
+    kd_timerwheel_cancel(kd_shard_timers(b->ks->s), &b->recheck);
     kd_chunkpool_free(b->method);
     kd_chunkpool_free(b->md);
     kd_chunkpool_free(b);
@@ -866,6 +1347,13 @@ void kd_kas_shard_stop(struct kd_shard *s)
         return;
     if (ks->kas->epoch != NULL)
         kd_epoch_offline(ks->kas->epoch, kd_shard_id(s));
+    /* Every connection is closed by now: no forwarded call is left. */
+    kd_fleet_free(ks->fleet);
+    ks->fleet = NULL;
+    if (ks->presence != NULL) {
+        kd_presence_free(ks->presence);
+        ks->presence = NULL;
+    }
     if (ks->tracker != NULL) {
         /* The shard's Redis connection is closed by now (the loop waited for it); it is freed
          * after this, so it must not call into the tracker any more. */
@@ -908,6 +1396,10 @@ static void end_waiting(struct kd_kas_shard *ks)
             a = next;
         }
     }
+    while (!kd_list_is_empty(&ks->forwarding)) {
+        struct back *b = KD_CONTAINER_OF(ks->forwarding.next, struct back, fwd_link);
+        back_end(b, KD_GRPC_UNAVAILABLE, "kasd is shutting down", NULL, 0); /* aborts the attempt */
+    }
 }
 
 void kd_kas_on_turn(struct kd_shard *s)
@@ -924,6 +1416,7 @@ void kd_kas_on_turn(struct kd_shard *s)
         /* Stop advertising at once: this shard's entries leave Redis before its agents do. */
         if (ks->tracker != NULL)
             kd_tracker_stop(ks->tracker);
+        kd_presence_stop(ks->presence); /* no more waiting calls: events are of no use */
     }
     if (ks->tracker != NULL)
         kd_tracker_flush(ks->tracker);
@@ -983,6 +1476,10 @@ void kd_kas_stats(struct kd_shard *s, struct kd_kas_stats *out)
     struct kd_kas_shard *ks = kd_kas_shard_of(s);
     *out = ks->stats;
     out->agents = ks->pool.nagents;
+    out->peer_channels = kd_fleet_channels(ks->fleet);
+    out->forwarding = 0;
+    for (struct kd_list *n = ks->forwarding.next; n != &ks->forwarding; n = n->next)
+        out->forwarding++;
     out->tunnels_idle = out->tunnels_busy = out->waiting_calls = 0;
     for (size_t i = 0; i < ks->pool.nbuckets; i++)
         for (agent_t *a = ks->pool.buckets[i]; a != NULL; a = a->hnext) {

@@ -333,6 +333,50 @@ static void render_metrics(struct kd_control *c, struct buf *b)
                 if (c->snaps[i].kas.routed_by_status[k] != 0)
                     bprintf(b, "kasd_routed_calls_by_code_total{shard=\"%u\",code=\"%s\"} %llu\n", i,
                             codes[k], (unsigned long long)c->snaps[i].kas.routed_by_status[k]);
+    family(b, "kasd_fleet_forwarded_total", "counter",
+           "Offers of a routed call to a peer instance, by answer: ready (delivered there), no_tunnel (the peer "
+           "had none: the next candidate was tried), failed (unreachable, refused or broken: likewise).");
+    for (unsigned i = 0; i < c->n; i++)
+        if (c->have[i]) {
+            const struct kd_kas_stats *k = &c->snaps[i].kas;
+            bprintf(b, "kasd_fleet_forwarded_total{shard=\"%u\",result=\"ready\"} %llu\n", i,
+                    (unsigned long long)k->fwd_ready);
+            bprintf(b, "kasd_fleet_forwarded_total{shard=\"%u\",result=\"no_tunnel\"} %llu\n", i,
+                    (unsigned long long)k->fwd_no_tunnel);
+            bprintf(b, "kasd_fleet_forwarded_total{shard=\"%u\",result=\"failed\"} %llu\n", i,
+                    (unsigned long long)k->fwd_failed);
+        }
+    family(b, "kasd_fleet_gateway_total", "counter",
+           "Calls from peer instances (private listener), by answer: ready (bound to a local tunnel) or "
+           "no_tunnel (none here, or draining).");
+    for (unsigned i = 0; i < c->n; i++)
+        if (c->have[i]) {
+            const struct kd_kas_stats *k = &c->snaps[i].kas;
+            bprintf(b, "kasd_fleet_gateway_total{shard=\"%u\",result=\"ready\"} %llu\n", i,
+                    (unsigned long long)k->gw_ready);
+            bprintf(b, "kasd_fleet_gateway_total{shard=\"%u\",result=\"no_tunnel\"} %llu\n", i,
+                    (unsigned long long)k->gw_no_tunnel);
+        }
+    family(b, "kasd_routing_woken_total", "counter",
+           "Routed calls that had to wait for their agent, by what got them routed: tunnel (one registered "
+           "here), event (a presence event named a peer), recheck (the safety re-check found what events "
+           "missed), poll (fleet.discovery: poll).");
+    for (unsigned i = 0; i < c->n; i++)
+        if (c->have[i]) {
+            const struct kd_kas_stats *k = &c->snaps[i].kas;
+            static const char *const by[4] = {"tunnel", "event", "recheck", "poll"};
+            const uint64_t v[4] = {k->woken_tunnel, k->woken_event, k->woken_recheck, k->woken_poll};
+            for (int j = 0; j < 4; j++)
+                bprintf(b, "kasd_routing_woken_total{shard=\"%u\",by=\"%s\"} %llu\n", i, by[j],
+                        (unsigned long long)v[j]);
+        }
+    KAS_SERIES("counter", sn->kas.recheck_found, "kasd_fleet_recheck_found_total",
+               "Safety re-checks of a waiting call that found a peer holding its agent's tunnel (events missed "
+               "it; expected 0).");
+    KAS_SERIES("gauge", sn->kas.peer_channels, "kasd_fleet_peer_connections",
+               "Connections to peer instances' private listeners open on the shard.");
+    KAS_SERIES("gauge", sn->kas.forwarding, "kasd_fleet_forwarding_calls",
+               "Routed calls being offered to a peer instance now (not yet ready).");
     KAS_SERIES("counter", sn->kas.api_auth_failures, "kasd_api_auth_failures_total",
                "Calls on the api listener refused because GitLab's JWT was missing, invalid or expired.");
     KAS_SERIES("counter", sn->kas.auth_failures, "kasd_agent_auth_failures_total",

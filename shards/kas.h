@@ -77,8 +77,14 @@ struct kd_rt_start {
     int64_t agent_id;
     uint64_t deadline_ms; /* absolute, monotonic ms: give up waiting for a tunnel then */
     uint32_t method_len, md_len;
+    uint32_t flags; /* KD_RT_START_* */
     char data[]; /* method, then the md blob */
 };
+
+/* A kas-to-kas call arriving on the private listener (shards/fleet.c): the owner shard delivers it
+ * to a local tunnel or ends it at once ("no tunnel here"), never forwards it; the agent's
+ * ConnectRequest messages go to the front raw (RDATA), for the routing instance to decode. */
+#define KD_RT_START_GATEWAY 1u
 
 struct kd_rt_end {
     uint32_t msg_len, md_len;
@@ -135,6 +141,17 @@ struct kd_kas_stats {
     uint64_t pods_refused_conn;    /* Register of a new pod_id refused: limits.pods_per_connection */
     uint64_t pods_refused_agent;   /* ... refused: limits.pods_per_agent */
     uint64_t routed_by_status[17]; /* routed calls finished on the owner shard, by gRPC status code */
+    /* The fleet (docs/operations.md, "Running a fleet"). On the routing instance: attempts to
+     * forward a call to a peer, by how they ended before any request byte went out. */
+    uint64_t fwd_ready, fwd_no_tunnel, fwd_failed;
+    /* On the gateway instance: kas-to-kas calls bound to a local tunnel, or answered no-tunnel. */
+    uint64_t gw_ready, gw_no_tunnel;
+    /* Calls that had to wait, by what got them routed: a local tunnel registering, a presence
+     * event, the safety re-check, or (fleet.discovery: poll) a poll. */
+    uint64_t woken_tunnel, woken_event, woken_recheck, woken_poll;
+    uint64_t recheck_found;  /* safety re-checks that found a peer holding a tunnel (expected 0) */
+    uint64_t peer_channels;  /* connections to peer instances open now */
+    uint64_t forwarding;     /* calls being offered to a peer now (not yet ready) */
 };
 void kd_kas_stats(struct kd_shard *s, struct kd_kas_stats *out);
 
@@ -182,6 +199,23 @@ struct kd_tracker *kd_kas_tracker(struct kd_shard *s);
 int kd_kas_agent_call_gate(kd_grpc_call *call, struct kd_agent_ident *ident);
 /* This shard's GetConfiguration streams (shards/agentconfig.h). */
 struct kd_agentconfig_shard *kd_kas_agentconfig(struct kd_shard *s);
+
+/* An md blob as HTTP/2 headers (at most cap; transport headers, invalid keys and values HTTP/2
+ * forbids are dropped; -bin values base64-encoded). Returns the count; *arena holds the bytes and is
+ * kd_chunkpool_free'd by the caller (NULL when out of memory: then 0 is returned). */
+size_t kd_kas_md_headers(const uint8_t *blob, size_t len, struct kd_h2_header *h, size_t cap, char **arena);
+
+/* The routing metadata of a call (untrusted bytes; exported for test/fuzz/hop_fuzz.c): exactly one
+ * positive decimal kas-hop-routing-agent-id; for a kas-to-kas call (gateway) also exactly one
+ * kas-hop-method ("/pkg.Svc/Method", printable, <= 1024 bytes) and one kas-hop-instance (16
+ * lower-case hex digits). Values point into the headers. 0, or a gRPC status with *why set. */
+struct kd_kas_hop {
+    int64_t agent_id;
+    const char *method, *instance;
+    size_t method_len, instance_len;
+};
+typedef bool (*kd_kas_header_fn)(void *ud, size_t i, struct kd_h2_header *out); /* i-th header, false past the end */
+int kd_kas_parse_hop(kd_kas_header_fn get, void *ud, bool gateway, struct kd_kas_hop *out, const char **why);
 
 /* "Bearer <x>" from the call's authorization header; NULL if absent or not a bearer credential. */
 const char *kd_kas_bearer(kd_grpc_call *call, size_t *len);

@@ -58,6 +58,8 @@ typedef void (*kd_presence_event_cb)(void *arg, int64_t agent_id, const struct k
 struct kd_presence *kd_presence_new(struct kd_shard *s, const struct kd_presence_cfg *cfg, struct kd_redis *cmd,
                                     kd_presence_event_cb on_event, void *arg);
 void kd_presence_free(struct kd_presence *p);
+/* The shard is stopping: close the subscriber connection (the shard's loop waits for it). */
+void kd_presence_stop(struct kd_presence *p);
 
 /* Interest in an agent, counted: while the count is > 0 (or the agent has a cached route) the shard
  * is subscribed to its channel and on_event reports its events. */
@@ -106,5 +108,8 @@ void kd_presence_stats(const struct kd_presence *p, struct kd_presence_stats *ou
 int kd_presence_parse_event(const char *msg, size_t len, char id[17]);
 /* The agent id of a channel name "<prefix>:{a:<id>}:presence", or -1. Exported for fuzzing. */
 int64_t kd_presence_parse_channel(const char *prefix, const char *ch, size_t len);
+/* The "address" of an instance record (JSON written by the tracker; untrusted bytes) into
+ * addr[cap]: 0, or -1 when missing, empty, escaped, not printable or too long. */
+int kd_presence_parse_record(const char *rec, size_t len, char *addr, size_t cap);
 
 #endif

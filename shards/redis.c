@@ -808,6 +808,9 @@ static bool on_reply(struct kd_redis *r, struct rconn *rc, struct kd_resp *o)
     case P_SUB:
         if (o->type == KD_RESP_ERROR)
             kd_log_msg(KD_LOG_WARN, "redis_subscribe_failed", "%s: %s", r->target, o->str);
+        else if (r->h.on_subscribed != NULL && o->type == KD_RESP_ARRAY && o->n == 3 &&
+                 is_str(o->elem[0], "subscribe") && o->elem[1]->str != NULL)
+            r->h.on_subscribed(r->arg, o->elem[1]->str, o->elem[1]->len);
         break;
     default:
         go_on = handshake_reply(r, p, o);

@@ -74,6 +74,9 @@ struct kd_redis_hooks {
                     const char *reason); /* lost after having been up; reason names address+cause */
     void (*on_message)(void *arg, const char *channel, size_t chlen, const char *msg,
                        size_t msglen); /* subscriber only */
+    /* Subscriber only: the server confirmed a SUBSCRIBE of the channel (also each re-subscribe
+     * after a reconnect): messages published from now on reach on_message. */
+    void (*on_subscribed)(void *arg, const char *channel, size_t chlen);
 };
 
 /* Start connecting at once (on the shard's ring). NULL on allocation failure or bad options. */

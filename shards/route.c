@@ -32,6 +32,8 @@ struct front {
     int64_t agent_id;
     void *back; /* from BOUND */
     bool bound, got_end, half_close_pending, held;
+    bool gateway; /* a kas-to-kas call (private listener): see KD_RT_START_GATEWAY */
+    char instance_id[17]; /* gateway: this instance's id, told in the "ready" headers */
     uint64_t req_unacked;
     uint64_t resp_owed;
     struct pmsg *head, *tail; /* request messages that arrived before BOUND */
@@ -265,6 +267,14 @@ static void blob_to_headers(const uint8_t *blob, size_t len, struct md_out *o, s
     kd_tun_blob_each(blob, len, md_collect, o);
 }
 
+size_t kd_kas_md_headers(const uint8_t *blob, size_t len, struct kd_h2_header *h, size_t cap, char **arena)
+{
+    struct md_out o;
+    blob_to_headers(blob, len, &o, h, cap);
+    *arena = o.arena;
+    return o.arena != NULL ? o.n : 0;
+}
+
 /* ---- GitLab's call ---- */
 
 static int front_message(kd_grpc_call *call, const uint8_t *msg, size_t len)
@@ -350,6 +360,15 @@ void kd_kas_front_message(struct kd_shard *s, const struct kd_msg *m)
         if (f->call == NULL) {
             post(f, KD_RT_CANCEL, NULL, f->back, 0);
         } else {
+            if (f->gateway) {
+                /* "tunnel ready": the routing instance sends the request only after this. */
+                const char *id = f->instance_id;
+                struct kd_h2_header h[2] = {
+                    {"kas-hop-gateway", 15, "ready", 5},
+                    {"kas-hop-instance", 16, id, strlen(id)},
+                };
+                kd_grpc_send_headers(f->call, h, 2);
+            }
             if (f->half_close_pending)
                 post(f, KD_RT_HALF_CLOSE, NULL, f->back, 0);
             if (!f->held)
@@ -392,9 +411,16 @@ void kd_kas_front_message(struct kd_shard *s, const struct kd_msg *m)
             msg[ml] = '\0';
             struct kd_h2_header h[64];
             struct md_out o;
-            blob_to_headers((const uint8_t *)e->data + e->msg_len, e->md_len, &o, h, 64);
-            kd_grpc_finish(f->call, (int)m->u32, ml ? msg : NULL, o.h, o.n);
-            kd_chunkpool_free(o.arena);
+            if (f->gateway && !f->bound) {
+                /* Ended before a tunnel was bound: nothing was delivered; the routing instance may
+                 * try another one. */
+                static const struct kd_h2_header nt = {"kas-hop-gateway", 15, "no-tunnel", 9};
+                kd_grpc_finish(f->call, (int)m->u32, ml ? msg : NULL, &nt, 1);
+            } else {
+                blob_to_headers((const uint8_t *)e->data + e->msg_len, e->md_len, &o, h, 64);
+                kd_grpc_finish(f->call, (int)m->u32, ml ? msg : NULL, o.h, o.n);
+                kd_chunkpool_free(o.arena);
+            }
         }
         kd_kas_release(s, e);
         if (f->bound)
@@ -502,42 +528,82 @@ int kd_kas_api_authenticate(kd_grpc_call *call)
     return 0;
 }
 
-static int route_start(kd_grpc_call *call, void *ud)
+/* The kas-hop-* metadata (kas.h). */
+int kd_kas_parse_hop(kd_kas_header_fn get, void *ud, bool gateway, struct kd_kas_hop *out, const char **why)
 {
-    struct kd_shard *s = kd_conn_shard(kd_grpc_call_conn(call));
-    struct kd_kas *kas = kd_server_user(s->srv);
-
-    /* 1. GitLab's JWT. */
-    if (kd_kas_api_authenticate(call) != 0)
-        return 0;
-
-    /* 2. Exactly one decimal agent id. */
     struct kd_h2_header h;
+    size_t count = 0, nmethod = 0, ninst = 0;
+    memset(out, 0, sizeof(*out));
     const char *idv = NULL;
-    size_t idlen = 0, count = 0;
-    for (size_t i = 0; kd_h2_call_header(call, i, &h); i++)
+    size_t idlen = 0;
+    for (size_t i = 0; get(ud, i, &h); i++) {
         if (h.namelen == sizeof(ROUTING_HEADER) - 1 && memcmp(h.name, ROUTING_HEADER, h.namelen) == 0) {
             idv = h.value;
             idlen = h.valuelen;
             count++;
+        } else if (gateway && h.namelen == 14 && memcmp(h.name, "kas-hop-method", 14) == 0) {
+            out->method = h.value;
+            out->method_len = h.valuelen;
+            nmethod++;
+        } else if (gateway && h.namelen == 16 && memcmp(h.name, "kas-hop-instance", 16) == 0) {
+            out->instance = h.value;
+            out->instance_len = h.valuelen;
+            ninst++;
         }
-    if (count != 1)
-        return reject(call, KD_GRPC_INVALID_ARGUMENT,
-                      count == 0 ? "missing " ROUTING_HEADER " metadata"
-                                 : "repeated " ROUTING_HEADER " metadata");
-    int64_t agent_id = 0;
-    if (idlen == 0 || idlen > 18)
-        return reject(call, KD_GRPC_INVALID_ARGUMENT, "invalid " ROUTING_HEADER ": not a decimal agent id");
-    for (size_t i = 0; i < idlen; i++) {
-        if (idv[i] < '0' || idv[i] > '9')
-            return reject(call, KD_GRPC_INVALID_ARGUMENT,
-                          "invalid " ROUTING_HEADER ": not a decimal agent id");
-        agent_id = agent_id * 10 + (idv[i] - '0');
     }
-    if (agent_id <= 0)
-        return reject(call, KD_GRPC_INVALID_ARGUMENT, "invalid " ROUTING_HEADER ": agent ids are positive");
+    if (count != 1) {
+        *why = count == 0 ? "missing " ROUTING_HEADER " metadata" : "repeated " ROUTING_HEADER " metadata";
+        return KD_GRPC_INVALID_ARGUMENT;
+    }
+    int64_t agent_id = 0;
+    bool digits = idlen > 0 && idlen <= 18;
+    for (size_t i = 0; digits && i < idlen; i++) {
+        if (idv[i] < '0' || idv[i] > '9')
+            digits = false;
+        else
+            agent_id = agent_id * 10 + (idv[i] - '0');
+    }
+    if (!digits) {
+        *why = "invalid " ROUTING_HEADER ": not a decimal agent id";
+        return KD_GRPC_INVALID_ARGUMENT;
+    }
+    if (agent_id <= 0) {
+        *why = "invalid " ROUTING_HEADER ": agent ids are positive";
+        return KD_GRPC_INVALID_ARGUMENT;
+    }
+    out->agent_id = agent_id;
+    if (!gateway)
+        return 0;
+    bool ok = nmethod == 1 && out->method_len >= 3 && out->method_len <= 1024 && out->method[0] == '/';
+    for (size_t i = 0; ok && i < out->method_len; i++)
+        ok = out->method[i] > 0x20 && out->method[i] < 0x7f;
+    if (!ok) {
+        *why = "missing, repeated or invalid kas-hop-method metadata";
+        return KD_GRPC_INVALID_ARGUMENT;
+    }
+    bool hex = ninst == 1 && out->instance_len == 16;
+    for (size_t i = 0; hex && i < 16; i++)
+        hex = (out->instance[i] >= '0' && out->instance[i] <= '9') || (out->instance[i] >= 'a' && out->instance[i] <= 'f');
+    if (!hex) {
+        *why = "missing, repeated or invalid kas-hop-instance metadata (16 hex digits)";
+        return KD_GRPC_INVALID_ARGUMENT;
+    }
+    return 0;
+}
 
-    /* 3. Deadline: the caller's, capped; the wait ends a little before the call's own expiry so
+static bool call_header(void *ud, size_t i, struct kd_h2_header *out)
+{
+    return kd_h2_call_header(ud, i, out);
+}
+
+/* Accept the call as the front half of a routed call for agent_id/method and send START to the
+ * agent's owner shard. */
+static int start_routed(kd_grpc_call *call, int64_t agent_id, const char *path, size_t plen, uint32_t flags)
+{
+    struct kd_shard *s = kd_conn_shard(kd_grpc_call_conn(call));
+    struct kd_kas *kas = kd_server_user(s->srv);
+
+    /* Deadline: the caller's, capped; the wait ends a little before the call's own expiry so
      * the caller hears "agent connection not found" rather than a bare deadline. */
     uint64_t now = kd_shard_now_ms(s);
     uint64_t deadline = now + kas->routing_timeout_ms;
@@ -557,13 +623,12 @@ static int route_start(kd_grpc_call *call, void *ud)
         kd_chunkpool_free(f);
         return reject(call, KD_GRPC_RESOURCE_EXHAUSTED, "out of memory");
     }
-    const char *path = kd_h2_call_path(call);
-    size_t plen = strlen(path);
     struct kd_rt_start *st = kd_kas_payload(s, sizeof(*st) + plen + mdlen);
     st->agent_id = agent_id;
     st->deadline_ms = deadline;
     st->method_len = (uint32_t)plen;
     st->md_len = (uint32_t)mdlen;
+    st->flags = flags;
     memcpy(st->data, path, plen);
     memcpy(st->data + plen, md, mdlen);
     kd_chunkpool_free(md);
@@ -571,6 +636,9 @@ static int route_start(kd_grpc_call *call, void *ud)
     f->call = call;
     f->s = s;
     f->agent_id = agent_id;
+    f->gateway = (flags & KD_RT_START_GATEWAY) != 0;
+    if (f->gateway && kas->tracker != NULL)
+        memcpy(f->instance_id, kas->tracker->instance_id, sizeof(f->instance_id));
     f->o = kd_hash_owner((uint64_t)agent_id, kas->nshards);
     kd_grpc_accept(call, &front_handler, f);
     kd_grpc_hold_input(call, true); /* until BOUND: at most one window is buffered here */
@@ -578,7 +646,73 @@ static int route_start(kd_grpc_call *call, void *ud)
     return 0;
 }
 
+static int route_start(kd_grpc_call *call, void *ud)
+{
+    /* 1. GitLab's JWT. */
+    if (kd_kas_api_authenticate(call) != 0)
+        return 0;
+    /* 2. Exactly one decimal agent id. */
+    struct kd_kas_hop hop;
+    const char *why;
+    int st = kd_kas_parse_hop(call_header, call, false, &hop, &why);
+    if (st != 0)
+        return reject(call, st, why);
+    const char *path = kd_h2_call_path(call);
+    return start_routed(call, hop.agent_id, path, strlen(path), 0);
+}
+
 const struct kd_grpc_method kd_kas_route_method = {
     .path = NULL,
     .start = route_start,
+};
+
+/* ---- the private listener: kas-to-kas calls (docs/operations.md, "Running a fleet") ---- */
+
+/* The peers' JWT: HS256 with the fleet's private secret, issuer and audience gitlab-kas. 0, or
+ * the call was answered UNAUTHENTICATED. */
+static int private_authenticate(kd_grpc_call *call, const struct kd_kas *kas)
+{
+    size_t tlen;
+    const char *tok = kd_kas_bearer(call, &tlen);
+    char why[160] = "no private_api.listen.authentication_secret_file configured";
+    struct kd_jwt_opts jo = {
+        .secret = kas->private_secret,
+        .secret_len = kas->private_secret_len,
+        .audience = "gitlab-kas",
+        .issuer = "gitlab-kas",
+        .leeway = 5,
+        .now = (int64_t)time(NULL),
+    };
+    if (kas->private_secret_len > 0 && tok != NULL && kd_jwt_verify(tok, tlen, &jo, NULL, why, sizeof(why)) == 0)
+        return 0;
+    struct kd_logline l;
+    kd_log_begin(&l, KD_LOG_INFO, "private_api_auth_failed");
+    kd_log_str(&l, "reason", tok == NULL && kas->private_secret_len > 0 ? "missing bearer token" : why);
+    kd_log_end(&l);
+    kd_kas_count_api_auth_failure(kd_conn_shard(kd_grpc_call_conn(call)));
+    reject(call, KD_GRPC_UNAUTHENTICATED, "unauthenticated");
+    return -1;
+}
+
+static int gateway_start(kd_grpc_call *call, void *ud)
+{
+    struct kd_shard *s = kd_conn_shard(kd_grpc_call_conn(call));
+    struct kd_kas *kas = kd_server_user(s->srv);
+    if (private_authenticate(call, kas) != 0)
+        return 0;
+    struct kd_kas_hop hop;
+    const char *why;
+    int st = kd_kas_parse_hop(call_header, call, true, &hop, &why);
+    if (st != 0)
+        return reject(call, st, why);
+    /* The instance the caller meant: an address that moved to another instance (a restart, a
+     * wrong advertise_address) must not receive calls meant for the old one. */
+    if (kas->tracker == NULL || memcmp(hop.instance, kas->tracker->instance_id, 16) != 0)
+        return reject(call, KD_GRPC_FAILED_PRECONDITION, "kas-hop-instance does not name this kasd instance");
+    return start_routed(call, hop.agent_id, hop.method, hop.method_len, KD_RT_START_GATEWAY);
+}
+
+const struct kd_grpc_method kd_kas_gateway_method = {
+    .path = "/kasd.fleet.v1.Gateway/Tunnel",
+    .start = gateway_start,
 };

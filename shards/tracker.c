@@ -298,6 +298,16 @@ static void write_tun(struct kd_tracker *t, const char *iid, int64_t agent_id, b
     av_str(&a, k);
     av_str(&a, iid);
     cmd(t, &a, NULL, NULL);
+    /* The presence event, after the set is written (a peer woken by it reads the set and finds
+     * the instance): "+I" / "-I" on the agent's channel, same hash tag. */
+    char ch[160], ev[18];
+    snprintf(ch, sizeof(ch), "%s:{a:%" PRId64 "}:presence", t->cfg->prefix, agent_id);
+    snprintf(ev, sizeof(ev), "%c%s", present ? '+' : '-', iid);
+    struct argv b = {0};
+    av_str(&b, "PUBLISH");
+    av_str(&b, ch);
+    av_str(&b, ev);
+    cmd(t, &b, NULL, NULL);
 }
 
 /* Parse an index member: 'c' (conn: key, agent, project) or 't' (tunnel: agent). */

@@ -486,7 +486,7 @@ Test(config, unknown_keys_everywhere)
 {
     static const struct error_case cases[] = {
         {"lisen: 1\n", "kasd.yaml:1:1: lisen: unknown key (expected one of: shards, agent, api, private_api, "
-                       "observability, redis, gitlab, limits, log, grpc)"},
+                       "fleet, observability, redis, gitlab, limits, log, grpc)"},
         {"agent:\n  lisen: 1\n",
          "kasd.yaml:2:3: agent.lisen: unknown key (expected one of: listen, token_file, configuration_dir)"},
         {"agent:\n  listen:\n    authentication_secret_file: x\n",
@@ -498,7 +498,7 @@ Test(config, unknown_keys_everywhere)
                                              "of: address, authentication_secret_file, certificate_file, "
                                              "key_file, max_connection_age, max_connection_age_grace, "
                                              "keepalive_time, keepalive_timeout, keepalive_min_time)"},
-        {"private_api:\n  lsten: {}\n", "kasd.yaml:2:3: private_api.lsten: unknown key (expected: listen)"},
+        {"private_api:\n  lsten: {}\n", "kasd.yaml:2:3: private_api.lsten: unknown key (expected one of: listen, advertise_address)"},
         {"private_api:\n  listen:\n    network: tcp\n",
          "kasd.yaml:3:5: private_api.listen.network: unknown key "
          "(expected one of: address, authentication_secret_file, certificate_file, key_file, "
@@ -522,7 +522,7 @@ Test(config, unknown_keys_everywhere)
         /* Keys are case-sensitive, like kas's. */
         {"Shards: 1\n",
          "kasd.yaml:1:1: Shards: unknown key (expected one of: shards, agent, api, private_api, "
-         "observability, redis, gitlab, limits, log, grpc)"},
+         "fleet, observability, redis, gitlab, limits, log, grpc)"},
     };
 
     EXPECT_ERRORS(cases);
@@ -532,7 +532,7 @@ Test(config, odd_keys_are_quoted_and_escaped)
 {
     static const struct error_case cases[] = {
         {"'': 1\n", "kasd.yaml:1:1: \"\": unknown key (expected one of: shards, agent, api, private_api, "
-                    "observability, redis, gitlab, limits, log, grpc)"},
+                    "fleet, observability, redis, gitlab, limits, log, grpc)"},
         {"log:\n  \"le vel\\t\": x\n", "kasd.yaml:2:3: log.\"le vel\\x09\": unknown key (expected: level)"},
         {"log:\n  \"l\\u00e9vel\": x\n",
          "kasd.yaml:2:3: log.\"l\\xc3\\xa9vel\": unknown key (expected: level)"},
@@ -856,7 +856,7 @@ Test(config, anchors_aliases_and_tags_are_refused)
         {"&top\nshards: 1\n", "kasd.yaml:1:1: anchors are not supported (anchor \"top\")"},
         {"a: &a [1, 2]\nb: &b [*a, *a]\n",
          "kasd.yaml:1:1: a: unknown key (expected one of: shards, agent, api, "
-         "private_api, observability, redis, gitlab, limits, log, grpc)"},
+         "private_api, fleet, observability, redis, gitlab, limits, log, grpc)"},
         {"log:\n  level: &l info\n", "kasd.yaml:2:10: log.level: anchors are not supported (anchor \"l\")"},
         {"shards: !!int 4\n",
          "kasd.yaml:1:9: shards: tags are not supported (tag \"tag:yaml.org,2002:int\")"},
