@@ -1,0 +1,393 @@
+"""The fleet: three kasd instances sharing one real redis-server and one private secret, agents
+(agentk.py emulator over grpcio) connected to different instances, GitLab calls (grpcio) entering
+any instance. Every routed call is checked for the agent that served it (/test.Echo/Who answers
+the agent's id) and its bytes.
+
+Instances run with short heartbeats (300 ms, TTL 1.5 s) so a killed instance is forgotten within
+seconds, and with a long safety re-check (30 s) so that a waiting call completed within the test's
+few seconds can only have been woken by a presence event."""
+import base64
+import os
+import re
+import signal
+import sys
+import tempfile
+import threading
+import time
+import unittest
+import urllib.request
+
+import grpc
+
+sys.path.insert(0, os.path.dirname(__file__))
+import gitlab_client  # noqa: E402
+from agentk import AgentK  # noqa: E402
+from gitlab_client import GitLabClient, collect, make_jwt  # noqa: E402
+from kasd_harness import Kasd, write_tokens  # noqa: E402
+from redis_fixture import RedisServer  # noqa: E402
+
+NAGENTS = 12
+
+
+def who_handler(agent_id):
+    def handle(call):
+        for _ in call:
+            pass
+        call.send_header({})
+        call.send_message(str(agent_id).encode())
+        call.send_trailer({})
+    return handle
+
+
+def wait_until(pred, timeout, step=0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v or time.monotonic() > deadline:
+            return v
+        time.sleep(step)
+
+
+def metric(kasd, family, **labels):
+    """Sum of a metric family over shards, for the series whose labels include `labels`."""
+    host, port = kasd.listeners["observability"]
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as r:
+        body = r.read().decode()
+    total = 0
+    for line in body.splitlines():
+        m = re.match(r"^(\w+)(?:\{([^}]*)\})? (\S+)$", line)
+        if not m or m.group(1) != family:
+            continue
+        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        if all(got.get(k) == v for k, v in labels.items()):
+            total += float(m.group(3))
+    return total
+
+
+class Fleet(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = tempfile.mkdtemp(prefix="kasd-fleet-")
+        cls.tokens = {i: base64.urlsafe_b64encode(os.urandom(24)).decode() for i in range(1, NAGENTS + 1)}
+        write_tokens(os.path.join(cls.dir, "tokens.yaml"), {i: (t, 100 + i) for i, t in cls.tokens.items()})
+        cls.secret = gitlab_client.generate_secret()
+        gitlab_client.write_secret(os.path.join(cls.dir, "api-secret"), cls.secret)
+        cls.private = gitlab_client.generate_secret()
+        gitlab_client.write_secret(os.path.join(cls.dir, "private-secret"), cls.private)
+        cls.redis = RedisServer()
+        cls.kasds = {}
+        cls.clients = {}
+        cls.agents = []
+        for name in ("a", "b", "c"):
+            cls.start_instance(name)
+
+    @classmethod
+    def config(cls, extra=""):
+        return f"""\
+shards: 2
+agent:
+  listen:
+    address: 127.0.0.1:0
+  token_file: {cls.dir}/tokens.yaml
+api:
+  listen:
+    address: 127.0.0.1:0
+    authentication_secret_file: {cls.dir}/api-secret
+private_api:
+  listen:
+    address: 127.0.0.1:0
+    authentication_secret_file: {cls.dir}/private-secret
+observability:
+  listen:
+    address: 127.0.0.1:0
+redis:
+  server:
+    address: {cls.redis.address}
+  heartbeat_interval: 300ms
+  instance_ttl: 1500ms
+  sweep_interval: 500ms
+fleet:
+  recheck_interval: 30s
+limits:
+  routing_timeout: 8s
+  shutdown_grace: 3s
+{extra}"""
+
+    @classmethod
+    def start_instance(cls, name, extra=""):
+        k = Kasd(config=cls.config(extra))
+        assert k.started, k.log()
+        k.instance_id = [e for e in k.events if e.get("event") == "started"][0]["instance_id"]
+        cls.kasds[name] = k
+        old = cls.clients.get(name)
+        if old is not None:
+            old.close()
+        cls.clients[name] = GitLabClient("%s:%d" % k.listeners["api"], cls.secret)
+        return k
+
+    @classmethod
+    def tearDownClass(cls):
+        for c in cls.clients.values():
+            c.close()
+        for a in cls.agents:
+            a.stop(2)
+        bad = []
+        for name, k in cls.kasds.items():
+            if k.proc.poll() is None:
+                rc = k.stop()
+                if rc != 0:
+                    bad.append(f"{name}: exit code {rc}\n" + k.log()[-4000:])
+            k.kill()
+        cls.redis.kill()
+        assert not bad, "\n".join(bad)
+
+    def agent(self, name, agent_id, pods=1, idle=2, handlers=None):
+        k = self.kasds[name]
+        a = AgentK("%s:%d" % k.listeners["agent"], self.tokens[agent_id], pods=pods, idle=idle,
+                   backoff=(0.2, 1.0), handlers=handlers or {"/test.Echo/Who": who_handler(agent_id)})
+        a.start()
+        a.wait_for(lambda s: s["tunnels_idle"] >= idle * pods and s["registers"] >= pods, timeout=15)
+        self.agents.append(a)
+        return a
+
+    def drop(self, a):
+        a.stop(2)
+        self.agents.remove(a)
+
+    def advertised(self, name, agent_id):
+        """Redis names this instance as holding tunnels of the agent."""
+        return self.kasds[name].instance_id.encode() in self.redis.cmd("SMEMBERS", f"gitlab-kas:{{a:{agent_id}}}:tunnels")
+
+    def who(self, via, agent_id, timeout=10):
+        data, _ = self.clients[via].unary("/test.Echo/Who", b"", agent_id=agent_id, timeout=timeout)
+        return int(data)
+
+    # ---
+
+    def test_1_calls_reach_agents_on_every_other_instance(self):
+        # agents 1, 2 on a; 3, 4 on b; 5, 6 on c
+        placement = {1: "a", 2: "a", 3: "b", 4: "b", 5: "c", 6: "c"}
+        for i, name in placement.items():
+            self.agent(name, i)
+        for i, name in placement.items():
+            self.assertTrue(wait_until(lambda: self.advertised(name, i), 5), (i, name))
+        before = {n: metric(k, "kasd_fleet_forwarded_total", result="ready") for n, k in self.kasds.items()}
+        for via in ("a", "b", "c"):
+            for i in placement:
+                self.assertEqual(self.who(via, i), i, f"call via {via} for agent {i}")
+        after = {n: metric(k, "kasd_fleet_forwarded_total", result="ready") for n, k in self.kasds.items()}
+        # each instance forwarded the calls for the four agents it does not hold
+        for n in self.kasds:
+            self.assertEqual(after[n] - before[n], 4, (n, before, after))
+        gw = sum(metric(k, "kasd_fleet_gateway_total", result="ready") for k in self.kasds.values())
+        self.assertGreaterEqual(gw, 12)
+
+    def test_2_streaming_both_ways_through_a_peer(self):
+        a = self.agent("b", 7, handlers={})  # default echo handlers
+        self.assertTrue(wait_until(lambda: self.advertised("b", 7), 5))
+        # unary, byte-checked, 1 MiB
+        blob = os.urandom(1 << 20)
+        data, call = self.clients["a"].unary("/test.Echo/Unary", blob, agent_id=7, timeout=20)
+        self.assertEqual(data, blob)
+        self.assertEqual(dict(call.trailing_metadata()).get("x-echo-count"), "1")
+        # bidi: 200 messages of varied size echoed in order, metadata through both hops
+        msgs = [os.urandom(1 + (i * 7919) % 40000) for i in range(200)]
+        call = self.clients["c"].stream("/test.Echo/Stream", iter(msgs), agent_id=7, timeout=30,
+                                        metadata=(("x-echo-tag", "fleet"),))
+        r = collect(call)
+        self.assertEqual(r.code, grpc.StatusCode.OK, r.details)
+        self.assertEqual(r.messages, msgs)
+        self.assertEqual(dict(r.initial_metadata).get("x-echo-tag"), "fleet")
+        self.assertEqual(dict(r.trailing_metadata).get("x-echo-count"), "200")
+        # the agent's own status crosses both hops
+        with self.assertRaises(grpc.RpcError) as cm:
+            self.clients["a"].unary("/test.Echo/Fail", b"", agent_id=7, timeout=10)
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.FAILED_PRECONDITION)
+        self.assertEqual(cm.exception.details(), "failed by agent")
+        # kas-hop-* metadata never reaches the agent
+        data, _ = self.clients["a"].unary("/test.Echo/Meta", b"", agent_id=7, timeout=10,
+                                          metadata=(("x-probe", "1"),))
+        keys = [ln.split(b"=")[0] for ln in data.splitlines()]
+        self.assertIn(b"x-probe", keys)
+        self.assertFalse([k for k in keys if k.startswith(b"kas-hop-") or k == b"authorization"], data)
+        self.drop(a)
+
+    def test_3_caller_cancel_reaches_the_agent_through_a_peer(self):
+        ended = threading.Event()
+
+        def slow(call):
+            call.recv()
+            if call.cancelled.wait(20):
+                ended.set()
+        a = self.agent("c", 8, handlers={"/test.Echo/Slow": slow})
+        self.assertTrue(wait_until(lambda: self.advertised("c", 8), 5))
+        call = self.clients["a"].stream("/test.Echo/Slow", iter([b"x"] + [b""] * 0), agent_id=8, timeout=30)
+        time.sleep(0.5)
+        call.cancel()
+        self.assertTrue(ended.wait(10), "the agent never saw the cancellation")
+        self.drop(a)
+
+    def test_4_waiting_call_woken_by_an_event(self):
+        # agent 9 is nowhere; a call enters a and waits; the agent then connects to b
+        recheck0 = metric(self.kasds["a"], "kasd_routing_woken_total", by="recheck")
+        event0 = metric(self.kasds["a"], "kasd_routing_woken_total", by="event")
+        out = {}
+
+        def call():
+            t = time.monotonic()
+            try:
+                out["who"] = self.who("a", 9, timeout=15)
+            except grpc.RpcError as e:
+                out["err"] = e
+            out["done"] = time.monotonic()
+        th = threading.Thread(target=call)
+        th.start()
+        self.assertTrue(wait_until(lambda: metric(self.kasds["a"], "kasd_waiting_calls") >= 1, 5))
+        time.sleep(0.5)  # the call waits on a (subscribed to agent 9's channel by now)
+        t_connect = time.monotonic()
+        a = self.agent("b", 9)
+        th.join(15)
+        self.assertNotIn("err", out, out)
+        self.assertEqual(out.get("who"), 9)
+        self.assertEqual(metric(self.kasds["a"], "kasd_routing_woken_total", by="event") - event0, 1)
+        self.assertEqual(metric(self.kasds["a"], "kasd_routing_woken_total", by="recheck") - recheck0, 0)
+        self.assertEqual(metric(self.kasds["a"], "kasd_fleet_recheck_found_total"), 0)
+        print(f"waiting call done {out['done'] - t_connect:.3f}s after the agent started connecting",
+              file=sys.stderr)
+        self.drop(a)
+
+    def test_5_agent_moving_between_instances_is_followed(self):
+        a = self.agent("b", 10)
+        self.assertTrue(wait_until(lambda: self.advertised("b", 10), 5))
+        self.assertEqual(self.who("a", 10), 10)  # route cached on a: b
+        self.drop(a)
+        self.assertTrue(wait_until(lambda: not self.advertised("b", 10), 5))
+        a = self.agent("c", 10)
+        self.assertTrue(wait_until(lambda: self.advertised("c", 10), 5))
+        for _ in range(5):
+            self.assertEqual(self.who("a", 10), 10)
+        self.drop(a)
+
+    def test_6_not_connected_anywhere_deadline(self):
+        t = time.monotonic()
+        with self.assertRaises(grpc.RpcError) as cm:
+            self.clients["b"].unary("/test.Echo/Who", b"", agent_id=11, timeout=1.5)
+        # (kasd answers 5 ms before the caller's deadline; with a deadline this short the client's
+        # own timer may win the race, so the message is not checked here: routing_test does)
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.DEADLINE_EXCEEDED, cm.exception.details())
+        self.assertLess(time.monotonic() - t, 3)
+
+    def test_7_private_api_rejects_bad_tokens(self):
+        k = self.kasds["b"]
+        addr = "%s:%d" % k.listeners["private_api"]
+        ch = grpc.insecure_channel(addr, options=[("grpc.use_local_subchannel_pool", 1)])
+        stub = ch.stream_stream("/kasd.fleet.v1.Gateway/Tunnel")
+        hop = [("kas-hop-routing-agent-id", "3"), ("kas-hop-method", "/test.Echo/Who"),
+               ("kas-hop-instance", k.instance_id)]
+        good = make_jwt(self.private, aud="gitlab-kas", iss="gitlab-kas", ttl=30)
+        cases = {
+            "missing": [],
+            "forged": [("authorization", "Bearer " + make_jwt(os.urandom(32), aud="gitlab-kas",
+                                                               iss="gitlab-kas"))],
+            "expired": [("authorization", "Bearer " + make_jwt(self.private, aud="gitlab-kas", iss="gitlab-kas",
+                                                                now=time.time() - 3600, ttl=60))],
+            "api secret": [("authorization", "Bearer " + make_jwt(self.secret, aud="gitlab-kas",
+                                                                   iss="gitlab-kas"))],
+        }
+        for what, auth in cases.items():
+            r = collect(stub(iter([]), metadata=auth + hop, timeout=5))
+            self.assertEqual(r.code, grpc.StatusCode.UNAUTHENTICATED, (what, r))
+        # a good token naming another instance is refused, not served
+        r = collect(stub(iter([]), metadata=[("authorization", "Bearer " + good),
+                                             ("kas-hop-routing-agent-id", "3"),
+                                             ("kas-hop-method", "/test.Echo/Who"),
+                                             ("kas-hop-instance", "0123456789abcdef")], timeout=5))
+        self.assertEqual(r.code, grpc.StatusCode.FAILED_PRECONDITION, r)
+        ch.close()
+
+    def test_8_many_agents_never_misrouted(self):
+        placement = {}
+        names = ["a", "b", "c"]
+        for i in range(1, 7):
+            placement[i] = ["a", "a", "b", "b", "c", "c"][i - 1]
+        # agents 1..6 from test 1 are still connected
+        errors = []
+
+        def worker(via, seed):
+            for n in range(30):
+                i = 1 + (seed * 31 + n * 7) % 6
+                try:
+                    got = self.who(via, i)
+                    if got != i:
+                        errors.append((via, i, got))
+                except grpc.RpcError as e:
+                    errors.append((via, i, e.code(), e.details()))
+        ths = [threading.Thread(target=worker, args=(names[j % 3], j)) for j in range(6)]
+        for t in ths:
+            t.start()
+        for t in ths:
+            t.join(60)
+        self.assertEqual(errors, [])
+
+    def test_9_killed_peer_mid_call_then_routed_around(self):
+        # agent 12 on c; a call via a is in flight when c is killed -9
+        started = threading.Event()
+
+        def hold(call):
+            call.recv()
+            started.set()
+            call.cancelled.wait(30)
+        a = self.agent("c", 12, handlers={"/test.Echo/Slow": hold, "/test.Echo/Who": who_handler(12)})
+        self.assertTrue(wait_until(lambda: self.advertised("c", 12), 5))
+        call = self.clients["a"].stream("/test.Echo/Slow", iter([b"x"]), agent_id=12, timeout=30)
+        self.assertTrue(started.wait(10))
+        t = time.monotonic()
+        self.kasds["c"].proc.kill()
+        r = collect(call)
+        self.assertEqual(r.code, grpc.StatusCode.UNAVAILABLE, r)
+        self.assertLess(time.monotonic() - t, 3, "the call hung after its peer died")
+        self.kasds["c"].kill()
+        # the agent reconnects to b; calls via a reach it there
+        self.drop(a)
+        a = self.agent("b", 12)
+        for via in ("a", "b"):
+            self.assertEqual(self.who(via, 12), 12)
+        self.drop(a)
+        # agents 5 and 6 were on c: they are gone; c comes back and they are served again
+        self.start_instance("c")
+        for i in (5, 6):
+            self.agent("c", i)
+        for i in (5, 6):
+            self.assertEqual(self.who("a", i, timeout=10), i)
+
+    def test_zz_drain(self):
+        # b drains while a call through it is in flight: the call finishes, new calls for b's
+        # agents are not sent to b, b's agents come back through the others, b exits 0.
+        def hold(call):
+            first = call.recv()
+            time.sleep(1.0)
+            call.send_header({})
+            call.send_message(first)
+            call.send_trailer({})
+        a = self.agent("b", 11, handlers={"/test.Echo/Hold": hold, "/test.Echo/Who": who_handler(11)})
+        self.assertTrue(wait_until(lambda: self.advertised("b", 11), 5))
+        inflight = self.clients["a"].stream("/test.Echo/Hold", iter([b"in flight"]), agent_id=11, timeout=20)
+        time.sleep(0.3)
+        b = self.kasds["b"]
+        gw0 = metric(b, "kasd_fleet_gateway_total", result="ready")
+        b.signal(signal.SIGTERM)
+        # stop advertising at once
+        self.assertTrue(wait_until(lambda: not self.advertised("b", 11), 2))
+        r = collect(inflight)
+        self.assertEqual(r.code, grpc.StatusCode.OK, r)
+        self.assertEqual(r.messages, [b"in flight"])
+        # the agent reconnects (GOAWAY) — here to a, as a load balancer would send it
+        self.drop(a)
+        a = self.agent("a", 11)
+        self.assertEqual(self.who("c", 11), 11)
+        self.assertEqual(b.wait(15), 0)
+        self.assertGreaterEqual(gw0, 0)
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
