@@ -25,6 +25,7 @@ from agentk import AgentK  # noqa: E402
 from gitlab_client import GitLabClient, collect, make_jwt  # noqa: E402
 from kasd_harness import Kasd, write_tokens  # noqa: E402
 from redis_fixture import RedisServer  # noqa: E402
+from grpcgo_test import EIGHT_MIB, GoAgent, goclient  # noqa: E402
 
 NAGENTS = 12
 
@@ -211,6 +212,28 @@ limits:
         self.assertIn(b"x-probe", keys)
         self.assertFalse([k for k in keys if k.startswith(b"kas-hop-") or k == b"authorization"], data)
         self.drop(a)
+
+    def test_2b_grpcgo_agent_and_client_through_a_peer(self):
+        # agentk's transport (grpc-go, gzip on every message) on c, GitLab's (grpc-go) on a
+        ag = GoAgent("grpc://%s:%d" % self.kasds["c"].listeners["agent"], self.tokens[6])
+        try:
+            ag.wait_ready()
+            self.assertTrue(wait_until(lambda: self.advertised("c", 6), 5))
+            secret_file = os.path.join(self.dir, "api-secret")
+            api = "%s:%d" % self.kasds["a"].listeners["api"]
+            for gz in ((), ("--gzip",)):
+                rc, res, err = goclient(api, secret_file, "unary", "--agent-id", "6", "--data", "via a", *gz)
+                self.assertEqual(rc, 0, (res, err, ag.log()))
+                self.assertEqual(res["agent_pod_id"], str(ag.pod_id()))
+            rc, res, err = goclient(api, secret_file, "stream", "--agent-id", "6", "--bytes", str(EIGHT_MIB),
+                                    "--mode", "echo", "--gzip", "--timeout", "120s")
+            self.assertEqual(rc, 0, (res, err))
+            self.assertEqual(res["received_bytes"], EIGHT_MIB)
+            rc, res, err = goclient(api, secret_file, "error", "--agent-id", "6", "--expect-code",
+                                    "FAILED_PRECONDITION", "--expect-message", "failed by go agent")
+            self.assertEqual(rc, 0, (res, err))
+        finally:
+            self.assertEqual(ag.stop(), 0)
 
     def test_3_caller_cancel_reaches_the_agent_through_a_peer(self):
         ended = threading.Event()
