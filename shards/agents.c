@@ -1477,6 +1477,18 @@ void kd_kas_stats(struct kd_shard *s, struct kd_kas_stats *out)
     *out = ks->stats;
     out->agents = ks->pool.nagents;
     out->peer_channels = kd_fleet_channels(ks->fleet);
+    if (ks->presence != NULL) {
+        struct kd_presence_stats ps;
+        kd_presence_stats(ks->presence, &ps);
+        out->pr_subscriptions = ps.subscriptions;
+        out->pr_events = ps.events_received;
+        out->pr_lookups = ps.lookups;
+        out->pr_lookup_failures = ps.lookup_failures;
+        out->pr_cache_hits = ps.cache_hits;
+        out->pr_cache_stale_hits = ps.cache_stale_hits;
+        out->pr_cache_entries = ps.cache_entries;
+        out->pr_cache_evictions = ps.cache_evictions;
+    }
     out->forwarding = 0;
     for (struct kd_list *n = ks->forwarding.next; n != &ks->forwarding; n = n->next)
         out->forwarding++;

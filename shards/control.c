@@ -377,6 +377,22 @@ static void render_metrics(struct kd_control *c, struct buf *b)
                "Connections to peer instances' private listeners open on the shard.");
     KAS_SERIES("gauge", sn->kas.forwarding, "kasd_fleet_forwarding_calls",
                "Routed calls being offered to a peer instance now (not yet ready).");
+    KAS_SERIES("gauge", sn->kas.pr_subscriptions, "kasd_presence_subscriptions",
+               "Agents' presence channels the shard is subscribed to now (calls waiting or a cached route).");
+    KAS_SERIES("counter", sn->kas.pr_events, "kasd_presence_events_received_total",
+               "Presence events received on the shard's subscriber connection.");
+    KAS_SERIES("counter", sn->kas.pr_lookups, "kasd_presence_lookups_total",
+               "Reads of an agent's tunnel holders in Redis (a route cache miss, or the safety re-check).");
+    KAS_SERIES("counter", sn->kas.pr_lookup_failures, "kasd_presence_lookup_failures_total",
+               "Those reads that failed (Redis down or erroring).");
+    KAS_SERIES("counter", sn->kas.pr_cache_hits, "kasd_presence_cache_hits_total",
+               "Routed calls that found their agent's route in the shard's route cache.");
+    KAS_SERIES("counter", sn->kas.pr_cache_stale_hits, "kasd_presence_cache_stale_hits_total",
+               "Route cache hits used while Redis was down (events may have been missed).");
+    KAS_SERIES("gauge", sn->kas.pr_cache_entries, "kasd_presence_cache_entries",
+               "Agents with a cached route on the shard (at most fleet.route_cache_size).");
+    KAS_SERIES("counter", sn->kas.pr_cache_evictions, "kasd_presence_cache_evictions_total",
+               "Cached routes evicted to keep within fleet.route_cache_size (least recently used).");
     KAS_SERIES("counter", sn->kas.api_auth_failures, "kasd_api_auth_failures_total",
                "Calls on the api listener refused because GitLab's JWT was missing, invalid or expired.");
     KAS_SERIES("counter", sn->kas.auth_failures, "kasd_agent_auth_failures_total",

@@ -152,6 +152,11 @@ struct kd_kas_stats {
     uint64_t recheck_found;  /* safety re-checks that found a peer holding a tunnel (expected 0) */
     uint64_t peer_channels;  /* connections to peer instances open now */
     uint64_t forwarding;     /* calls being offered to a peer now (not yet ready) */
+    /* The presence layer (shards/presence.h): channels subscribed now, events received, Redis
+     * lookups (and failed ones), route cache hits (and hits used while Redis was down), routes
+     * cached now, routes evicted (LRU). */
+    uint64_t pr_subscriptions, pr_events, pr_lookups, pr_lookup_failures;
+    uint64_t pr_cache_hits, pr_cache_stale_hits, pr_cache_entries, pr_cache_evictions;
 };
 void kd_kas_stats(struct kd_shard *s, struct kd_kas_stats *out);
 

@@ -54,6 +54,7 @@ struct pagent {
     bool cached;
     struct kd_list lru; /* p->lru while cached */
     uint64_t fresh_ms;  /* when the cached route was last known right (0: must be read again) */
+    bool missed;        /* the subscriber went down since fresh_ms: events may have been missed */
     uint64_t *ids;
     uint32_t nids, capids;
     struct kd_list waiting; /* lookups parked until the subscription is confirmed */
@@ -451,6 +452,7 @@ static void read_finish(struct op *o, const char *err)
         for (size_t i = 0; i < o->nids; i++)
             ids_add(a, o->ids[i]);
         a->fresh_ms = kd_shard_now_ms(p->s);
+        a->missed = false;
     }
     for (size_t i = 0; err == NULL && i < o->nids && n < KD_PRESENCE_MAX_PEERS; i++) {
         struct peer_rec *r = peer_find(p, o->ids[i]);
@@ -736,11 +738,12 @@ static void sub_down(void *arg, const char *reason)
 {
     struct kd_presence *p = arg;
     (void)reason;
-    /* Events may be lost from now on: no cached route is trusted until read again, and lookups
-     * parked for a confirmation read now (their callers re-check). */
+    /* Events may be lost from now on: a cached route is read again as soon as Redis answers, and
+     * used as it is only while Redis cannot be read (kd_presence_cached); lookups parked for a
+     * confirmation read now (their callers re-check). */
     for (size_t i = 0; i < p->nbuckets; i++)
         for (struct pagent *a = p->buckets[i]; a != NULL; a = a->hnext) {
-            a->fresh_ms = 0;
+            a->missed = true;
             if (a->sub == SUB_CONFIRMED)
                 a->sub = SUB_PENDING;
         }
@@ -853,8 +856,14 @@ int kd_presence_cached(struct kd_presence *p, int64_t agent_id, struct kd_presen
     struct pagent *a = agent_find(p, agent_id);
     if (a == NULL || !a->cached || a->fresh_ms == 0 || kd_shard_now_ms(p->s) - a->fresh_ms >= ttl_ms(p))
         return -1;
-    if (events(p) && (a->sub != SUB_CONFIRMED || !kd_redis_up(p->sub)))
-        return -1; /* events may have been missed */
+    if (events(p) && (a->missed || a->sub != SUB_CONFIRMED || !kd_redis_up(p->sub))) {
+        /* Events may have been missed: read Redis again if it answers. Redis down: the cached
+         * route is all there is until it expires (a peer that lost the agent meanwhile answers
+         * "no tunnel", and the call waits). */
+        if (kd_redis_up(p->cmd) || a->fresh_ms == 0)
+            return -1;
+        p->st.cache_stale_hits++;
+    }
     size_t n = 0;
     for (uint32_t i = 0; i < a->nids && n < max; i++) {
         struct peer_rec *r = peer_find(p, a->ids[i]);

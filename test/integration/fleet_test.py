@@ -182,6 +182,14 @@ limits:
             self.assertEqual(after[n] - before[n], 4, (n, before, after))
         gw = sum(metric(k, "kasd_fleet_gateway_total", result="ready") for k in self.kasds.values())
         self.assertGreaterEqual(gw, 12)
+        # steady state: calls for an agent with a cached route read nothing from Redis (the route
+        # is re-read at most once per instance_ttl, 1.5 s here)
+        look0 = metric(self.kasds["a"], "kasd_presence_lookups_total")
+        hits0 = metric(self.kasds["a"], "kasd_presence_cache_hits_total")
+        for _ in range(20):
+            self.assertEqual(self.who("a", 3), 3)
+        self.assertLessEqual(metric(self.kasds["a"], "kasd_presence_lookups_total") - look0, 1)
+        self.assertGreaterEqual(metric(self.kasds["a"], "kasd_presence_cache_hits_total") - hits0, 19)
 
     def test_2_streaming_both_ways_through_a_peer(self):
         a = self.agent("b", 7, handlers={})  # default echo handlers
@@ -382,6 +390,40 @@ limits:
             self.agent("c", i)
         for i in (5, 6):
             self.assertEqual(self.who("a", i, timeout=10), i)
+
+    def test_y_redis_restart_resubscribes(self):
+        # agent 3 is on b (test 1); a has a fresh route to it
+        self.assertEqual(self.who("a", 3), 3)
+        self.redis.kill()
+        # Redis down: the local tunnel works, and a's cached route (fresh for instance_ttl) too
+        self.assertEqual(self.who("b", 3), 3)
+        self.assertEqual(self.who("a", 3), 3)
+        self.assertGreaterEqual(metric(self.kasds["a"], "kasd_presence_cache_stale_hits_total"), 1)
+        time.sleep(0.5)
+        self.redis.start()
+        for k in self.kasds.values():
+            self.assertTrue(wait_until(lambda: metric(k, "kasd_redis_up") == 2, 10), k.log()[-3000:])
+        # everything re-synced (b's tunnels of agent 3 are advertised again) and re-subscribed:
+        # a waiting call on a is woken by the event when agent 9 connects to c
+        self.assertTrue(wait_until(lambda: self.advertised("b", 3), 10))
+        event0 = metric(self.kasds["a"], "kasd_routing_woken_total", by="event")
+        out = {}
+
+        def call():
+            try:
+                out["who"] = self.who("a", 9, timeout=15)
+            except grpc.RpcError as e:
+                out["err"] = e
+        th = threading.Thread(target=call)
+        th.start()
+        self.assertTrue(wait_until(lambda: metric(self.kasds["a"], "kasd_waiting_calls") >= 1, 5))
+        time.sleep(0.3)
+        a = self.agent("c", 9)
+        th.join(15)
+        self.assertEqual(out.get("who"), 9, out)
+        self.assertEqual(metric(self.kasds["a"], "kasd_routing_woken_total", by="event") - event0, 1)
+        self.assertEqual(metric(self.kasds["a"], "kasd_fleet_recheck_found_total"), 0)
+        self.drop(a)
 
     def test_zz_drain(self):
         # b drains while a call through it is in flight: the call finishes, new calls for b's
