@@ -550,6 +550,7 @@ int main(int argc, char **argv)
     presence_cfg.recheck_ms = cfg.fleet.recheck_ms;
     presence_cfg.poll = cfg.fleet.discovery != NULL && strcmp(cfg.fleet.discovery, "poll") == 0;
     presence_cfg.peer_idle_ms = cfg.fleet.peer_idle_ms;
+    presence_cfg.second_delay_ms = cfg.fleet.second_delay_ms;
     if (kas.private_secret_len > 0)
         kas.presence = &presence_cfg;
     else

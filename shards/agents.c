@@ -76,6 +76,11 @@ struct back {
     struct kd_presence_lookup lk;
     struct kd_presence_peer cand[KD_PRESENCE_MAX_PEERS];
     struct kd_timer recheck;
+    /* A second attempt raced against t (fleet.second_candidate_delay after t started without an
+     * answer): the first to say "ready" gets the call, the other is cancelled before any request
+     * byte. Both are NULL or unready peer tunnels while the back is on ks->forwarding. */
+    struct tunnel *t2;
+    struct kd_timer race;
     struct kd_list fwd_link; /* ks->forwarding while a peer is asked (off the wait list) */
 };
 
@@ -202,16 +207,26 @@ static void back_unwatch(struct back *b)
 
 /* A forwarding attempt that has not said "ready" is dropped: the peer sees a cancellation before
  * any request byte, so nothing was delivered there. */
+static void attempt_cancel(struct tunnel *t, const char *why)
+{
+    t->back = NULL;
+    kd_grpc_cancel(t->call, KD_GRPC_CANCELLED, why); /* runs peer_done now: frees t */
+}
+
 static void attempt_abort(struct back *b)
 {
+    kd_timerwheel_cancel(kd_shard_timers(b->ks->s), &b->race);
+    struct tunnel *t2 = b->t2;
+    b->t2 = NULL;
+    if (t2 != NULL)
+        attempt_cancel(t2, "routing gave up on this instance");
     struct tunnel *t = b->t;
     if (t == NULL || !t->peer || t->ready)
         return;
     b->t = NULL;
-    t->back = NULL;
     if (kd_list_is_linked(&b->fwd_link))
         kd_list_unlink(&b->fwd_link);
-    kd_grpc_cancel(t->call, KD_GRPC_CANCELLED, "routing gave up on this instance"); /* frees t */
+    attempt_cancel(t, "routing gave up on this instance");
 }
 
 static void back_free(struct back *b)
@@ -337,31 +352,61 @@ static void arm_recheck(struct back *b)
                       kd_shard_now_ms(ks->s) + (fleet_poll(ks) ? 50 : recheck_ms(ks)));
 }
 
-/* Ask the next candidate; none left: wait (a local tunnel, an event, the re-check). */
-static void try_next(struct back *b)
+/* Offer the call to the next candidate that can be dialled: its attempt, or NULL when none is left. */
+static struct tunnel *attempt_start(struct back *b)
 {
     struct kd_kas_shard *ks = b->ks;
     while (b->icand < b->ncand && !ks->stop_seen) {
         const struct kd_presence_peer *pp = &b->cand[b->icand++];
         struct tunnel *t = kd_chunkpool_calloc(1, sizeof(*t));
-        if (t == NULL)
-            abort();
+        if (t == NULL) {
+            ks->stats.fwd_failed++;
+            continue;
+        }
         t->peer = true;
         t->to = *pp;
         t->back = b;
         t->st = KD_TUN_BOUND; /* the agent's side of the automaton: Header, Message, Trailer, Error */
-        b->t = t;
-        kd_list_push_back(&ks->forwarding, &b->fwd_link);
         /* No grpc-timeout: the call may stream for longer than routing may take; this instance
          * cancels the attempt at the routing deadline, and the caller's own deadline ends the call. */
         t->call = kd_fleet_call(ks->fleet, pp, b->agent_id, b->method, b->method_len, b->md, b->md_len, 0,
                                 &peer_handler, t, &t->chan);
         if (t->call != NULL)
-            return;
-        kd_list_unlink(&b->fwd_link);
-        b->t = NULL;
+            return t;
         kd_chunkpool_free(t);
         ks->stats.fwd_failed++;
+    }
+    return NULL;
+}
+
+static uint32_t race_ms(const struct kd_kas_shard *ks)
+{
+    return ks->kas->presence->second_delay_ms ? ks->kas->presence->second_delay_ms : 50;
+}
+
+/* No answer from the first candidate yet: race the next one. */
+static void race_cb(struct kd_timer *tm)
+{
+    struct back *b = KD_CONTAINER_OF(tm, struct back, race);
+    if (b->t == NULL || b->t->ready || b->t2 != NULL || b->bound || b->ended)
+        return;
+    b->t2 = attempt_start(b);
+    if (b->t2 != NULL)
+        b->ks->stats.fwd_raced++;
+}
+
+/* Ask the next candidate (racing the one after it if it is slow to answer); none left: wait (a
+ * local tunnel, an event, the re-check). */
+static void try_next(struct back *b)
+{
+    struct kd_kas_shard *ks = b->ks;
+    struct tunnel *t = attempt_start(b);
+    if (t != NULL) {
+        b->t = t;
+        kd_list_push_back(&ks->forwarding, &b->fwd_link);
+        if (b->icand < b->ncand)
+            kd_timerwheel_add(kd_shard_timers(ks->s), &b->race, kd_shard_now_ms(ks->s) + race_ms(ks));
+        return;
     }
     if (ks->stop_seen) {
         back_end(b, KD_GRPC_UNAVAILABLE, "kasd is shutting down", NULL, 0);
@@ -374,7 +419,7 @@ static void try_next(struct back *b)
 static void forward(struct back *b, const struct kd_presence_peer *peers, size_t n, enum wake why)
 {
     struct kd_kas_shard *ks = b->ks;
-    if (b->bound || b->ended || b->t != NULL || n == 0)
+    if (b->bound || b->ended || b->t != NULL || b->t2 != NULL || n == 0)
         return;
     if (b->looking) {
         kd_presence_lookup_cancel(ks->presence, &b->lk);
@@ -502,6 +547,7 @@ static void handle_start(struct kd_kas_shard *ks, const struct kd_msg *m)
     b->pw.method_len = b->method_len;
     kd_timer_init(&b->timer, back_deadline);
     kd_timer_init(&b->recheck, recheck_cb);
+    kd_timer_init(&b->race, race_cb);
     kd_presence_lookup_init(&b->lk, lookup_done);
 
     agent_t *a = kd_pool_agent_get(&ks->pool, b->agent_id);
@@ -977,8 +1023,19 @@ static int peer_headers(kd_grpc_call *call)
         return -1;
     }
     struct kd_kas_shard *ks = b->ks;
+    if (t == b->t2) { /* the raced attempt won */
+        b->t2 = b->t;
+        b->t = t;
+        ks->stats.fwd_race_won++;
+    }
     t->ready = true;
     kd_list_unlink(&b->fwd_link);
+    kd_timerwheel_cancel(kd_shard_timers(ks->s), &b->race);
+    if (b->t2 != NULL) { /* the loser: cancelled before any request byte went there */
+        struct tunnel *l = b->t2;
+        b->t2 = NULL;
+        attempt_cancel(l, "another instance took the call");
+    }
     ks->stats.fwd_ready++;
     count_woken(b, false);
     route_observe(ks, b, KD_KAS_ROUTE_SUCCESS);
@@ -1004,9 +1061,14 @@ static void peer_done(kd_grpc_call *call, int status, const char *message)
     struct back *b = t->back;
     kd_fleet_call_end(ks->fleet, t->chan);
     if (b != NULL && !t->ready) {
-        /* Ended before "ready": nothing was delivered there; the next candidate, or wait. */
-        b->t = NULL;
-        kd_list_unlink(&b->fwd_link);
+        /* Ended before "ready": nothing was delivered there; the other attempt, the next
+         * candidate, or wait. */
+        if (t == b->t) {
+            b->t = b->t2;
+            b->t2 = NULL;
+        } else {
+            b->t2 = NULL;
+        }
         bool no_tunnel = header_is(call, true, "kas-hop-gateway", "no-tunnel", 9) ||
                          header_is(call, false, "kas-hop-gateway", "no-tunnel", 9);
         if (no_tunnel) {
@@ -1025,6 +1087,14 @@ static void peer_done(kd_grpc_call *call, int status, const char *message)
                 kd_presence_peer_bad(ks->presence, t->to.id); /* unreachable: read its record again */
         }
         kd_chunkpool_free(t);
+        if (b->t != NULL) {
+            /* the other attempt runs on; the next candidate, if any, races it at once */
+            if (b->t2 == NULL && b->icand < b->ncand && (b->t2 = attempt_start(b)) != NULL)
+                ks->stats.fwd_raced++;
+            return;
+        }
+        kd_list_unlink(&b->fwd_link);
+        kd_timerwheel_cancel(kd_shard_timers(ks->s), &b->race);
         try_next(b);
         return;
     }

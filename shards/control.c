@@ -370,6 +370,11 @@ static void render_metrics(struct kd_control *c, struct buf *b)
                 bprintf(b, "kasd_routing_woken_total{shard=\"%u\",by=\"%s\"} %llu\n", i, by[j],
                         (unsigned long long)v[j]);
         }
+    KAS_SERIES("counter", sn->kas.fwd_raced, "kasd_fleet_raced_total",
+               "Second candidates offered a call while the first had not answered within "
+               "fleet.second_candidate_delay (the loser is cancelled before any request byte).");
+    KAS_SERIES("counter", sn->kas.fwd_race_won, "kasd_fleet_race_won_total",
+               "Of those, the races the second candidate won.");
     KAS_SERIES("counter", sn->kas.recheck_found, "kasd_fleet_recheck_found_total",
                "Safety re-checks of a waiting call that found a peer holding its agent's tunnel (events missed "
                "it; expected 0).");

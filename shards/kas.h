@@ -144,6 +144,9 @@ struct kd_kas_stats {
     /* The fleet (docs/operations.md, "Running a fleet"). On the routing instance: attempts to
      * forward a call to a peer, by how they ended before any request byte went out. */
     uint64_t fwd_ready, fwd_no_tunnel, fwd_failed;
+    /* Second candidates raced against a first that had not answered within
+     * fleet.second_candidate_delay (or had failed while another ran), and races they won. */
+    uint64_t fwd_raced, fwd_race_won;
     /* On the gateway instance: kas-to-kas calls bound to a local tunnel, or answered no-tunnel. */
     uint64_t gw_ready, gw_no_tunnel;
     /* Calls that had to wait, by what got them routed: a local tunnel registering, a presence

@@ -287,6 +287,56 @@ limits:
               file=sys.stderr)
         self.drop(a)
 
+    def test_4b_hung_peer_is_raced_and_cancelled(self):
+        # A fake instance that Redis says holds agent 4's tunnels (alive, with an address) but
+        # whose gateway never answers: every call via a must still be served by b, quickly,
+        # racing b when the fake was tried first, and the fake must see each of its calls cancelled
+        # before any request byte.
+        from concurrent import futures
+        got = {"calls": 0, "cancelled": 0, "requests": 0}
+        lock = threading.Lock()
+
+        def tunnel(request_iterator, context):
+            with lock:
+                got["calls"] += 1
+            done = threading.Event()
+            context.add_callback(done.set)
+            done.wait(30)
+            with lock:
+                got["cancelled"] += 1
+            return iter(())
+
+        class Handler(grpc.GenericRpcHandler):
+            def service(self, details):
+                if details.method == "/kasd.fleet.v1.Gateway/Tunnel":
+                    return grpc.stream_stream_rpc_method_handler(tunnel)
+                return None
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=40), handlers=[Handler()])
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        fake = "f00dfeedf00dfeed"
+        r = self.redis
+        try:
+            r.cmd("HSET", "gitlab-kas:{fleet}:instances", fake,
+                  '{"address":"127.0.0.1:%d","version":"fake","shards":1,"started":1}' % port)
+            r.cmd("SET", f"gitlab-kas:{{fleet}}:alive:{fake}", "1", "PX", "60000")
+            r.cmd("SADD", "gitlab-kas:{a:4}:tunnels", fake)
+            r.cmd("PUBLISH", "gitlab-kas:{a:4}:presence", "+" + fake)
+            time.sleep(1.6)  # any route to agent 4 cached before is stale now (instance_ttl)
+            raced0 = metric(self.kasds["a"], "kasd_fleet_raced_total")
+            for _ in range(16):
+                t = time.monotonic()
+                self.assertEqual(self.who("a", 4, timeout=10), 4)
+                self.assertLess(time.monotonic() - t, 2.0, "a hung peer held the call")
+            self.assertGreaterEqual(metric(self.kasds["a"], "kasd_fleet_raced_total") - raced0, 1)
+            self.assertTrue(wait_until(lambda: got["calls"] >= 1 and got["cancelled"] == got["calls"], 5), got)
+        finally:
+            r.cmd("SREM", "gitlab-kas:{a:4}:tunnels", fake)
+            r.cmd("PUBLISH", "gitlab-kas:{a:4}:presence", "-" + fake)
+            r.cmd("DEL", f"gitlab-kas:{{fleet}}:alive:{fake}")
+            r.cmd("HDEL", "gitlab-kas:{fleet}:instances", fake)
+            server.stop(0)
+
     def test_5_agent_moving_between_instances_is_followed(self):
         a = self.agent("b", 10)
         self.assertTrue(wait_until(lambda: self.advertised("b", 10), 5))

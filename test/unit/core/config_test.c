@@ -1469,3 +1469,48 @@ Test(config_keys, gitlab_external_url_and_configuration_dir)
     cr_assert(strstr(err, "k.yaml:2:3: gitlab") != NULL, "%s", err);
     kd_config_free(&c);
 }
+
+/* The fleet's keys and private_api.advertise_address (docs/configuration.md). */
+Test(config, fleet_keys)
+{
+    struct kd_config c;
+
+    cr_assert_eq(kd_config_defaults(&c), 0);
+    cr_assert_eq(c.fleet.recheck_ms, 5000);
+    cr_assert_eq(c.fleet.route_cache_size, 10000);
+    cr_assert_eq(c.fleet.peer_idle_ms, 60000);
+    cr_assert_eq(c.fleet.second_delay_ms, 50);
+    cr_assert_null(c.fleet.discovery);
+    cr_assert_null(c.private_api.advertise_address);
+    kd_config_free(&c);
+
+    expect_ok(&c, "fleet:\n  recheck_interval: 2s\n  discovery: poll\n  route_cache_size: 7\n"
+                  "  peer_idle_timeout: 90s\n  second_candidate_delay: 20ms\n"
+                  "private_api:\n  advertise_address: \"[::1]:8155\"\n");
+    cr_assert_eq(c.fleet.recheck_ms, 2000);
+    cr_assert_str_eq(c.fleet.discovery, "poll");
+    cr_assert_eq(c.fleet.route_cache_size, 7);
+    cr_assert_eq(c.fleet.peer_idle_ms, 90000);
+    cr_assert_eq(c.fleet.second_delay_ms, 20);
+    cr_assert_str_eq(c.private_api.advertise_address, "[::1]:8155");
+    kd_config_free(&c);
+
+    static const struct error_case cases[] = {
+        {"fleet:\n  discovery: sometimes\n", "kasd.yaml:2:3: fleet.discovery: expected events or poll, got \"sometimes\""},
+        {"private_api:\n  advertise_address: kas-1.example:8155\n",
+         "kasd.yaml:2:3: private_api.advertise_address: expected a numeric ip:port or [v6]:port that peers can "
+         "dial, got \"kas-1.example:8155\""},
+        {"fleet:\n  route_cache_size: 0\n", NULL},
+        {"fleet:\n  second_candidate_delay: 0s\n", NULL},
+        {"fleet:\n  recheck:\n", "kasd.yaml:2:3: fleet.recheck: unknown key (expected one of: recheck_interval, "
+                                 "discovery, route_cache_size, peer_idle_timeout, second_candidate_delay)"},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        char err[512] = "";
+        cr_assert_neq(load(&c, cases[i].yaml, err, sizeof(err)), 0, "accepted <<%s>>", cases[i].yaml);
+        if (cases[i].want != NULL)
+            cr_assert_str_eq(err, cases[i].want, "for <<%s>>", cases[i].yaml);
+        else
+            cr_assert(strstr(err, "fleet.") != NULL, "for <<%s>>: %s", cases[i].yaml, err);
+    }
+}
