@@ -1290,6 +1290,30 @@ static int private_api_done(struct parse *p, yaml_mark_t at)
         size_t saved = push(p, "advertise_address", 17);
         r = fail(p, at, "expected a numeric ip:port or [v6]:port that peers can dial, got \"%s\"", a);
         pop(p, saved);
+        return r;
+    }
+    /* A fleet member (it has the private secret) advertises where peers dial it: a wildcard or a
+     * port-0 address is no such place. */
+    const struct kd_listen_cfg *l = &p->c->private_api.listen;
+    const struct sockaddr_storage *adv = a != NULL ? &ss : &l->addr;
+    bool unusable = false;
+    if (adv->ss_family == AF_INET) {
+        const struct sockaddr_in *v4 = (const struct sockaddr_in *)adv;
+        unusable = v4->sin_addr.s_addr == htonl(INADDR_ANY) || (a != NULL && v4->sin_port == 0);
+    } else if (adv->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *v6 = (const struct sockaddr_in6 *)adv;
+        unusable = IN6_IS_ADDR_UNSPECIFIED(&v6->sin6_addr) || (a != NULL && v6->sin6_port == 0);
+    }
+    if (unusable && l->authentication_secret_file != NULL) {
+        if (a != NULL) {
+            size_t saved = push(p, "advertise_address", 17);
+            r = fail(p, at, "\"%s\" is not an address peers can dial (a wildcard or port 0)", a);
+            pop(p, saved);
+        } else {
+            r = fail(p, at, "private_api.listen.address %s is a wildcard that peers cannot dial: set "
+                            "private_api.advertise_address to this instance's routable ip:port",
+                     l->address != NULL ? l->address : "");
+        }
     }
     return r;
 }

@@ -1487,6 +1487,17 @@ Test(config, fleet_keys)
     expect_ok(&c, "fleet:\n  recheck_interval: 2s\n  discovery: poll\n  route_cache_size: 7\n"
                   "  peer_idle_timeout: 90s\n  second_candidate_delay: 20ms\n"
                   "private_api:\n  advertise_address: \"[::1]:8155\"\n");
+    /* a wildcard listener with an advertised address, or without the private secret (no fleet) */
+    cr_assert_str_eq(c.private_api.advertise_address, "[::1]:8155");
+    kd_config_free(&c);
+    expect_ok(&c, "private_api:\n  listen:\n    address: 0.0.0.0:8155\n    authentication_secret_file: /s\n"
+                  "  advertise_address: 10.1.2.3:8155\n");
+    kd_config_free(&c);
+    expect_ok(&c, "private_api:\n  listen:\n    address: \"[::]:8155\"\n");
+    kd_config_free(&c);
+    expect_ok(&c, "fleet:\n  recheck_interval: 2s\n  discovery: poll\n  route_cache_size: 7\n"
+                  "  peer_idle_timeout: 90s\n  second_candidate_delay: 20ms\n"
+                  "private_api:\n  advertise_address: \"[::1]:8155\"\n");
     cr_assert_eq(c.fleet.recheck_ms, 2000);
     cr_assert_str_eq(c.fleet.discovery, "poll");
     cr_assert_eq(c.fleet.route_cache_size, 7);
@@ -1500,6 +1511,12 @@ Test(config, fleet_keys)
         {"private_api:\n  advertise_address: kas-1.example:8155\n",
          "kasd.yaml:2:3: private_api.advertise_address: expected a numeric ip:port or [v6]:port that peers can "
          "dial, got \"kas-1.example:8155\""},
+        {"private_api:\n  listen:\n    address: 0.0.0.0:8155\n    authentication_secret_file: /s\n",
+         "kasd.yaml:2:3: private_api: private_api.listen.address 0.0.0.0:8155 is a wildcard that peers cannot "
+         "dial: set private_api.advertise_address to this instance's routable ip:port"},
+        {"private_api:\n  advertise_address: 10.0.0.1:0\n  listen:\n    authentication_secret_file: /s\n",
+         "kasd.yaml:2:3: private_api.advertise_address: \"10.0.0.1:0\" is not an address peers can dial (a "
+         "wildcard or port 0)"},
         {"fleet:\n  route_cache_size: 0\n", NULL},
         {"fleet:\n  second_candidate_delay: 0s\n", NULL},
         {"fleet:\n  recheck:\n", "kasd.yaml:2:3: fleet.recheck: unknown key (expected one of: recheck_interval, "
