@@ -198,6 +198,7 @@ struct start_files {
     size_t private_api_secret_len;
     struct kd_tls_ctx *listener_tls[NLISTENERS]; /* NULL: the listener speaks h2c */
     struct kd_tls_ctx *redis_tls;                /* NULL: plain TCP to Redis */
+    struct kd_tls_ctx *peer_tls;                 /* the fleet's private listeners over TLS; NULL: h2c */
     struct kd_agentcfg_set *agentcfg;            /* agent.configuration_dir; NULL when unset */
     uint64_t agentcfg_fp;                        /* its fingerprint when loaded (change poll) */
 };
@@ -211,6 +212,8 @@ static void start_files_free(struct start_files *f)
             kd_tls_ctx_destroy(f->listener_tls[i]);
     if (f->redis_tls != NULL)
         kd_tls_ctx_destroy(f->redis_tls);
+    if (f->peer_tls != NULL)
+        kd_tls_ctx_destroy(f->peer_tls);
     explicit_bzero(f, sizeof(*f));
 }
 
@@ -292,6 +295,21 @@ static int start_files_load(struct start_files *f, const struct kd_config *cfg, 
         };
         if ((rc = kd_tls_ctx_create(&to, &f->redis_tls, why, sizeof(why))) < 0) {
             snprintf(err, errlen, "redis.tls: %s", why);
+            goto fail;
+        }
+    }
+    /* A fleet's private listeners all speak TLS or all h2c: this one's mode is the peers'. */
+    if (cfg->private_api.listen.certificate_file != NULL) {
+        struct kd_tls_ctx_opts to = {
+            .server = false,
+            .ca_file = cfg->private_api.client.ca_file,
+            .cert_file = cfg->private_api.client.certificate_file,
+            .key_file = cfg->private_api.client.key_file,
+            .alpn = "h2",
+            .min_version = 12,
+        };
+        if ((rc = kd_tls_ctx_create(&to, &f->peer_tls, why, sizeof(why))) < 0) {
+            snprintf(err, errlen, "private_api.client: %s", why);
             goto fail;
         }
     }
@@ -426,6 +444,8 @@ int main(int argc, char **argv)
     memcpy(kas.api_secret, files.api_secret, sizeof(kas.api_secret));
     kas.api_secret_len = files.api_secret_len;
     memcpy(kas.private_secret, files.private_api_secret, sizeof(kas.private_secret));
+    kas.peer_tls = files.peer_tls;
+    kas.peer_server_name = cfg.private_api.client.server_name;
     kas.private_secret_len = files.private_api_secret_len;
     if (kas.api_secret_len == 0)
         kd_log_msg(KD_LOG_WARN, "no_api_secret",

@@ -247,7 +247,7 @@ const char *kd_log_level_name(enum kd_log_level l)
 
 /* Every heap string a kd_config owns. A new char * member of struct kd_config must be added here,
  * or it will leak on free and be shared (then double-freed) by the transactional copy. */
-#define NSTRINGS 39
+#define NSTRINGS 43
 
 static void string_slots(struct kd_config *c, char **s[NSTRINGS])
 {
@@ -264,6 +264,10 @@ static void string_slots(struct kd_config *c, char **s[NSTRINGS])
     s[i++] = &c->private_api.listen.address;
     s[i++] = &c->private_api.listen.authentication_secret_file;
     s[i++] = &c->private_api.advertise_address;
+    s[i++] = &c->private_api.client.ca_file;
+    s[i++] = &c->private_api.client.server_name;
+    s[i++] = &c->private_api.client.certificate_file;
+    s[i++] = &c->private_api.client.key_file;
     s[i++] = &c->fleet.discovery;
     s[i++] = &c->observability.listen.address;
     s[i++] = &c->observability.listen.authentication_secret_file;
@@ -512,9 +516,17 @@ static const struct field private_api_listen_keys[] = {
     GRPC_CONN_KEYS(private_api),
     {0},
 };
+static const struct field private_api_client_keys[] = {
+    {.key = "ca_file", .kind = K_STRING, .off = OFF(private_api.client.ca_file)},
+    {.key = "server_name", .kind = K_STRING, .off = OFF(private_api.client.server_name)},
+    {.key = "certificate_file", .kind = K_STRING, .off = OFF(private_api.client.certificate_file)},
+    {.key = "key_file", .kind = K_STRING, .off = OFF(private_api.client.key_file)},
+    {0},
+};
 static const struct field private_api_keys[] = {
     {.key = "listen", .kind = K_MAP, .sub = private_api_listen_keys, .done = private_api_listen_done},
     {.key = "advertise_address", .kind = K_STRING, .off = OFF(private_api.advertise_address)},
+    {.key = "client", .kind = K_MAP, .sub = private_api_client_keys},
     {0},
 };
 static int private_api_done(struct parse *p, yaml_mark_t at);
@@ -1303,6 +1315,24 @@ static int private_api_done(struct parse *p, yaml_mark_t at)
     } else if (adv->ss_family == AF_INET6) {
         const struct sockaddr_in6 *v6 = (const struct sockaddr_in6 *)adv;
         unusable = IN6_IS_ADDR_UNSPECIFIED(&v6->sin6_addr) || (a != NULL && v6->sin6_port == 0);
+    }
+    /* Peers call this listener as this instance calls theirs: with mTLS on it, a fleet member
+     * needs a client certificate; a client certificate needs its key. */
+    const char *ccert = p->c->private_api.client.certificate_file, *ckey = p->c->private_api.client.key_file;
+    if ((ccert == NULL) != (ckey == NULL)) {
+        size_t saved = push(p, "client", 6);
+        push(p, ccert == NULL ? "certificate_file" : "key_file", ccert == NULL ? 16 : 8);
+        r = fail(p, at, "required with private_api.client.%s", ccert == NULL ? "key_file" : "certificate_file");
+        pop(p, saved);
+        return r;
+    }
+    if (l->client_ca_file != NULL && l->authentication_secret_file != NULL && ccert == NULL) {
+        size_t saved = push(p, "client", 6);
+        push(p, "certificate_file", 16);
+        r = fail(p, at, "required: the private listener asks peers for a client certificate "
+                        "(private_api.listen.client_ca_file), and this instance calls its peers there");
+        pop(p, saved);
+        return r;
     }
     if (unusable && l->authentication_secret_file != NULL) {
         if (a != NULL) {

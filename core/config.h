@@ -54,6 +54,14 @@ struct kd_config {
     struct {
         struct kd_listen_cfg listen;
         char *advertise_address; /* private_api.advertise_address: numeric ip:port peers dial (NULL: the bound address) */
+        struct {
+            /* How this instance dials its peers' private listeners: TLS when the private listener
+             * has a certificate (a fleet's private listeners are all TLS or all h2c). */
+            char *ca_file;          /* private_api.client.ca_file: CAs verifying peers (NULL: system store) */
+            char *server_name;      /* private_api.client.server_name: name verified (NULL: the peer's IP) */
+            char *certificate_file; /* private_api.client.certificate_file: client certificate (mTLS) */
+            char *key_file;         /* private_api.client.key_file */
+        } client;
     } private_api;
     struct {
         uint32_t recheck_ms;       /* fleet.recheck_interval: safety re-check of a waiting call */

@@ -243,10 +243,23 @@ kd_grpc_call *kd_fleet_call(struct kd_fleet *f, const struct kd_presence_peer *p
                        p->id, p->address);
             return NULL;
         }
+        /* TLS: the name verified is the configured one, or the IP literal peers advertise (their
+         * certificates then carry it as an IP SAN). */
+        char host[64] = "";
+        const char *a = p->address, *e = a[0] == '[' ? strchr(a, ']') : strrchr(a, ':');
+        if (e != NULL) {
+            size_t hl = (size_t)(e - a) - (a[0] == '[');
+            if (hl < sizeof(host)) {
+                memcpy(host, a + (a[0] == '['), hl);
+                host[hl] = '\0';
+            }
+        }
         struct kd_grpc_channel_opts o = {
             .addr = (const struct sockaddr *)&ss,
             .addrlen = sl,
             .authority = p->address,
+            .tls = f->kas->peer_tls,
+            .server_name = f->kas->peer_server_name != NULL ? f->kas->peer_server_name : host,
             .max_message = f->kas->max_message ? f->kas->max_message + 4096 : 0,
         };
         struct kd_fleet_chan *c = calloc(1, sizeof(*c));

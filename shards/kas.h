@@ -115,6 +115,8 @@ struct kd_kas {
     const struct kd_presence_cfg *presence;
     uint8_t private_secret[128]; /* JWT secret of the private listener (signs and verifies hops) */
     size_t private_secret_len;   /* 0: no private secret: no forwarding, gateway calls UNAUTHENTICATED */
+    struct kd_tls_ctx *peer_tls;  /* dial peers' private listeners over TLS (NULL: h2c) */
+    const char *peer_server_name; /* name verified in peers' certificates (NULL: the peer's IP) */
 };
 
 /* Server hooks (kd_server_opts): per-shard state and message dispatch. opts.user = struct kd_kas. */

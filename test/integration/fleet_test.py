@@ -504,5 +504,90 @@ limits:
         self.assertGreaterEqual(gw0, 0)
 
 
+
+class FleetTLS(unittest.TestCase):
+    """Private listeners over TLS with client certificates (mTLS): peers dial each other with
+    private_api.client.*; a peer whose client certificate comes from another CA is refused."""
+
+    @classmethod
+    def setUpClass(cls):
+        certs = os.environ.get("KD_TEST_CERTS", os.path.join(os.path.dirname(__file__), "..", "certs"))
+        cls.dir = tempfile.mkdtemp(prefix="kasd-fleet-tls-")
+        cls.tokens = {1: base64.urlsafe_b64encode(os.urandom(24)).decode()}
+        write_tokens(os.path.join(cls.dir, "tokens.yaml"), {1: (cls.tokens[1], 101)})
+        cls.secret = gitlab_client.generate_secret()
+        gitlab_client.write_secret(os.path.join(cls.dir, "api-secret"), cls.secret)
+        gitlab_client.write_secret(os.path.join(cls.dir, "private-secret"), gitlab_client.generate_secret())
+        cls.redis = RedisServer()
+        cls.kasds = []
+
+        def start(client_cert):
+            k = Kasd(config=f"""\
+shards: 2
+agent:
+  listen:
+    address: 127.0.0.1:0
+  token_file: {cls.dir}/tokens.yaml
+api:
+  listen:
+    address: 127.0.0.1:0
+    authentication_secret_file: {cls.dir}/api-secret
+private_api:
+  listen:
+    address: 127.0.0.1:0
+    authentication_secret_file: {cls.dir}/private-secret
+    certificate_file: {certs}/server.pem
+    key_file: {certs}/server.key
+    client_ca_file: {certs}/ca.pem
+  client:
+    ca_file: {certs}/ca.pem
+    certificate_file: {certs}/{client_cert}.pem
+    key_file: {certs}/{client_cert}.key
+observability:
+  listen:
+    address: 127.0.0.1:0
+redis:
+  server:
+    address: {cls.redis.address}
+  heartbeat_interval: 300ms
+  instance_ttl: 1500ms
+limits:
+  routing_timeout: 2s
+  shutdown_grace: 2s
+""")
+            assert k.started, k.log()
+            cls.kasds.append(k)
+            return k
+        cls.a = start("client")
+        cls.b = start("client")
+        cls.c = start("other-client")  # its certificate is from an unrelated CA
+        cls.agent = AgentK("%s:%d" % cls.b.listeners["agent"], cls.tokens[1], pods=1, idle=2,
+                           handlers={"/test.Echo/Who": who_handler(1)}).start()
+        cls.agent.wait_for(lambda s: s["tunnels_idle"] >= 2 and s["registers"] >= 1, timeout=15)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.agent.stop(2)
+        rcs = [k.stop() for k in cls.kasds]
+        for k in cls.kasds:
+            k.kill()
+        cls.redis.kill()
+        assert rcs == [0, 0, 0], rcs
+
+    def test_mtls_between_peers(self):
+        self.assertTrue(wait_until(lambda: self.redis.cmd("SMEMBERS", "gitlab-kas:{a:1}:tunnels") != [], 5))
+        with GitLabClient("%s:%d" % self.a.listeners["api"], self.secret) as gl:
+            data, _ = gl.unary("/test.Echo/Who", b"", agent_id=1, timeout=10)
+        self.assertEqual(data, b"1")
+        self.assertEqual(metric(self.a, "kasd_fleet_forwarded_total", result="ready"), 1)
+        # c's client certificate is not trusted by b: the offer fails, the call is not served
+        with GitLabClient("%s:%d" % self.c.listeners["api"], self.secret) as gl:
+            with self.assertRaises(grpc.RpcError) as cm:
+                gl.unary("/test.Echo/Who", b"", agent_id=1, timeout=10)
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.DEADLINE_EXCEEDED, cm.exception.details())
+        self.assertGreaterEqual(metric(self.c, "kasd_fleet_forwarded_total", result="failed"), 1)
+        self.assertEqual(metric(self.c, "kasd_fleet_forwarded_total", result="ready"), 0)
+
+
 if __name__ == "__main__":
     unittest.main(verbosity=2)

@@ -498,7 +498,7 @@ Test(config, unknown_keys_everywhere)
                                              "of: address, authentication_secret_file, certificate_file, "
                                              "key_file, max_connection_age, max_connection_age_grace, "
                                              "keepalive_time, keepalive_timeout, keepalive_min_time)"},
-        {"private_api:\n  lsten: {}\n", "kasd.yaml:2:3: private_api.lsten: unknown key (expected one of: listen, advertise_address)"},
+        {"private_api:\n  lsten: {}\n", "kasd.yaml:2:3: private_api.lsten: unknown key (expected one of: listen, advertise_address, client)"},
         {"private_api:\n  listen:\n    network: tcp\n",
          "kasd.yaml:3:5: private_api.listen.network: unknown key "
          "(expected one of: address, authentication_secret_file, certificate_file, key_file, "
@@ -1517,6 +1517,12 @@ Test(config, fleet_keys)
         {"private_api:\n  advertise_address: 10.0.0.1:0\n  listen:\n    authentication_secret_file: /s\n",
          "kasd.yaml:2:3: private_api.advertise_address: \"10.0.0.1:0\" is not an address peers can dial (a "
          "wildcard or port 0)"},
+        {"private_api:\n  client:\n    certificate_file: /c.pem\n",
+         "kasd.yaml:2:3: private_api.client.key_file: required with private_api.client.certificate_file"},
+        {"private_api:\n  listen:\n    authentication_secret_file: /s\n    certificate_file: /c\n    key_file: /k\n"
+         "    client_ca_file: /ca\n",
+         "kasd.yaml:2:3: private_api.client.certificate_file: required: the private listener asks peers for a "
+         "client certificate (private_api.listen.client_ca_file), and this instance calls its peers there"},
         {"fleet:\n  route_cache_size: 0\n", NULL},
         {"fleet:\n  second_candidate_delay: 0s\n", NULL},
         {"fleet:\n  recheck:\n", "kasd.yaml:2:3: fleet.recheck: unknown key (expected one of: recheck_interval, "
