@@ -104,9 +104,7 @@ static int hexval(char c)
         return c - '0';
     if (c >= 'a' && c <= 'f')
         return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
+    return -1; /* instance ids are written in lower case: anything else is not one */
 }
 
 /* 16 hex digits, exactly. */
@@ -149,8 +147,8 @@ int64_t kd_presence_parse_channel(const char *prefix, const char *ch, size_t len
         memcmp(ch + len - tl, tail, tl) != 0)
         return -1;
     const char *d = ch + pl + 4, *end = ch + len - tl;
-    if (end - d > 19)
-        return -1;
+    if (end - d > 19 || end == d || *d == '0')
+        return -1; /* canonical decimal only: what a tracker publishes (ids are > 0) */
     int64_t v = 0;
     for (; d < end; d++) {
         if (*d < '0' || *d > '9')
