@@ -571,6 +571,10 @@ int main(int argc, char **argv)
     presence_cfg.poll = cfg.fleet.discovery != NULL && strcmp(cfg.fleet.discovery, "poll") == 0;
     presence_cfg.peer_idle_ms = cfg.fleet.peer_idle_ms;
     presence_cfg.second_delay_ms = cfg.fleet.second_delay_ms;
+    presence_cfg.peer_connect_ms = cfg.fleet.peer_connect_ms;
+    /* Peers' private listeners run with this one's settings: ping them as they allow. */
+    presence_cfg.peer_keepalive_ms = cfg.private_api.listen.keepalive_time_ms;
+    presence_cfg.peer_keepalive_timeout_ms = cfg.private_api.listen.keepalive_timeout_ms;
     if (kas.private_secret_len > 0)
         kas.presence = &presence_cfg;
     else

@@ -373,6 +373,7 @@ int kd_config_defaults(struct kd_config *c)
     c->fleet.route_cache_size = 10000;
     c->fleet.peer_idle_ms = 60000;
     c->fleet.second_delay_ms = 50;
+    c->fleet.peer_connect_ms = 5000;
     c->limits.pods_per_connection = 16;
     c->limits.pods_per_agent = 1000;
     c->limits.connected_agents_max_size = (4u << 20) - (64u << 10);
@@ -538,6 +539,7 @@ static const struct field fleet_keys[] = {
     {.key = "route_cache_size", .kind = K_UINT, .off = OFF(fleet.route_cache_size), .min = 1, .max = 100000000},
     {.key = "peer_idle_timeout", .kind = K_DURATION, .off = OFF(fleet.peer_idle_ms), .min = 1000, .max = 86400000},
     {.key = "second_candidate_delay", .kind = K_DURATION, .off = OFF(fleet.second_delay_ms), .min = 1, .max = 60000},
+    {.key = "peer_connect_timeout", .kind = K_DURATION, .off = OFF(fleet.peer_connect_ms), .min = 10, .max = 600000},
     {0},
 };
 static const struct field observability_listen_keys[] = {LISTEN_ADDRESS(observability, "127.0.0.1:8151"),

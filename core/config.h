@@ -69,6 +69,7 @@ struct kd_config {
         uint32_t route_cache_size; /* fleet.route_cache_size: agents with a cached route per shard */
         uint32_t peer_idle_ms;     /* fleet.peer_idle_timeout: close an unused peer connection */
         uint32_t second_delay_ms;  /* fleet.second_candidate_delay: race the next candidate after this */
+        uint32_t peer_connect_ms;  /* fleet.peer_connect_timeout: a peer not connected by then is failed */
     } fleet;
     struct {
         struct kd_listen_cfg listen;

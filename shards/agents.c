@@ -352,29 +352,38 @@ static void arm_recheck(struct back *b)
                       kd_shard_now_ms(ks->s) + (fleet_poll(ks) ? 50 : recheck_ms(ks)));
 }
 
+/* Offer the call to one peer: the attempt, or NULL when it could not start (counted as failed). */
+static struct tunnel *attempt_to(struct back *b, const struct kd_presence_peer *pp)
+{
+    struct kd_kas_shard *ks = b->ks;
+    struct tunnel *t = kd_chunkpool_calloc(1, sizeof(*t));
+    if (t == NULL) {
+        ks->stats.fwd_failed++;
+        return NULL;
+    }
+    t->peer = true;
+    t->to = *pp;
+    t->back = b;
+    t->st = KD_TUN_BOUND; /* the agent's side of the automaton: Header, Message, Trailer, Error */
+    /* No grpc-timeout: the call may stream for longer than routing may take; this instance
+     * cancels the attempt at the routing deadline, and the caller's own deadline ends the call. */
+    t->call = kd_fleet_call(ks->fleet, pp, b->agent_id, b->method, b->method_len, b->md, b->md_len, 0,
+                            &peer_handler, t, &t->chan);
+    if (t->call != NULL)
+        return t;
+    kd_chunkpool_free(t);
+    ks->stats.fwd_failed++;
+    return NULL;
+}
+
 /* Offer the call to the next candidate that can be dialled: its attempt, or NULL when none is left. */
 static struct tunnel *attempt_start(struct back *b)
 {
     struct kd_kas_shard *ks = b->ks;
     while (b->icand < b->ncand && !ks->stop_seen) {
-        const struct kd_presence_peer *pp = &b->cand[b->icand++];
-        struct tunnel *t = kd_chunkpool_calloc(1, sizeof(*t));
-        if (t == NULL) {
-            ks->stats.fwd_failed++;
-            continue;
-        }
-        t->peer = true;
-        t->to = *pp;
-        t->back = b;
-        t->st = KD_TUN_BOUND; /* the agent's side of the automaton: Header, Message, Trailer, Error */
-        /* No grpc-timeout: the call may stream for longer than routing may take; this instance
-         * cancels the attempt at the routing deadline, and the caller's own deadline ends the call. */
-        t->call = kd_fleet_call(ks->fleet, pp, b->agent_id, b->method, b->method_len, b->md, b->md_len, 0,
-                                &peer_handler, t, &t->chan);
-        if (t->call != NULL)
+        struct tunnel *t = attempt_to(b, &b->cand[b->icand++]);
+        if (t != NULL)
             return t;
-        kd_chunkpool_free(t);
-        ks->stats.fwd_failed++;
     }
     return NULL;
 }
@@ -509,6 +518,14 @@ static void presence_event(void *arg, int64_t agent_id, const struct kd_presence
     if (!up || ks->stop_seen)
         return;
     uint64_t gen = ++ks->event_gen;
+    /* Calls of the agent being offered to a peer that has not answered yet (a slow or silent one)
+     * are offered to the announced one too, raced. */
+    for (struct kd_list *n = ks->forwarding.next; n != &ks->forwarding; n = n->next) {
+        struct back *fb = KD_CONTAINER_OF(n, struct back, fwd_link);
+        if (fb->agent_id == agent_id && !fb->gateway && fb->t != NULL && !fb->t->ready && fb->t2 == NULL &&
+            strcmp(fb->t->to.id, peer->id) != 0 && (fb->t2 = attempt_to(fb, peer)) != NULL)
+            ks->stats.fwd_raced++;
+    }
     struct kd_pool_wait *w;
     while ((w = kd_pool_wait_find(&ks->pool, agent_id, waiting_not_offered, &gen)) != NULL) {
         struct back *b = KD_CONTAINER_OF(w, struct back, pw);

@@ -261,6 +261,13 @@ kd_grpc_call *kd_fleet_call(struct kd_fleet *f, const struct kd_presence_peer *p
             .tls = f->kas->peer_tls,
             .server_name = f->kas->peer_server_name != NULL ? f->kas->peer_server_name : host,
             .max_message = f->kas->max_message ? f->kas->max_message + 4096 : 0,
+            /* A blackholed peer (host down, link cut, packets dropped) fails its calls at once
+             * instead of when TCP gives up: the routing instance then tries the next candidate. */
+            .connect_timeout_ms = f->kas->presence != NULL && f->kas->presence->peer_connect_ms
+                                      ? f->kas->presence->peer_connect_ms
+                                      : 5000,
+            .keepalive_ms = f->kas->presence != NULL ? f->kas->presence->peer_keepalive_ms : 0,
+            .keepalive_timeout_ms = f->kas->presence != NULL ? f->kas->presence->peer_keepalive_timeout_ms : 0,
         };
         struct kd_fleet_chan *c = calloc(1, sizeof(*c));
         if (c == NULL || (c->ch = kd_grpc_channel_open(f->s, &o)) == NULL) {

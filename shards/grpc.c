@@ -70,7 +70,7 @@ struct gconn {
     struct kd_tls *tls;
     const struct kd_grpc_server_cfg *cfg; /* server */
     bool server;
-    bool handshake_ok; /* TLS done (if any) and the HTTP/2 preface seen */
+    bool handshake_ok; /* TLS done (if any) and the HTTP/2 preface seen (client: the server's first bytes) */
     bool goaway_sent;
     bool end_marked_due; /* a call was marked after GOAWAY: end it in the next flush */
     bool usable;         /* client: may start calls */
@@ -80,6 +80,10 @@ struct gconn {
     uint64_t bytes_in;
     uint64_t opened_ms;
     uint64_t last_rx_ms;
+    /* House-keeping of either side (server: the listener's; client: the channel's options; 0: off):
+     * no handshake by opened_ms + handshake_ms, or a PING unanswered for keepalive_timeout_ms,
+     * closes the connection; keepalive_ms without receiving anything sends that PING. */
+    uint32_t handshake_ms, keepalive_ms, keepalive_timeout_ms;
     uint64_t age_goaway_at; /* 0: none */
     uint64_t age_close_at;  /* 0: not yet */
     struct kd_timer deadline_timer;
@@ -171,19 +175,20 @@ static void arm_house(struct gconn *g)
         return;
     struct kd_shard *s = kd_conn_shard(g->c);
     uint64_t next = UINT64_MAX;
-    if (g->server) {
-        uint64_t ping_us = g->h != NULL ? kd_h2_ping_outstanding_since(g->h) : 0;
-        if (!g->handshake_ok)
-            next = g->opened_ms + g->cfg->handshake_timeout_ms;
-        else if (ping_us != 0)
-            next = ping_us / 1000 + g->cfg->keepalive_timeout_ms;
-        else
-            next = g->last_rx_ms + g->cfg->keepalive_ms;
-        if (g->age_close_at != 0 && g->age_close_at < next)
-            next = g->age_close_at;
-        else if (g->age_goaway_at != 0 && g->age_close_at == 0 && g->age_goaway_at < next)
-            next = g->age_goaway_at;
+    uint64_t ping_us = g->h != NULL ? kd_h2_ping_outstanding_since(g->h) : 0;
+    if (!g->handshake_ok) {
+        if (g->handshake_ms)
+            next = g->opened_ms + g->handshake_ms;
+    } else if (ping_us != 0) {
+        if (g->keepalive_timeout_ms)
+            next = ping_us / 1000 + g->keepalive_timeout_ms;
+    } else if (g->keepalive_ms) {
+        next = g->last_rx_ms + g->keepalive_ms;
     }
+    if (g->age_close_at != 0 && g->age_close_at < next)
+        next = g->age_close_at;
+    else if (g->age_goaway_at != 0 && g->age_close_at == 0 && g->age_goaway_at < next)
+        next = g->age_goaway_at;
     if (next == UINT64_MAX)
         kd_timerwheel_cancel(kd_shard_timers(s), &g->house_timer);
     else
@@ -274,9 +279,22 @@ static void house_cb(struct kd_timer *t)
     struct kd_shard *s = kd_conn_shard(g->c);
     uint64_t now = kd_shard_now_ms(s);
     if (!g->handshake_ok) {
-        log_conn(g, KD_LOG_INFO, "handshake_timeout",
-                 g->tls ? "TLS handshake or HTTP/2 preface not complete in time"
-                        : "HTTP/2 preface not received in time");
+        if (g->handshake_ms == 0 || now < g->opened_ms + g->handshake_ms) {
+            arm_house(g);
+            return;
+        }
+        if (!g->server) {
+            char msg[200];
+            snprintf(msg, sizeof(msg), "connect %s: no %s answer within %u ms", g->authority,
+                     g->tls ? "TLS and HTTP/2" : "HTTP/2", g->handshake_ms);
+            g->usable = false;
+            kd_h2_abort(g->h, KD_GRPC_UNAVAILABLE, msg); /* its calls end now, not when TCP gives up */
+            log_conn(g, KD_LOG_INFO, "connect_timeout", msg);
+        } else {
+            log_conn(g, KD_LOG_INFO, "handshake_timeout",
+                     g->tls ? "TLS handshake or HTTP/2 preface not complete in time"
+                            : "HTTP/2 preface not received in time");
+        }
         kd_conn_close(g->c, -ETIMEDOUT);
         return;
     }
@@ -286,13 +304,19 @@ static void house_cb(struct kd_timer *t)
         return;
     }
     uint64_t ping_us = kd_h2_ping_outstanding_since(g->h);
-    if (ping_us != 0 && now >= ping_us / 1000 + g->cfg->keepalive_timeout_ms) {
+    if (ping_us != 0 && g->keepalive_timeout_ms && now >= ping_us / 1000 + g->keepalive_timeout_ms) {
         /* A peer that is gone without a FIN or RST (host down, NAT entry dropped) answers nothing;
          * without this its connection and calls would stay until TCP gives up, if ever. */
         char why[96];
-        snprintf(why, sizeof(why), "keepalive PING not answered within %u ms", g->cfg->keepalive_timeout_ms);
+        snprintf(why, sizeof(why), "keepalive PING not answered within %u ms", g->keepalive_timeout_ms);
         COUNT(g, keepalive_timeouts);
         log_conn(g, KD_LOG_INFO, "keepalive_timeout", why);
+        if (!g->server) {
+            char msg[200];
+            snprintf(msg, sizeof(msg), "%s: %s", g->authority, why);
+            g->usable = false;
+            kd_h2_abort(g->h, KD_GRPC_UNAVAILABLE, msg);
+        }
         kd_conn_close(g->c, -ETIMEDOUT);
         return;
     }
@@ -304,7 +328,7 @@ static void house_cb(struct kd_timer *t)
     }
     /* Idle (nothing received for keepalive_ms): PING; its ACK, not just any byte, clears it. A
      * peer's own keepalive pings count as received bytes, so they postpone ours. */
-    if (ping_us == 0 && now >= g->last_rx_ms + g->cfg->keepalive_ms)
+    if (ping_us == 0 && g->keepalive_ms && now >= g->last_rx_ms + g->keepalive_ms)
         kd_h2_ping(g->h);
     want_flush(g);
     arm_house(g);
@@ -346,7 +370,7 @@ static int h2_in(struct gconn *g, const uint8_t *data, size_t len)
     const char *err = NULL;
     if (g->goaway_sent && g->c->finish)
         return 0; /* closing after a protocol error (later TLS records of the same read) */
-    if (!g->handshake_ok && g->bytes_in >= H2_PREFACE_LEN &&
+    if (!g->handshake_ok && g->bytes_in >= (g->server ? H2_PREFACE_LEN : 1) &&
         (g->tls == NULL || kd_tls_handshake_done(g->tls))) {
         g->handshake_ok = true;
         arm_house(g);
@@ -896,6 +920,9 @@ static int server_open(struct kd_conn *c, bool adopted)
     g->moving_to = -1;
     g->wire = cfg->websocket ? WIRE_SNIFF : WIRE_H2;
     g->opened_ms = g->last_rx_ms = kd_shard_now_ms(s);
+    g->handshake_ms = cfg->handshake_timeout_ms;
+    g->keepalive_ms = cfg->keepalive_ms;
+    g->keepalive_timeout_ms = cfg->keepalive_timeout_ms;
     g->max_message = cfg->max_message;
     kd_timer_init(&g->deadline_timer, deadline_cb);
     kd_timer_init(&g->house_timer, house_cb);
@@ -1110,8 +1137,7 @@ static void client_connect(struct kd_conn *c, int err)
         return;
     }
     peer_name(c, g->peer, sizeof(g->peer));
-    g->handshake_ok = true;
-    kd_conn_want_flush(c);
+    kd_conn_want_flush(c); /* handshake_ok once the server's first HTTP/2 bytes arrive (h2_in) */
 }
 
 static const struct kd_conn_ops client_ops = {
@@ -1166,6 +1192,11 @@ struct kd_grpc_channel *kd_grpc_channel_open(struct kd_shard *s, const struct kd
         free_gconn(g);
         return NULL;
     }
+    g->opened_ms = g->last_rx_ms = kd_shard_now_ms(s);
+    g->handshake_ms = o->connect_timeout_ms;
+    g->keepalive_ms = o->keepalive_ms;
+    g->keepalive_timeout_ms = o->keepalive_timeout_ms;
+    arm_house(g);
     kd_conn_want_flush(g->c); /* preface + SETTINGS (+ ClientHello) wait for the connect */
     return (struct kd_grpc_channel *)g;
 }

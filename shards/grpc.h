@@ -114,6 +114,10 @@ struct kd_grpc_channel_opts {
     const char *server_name; /* TLS: SNI and verified name */
     uint32_t max_message;    /* default 4 MiB */
     uint8_t compression; /* enum kd_compress_alg: every call sends grpc-encoding and compressed messages */
+    /* 0: off. Not connected within connect_timeout_ms, or a keepalive PING (sent after keepalive_ms
+     * without receiving anything) unanswered for keepalive_timeout_ms: the channel fails and its
+     * calls end UNAVAILABLE, instead of waiting for TCP to give up (a blackholed peer). */
+    uint32_t connect_timeout_ms, keepalive_ms, keepalive_timeout_ms;
 };
 
 /* Open a connection from shard s. Calls may start at once; they go out once connected, or end

@@ -49,6 +49,8 @@ struct kd_presence_cfg {
     bool poll;                  /* fleet.discovery: poll: no events, GitLab kas's polling schedule (S3 bench) */
     uint32_t peer_idle_ms;      /* fleet.peer_idle_timeout: close an unused peer connection (0: 60000) */
     uint32_t second_delay_ms;   /* fleet.second_candidate_delay: race the next candidate (0: 50) */
+    uint32_t peer_connect_ms;   /* fleet.peer_connect_timeout: a peer not connected by then fails (0: 5000) */
+    uint32_t peer_keepalive_ms, peer_keepalive_timeout_ms; /* private_api.listen.keepalive_*: PING peers */
 };
 
 /* A peer went from 0 to >= 1 tunnels of the agent (up) or from >= 1 to 0, or stopped (!up). Only

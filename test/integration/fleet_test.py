@@ -109,6 +109,7 @@ redis:
   sweep_interval: 500ms
 fleet:
   recheck_interval: 30s
+  peer_connect_timeout: 2s
 limits:
   routing_timeout: 8s
   shutdown_grace: 3s
@@ -336,6 +337,72 @@ limits:
             r.cmd("DEL", f"gitlab-kas:{{fleet}}:alive:{fake}")
             r.cmd("HDEL", "gitlab-kas:{fleet}:instances", fake)
             server.stop(0)
+
+    def test_4c_silent_peer_fails_fast_and_events_race_it(self):
+        # A fake instance whose private listener accepts TCP and then says nothing (a stalled host):
+        # (1) as the only holder of agent 10, its offer fails after fleet.peer_connect_timeout
+        # (2 s) instead of when TCP gives up; (2) while a call's offer to it is pending, agent 10
+        # connecting to b (a "+b" event) gets the call offered to b too, and b serves it.
+        import socket
+        lsock = socket.socket()
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(64)
+        held = []
+        stop = threading.Event()
+
+        def accept():
+            lsock.settimeout(0.2)
+            while not stop.is_set():
+                try:
+                    held.append(lsock.accept()[0])
+                except OSError:
+                    pass
+        th = threading.Thread(target=accept, daemon=True)
+        th.start()
+        fake = "5110e47000000001"
+        r = self.redis
+        a_k = self.kasds["a"]
+        try:
+            r.cmd("HSET", "gitlab-kas:{fleet}:instances", fake,
+                  '{"address":"127.0.0.1:%d","version":"fake","shards":1,"started":1}' % lsock.getsockname()[1])
+            r.cmd("SET", f"gitlab-kas:{{fleet}}:alive:{fake}", "1", "PX", "60000")
+            r.cmd("SADD", "gitlab-kas:{a:10}:tunnels", fake)
+            failed0 = metric(a_k, "kasd_fleet_forwarded_total", result="failed")
+            out = {}
+
+            def call(key):
+                try:
+                    out[key] = self.who("a", 10, timeout=12)
+                except grpc.RpcError as e:
+                    out[key] = e.code()
+            t1 = threading.Thread(target=call, args=("first",))
+            t0 = time.monotonic()
+            t1.start()
+            self.assertTrue(wait_until(lambda: metric(a_k, "kasd_fleet_forwarded_total", result="failed") > failed0, 8),
+                            "the offer to a silent peer never failed")
+            self.assertLess(time.monotonic() - t0, 6)
+            self.assertTrue(any(e.get("event") == "connect_timeout" for e in a_k.events), a_k.log()[-3000:])
+            # (2) the first call still waits (agent 10 is nowhere else); a second call is offered
+            # to the silent peer again (its record is read again); then the agent connects to b
+            raced0 = metric(a_k, "kasd_fleet_raced_total")
+            t2 = threading.Thread(target=call, args=("second",))
+            t2.start()
+            self.assertTrue(wait_until(lambda: metric(a_k, "kasd_fleet_forwarding_calls") >= 1, 5))
+            ag = self.agent("b", 10)
+            t1.join(15)
+            t2.join(15)
+            self.assertEqual(out, {"first": 10, "second": 10})
+            self.assertGreaterEqual(metric(a_k, "kasd_fleet_raced_total") - raced0, 1)
+            self.drop(ag)
+        finally:
+            r.cmd("SREM", "gitlab-kas:{a:10}:tunnels", fake)
+            r.cmd("DEL", f"gitlab-kas:{{fleet}}:alive:{fake}")
+            r.cmd("HDEL", "gitlab-kas:{fleet}:instances", fake)
+            stop.set()
+            th.join(2)
+            for c in held:
+                c.close()
+            lsock.close()
 
     def test_5_agent_moving_between_instances_is_followed(self):
         a = self.agent("b", 10)

@@ -1526,7 +1526,8 @@ Test(config, fleet_keys)
         {"fleet:\n  route_cache_size: 0\n", NULL},
         {"fleet:\n  second_candidate_delay: 0s\n", NULL},
         {"fleet:\n  recheck:\n", "kasd.yaml:2:3: fleet.recheck: unknown key (expected one of: recheck_interval, "
-                                 "discovery, route_cache_size, peer_idle_timeout, second_candidate_delay)"},
+                                 "discovery, route_cache_size, peer_idle_timeout, second_candidate_delay, "
+                                 "peer_connect_timeout)"},
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         char err[512] = "";
