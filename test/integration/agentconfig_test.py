@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import gitlab_client  # noqa: E402
 import kaspb  # noqa: E402
 from gitlab_client import GitLabClient  # noqa: E402
-from kasd_harness import Kasd, service_config, write_tokens  # noqa: E402
+from kasd_harness import Kasd, service_config, write_tokens, wait_until  # noqa: E402
 
 URL = "https://gitlab.example.com"
 PROJECT = 77
@@ -85,14 +85,6 @@ def empty_commit(agent_id):
     cfg = kaspb.agentcfg.AgentConfiguration(agent_id=agent_id, gitlab_external_url=URL)
     return sha(cfg.SerializeToString())
 
-
-def wait_until(pred, timeout, step=0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v or time.monotonic() > deadline:
-            return v
-        time.sleep(step)
 
 
 class AgentConfiguration(unittest.TestCase):

@@ -8,14 +8,12 @@ seconds, and with a long safety re-check (30 s) so that a waiting call completed
 few seconds can only have been woken by a presence event."""
 import base64
 import os
-import re
 import signal
 import sys
 import tempfile
 import threading
 import time
 import unittest
-import urllib.request
 
 import grpc
 
@@ -23,7 +21,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import gitlab_client  # noqa: E402
 from agentk import AgentK  # noqa: E402
 from gitlab_client import GitLabClient, collect, make_jwt  # noqa: E402
-from kasd_harness import Kasd, write_tokens  # noqa: E402
+from kasd_harness import Kasd, write_tokens, wait_until, metric  # noqa: E402
 from redis_fixture import RedisServer  # noqa: E402
 from grpcgo_test import EIGHT_MIB, GoAgent, goclient  # noqa: E402
 
@@ -40,29 +38,6 @@ def who_handler(agent_id):
     return handle
 
 
-def wait_until(pred, timeout, step=0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v or time.monotonic() > deadline:
-            return v
-        time.sleep(step)
-
-
-def metric(kasd, family, **labels):
-    """Sum of a metric family over shards, for the series whose labels include `labels`."""
-    host, port = kasd.listeners["observability"]
-    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as r:
-        body = r.read().decode()
-    total = 0
-    for line in body.splitlines():
-        m = re.match(r"^(\w+)(?:\{([^}]*)\})? (\S+)$", line)
-        if not m or m.group(1) != family:
-            continue
-        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
-        if all(got.get(k) == v for k, v in labels.items()):
-            total += float(m.group(3))
-    return total
 
 
 class Fleet(unittest.TestCase):

@@ -34,7 +34,7 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(__file__))
 import gitlab_client  # noqa: E402
-from kasd_harness import Kasd, service_config, write_tokens  # noqa: E402
+from kasd_harness import Kasd, service_config, write_tokens, metric  # noqa: E402
 from redis_fixture import RedisServer  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -217,21 +217,6 @@ class H2PingProxy:
             except OSError:
                 pass
 
-
-def metric(kasd, name, **labels):
-    import re
-    import urllib.request
-    host, port = kasd.listeners["observability"]
-    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        m = re.match(r'^([a-z_0-9]+)\{([^}]*)\} (\S+)$', line)
-        if m and m.group(1) == name:
-            got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
-            if all(got.get(k) == v for k, v in labels.items()):
-                total += float(m.group(3))
-    return total
 
 
 class GoPeers:

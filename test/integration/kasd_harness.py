@@ -4,12 +4,14 @@ Every kasd here listens on 127.0.0.1 with ephemeral ports, is bounded by timeout
 if a test leaves it running."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import tempfile
 import threading
 import time
+import urllib.request
 
 KASD = os.environ.get("KASD_BIN", "build/cmd/kasd")
 
@@ -201,3 +203,30 @@ def redis_ping(address, timeout=2):
     with socket.create_connection((host, int(port)), timeout=timeout) as s:
         s.sendall(b"PING\r\n")
         return s.recv(16).startswith(b"+PONG")
+
+
+def wait_until(pred, timeout, step=0.05):
+    """pred()'s first true value, polling every `step` seconds; its last (false) value after
+    `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v or time.monotonic() > deadline:
+            return v
+        time.sleep(step)
+
+
+def metric(kasd, name, **labels):
+    """Sum over shards of a metric from kasd's /metrics, for the series whose labels include
+    `labels` (series without labels count when none are asked for)."""
+    host, port = kasd.listeners["observability"]
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        m = re.match(r"^([a-z_0-9]+)(?:\{([^}]*)\})? (\S+)$", line)
+        if m and m.group(1) == name:
+            got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+            if all(got.get(k) == v for k, v in labels.items()):
+                total += float(m.group(3))
+    return total

@@ -18,19 +18,11 @@ import gitlab_client  # noqa: E402
 import kaspb  # noqa: E402
 from agentk import AgentK  # noqa: E402
 from gitlab_client import GitLabClient  # noqa: E402
-from kasd_harness import Kasd, service_config, write_tokens  # noqa: E402
+from kasd_harness import Kasd, service_config, write_tokens, wait_until  # noqa: E402
 from redis_fixture import RedisServer  # noqa: E402
 
 PROJECT = 500  # agents 1..3 share it; agent 4.. have their own
 
-
-def wait_until(pred, timeout, step=0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v or time.monotonic() > deadline:
-            return v
-        time.sleep(step)
 
 
 def readiness(kasd):

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import gitlab_client  # noqa: E402
 from agentk import AgentK  # noqa: E402
 from gitlab_client import GitLabClient  # noqa: E402
-from kasd_harness import Kasd, service_config  # noqa: E402
+from kasd_harness import Kasd, service_config, metric  # noqa: E402
 
 CERTS = os.environ.get("KD_TEST_CERTS", os.path.join(os.path.dirname(__file__), "..", "certs"))
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -309,19 +309,6 @@ class Bridge:
             except OSError:
                 pass
 
-
-def metric(kasd, name, **labels):
-    host, port = kasd.listeners["observability"]
-    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        m = re.match(r'^([a-z_0-9]+)\{([^}]*)\} (\S+)$', line)
-        if m and m.group(1) == name:
-            got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
-            if all(got.get(k) == v for k, v in labels.items()):
-                total += float(m.group(3))
-    return total
 
 
 def setup_dir(prefix, n_agents):
