@@ -216,6 +216,8 @@ static void render_metrics(struct kd_control *c, struct buf *b)
                   "io_uring completions for a connection slot that was already reused (dropped).");
     SHARD_COUNTER(loops, "kasd_shard_loop_turns_total", "Turns of the shard's event loop.");
     SHARD_COUNTER(sleeps, "kasd_shard_sleeps_total", "Times the shard blocked waiting for work.");
+    SHARD_COUNTER(memory_trims, "kasd_shard_memory_trims_total",
+                  "Times the shard gave freed heap back to the kernel (idle, after 256 or more connections left).");
 
     SHARD_COUNTER(redis.commands, "kasd_redis_commands_total",
                   "Commands issued on the shard's Redis connection (accepted for sending).");

@@ -75,6 +75,7 @@ struct kd_shard_stats {
     kd_stat loops;
     kd_stat sleeps;
     kd_stat accept_errors;
+    kd_stat memory_trims; /* heap returned to the kernel after many connections left (shard.c) */
     /* gRPC listeners, by listener index (kd_server_opts.listeners): connections opened here
      * (accepted, not adopted) and closed here (after any hand-off), calls started, TLS handshakes
      * completed and failed, connections closed because our keepalive PING went unanswered.

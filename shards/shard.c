@@ -2,6 +2,7 @@
 #include "shards/shard.h"
 
 #include <errno.h>
+#include <malloc.h>
 #include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -298,6 +299,23 @@ static unsigned reap(struct kd_shard *s, unsigned budget)
     return total;
 }
 
+/* Give freed heap back to the kernel once many connections have left and the shard is about to
+ * sleep: glibc keeps freed memory in its arenas, so without this RSS stays at its peak after an
+ * agent reconnect storm or a load burst has passed. Only when idle (nothing due for a while), and
+ * at most once per TRIM_CONNS connections gone, so a busy shard never pays for it. */
+#define TRIM_CONNS 256u
+static void maybe_trim(struct kd_shard *s, uint64_t wait_ms)
+{
+    uint32_t live = s->conns.live;
+    if (live > s->trim_peak)
+        s->trim_peak = live;
+    if (wait_ms < 10 || s->trim_peak - live < TRIM_CONNS)
+        return;
+    malloc_trim(0);
+    s->trim_peak = live;
+    kd_stat_inc(&s->stats.memory_trims);
+}
+
 static void loop(struct kd_shard *s)
 {
     struct kd_server *srv = s->srv;
@@ -349,6 +367,7 @@ static void loop(struct kd_shard *s)
         }
         uint64_t next = kd_timerwheel_next(&s->timers);
         uint64_t wait_ms = next == UINT64_MAX ? 60000 : (next > s->now_ms ? next - s->now_ms : 0);
+        maybe_trim(s, wait_ms);
         if (kd_router_has_backlog(r, s->id) && wait_ms > 1)
             wait_ms = 1; /* our overflow waits for room in a ring: nobody will ring us for that */
         if (settled && wait_ms > 1)
