@@ -706,17 +706,16 @@ static bool handshake_reply(struct kd_redis *r, struct pending *p, const struct 
             sentinel_next(r, why);
             return false;
         }
-        if (o->type != KD_RESP_ARRAY || o->n != 2 || o->elem[0]->type != KD_RESP_STRING ||
-            o->elem[1]->type != KD_RESP_STRING) {
+        if (o->type == KD_RESP_NIL || (o->type == KD_RESP_ARRAY && o->n == 0)) {
             snprintf(why, sizeof(why), "does not know master \"%.100s\"", r->sentinel_master);
             sentinel_next(r, why);
             return false;
         }
-        const char *ip = o->elem[0]->str, *port = o->elem[1]->str;
-        if (strchr(ip, ':') != NULL)
-            snprintf(r->master, sizeof(r->master), "[%.100s]:%.10s", ip, port);
-        else
-            snprintf(r->master, sizeof(r->master), "%.100s:%.10s", ip, port);
+        if (kd_redis_sentinel_master(o, r->master, sizeof(r->master)) < 0) {
+            snprintf(why, sizeof(why), "answered an unusable address for master \"%.100s\"", r->sentinel_master);
+            sentinel_next(r, why);
+            return false;
+        }
         abandon(r);
         dial(r, r->master, false);
         return false; /* this connection is done */
@@ -727,6 +726,32 @@ static bool handshake_reply(struct kd_redis *r, struct pending *p, const struct 
     if (--r->handshake_left == 0)
         go_up(r);
     return r->state == R_UP || r->rc != NULL;
+}
+
+int kd_redis_sentinel_master(const struct kd_resp *o, char *out, size_t cap)
+{
+    if (o == NULL || o->type != KD_RESP_ARRAY || o->n != 2 || o->elem[0]->type != KD_RESP_STRING ||
+        o->elem[1]->type != KD_RESP_STRING)
+        return -1;
+    const struct kd_resp *host = o->elem[0], *port = o->elem[1];
+    if (host->len == 0 || port->len == 0 || port->len > 5)
+        return -1;
+    for (size_t i = 0; i < host->len; i++) /* an IP literal or a host name: nothing else */
+        if (!((host->str[i] >= '0' && host->str[i] <= '9') || (host->str[i] >= 'a' && host->str[i] <= 'z') ||
+              (host->str[i] >= 'A' && host->str[i] <= 'Z') || host->str[i] == '.' || host->str[i] == '-' ||
+              host->str[i] == ':' || host->str[i] == '_' || host->str[i] == '%'))
+            return -1;
+    unsigned p = 0;
+    for (size_t i = 0; i < port->len; i++) {
+        if (port->str[i] < '0' || port->str[i] > '9')
+            return -1;
+        p = p * 10 + (unsigned)(port->str[i] - '0');
+    }
+    if (p == 0 || p > 65535)
+        return -1;
+    bool v6 = memchr(host->str, ':', host->len) != NULL;
+    int n = snprintf(out, cap, v6 ? "[%.*s]:%u" : "%.*s:%u", (int)host->len, host->str, p);
+    return n > 0 && (size_t)n < cap ? 0 : -1; /* never a cut address */
 }
 
 static void script_fallback(struct kd_redis *r, struct pending *p)

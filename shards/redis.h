@@ -144,4 +144,11 @@ unsigned kd_redis_nconns(const struct kd_redis *r);
  * -EINVAL/-ENOENT with err naming the address and the resolver's reason. */
 int kd_redis_resolve(const char *address, char *out, size_t outlen, char *err, size_t errlen);
 
+/* The master's address from a SENTINEL get-master-addr-by-name reply (untrusted bytes): ["host",
+ * "port"] with a host of letters, digits and . - : _ % only and a port in 1..65535, written as
+ * "host:port" or "[v6]:port" into out[cap]. 0, or -1 (also when it would not fit). Exported for
+ * test/fuzz/sentinel_fuzz.c. */
+struct kd_resp;
+int kd_redis_sentinel_master(const struct kd_resp *o, char *out, size_t cap);
+
 #endif
