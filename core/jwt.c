@@ -21,8 +21,13 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "core/base64.h"
 #include "core/sha2.h"
 #include "core/tokens.h"
+
+/* JWS compact serialization: base64url without padding (RFC 7515 section 2), one encoding per
+ * byte string. */
+#define JWT_B64 (KD_B64_URL | KD_B64_NOPAD | KD_B64_STRICT)
 
 #define DECODED_MAX     (KD_JWT_MAX_LEN / 4 * 3 + 3)
 #define SECRET_FILE_MAX 4096
@@ -61,89 +66,6 @@ static void shown(const char *in, size_t len, size_t full_len, char out[SHOWN_MA
 static bool bytes_are(const char *s, size_t len, const char *lit)
 {
     return len == strlen(lit) && memcmp(s, lit, len) == 0;
-}
-
-/* ---- base64 ----------------------------------------------------------------------------------- */
-
-static int b64_val(unsigned char c, bool url)
-{
-    if (c >= 'A' && c <= 'Z')
-        return c - 'A';
-    if (c >= 'a' && c <= 'z')
-        return c - 'a' + 26;
-    if (c >= '0' && c <= '9')
-        return c - '0' + 52;
-    if (c == (url ? '-' : '+'))
-        return 62;
-    if (c == (url ? '_' : '/'))
-        return 63;
-    return -1;
-}
-
-/* Decode base64. url: the base64url alphabet and no padding (RFC 7515 section 2); otherwise the
- * standard alphabet with padding optional, but exact when present. The unused low bits of the last
- * character must be zero, so each byte string has exactly one accepted encoding. Returns the decoded
- * length, -EINVAL (bad character, impossible length, stray bits) or -ENOSPC (more than cap). */
-static long b64_decode(const char *in, size_t len, uint8_t *out, size_t cap, bool url)
-{
-    if (!url && len > 0 && len % 4 == 0 && in[len - 1] == '=') {
-        len--;
-        if (in[len - 1] == '=')
-            len--;
-    }
-    if (len % 4 == 1)
-        return -EINVAL;
-    size_t n = len / 4 * 3 + (len % 4 ? len % 4 - 1 : 0);
-    if (n > cap)
-        return -ENOSPC;
-    uint32_t acc = 0;
-    unsigned bits = 0;
-    size_t o = 0;
-    for (size_t i = 0; i < len; i++) {
-        int v = b64_val((unsigned char)in[i], url);
-        if (v < 0)
-            return -EINVAL;
-        acc = acc << 6 | (uint32_t)v;
-        bits += 6;
-        if (bits >= 8) {
-            bits -= 8;
-            out[o++] = (uint8_t)(acc >> bits);
-            acc &= (1u << bits) - 1;
-        }
-    }
-    if (acc != 0)
-        return -EINVAL;
-    return (long)o;
-}
-
-static size_t b64url_len(size_t n)
-{
-    return n / 3 * 4 + (n % 3 ? n % 3 + 1 : 0);
-}
-
-/* base64url without padding; out needs b64url_len(len) bytes. Returns the length written. */
-static size_t b64url_encode(const uint8_t *in, size_t len, char *out)
-{
-    static const char abc[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    size_t o = 0, i = 0;
-    for (; i + 3 <= len; i += 3) {
-        uint32_t v = (uint32_t)in[i] << 16 | (uint32_t)in[i + 1] << 8 | in[i + 2];
-        out[o++] = abc[v >> 18];
-        out[o++] = abc[(v >> 12) & 63];
-        out[o++] = abc[(v >> 6) & 63];
-        out[o++] = abc[v & 63];
-    }
-    if (len - i == 1) {
-        uint32_t v = (uint32_t)in[i] << 16;
-        out[o++] = abc[v >> 18];
-        out[o++] = abc[(v >> 12) & 63];
-    } else if (len - i == 2) {
-        uint32_t v = (uint32_t)in[i] << 16 | (uint32_t)in[i + 1] << 8;
-        out[o++] = abc[v >> 18];
-        out[o++] = abc[(v >> 12) & 63];
-        out[o++] = abc[(v >> 6) & 63];
-    }
-    return o;
 }
 
 /* ---- JSON scanner ----------------------------------------------------------------------------- */
@@ -899,7 +821,7 @@ static int verify(const char *token, size_t len, const struct kd_jwt_opts *o, st
 
     /* One buffer, reused: header, then signature, then payload. */
     uint8_t buf[DECODED_MAX];
-    long n = b64_decode(token, dot1, buf, sizeof(buf), true);
+    long n = kd_base64_decode(token, dot1, buf, sizeof(buf), JWT_B64);
     if (n < 0) {
         seterr(err, errlen, "header is not valid base64url");
         return -EINVAL;
@@ -910,7 +832,7 @@ static int verify(const char *token, size_t len, const struct kd_jwt_opts *o, st
         return rc;
 
     /* Signature before anything in the payload is looked at. */
-    n = b64_decode(token + dot2 + 1, len - dot2 - 1, buf, sizeof(buf), true);
+    n = kd_base64_decode(token + dot2 + 1, len - dot2 - 1, buf, sizeof(buf), JWT_B64);
     if (n < 0) {
         seterr(err, errlen, "signature is not valid base64url");
         return -EINVAL;
@@ -930,7 +852,7 @@ static int verify(const char *token, size_t len, const struct kd_jwt_opts *o, st
         return -EACCES;
     }
 
-    n = b64_decode(token + dot1 + 1, dot2 - dot1 - 1, buf, sizeof(buf), true);
+    n = kd_base64_decode(token + dot1 + 1, dot2 - dot1 - 1, buf, sizeof(buf), JWT_B64);
     if (n < 0) {
         seterr(err, errlen, "payload is not valid base64url");
         return -EINVAL;
@@ -1196,16 +1118,17 @@ int kd_jwt_sign(enum kd_jwt_alg alg, const void *secret, size_t secretlen, const
     size_t hl = strlen(headers[alg]), pl = strlen(payload_json), dlen = kd_hash_len(h);
     if (pl > (size_t)0x3fffffff)
         return -ENOSPC; /* keeps the sum below from overflowing and the result within an int */
-    size_t need = b64url_len(hl) + 1 + b64url_len(pl) + 1 + b64url_len(dlen) + 1;
+    size_t need = kd_base64_encoded_len(hl, JWT_B64) + 1 + kd_base64_encoded_len(pl, JWT_B64) + 1 +
+                  kd_base64_encoded_len(dlen, JWT_B64) + 1;
     if (need > outlen)
         return -ENOSPC;
-    size_t o = b64url_encode((const uint8_t *)headers[alg], hl, out);
+    size_t o = kd_base64_encode_ex((const uint8_t *)headers[alg], hl, out, JWT_B64);
     out[o++] = '.';
-    o += b64url_encode((const uint8_t *)payload_json, pl, out + o);
+    o += kd_base64_encode_ex((const uint8_t *)payload_json, pl, out + o, JWT_B64);
     uint8_t mac[KD_HASH_MAX_LEN];
     kd_hmac(h, secret, secretlen, out, o, mac);
     out[o++] = '.';
-    o += b64url_encode(mac, dlen, out + o);
+    o += kd_base64_encode_ex(mac, dlen, out + o, JWT_B64);
     out[o] = '\0';
     explicit_bzero(mac, sizeof(mac));
     return (int)o;
@@ -1252,7 +1175,7 @@ int kd_jwt_secret_load(const char *path, uint8_t *out, size_t cap, size_t *len, 
         rc = -EINVAL;
         goto out;
     }
-    long d = b64_decode(buf, n, out, cap, false);
+    long d = kd_base64_decode(buf, n, out, cap, KD_B64_STRICT);
     if (d == -ENOSPC) {
         seterr(err, errlen, "secret in %s is longer than %zu bytes", path, cap);
         rc = -ENOSPC;

@@ -14,23 +14,12 @@ static const char ws_guid[] = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"; /* RFC 645
 
 /* ---- upgrade ---- */
 
-static int b64_value(char c)
-{
-    const char *p = c ? strchr(kd_base64_alphabet, c) : NULL;
-    return p ? (int)(p - kd_base64_alphabet) : -1;
-}
-
-/* RFC 6455 4.1: the key is a random 16-byte value, base64-encoded: 22 symbols and "==". The last
- * symbol carries 2 bits of data and 4 zero bits; a key whose padding bits are set does not decode
- * to exactly 16 bytes, so it is refused. */
+/* RFC 6455 4.1: the key is a random 16-byte value, base64-encoded: 22 symbols and "==". A key
+ * whose padding bits are set does not decode to exactly those 16 bytes, so it is refused. */
 static bool key_valid(const char *k, size_t n)
 {
-    if (n != 24 || k[22] != '=' || k[23] != '=')
-        return false;
-    for (size_t i = 0; i < 22; i++)
-        if (b64_value(k[i]) < 0)
-            return false;
-    return (b64_value(k[21]) & 0x0f) == 0;
+    uint8_t raw[18];
+    return n == 24 && kd_base64_decode(k, n, raw, sizeof(raw), KD_B64_STRICT) == 16;
 }
 
 void kd_ws_accept_key(const char *key, size_t len, char out[KD_WS_ACCEPT_LEN + 1])

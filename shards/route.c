@@ -8,6 +8,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "core/base64.h"
 #include "core/chunkpool.h"
 #include "core/clock.h"
 #include "core/hash.h"
@@ -71,61 +72,6 @@ static void send_data(struct front *f, const uint8_t *msg, size_t len)
 
 /* ---- metadata: HTTP/2 headers <-> md blob ---- */
 
-static const char b64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-static int b64val(unsigned char c)
-{
-    if (c >= 'A' && c <= 'Z')
-        return c - 'A';
-    if (c >= 'a' && c <= 'z')
-        return c - 'a' + 26;
-    if (c >= '0' && c <= '9')
-        return c - '0' + 52;
-    if (c == '+' || c == '-')
-        return 62;
-    if (c == '/' || c == '_')
-        return 63;
-    return -1;
-}
-
-/* Base64 (padded or not) to bytes; -1 on a bad character. */
-static long b64_decode(const char *in, size_t n, uint8_t *out)
-{
-    uint32_t acc = 0;
-    int bits = 0;
-    long o = 0;
-    while (n > 0 && in[n - 1] == '=')
-        n--;
-    for (size_t i = 0; i < n; i++) {
-        int v = b64val((unsigned char)in[i]);
-        if (v < 0)
-            return -1;
-        acc = acc << 6 | (uint32_t)v;
-        bits += 6;
-        if (bits >= 8) {
-            bits -= 8;
-            out[o++] = (uint8_t)(acc >> bits);
-        }
-    }
-    return o;
-}
-
-static size_t b64_encode(const uint8_t *in, size_t n, char *out)
-{
-    size_t o = 0;
-    for (size_t i = 0; i < n; i += 3) {
-        uint32_t v =
-            (uint32_t)in[i] << 16 | (i + 1 < n ? (uint32_t)in[i + 1] << 8 : 0) | (i + 2 < n ? in[i + 2] : 0);
-        out[o++] = b64[v >> 18 & 63];
-        out[o++] = b64[v >> 12 & 63];
-        if (i + 1 < n)
-            out[o++] = b64[v >> 6 & 63];
-        if (i + 2 < n)
-            out[o++] = b64[v & 63];
-    }
-    return o;
-}
-
 static bool ends_with_bin(const char *k, size_t n)
 {
     return n > 4 && memcmp(k + n - 4, "-bin", 4) == 0;
@@ -178,7 +124,9 @@ static uint8_t *request_md_blob(kd_grpc_call *call, size_t *out_len)
             decoded[nv] = NULL;
             if (bin) {
                 decoded[nv] = kd_chunkpool_malloc(h2.valuelen + 1);
-                long dl = decoded[nv] ? b64_decode(h2.value, h2.valuelen, decoded[nv]) : -1;
+                /* as grpc-go reads binary metadata: standard alphabet, padding optional */
+                long dl = decoded[nv] ? kd_base64_decode(h2.value, h2.valuelen, decoded[nv], h2.valuelen + 1, 0)
+                                      : -1;
                 if (dl < 0) {
                     kd_chunkpool_free(decoded[nv]);
                     continue; /* not base64: not a value grpc would have sent; drop it */
@@ -247,7 +195,7 @@ static int md_collect(void *ud, const char *k, size_t klen, const uint8_t *v, si
     memcpy(kp, k, klen);
     o->alen += klen;
     char *vp = o->arena + o->alen;
-    size_t vl = bin ? b64_encode(v, vlen, vp) : (memcpy(vp, v, vlen), vlen);
+    size_t vl = bin ? kd_base64_encode_ex(v, vlen, vp, KD_B64_NOPAD) : (memcpy(vp, v, vlen), vlen);
     o->alen += vl;
     o->h[o->n++] = (struct kd_h2_header){kp, klen, vp, vl};
     return 0;
