@@ -19,6 +19,7 @@ KASD_TEST_PACKAGES=(
   haproxy                    # the S1 peer baseline of the bench harness (smoke-tested)
   clang libclang-rt-14-dev   # libFuzzer drivers
   curl
+  iproute2                   # network namespaces: the fleet link-cut test (fleet_netns_test.py)
   # grpc-go test peers (test/go, built offline in GOPATH mode): agentk's transport for real
   golang-go golang-google-grpc-dev golang-google-protobuf-dev protoc-gen-go protoc-gen-go-grpc
   golang-github-gorilla-websocket-dev
