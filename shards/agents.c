@@ -47,7 +47,7 @@ struct tunnel {
     struct kd_fleet_chan *chan; /* peer: the connection it runs on */
 };
 
-enum wake { WAKE_START, WAKE_EVENT, WAKE_RECHECK, WAKE_POLL };
+enum wake { WAKE_START, WAKE_EVENT, WAKE_RECHECK, WAKE_POLL, WAKE_RETRY };
 
 struct back {
     struct kd_pool_wait pw; /* pool entry while waiting: agent, method, wait link */
@@ -71,6 +71,11 @@ struct back {
     uint8_t wake;  /* enum wake: what started the current forwarding attempts */
     uint8_t ncand, icand;
     uint32_t poll_ms;    /* fleet.discovery poll: the next interval */
+    /* An offer failed (unreachable, refused: not "no tunnel"): the holders are read again after
+     * retry_ms (250 ms doubling up to fleet.recheck_interval) instead of at the next re-check, since
+     * a peer that comes back (a healed link, a restart) announces nothing. */
+    uint32_t retry_ms;
+    bool retry_due, retry_armed;
     uint64_t event_gen;  /* the presence event that last offered it to a peer */
     uint64_t deadline_ms;
     struct kd_presence_lookup lk;
@@ -301,6 +306,8 @@ static void count_woken(struct back *b, bool by_tunnel)
         st->woken_recheck++;
     else if (b->wake == WAKE_POLL)
         st->woken_poll++;
+    else if (b->wake == WAKE_RETRY)
+        st->woken_retry++;
 }
 
 /* Hand the call to the tunnel (both already taken off the pool's lists): RequestInfo goes to the
@@ -345,6 +352,14 @@ static uint32_t recheck_ms(const struct kd_kas_shard *ks)
 static void arm_recheck(struct back *b)
 {
     struct kd_kas_shard *ks = b->ks;
+    if (fleet_on(ks) && b->retry_due && !fleet_poll(ks)) {
+        b->retry_due = false;
+        uint32_t cap = recheck_ms(ks);
+        b->retry_ms = b->retry_ms == 0 ? 250 : b->retry_ms * 2 > cap ? cap : b->retry_ms * 2;
+        b->retry_armed = true;
+        kd_timerwheel_add(kd_shard_timers(ks->s), &b->recheck, kd_shard_now_ms(ks->s) + b->retry_ms);
+        return;
+    }
     if (!fleet_on(ks) || kd_list_is_linked(&b->recheck.link))
         return;
     b->poll_ms = 100;
@@ -480,9 +495,11 @@ static void recheck_cb(struct kd_timer *tm)
     } else {
         next = recheck_ms(ks);
     }
+    enum wake why = fleet_poll(ks) ? WAKE_POLL : b->retry_armed ? WAKE_RETRY : WAKE_RECHECK;
+    b->retry_armed = false;
     kd_timerwheel_add(kd_shard_timers(ks->s), &b->recheck, kd_shard_now_ms(ks->s) + next);
     if (b->t == NULL && !b->bound && !b->ended)
-        look_up(b, true, fleet_poll(ks) ? WAKE_POLL : WAKE_RECHECK);
+        look_up(b, true, why);
 }
 
 /* (Back) on the wait list: a local tunnel may take it now; otherwise it waits with its deadline
@@ -1102,6 +1119,7 @@ static void peer_done(kd_grpc_call *call, int status, const char *message)
             kd_log_end(&l);
             if (status == KD_GRPC_UNAVAILABLE)
                 kd_presence_peer_bad(ks->presence, t->to.id); /* unreachable: read its record again */
+            b->retry_due = true;
         }
         kd_chunkpool_free(t);
         if (b->t != NULL) {

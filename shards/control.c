@@ -362,13 +362,14 @@ static void render_metrics(struct kd_control *c, struct buf *b)
     family(b, "kasd_routing_woken_total", "counter",
            "Routed calls that had to wait for their agent, by what got them routed: tunnel (one registered "
            "here), event (a presence event named a peer), recheck (the safety re-check found what events "
-           "missed), poll (fleet.discovery: poll).");
+           "missed), poll (fleet.discovery: poll), retry (read again soon after an offer to a peer failed).");
     for (unsigned i = 0; i < c->n; i++)
         if (c->have[i]) {
             const struct kd_kas_stats *k = &c->snaps[i].kas;
-            static const char *const by[4] = {"tunnel", "event", "recheck", "poll"};
-            const uint64_t v[4] = {k->woken_tunnel, k->woken_event, k->woken_recheck, k->woken_poll};
-            for (int j = 0; j < 4; j++)
+            static const char *const by[5] = {"tunnel", "event", "recheck", "poll", "retry"};
+            const uint64_t v[5] = {k->woken_tunnel, k->woken_event, k->woken_recheck, k->woken_poll,
+                                   k->woken_retry};
+            for (int j = 0; j < 5; j++)
                 bprintf(b, "kasd_routing_woken_total{shard=\"%u\",by=\"%s\"} %llu\n", i, by[j],
                         (unsigned long long)v[j]);
         }

@@ -153,7 +153,7 @@ struct kd_kas_stats {
     uint64_t gw_ready, gw_no_tunnel;
     /* Calls that had to wait, by what got them routed: a local tunnel registering, a presence
      * event, the safety re-check, or (fleet.discovery: poll) a poll. */
-    uint64_t woken_tunnel, woken_event, woken_recheck, woken_poll;
+    uint64_t woken_tunnel, woken_event, woken_recheck, woken_poll, woken_retry;
     uint64_t recheck_found;  /* safety re-checks that found a peer holding a tunnel (expected 0) */
     uint64_t peer_channels;  /* connections to peer instances open now */
     uint64_t forwarding;     /* calls being offered to a peer now (not yet ready) */

@@ -57,9 +57,10 @@ from redis_fixture import RedisServer  # noqa: E402
 AGENT = 1
 CUT_SECONDS = 6.0       # how long the partition of test 2 lasts
 # B serves again within this after the restore. A call offered to a dial A started during the
-# cut fails with it (fleet.peer_connect_timeout, 2 s), then waits for an event or the safety
-# re-check (fleet.recheck_interval, 5 s by default): a healed link announces nothing.
-RECOVERY_SECONDS = 8.0
+# cut fails with it (fleet.peer_connect_timeout, 2 s), and the holders are read again 250 ms
+# later (doubling while offers keep failing): a healed link announces nothing, and the safety
+# re-check (fleet.recheck_interval, 30 s here) is far too late.
+RECOVERY_SECONDS = 4.0
 IN_FLIGHT_SECONDS = 5.0  # a call in flight through a cut link ends within this (keepalive 1 s + 1 s)
 MGMT = ("10.231.0.1", "10.231.0.2")  # m1 (ns1), m2 (ns2)
 KAS = ("10.232.0.1", "10.232.0.2")   # k1 (ns1), k2 (ns2)
@@ -230,6 +231,7 @@ redis:
   sweep_interval: 500ms
 fleet:
   peer_connect_timeout: 2s
+  recheck_interval: 30s
 limits:
   routing_timeout: 8s
   shutdown_grace: 2s
