@@ -86,6 +86,7 @@ struct back {
      * byte. Both are NULL or unready peer tunnels while the back is on ks->forwarding. */
     struct tunnel *t2;
     struct kd_timer race;
+    uint64_t tried; /* holder shards that had no tunnel for it (see KD_RT_START_HOLDER) */
     struct kd_list fwd_link; /* ks->forwarding while a peer is asked (off the wait list) */
 };
 
@@ -185,6 +186,41 @@ static void post(struct kd_kas_shard *ks, unsigned to, uint16_t type, void *ptr,
 }
 
 static const struct kd_h2_handler peer_handler;
+
+/* ---- several agents on one connection: holder shards ----
+ * A connection stays on the owner shard of its first agent. Another agent's tunnels on it are held
+ * by that shard (the holder) for the agent's owner: the holder reports when it starts or stops
+ * having ready and idle tunnels (KD_RT_HOLDER_STATE), the owner advertises the instance in Redis
+ * for both, and hands calls it cannot serve itself to a holder with idle tunnels (START with
+ * KD_RT_START_HOLDER), which binds one or sends the START back (KD_RT_START_BOUNCED). The front
+ * follows whichever shard bound the call. */
+
+#define MAX_HOLDER_SHARDS 64 /* holders are a bit per shard: more shards, no shared connections */
+
+static unsigned owner_of(const struct kd_kas_shard *ks, int64_t agent_id)
+{
+    return kd_hash_owner((uint64_t)agent_id, ks->kas->nshards);
+}
+
+/* The agent's tunnels on this shard changed (ready count, idle list): the owner advertises the
+ * instance in Redis while it or a holder has ready tunnels; a holder tells the owner what changed. */
+static void tunnels_changed(struct kd_kas_shard *ks, agent_t *a)
+{
+    if (owner_of(ks, a->id) == kd_shard_id(ks->s)) {
+        bool want = a->nready > 0 || a->holders_ready != 0;
+        if (want != a->advertised) {
+            a->advertised = want;
+            if (ks->tracker != NULL)
+                kd_tracker_tunnels(ks->tracker, a->id, want);
+        }
+        return;
+    }
+    uint8_t bits = (uint8_t)((a->nready > 0 ? 1u : 0u) | (!kd_list_is_empty(&a->idle) ? 2u : 0u));
+    if (bits != a->reported) {
+        a->reported = bits;
+        post(ks, owner_of(ks, a->id), KD_RT_HOLDER_STATE, NULL, NULL, bits, (uint64_t)a->id);
+    }
+}
 
 static bool fleet_on(const struct kd_kas_shard *ks)
 {
@@ -337,6 +373,7 @@ static void bind_tunnel(struct back *b, struct tunnel *t)
     tunnel_send(t, buf, n);
     kd_chunkpool_free(buf);
     post(ks, b->r, KD_RT_BOUND, b, b->front, 0, 0);
+    tunnels_changed(ks, t->pt.agent); /* it left the idle list */
 }
 
 /* ---- the fleet: offering a call to the instances that hold its agent's tunnels ---- */
@@ -551,6 +588,61 @@ static void presence_event(void *arg, int64_t agent_id, const struct kd_presence
     }
 }
 
+/* Send the call's START to another shard of this instance (owner -> holder, or holder -> owner)
+ * and forget it here: the front hears from whichever shard binds or ends it. */
+static void relay_start(struct back *b, unsigned to, uint32_t flag, uint64_t tried)
+{
+    struct kd_kas_shard *ks = b->ks;
+    struct kd_rt_start *st = kd_kas_payload(ks->s, sizeof(*st) + b->method_len + b->md_len);
+    st->agent_id = b->agent_id;
+    st->deadline_ms = b->deadline_ms;
+    st->method_len = (uint32_t)b->method_len;
+    st->md_len = (uint32_t)b->md_len;
+    st->flags = (b->gateway ? KD_RT_START_GATEWAY : 0) | flag;
+    st->reply_to = b->r;
+    st->tried = tried;
+    memcpy(st->data, b->method, b->method_len);
+    memcpy(st->data + b->method_len, b->md, b->md_len);
+    post(ks, to, KD_RT_START, st, b->front, 0, (uint64_t)b->agent_id);
+    if (flag == KD_RT_START_HOLDER)
+        ks->stats.holder_handoffs++;
+    else
+        ks->stats.holder_bounces++;
+    back_free(b); /* off the wait list, timers and watches cancelled; nothing told to the front */
+}
+
+static bool any_wait(struct kd_pool_wait *w, void *ud)
+{
+    (void)w;
+    (void)ud;
+    return true;
+}
+
+/* A holder shard's tunnels of an agent this shard owns changed. */
+static void holder_state(struct kd_kas_shard *ks, const struct kd_msg *m)
+{
+    int64_t id = (int64_t)m->u64;
+    if (m->from >= MAX_HOLDER_SHARDS || owner_of(ks, id) != kd_shard_id(ks->s))
+        return;
+    agent_t *a = kd_pool_agent_get(&ks->pool, id);
+    if (a == NULL)
+        return; /* out of memory: the holder's tunnels are not used from here */
+    uint64_t bit = 1ull << m->from;
+    bool had_idle = (a->holders_idle & bit) != 0;
+    a->holders_ready = m->u32 & 1 ? a->holders_ready | bit : a->holders_ready & ~bit;
+    a->holders_idle = m->u32 & 2 ? a->holders_idle | bit : a->holders_idle & ~bit;
+    tunnels_changed(ks, a);
+    if (!had_idle && (a->holders_idle & bit) && !ks->stop_seen) {
+        /* Its calls waiting here go to the holder, oldest first; those it cannot serve come back. */
+        struct kd_pool_wait *w;
+        while ((w = kd_pool_wait_find(&ks->pool, id, any_wait, NULL)) != NULL) {
+            struct back *b = KD_CONTAINER_OF(w, struct back, pw);
+            relay_start(b, m->from, KD_RT_START_HOLDER, b->tried & ~bit);
+        }
+    }
+    kd_pool_agent_release(&ks->pool, a);
+}
+
 static void handle_start(struct kd_kas_shard *ks, const struct kd_msg *m)
 {
     struct kd_rt_start *st = m->ptr;
@@ -560,9 +652,11 @@ static void handle_start(struct kd_kas_shard *ks, const struct kd_msg *m)
     b->ks = ks;
     b->start_ns = kd_clock_ns();
     b->front = m->ptr2;
-    b->r = m->from;
+    b->r = st->reply_to; /* the front's shard, also when the owner relayed the START */
     b->agent_id = st->agent_id;
     b->gateway = (st->flags & KD_RT_START_GATEWAY) != 0;
+    b->tried = st->tried;
+    bool holder = (st->flags & KD_RT_START_HOLDER) != 0;
     b->method_len = st->method_len;
     b->method = kd_chunkpool_malloc(st->method_len + 1);
     b->md_len = st->md_len;
@@ -589,12 +683,27 @@ static void handle_start(struct kd_kas_shard *ks, const struct kd_msg *m)
         back_end(b, KD_GRPC_RESOURCE_EXHAUSTED, "out of memory", NULL, 0);
         return;
     }
-    struct kd_pool_tunnel *pt = ks->stop_seen && b->gateway ? NULL : kd_pool_wait_start(&ks->pool, a, &b->pw);
+    struct kd_pool_tunnel *pt =
+        ks->stop_seen && (b->gateway || holder) ? NULL : kd_pool_wait_start(&ks->pool, a, &b->pw);
     if (pt != NULL) {
         bind_tunnel(b, KD_CONTAINER_OF(pt, struct tunnel, pt));
         return;
     }
-    if (b->gateway && (ks->stop_seen || a->nready == 0)) {
+    if (holder) { /* handed here by the owner, but no idle tunnel serves it any more */
+        if (b->pw.agent != NULL)
+            kd_pool_wait_cancel(&ks->pool, &b->pw);
+        else
+            kd_pool_agent_release(&ks->pool, a);
+        relay_start(b, owner_of(ks, b->agent_id), KD_RT_START_BOUNCED, b->tried | 1ull << kd_shard_id(ks->s));
+        return;
+    }
+    uint64_t holders = a->holders_idle & ~b->tried;
+    if (holders != 0 && !ks->stop_seen) {
+        /* Idle tunnels of the agent on a connection another shard holds: that shard takes it. */
+        relay_start(b, (unsigned)__builtin_ctzll(holders), KD_RT_START_HOLDER, b->tried);
+        return;
+    }
+    if (b->gateway && (ks->stop_seen || (a->nready == 0 && a->holders_ready == 0))) {
         /* No tunnel of the agent here (or draining): say so at once; the routing instance tries
          * another. With busy tunnels only, the call waits here like a local one: agentk opens a
          * new tunnel as soon as one is taken. */
@@ -766,6 +875,7 @@ static void tunnel_fail(struct tunnel *t, const char *why)
     if (t->pt.idle) { /* never hand this stream to a call again */
         kd_list_unlink(&t->pt.link);
         t->pt.idle = false;
+        tunnels_changed(ks, t->pt.agent);
     }
     t->st = KD_TUN_DONE;
     char msg[160];
@@ -846,6 +956,7 @@ static int gateway_relay(struct kd_kas_shard *ks, struct tunnel *t, struct back 
     if (tm->kind == KD_TUN_ERROR && t->pt.idle) {
         kd_list_unlink(&t->pt.link);
         t->pt.idle = false;
+        tunnels_changed(ks, t->pt.agent);
     }
     t->st = (enum kd_tun_state)ns;
     struct kd_rt_blob *d = kd_kas_payload(ks->s, sizeof(*d) + len);
@@ -901,9 +1012,9 @@ static int tunnel_message(kd_grpc_call *call, const uint8_t *msg, size_t len)
         t->methods = acc.buf;
         t->pt.methods = acc.buf;
         t->pt.methods_len = acc.len;
-        if (t->pt.agent->nready++ == 0 && ks->tracker != NULL)
-            kd_tracker_tunnels(ks->tracker, t->pt.agent->id, true);
+        t->pt.agent->nready++;
         tunnel_idle(ks, t);
+        tunnels_changed(ks, t->pt.agent);
         break;
     }
     case KD_TUN_HEADER: {
@@ -1013,8 +1124,13 @@ static void tunnel_done(kd_grpc_call *call, int status, const char *message)
         /* The back waits for FRONT_DONE; a bound back holds neither tunnel nor agent. */
         b->t = NULL;
     }
-    if (t->methods != NULL && --t->pt.agent->nready == 0 && ks->tracker != NULL)
-        kd_tracker_tunnels(ks->tracker, t->pt.agent->id, false);
+    if (t->methods != NULL)
+        t->pt.agent->nready--;
+    if (t->pt.idle) { /* reported gone before the agent record may go with the detach */
+        kd_list_unlink(&t->pt.link);
+        t->pt.idle = false;
+    }
+    tunnels_changed(ks, t->pt.agent);
     kd_pool_tunnel_detach(&ks->pool, &t->pt); /* a closed tunnel is never picked */
     kd_chunkpool_free(t->methods);
     kd_chunkpool_free(t);
@@ -1172,8 +1288,15 @@ int kd_kas_agent_call_gate(kd_grpc_call *call, struct kd_agent_ident *ident)
     }
     struct agent_conn *ac = kd_grpc_conn_user(call);
     if (ac != NULL && ac->agent_id != ident->agent_id) {
-        kd_grpc_finish(call, KD_GRPC_PERMISSION_DENIED, "connection belongs to another agent", NULL, 0);
-        return KD_GRPC_PERMISSION_DENIED;
+        /* Another agent on a connection that stays here (an L7 proxy multiplexing agents on one
+         * upstream connection; kas authenticates every call): its calls run here, and its tunnels
+         * are held here for its owner shard. */
+        if (ks->kas->nshards > MAX_HOLDER_SHARDS) {
+            kd_grpc_finish(call, KD_GRPC_PERMISSION_DENIED,
+                           "connection belongs to another agent (more than 64 shards: not shared)", NULL, 0);
+            return KD_GRPC_PERMISSION_DENIED;
+        }
+        return 0;
     }
     unsigned owner = kd_hash_owner((uint64_t)ident->agent_id, ks->kas->nshards);
     if (owner != kd_shard_id(s)) {
@@ -1229,11 +1352,17 @@ const struct kd_grpc_method kd_kas_connect_method = {
 
 /* ---- AgentRegistrar/Register ---- */
 
+/* The agent a Register call authenticated as (a connection may carry several). */
+struct register_call {
+    int64_t agent_id, project_id;
+};
+
 static int register_message(kd_grpc_call *call, const uint8_t *msg, size_t len)
 {
     struct kd_shard *s = kd_conn_shard(kd_grpc_call_conn(call));
     struct kd_kas_shard *ks = kd_kas_shard_of(s);
     struct agent_conn *ac = kd_grpc_conn_user(call);
+    const struct register_call *rc_id = kd_h2_call_user(call);
     struct kd_pb_reader r;
     struct kd_pb_field f;
     const uint8_t *meta = NULL;
@@ -1253,11 +1382,11 @@ static int register_message(kd_grpc_call *call, const uint8_t *msg, size_t len)
         kd_grpc_finish(call, KD_GRPC_INVALID_ARGUMENT, "malformed RegisterRequest", NULL, 0);
         return 0;
     }
-    agent_t *a = kd_pool_agent_get(&ks->pool, ac->agent_id);
+    agent_t *a = kd_pool_agent_get(&ks->pool, rc_id->agent_id);
     if (a != NULL)
-        a->project_id = ac->project_id;
+        a->project_id = rc_id->project_id;
     struct pod *p = NULL;
-    for (p = ac->pods; p != NULL && p->pod_id != pod_id; p = p->conn_next)
+    for (p = ac->pods; p != NULL && (p->pod_id != pod_id || p->agent != a); p = p->conn_next)
         ;
     if (p == NULL && a != NULL) {
         /* Every pod is an entry in Redis and in GetConnectedAgents: a connection registering pod_ids
@@ -1325,6 +1454,7 @@ static void register_half_close(kd_grpc_call *call)
 
 static void register_done(kd_grpc_call *call, int status, const char *message)
 {
+    kd_chunkpool_free(kd_h2_call_user(call));
 }
 
 static const struct kd_h2_handler register_handler = {
@@ -1335,7 +1465,14 @@ static int register_start(kd_grpc_call *call, void *ud)
     struct kd_agent_ident ident;
     if (kd_kas_agent_call_gate(call, &ident) != 0)
         return 0;
-    kd_grpc_accept(call, &register_handler, NULL);
+    struct register_call *rc = kd_chunkpool_malloc(sizeof(*rc));
+    if (rc == NULL) {
+        kd_grpc_finish(call, KD_GRPC_RESOURCE_EXHAUSTED, "out of memory", NULL, 0);
+        return 0;
+    }
+    rc->agent_id = ident.agent_id;
+    rc->project_id = ident.project_id;
+    kd_grpc_accept(call, &register_handler, rc);
     return 0;
 }
 
@@ -1474,13 +1611,6 @@ void kd_kas_shard_stop(struct kd_shard *s)
     kd_shard_set_user(s, NULL);
 }
 
-static bool any_wait(struct kd_pool_wait *w, void *ud)
-{
-    (void)w;
-    (void)ud;
-    return true;
-}
-
 /* Stopping: calls waiting for a tunnel will not get one here; answer them now, while their front
  * shards still run, instead of leaving them to the grace period. */
 static void end_waiting(struct kd_kas_shard *ks)
@@ -1568,6 +1698,10 @@ void kd_kas_on_message(struct kd_shard *s, const struct kd_msg *m)
         struct kd_kas_shard *ks = kd_kas_shard_of(s);
         if (ks != NULL && ks->tracker != NULL)
             kd_tracker_request_resync(ks->tracker);
+    } else if (m->type == KD_RT_HOLDER_STATE) {
+        struct kd_kas_shard *ks = kd_kas_shard_of(s);
+        if (ks != NULL)
+            holder_state(ks, m);
     } else if (m->type >= KD_RT_BOUND && m->type <= KD_RT_ACK_REQ)
         kd_kas_front_message(s, m);
     else if (m->type < KD_RT_BOUND)

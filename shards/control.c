@@ -373,6 +373,11 @@ static void render_metrics(struct kd_control *c, struct buf *b)
                 bprintf(b, "kasd_routing_woken_total{shard=\"%u\",by=\"%s\"} %llu\n", i, by[j],
                         (unsigned long long)v[j]);
         }
+    KAS_SERIES("counter", sn->kas.holder_handoffs, "kasd_shared_connection_handoffs_total",
+               "Routed calls the agent's owner shard handed to the shard holding the agent's tunnels on a "
+               "connection shared with other agents (an L7 proxy in front of kasd).");
+    KAS_SERIES("counter", sn->kas.holder_bounces, "kasd_shared_connection_bounces_total",
+               "Of those, calls the holder shard sent back (its idle tunnels were taken meanwhile).");
     KAS_SERIES("counter", sn->kas.fwd_raced, "kasd_fleet_raced_total",
                "Second candidates offered a call while the first had not answered within "
                "fleet.second_candidate_delay (the loser is cancelled before any request byte).");

@@ -66,6 +66,10 @@ enum {
      * connection came back; every other shard re-syncs, in case peers swept the instance's entries
      * while its heartbeat was missing. */
     KD_RT_TRACKER_RESYNC, /* shard 0 -> shard */
+    /* Several agents on one connection: a shard holding tunnels of an agent it does not own tells
+     * the owner whenever it starts or stops having ready tunnels (bit 0 of u32) or idle ones (bit
+     * 1). u64: agent id. The owner advertises the instance in Redis and hands calls to it. */
+    KD_RT_HOLDER_STATE, /* holder shard -> owner shard */
 };
 
 struct kd_rt_blob {
@@ -77,14 +81,20 @@ struct kd_rt_start {
     int64_t agent_id;
     uint64_t deadline_ms; /* absolute, monotonic ms: give up waiting for a tunnel then */
     uint32_t method_len, md_len;
-    uint32_t flags; /* KD_RT_START_* */
-    char data[]; /* method, then the md blob */
+    uint32_t flags;    /* KD_RT_START_* */
+    uint32_t reply_to; /* the front's shard (a START relayed between owner and holder keeps it) */
+    uint64_t tried;    /* holder shards that had no tunnel for it (KD_RT_START_BOUNCED) */
+    char data[];       /* method, then the md blob */
 };
 
 /* A kas-to-kas call arriving on the private listener (shards/fleet.c): the owner shard delivers it
  * to a local tunnel or ends it at once ("no tunnel here"), never forwards it; the agent's
  * ConnectRequest messages go to the front raw (RDATA), for the routing instance to decode. */
 #define KD_RT_START_GATEWAY 1u
+/* Owner -> holder shard: bind one of the holder's idle tunnels of the agent, or send the START back
+ * (BOUNCED, this shard's bit set in tried): the call is routed on the owner again, without it. */
+#define KD_RT_START_HOLDER 2u
+#define KD_RT_START_BOUNCED 4u
 
 struct kd_rt_end {
     uint32_t msg_len, md_len;
@@ -149,6 +159,10 @@ struct kd_kas_stats {
     /* Second candidates raced against a first that had not answered within
      * fleet.second_candidate_delay (or had failed while another ran), and races they won. */
     uint64_t fwd_raced, fwd_race_won;
+    /* Several agents on one connection: calls this (owner) shard handed to a shard holding the
+     * agent's tunnels on a shared connection, and calls a holder shard sent back (no idle tunnel
+     * served them any more). */
+    uint64_t holder_handoffs, holder_bounces;
     /* On the gateway instance: kas-to-kas calls bound to a local tunnel, or answered no-tunnel. */
     uint64_t gw_ready, gw_no_tunnel;
     /* Calls that had to wait, by what got them routed: a local tunnel registering, a presence

@@ -94,7 +94,8 @@ struct kd_pool_agent *kd_pool_agent_get(struct kd_pool *p, int64_t id)
 
 void kd_pool_agent_release(struct kd_pool *p, struct kd_pool_agent *a)
 {
-    if (a->ntunnels > 0 || !kd_list_is_empty(&a->waiting) || !kd_list_is_empty(&a->pods))
+    if (a->ntunnels > 0 || !kd_list_is_empty(&a->waiting) || !kd_list_is_empty(&a->pods) ||
+        (a->holders_ready | a->holders_idle) != 0)
         return;
     struct kd_pool_agent **pp = &p->buckets[bucket(p, a->id)];
     while (*pp != a)
@@ -219,7 +220,8 @@ int kd_pool_validate(const struct kd_pool *p)
                 if (w->agent != a)
                     return -EINVAL;
             }
-            if (a->ntunnels == 0 && kd_list_is_empty(&a->waiting) && kd_list_is_empty(&a->pods))
+            if (a->ntunnels == 0 && kd_list_is_empty(&a->waiting) && kd_list_is_empty(&a->pods) &&
+                (a->holders_ready | a->holders_idle) == 0)
                 return -EINVAL; /* should have been freed */
         }
     }

@@ -11,7 +11,7 @@
  * Invariants (kd_pool_validate): a tunnel is on its agent's idle list iff t->idle; an idle tunnel
  * serves no waiting call of its agent (a match is taken at once); every agent is in the bucket of
  * its id; ntunnels counts attached tunnels; nagents counts agents; an agent with no tunnel, no
- * waiting call and no pod does not exist.
+ * waiting call, no pod and no holder shard does not exist.
  */
 #ifndef KD_SHARDS_POOL_H
 #define KD_SHARDS_POOL_H
@@ -32,6 +32,14 @@ struct kd_pool_agent {
     unsigned npods;      /* on that list (agents.c holds it to limits.pods_per_agent) */
     unsigned ntunnels;
     unsigned nready; /* tunnels whose descriptor arrived and that have not ended (agents.c) */
+    /* Several agents on one connection (agents.c, "holders"): a connection stays on the shard of
+     * its first agent, so another agent's tunnels may live on a shard that does not own it.
+     * Owner side: the other shards holding tunnels of the agent (bit per shard), with ready
+     * tunnels and with idle ones, and whether this instance is advertised in Redis for it.
+     * Holder side: what was last reported to the owner (bit 0: ready tunnels, bit 1: idle ones). */
+    uint64_t holders_ready, holders_idle;
+    bool advertised;
+    uint8_t reported;
 };
 
 struct kd_pool_tunnel {

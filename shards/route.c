@@ -296,6 +296,7 @@ void kd_kas_front_message(struct kd_shard *s, const struct kd_msg *m)
     case KD_RT_BOUND: {
         f->back = m->ptr;
         f->bound = true;
+        f->o = m->from; /* the owner, or a holder shard the owner handed the call to */
         struct pmsg *p = f->head;
         f->head = f->tail = NULL;
         while (p != NULL) {
@@ -577,6 +578,8 @@ static int start_routed(kd_grpc_call *call, int64_t agent_id, const char *path, 
     st->method_len = (uint32_t)plen;
     st->md_len = (uint32_t)mdlen;
     st->flags = flags;
+    st->reply_to = kd_shard_id(s);
+    st->tried = 0;
     memcpy(st->data, path, plen);
     memcpy(st->data + plen, md, mdlen);
     kd_chunkpool_free(md);

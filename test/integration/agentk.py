@@ -731,13 +731,17 @@ class AgentK:
                  register=True, register_interval=300.0, backoff=(1.0, 20.0), max_streams=500,
                  open_batch=None,
                  agent_meta=None, root_certificates=None, server_name=None, extra_metadata=(),
-                 linger=10.0, compression=None):
+                 linger=10.0, compression=None, shared_connection=False):
         if violation is not None and violation not in VIOLATIONS:
             raise ValueError(f"unknown violation {violation!r}; one of {sorted(VIOLATIONS)}")
         self.addr = addr
         self.token = token
         # grpc.Compression.Gzip: every call compressed, as real agentk (grpc-go, gzip by default)
         self.compression = compression
+        # shared_connection: grpcio's global subchannel pool, so every AgentK (and pod) dialling
+        # the same address with the same options rides one HTTP/2 connection, as agents behind an
+        # L7 proxy that multiplexes them on one upstream connection do
+        self.shared_connection = shared_connection
         self.idle = idle
         self.handlers = dict(DEFAULT_HANDLERS)
         self.handlers.update(handlers or {})
@@ -802,7 +806,7 @@ class AgentK:
     def _make_channel(self):
         # agentk (grpc-go) receives messages up to 10 MiB and sends any size: the same here, so
         # a tunnel message kasd sends at the limit plus its wrapping is judged as agentk would.
-        opts = [("grpc.use_local_subchannel_pool", 1),   # one connection per pod, never shared
+        opts = [("grpc.use_local_subchannel_pool", 0 if self.shared_connection else 1),  # 1: one per pod
                 ("grpc.max_receive_message_length", 10 << 20),
                 ("grpc.max_send_message_length", -1),
                 ("grpc.enable_retries", 0)]

@@ -644,5 +644,139 @@ limits:
         self.assertEqual(metric(self.c, "kasd_fleet_forwarded_total", result="ready"), 0)
 
 
+
+def shard_of(agent_id, nshards=2):
+    """kasd's owner shard of an agent (core/hash.h: splitmix64's finaliser, modulo the shards)."""
+    m = (1 << 64) - 1
+    x = agent_id
+    x ^= x >> 30
+    x = (x * 0xbf58476d1ce4e5b9) & m
+    x ^= x >> 27
+    x = (x * 0x94d049bb133111eb) & m
+    x ^= x >> 31
+    return x % nshards
+
+
+class SharedConnection(unittest.TestCase):
+    """Several agents on one HTTP/2 connection (an L7 proxy multiplexing agents on one upstream
+    connection: kas authenticates every call, not the connection). Agents 2 and 9 have different
+    owner shards; their pods share one connection (grpcio's global subchannel pool). The connection
+    stays on the shard of the agent that came first; the other agent's tunnels are held there for
+    its owner, which advertises it in Redis and hands its calls over."""
+
+    @classmethod
+    def setUpClass(cls):
+        assert shard_of(2) != shard_of(9)
+        cls.dir = tempfile.mkdtemp(prefix="kasd-shared-")
+        cls.tokens = {i: base64.urlsafe_b64encode(os.urandom(24)).decode() for i in (2, 9)}
+        write_tokens(os.path.join(cls.dir, "tokens.yaml"), {i: (t, 100 + i) for i, t in cls.tokens.items()})
+        cls.secret = gitlab_client.generate_secret()
+        gitlab_client.write_secret(os.path.join(cls.dir, "api-secret"), cls.secret)
+        cls.redis = RedisServer()
+        cls.k = Kasd(config=f"""\
+shards: 2
+agent:
+  listen:
+    address: 127.0.0.1:0
+  token_file: {cls.dir}/tokens.yaml
+api:
+  listen:
+    address: 127.0.0.1:0
+    authentication_secret_file: {cls.dir}/api-secret
+observability:
+  listen:
+    address: 127.0.0.1:0
+redis:
+  server:
+    address: {cls.redis.address}
+limits:
+  routing_timeout: 10s
+  shutdown_grace: 2s
+""")
+        assert cls.k.started, cls.k.log()
+        cls.iid = [e for e in cls.k.events if e.get("event") == "started"][0]["instance_id"]
+        cls.addr = "%s:%d" % cls.k.listeners["agent"]
+        cls.gl = GitLabClient("%s:%d" % cls.k.listeners["api"], cls.secret)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.gl.close()
+        rc = cls.k.stop()
+        cls.k.kill()
+        cls.redis.kill()
+        assert rc == 0, rc
+
+    def agent(self, agent_id):
+        a = AgentK(self.addr, self.tokens[agent_id], pods=1, idle=2, backoff=(0.2, 1.0), shared_connection=True,
+                   handlers={"/test.Echo/Who": who_handler(agent_id)})
+        a.start()
+        a.wait_for(lambda s: s["tunnels_idle"] >= 2 and s["registers"] >= 1, timeout=15)
+        return a
+
+    def who(self, agent_id, timeout=10):
+        data, _ = self.gl.unary("/test.Echo/Who", b"", agent_id=agent_id, timeout=timeout)
+        return int(data)
+
+    def advertised(self, agent_id):
+        return self.iid.encode() in self.redis.cmd("SMEMBERS", f"gitlab-kas:{{a:{agent_id}}}:tunnels")
+
+    def test_two_agents_on_one_connection(self):
+        opened0 = metric(self.k, "kasd_listener_connections_opened_total", listener="agent")
+        a2 = self.agent(2)
+        a9 = self.agent(9)
+        try:
+            # one connection for both agents' calls (Register, tunnels), all accepted
+            self.assertEqual(metric(self.k, "kasd_listener_connections_opened_total", listener="agent") - opened0, 1)
+            self.assertEqual(a9.stats["registers"], 1, a9.stats)
+            for i in (2, 9):
+                self.assertTrue(wait_until(lambda: self.advertised(i), 5), i)
+                got = self.gl.get_connected_agents(agent_id=i, timeout=5).agents
+                self.assertEqual([e.connection_id for e in got], [p.pod_id for p in (a2 if i == 2 else a9).pods])
+            hand0 = metric(self.k, "kasd_shared_connection_handoffs_total")
+            for _ in range(10):
+                for i in (2, 9):
+                    self.assertEqual(self.who(i), i)
+            # one of the two agents' calls went to the shard holding its tunnels, every time
+            self.assertGreaterEqual(metric(self.k, "kasd_shared_connection_handoffs_total") - hand0, 10)
+            # calls in parallel, identity per call
+            errors = []
+
+            def worker(i):
+                for _ in range(15):
+                    try:
+                        if self.who(i) != i:
+                            errors.append(i)
+                    except grpc.RpcError as e:
+                        errors.append((i, e.code(), e.details()))
+            ths = [threading.Thread(target=worker, args=(i,)) for i in (2, 9, 2, 9)]
+            for t in ths:
+                t.start()
+            for t in ths:
+                t.join(60)
+            self.assertEqual(errors, [])
+            # the second agent leaves: it is no longer advertised, the first is unaffected
+            a9.stop(2)
+            self.assertTrue(wait_until(lambda: not self.advertised(9), 5))
+            self.assertTrue(self.advertised(2))
+            self.assertEqual(self.who(2), 2)
+            # a call waiting for it is served as soon as it comes back on the shared connection
+            out = {}
+
+            def call():
+                try:
+                    out["who"] = self.who(9, timeout=15)
+                except grpc.RpcError as e:
+                    out["err"] = (e.code(), e.details())
+            th = threading.Thread(target=call)
+            th.start()
+            self.assertTrue(wait_until(lambda: metric(self.k, "kasd_waiting_calls") >= 1, 5))
+            a9 = self.agent(9)
+            th.join(15)
+            self.assertEqual(out, {"who": 9})
+        finally:
+            a9.stop(2)
+            a2.stop(2)
+
+
 if __name__ == "__main__":
     unittest.main(verbosity=2)
