@@ -1690,24 +1690,43 @@ static void answer_stats(struct kd_shard *s, const struct kd_msg *m)
     kd_shard_send(s, m->from, &r);
 }
 
+/* Every message type by name (a type added to the enum without a case here is an unknown one,
+ * never a neighbour's): the back half of routed calls, the front half, the service's own. */
 void kd_kas_on_message(struct kd_shard *s, const struct kd_msg *m)
 {
-    if (m->type == KD_RT_STATS_REQ)
+    struct kd_kas_shard *ks = kd_kas_shard_of(s);
+    switch (m->type) {
+    case KD_RT_START:
+    case KD_RT_DATA:
+    case KD_RT_HALF_CLOSE:
+    case KD_RT_CANCEL:
+    case KD_RT_CANCEL_WAIT:
+    case KD_RT_FRONT_DONE:
+    case KD_RT_ACK_RESP:
+        kd_kas_back_message(s, m);
+        return;
+    case KD_RT_BOUND:
+    case KD_RT_HEADER:
+    case KD_RT_RDATA:
+    case KD_RT_END:
+    case KD_RT_ACK_REQ:
+        kd_kas_front_message(s, m);
+        return;
+    case KD_RT_STATS_REQ:
         answer_stats(s, m);
-    else if (m->type == KD_RT_TRACKER_RESYNC) {
-        struct kd_kas_shard *ks = kd_kas_shard_of(s);
+        return;
+    case KD_RT_TRACKER_RESYNC:
         if (ks != NULL && ks->tracker != NULL)
             kd_tracker_request_resync(ks->tracker);
-    } else if (m->type == KD_RT_HOLDER_STATE) {
-        struct kd_kas_shard *ks = kd_kas_shard_of(s);
+        return;
+    case KD_RT_HOLDER_STATE:
         if (ks != NULL)
             holder_state(ks, m);
-    } else if (m->type >= KD_RT_BOUND && m->type <= KD_RT_ACK_REQ)
-        kd_kas_front_message(s, m);
-    else if (m->type < KD_RT_BOUND)
-        kd_kas_back_message(s, m);
-    else
+        return;
+    default:
         kd_log_msg(KD_LOG_ERROR, "router_unknown_message", "type %u from %u dropped", m->type, m->from);
+        return;
+    }
 }
 
 void kd_kas_stats(struct kd_shard *s, struct kd_kas_stats *out)
