@@ -17,6 +17,7 @@
 #include "core/list.h"
 #include "core/log.h"
 #include "core/pb.h"
+#include "core/jwt.h"
 #include "core/tokens.h"
 #include "shards/agentconfig.h"
 #include "shards/conn.h"
@@ -115,6 +116,11 @@ struct kd_kas_shard {
     struct kd_pool pool;
     struct kd_tracker *tracker; /* NULL without Redis */
     struct kd_agentconfig_shard *acfg;
+    /* GitLab reuses one api JWT for many calls, and a full verification (base64, HMAC-SHA256,
+     * JSON) per call was ~11 % of kasd's CPU on the routed path: verified tokens are cached here
+     * (kd_jwt_cache: exact bytes compared, exp/nbf rechecked on every hit). Only for the api secret:
+     * a token good there must not pass on the private listener. NULL: every call verified. */
+    struct kd_jwt_cache *api_jwt;
     struct kd_kas_stats stats;
     struct kd_kas_route_hist route[KD_KAS_ROUTE_OUTCOMES];
     struct kd_presence *presence; /* NULL: no fleet */
@@ -1562,8 +1568,15 @@ int kd_kas_shard_start(struct kd_shard *s)
         }
     }
     kd_list_init(&ks->forwarding);
+    ks->api_jwt = kd_jwt_cache_new(KD_JWT_CACHE_ENTRIES); /* NULL: no cache, every call verified */
     kd_shard_set_user(s, ks);
     return 0;
+}
+
+struct kd_jwt_cache *kd_kas_api_jwt_cache(struct kd_shard *s)
+{
+    struct kd_kas_shard *ks = kd_kas_shard_of(s);
+    return ks != NULL ? ks->api_jwt : NULL;
 }
 
 struct kd_agentconfig_shard *kd_kas_agentconfig(struct kd_shard *s)
@@ -1607,6 +1620,7 @@ void kd_kas_shard_stop(struct kd_shard *s)
      * backs may remain (their R shard is stopping too). */
     kd_pool_fini(&ks->pool, drop_waiting);
     kd_agentconfig_shard_free(ks->acfg);
+    kd_jwt_cache_free(ks->api_jwt);
     free(ks);
     kd_shard_set_user(s, NULL);
 }

@@ -2,7 +2,6 @@
  * listener): authentication, the routing metadata, and the relay with the back half on the
  * agent's owner shard. See kas.h for the protocol and the life rules. */
 #include <errno.h>
-#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -390,49 +389,6 @@ void kd_kas_front_message(struct kd_shard *s, const struct kd_msg *m)
     }
 }
 
-/* ---- verified api tokens, one cache per shard ---- */
-
-/* GitLab reuses one api JWT for many calls, and a full verification (base64, HMAC-SHA256, JSON)
- * per call was ~11 % of kasd's CPU on the routed path. Each shard keeps its own small cache (see
- * kd_jwt_cache in core/jwt.h: exact token bytes compared, exp/nbf rechecked on every hit).
- * Why thread-local and not a field of the shard's kd_kas_shard: that struct lives in agents.c; a
- * shard is exactly one thread, so this is the same per-shard, lock-free object. It is made on the
- * shard's first api call and freed by a thread-exit destructor. */
-static _Thread_local struct kd_jwt_cache *tl_jwt_cache;
-static pthread_key_t jwt_cache_key;
-static pthread_once_t jwt_cache_once = PTHREAD_ONCE_INIT;
-static bool jwt_cache_key_ok;
-
-static void jwt_cache_exit(void *p)
-{
-    kd_jwt_cache_free(p);
-    tl_jwt_cache = NULL;
-}
-
-static void jwt_cache_key_make(void)
-{
-    jwt_cache_key_ok = pthread_key_create(&jwt_cache_key, jwt_cache_exit) == 0;
-}
-
-/* NULL when no cache can be had (then every call is verified in full, as before). */
-static struct kd_jwt_cache *shard_jwt_cache(void)
-{
-    if (tl_jwt_cache != NULL)
-        return tl_jwt_cache;
-    pthread_once(&jwt_cache_once, jwt_cache_key_make);
-    if (!jwt_cache_key_ok)
-        return NULL;
-    struct kd_jwt_cache *c = kd_jwt_cache_new(KD_JWT_CACHE_ENTRIES);
-    if (c == NULL)
-        return NULL;
-    if (pthread_setspecific(jwt_cache_key, c) != 0) {
-        kd_jwt_cache_free(c);
-        return NULL;
-    }
-    tl_jwt_cache = c;
-    return c;
-}
-
 /* ---- the api listener's fallback: every method with kas-hop-routing-agent-id ---- */
 
 static int reject(kd_grpc_call *call, int status, const char *msg)
@@ -464,7 +420,7 @@ int kd_kas_api_authenticate(kd_grpc_call *call)
     };
     struct kd_jwt_claims claims;
     if (tok == NULL ||
-        kd_jwt_cache_verify(shard_jwt_cache(), tok, tlen, &jo, &claims, why, sizeof(why)) < 0) {
+        kd_jwt_cache_verify(kd_kas_api_jwt_cache(kd_conn_shard(kd_grpc_call_conn(call))), tok, tlen, &jo, &claims, why, sizeof(why)) < 0) {
         struct kd_logline l;
         kd_log_begin(&l, KD_LOG_INFO, "api_auth_failed");
         kd_log_str(&l, "reason", tok == NULL ? "missing bearer token" : why);
