@@ -25,7 +25,7 @@
  *
  *   agentsim --write-tokens FILE --agents N [--first-agent ID] [--seed S]     (and exit)
  *   agentsim --target 127.0.0.1:PORT --agents N [--tunnels K] [--seed S | --tokens FILE]
- *            [--ca FILE [--server-name NAME]] [--shards S] [--connect-window W]
+ *            [--ca FILE [--server-name NAME]] [--shards S] [--connect-window W] [--trace-tunnels]
  *   agentsim --listen 127.0.0.1:0 [--shards S]
  *
  * Limits: every agent is one TCP connection from 127.0.0.1 to the target, so one target address
@@ -80,6 +80,7 @@ struct opts {
     struct kd_tls_ctx *tls;
     uint32_t duration_s;
     uint32_t ready_timeout_s;
+    bool trace_tunnels; /* --trace-tunnels: tunnels only after Register succeeded; a tunnel_open line each */
 };
 
 /* Per shard, written by the shard only; read by main after the shards joined. */
@@ -590,6 +591,14 @@ static bool open_tunnel(struct agent *a)
     kd_list_push_back(&a->tunnels, &v->link);
     g_live_tunnels++;
     kd_grpc_send_message(v->call, descriptor, descriptor_len);
+    if (O.trace_tunnels) {
+        /* The stream's HEADERS and its descriptor are queued on a connection that is up (Register
+         * has succeeded) and leave in this loop turn: kasd can register the tunnel from here on.
+         * CLOCK_MONOTONIC, comparable with loadgen's timestamps (bench/run S3). */
+        printf("{\"event\":\"tunnel_open\",\"agent\":%lld,\"mono_ns\":%llu}\n", (long long)a->id,
+               (unsigned long long)kd_clock_ns());
+        fflush(stdout);
+    }
     return true;
 }
 
@@ -618,6 +627,8 @@ static void reg_done(kd_grpc_call *call, int status, const char *message)
     if (status == KD_GRPC_OK) {
         a->sh->st.registers_ok++;
         a->registered = true;
+        if (O.trace_tunnels)
+            replenish(a); /* the connection is up: open the tunnels now */
         check_ready(a);
         return;
     }
@@ -674,7 +685,8 @@ static void agent_connect(struct agent *a)
                                     (int64_t)(kd_hash_u64((uint64_t)a->id) >> 1));
     kd_grpc_send_message(reg, buf, (size_t)n);
     kd_grpc_close_send(reg);
-    replenish(a);
+    if (!O.trace_tunnels)
+        replenish(a); /* as agentk: tunnels at once, alongside Register */
 }
 
 /* Start agents while fewer than connect_window are connecting (not yet ready). */
@@ -837,7 +849,10 @@ static void usage(FILE *f)
             "  --gzip               compress every call (grpc-encoding: gzip), as agentk does\n"
             "  --connect-window W   agents connecting at once per shard (default 256)\n"
             "  --duration SECONDS   exit after this long (default 3600)\n"
-            "  --ready-timeout S    report not_ready after this long (default 120)\n");
+            "  --ready-timeout S    report not_ready after this long (default 120)\n"
+            "  --trace-tunnels      open tunnels only once Register has succeeded (the connection is up) and\n"
+            "                       print {\"event\":\"tunnel_open\",\"agent\":ID,\"mono_ns\":T} for each, T the\n"
+            "                       CLOCK_MONOTONIC time its descriptor was queued (bench/run S3)\n");
 }
 
 int main(int argc, char **argv)
@@ -858,6 +873,7 @@ int main(int argc, char **argv)
         {"duration", required_argument, NULL, 'd'},
         {"ready-timeout", required_argument, NULL, 'r'},
         {"gzip", no_argument, NULL, 'G'},
+        {"trace-tunnels", no_argument, NULL, 'P'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
@@ -868,6 +884,9 @@ int main(int argc, char **argv)
         switch (opt) {
         case 'G':
             O.gzip = true;
+            break;
+        case 'P':
+            O.trace_tunnels = true;
             break;
         case 't':
             target = optarg;

@@ -111,6 +111,7 @@ struct lgshard {
     /* results */
     struct bench_hist *hist;
     uint64_t ok_total, ok_run, failed, mismatches, start_failures, late, channel_reopens;
+    uint64_t first_start_ns, last_done_ns; /* CLOCK_MONOTONIC: first call issued, last OK call ended */
     uint64_t by_status[17];
     uint64_t bytes_sent_run, bytes_recv_run;
     char first_error[256];
@@ -257,6 +258,8 @@ static void on_done(kd_grpc_call *call, int status, const char *message)
         fail(sh, KD_GRPC_OK, what);
     } else {
         sh->ok_total++;
+        if (end > sh->last_done_ns)
+            sh->last_done_ns = end;
         if (sh->phase == PH_RUN) {
             sh->ok_run++;
             bench_hist_add(sh->hist, (end - lc->start_ns) / 1000u);
@@ -351,6 +354,8 @@ static void issue(struct lgshard *sh)
     }
     lc->start_ns = now_ns();
     lc->read_start_ns = lc->start_ns;
+    if (sh->first_start_ns == 0)
+        sh->first_start_ns = lc->start_ns;
     lc->call = kd_grpc_channel_call(ch, O.path, md, nmd, O.timeout_us, &handler, lc);
     if (lc->call == NULL) {
         free(lc);
@@ -495,6 +500,7 @@ static int shard_start(struct kd_shard *s)
 struct totals {
     struct bench_hist *hist;
     uint64_t ok_total, ok_run, failed, mismatches, start_failures, late, reopens;
+    uint64_t first_start_ns, last_done_ns;
     uint64_t by_status[17];
     uint64_t bytes_sent, bytes_recv;
     double run_s;
@@ -563,6 +569,10 @@ static void print_json(const struct totals *t, uint64_t cpu_us)
         }
     printf("},\"first_error\":");
     bench_json_str(stdout, t->first_error ? t->first_error : "");
+    /* CLOCK_MONOTONIC (ns), comparable with agentsim's tunnel_open lines and Python's
+     * time.monotonic_ns() on the same machine (the S3 discovery timing) */
+    printf(",\"first_start_mono_ns\":%llu,\"last_done_mono_ns\":%llu", (unsigned long long)t->first_start_ns,
+           (unsigned long long)t->last_done_ns);
     printf(",\"cpu_us\":%llu}\n", (unsigned long long)cpu_us);
 }
 
@@ -817,6 +827,10 @@ int main(int argc, char **argv)
         t.start_failures += sh->start_failures;
         t.late += sh->late;
         t.reopens += sh->channel_reopens;
+        if (sh->first_start_ns && (t.first_start_ns == 0 || sh->first_start_ns < t.first_start_ns))
+            t.first_start_ns = sh->first_start_ns;
+        if (sh->last_done_ns > t.last_done_ns)
+            t.last_done_ns = sh->last_done_ns;
         for (int k = 0; k <= 16; k++)
             t.by_status[k] += sh->by_status[k];
         t.bytes_sent += sh->bytes_sent_run;

@@ -71,6 +71,50 @@ class BenchSmoke(unittest.TestCase):
             self.assertEqual(s1[lay]["agentsim"]["protocol_errors"], 0)
             self.assertGreater(s1[lay]["agentsim"]["tunnel_calls"], 0)
 
+    def test_s2_every_call_went_through_the_fleet(self):
+        s2 = self.report["scenarios"]["S2"]
+        self.assertNotIn("error", s2, self.output)
+        layouts = [k for k in s2 if k != "notes"]
+        self.assertTrue(layouts, self.output)
+        for lay in layouts:
+            raw = s2[lay]["raw"]
+            for path in ("S1", "S2"):
+                self.assertTrue(raw[path], f"{lay} {path}: no run")
+                for res in raw[path] + s2[lay]["raw_fixed_rate"][path]:
+                    self.assertEqual(res["exit"], 0, res)
+                    self.assertGreater(res["calls_ok"], 0, res)
+                    self.assertEqual(res["calls_failed"], 0, res)
+                    self.assertEqual(res["mismatches"], 0, res)
+            for res in raw["S2"]:
+                # every call entered A and was forwarded to B, where the agents are
+                self.assertGreaterEqual(res["forwarded"]["ready"], res["calls_ok_total"], res["forwarded"])
+                self.assertGreaterEqual(res["gateway"]["ready"], res["calls_ok_total"], res["gateway"])
+                self.assertIn("redis_commands_per_call", res)
+            for sname in ("S1", "S2"):
+                self.assertEqual(s2[lay]["agentsim"][sname]["calls_failed"], 0)
+                self.assertEqual(s2[lay]["agentsim"][sname]["protocol_errors"], 0)
+
+    def test_s3_every_waiting_call_was_served(self):
+        s3 = self.report["scenarios"]["S3"]
+        self.assertNotIn("error", s3, self.output)
+        for mode in ("events", "poll", "local"):
+            trials = s3["raw"][mode]
+            self.assertEqual(len(trials), s3["trials"], mode)
+            for x in trials:
+                self.assertTrue(x["ok"], x)
+                self.assertGreaterEqual(x["latency_us"], 0, x)
+        # what got the waiting calls routed: presence events (events fleet), the poll (poll fleet), a
+        # local tunnel; never the safety re-check (5 s; a trial waits well under 1 s). Lower bounds
+        # only: a call that an event reaches before its first Redis read has answered is not counted
+        # as having waited.
+        woken, n = s3["woken"], s3["trials"]
+        self.assertGreaterEqual(woken["events"]["event"], n // 2, woken)
+        self.assertEqual(woken["events"]["poll"], 0, woken)
+        self.assertGreaterEqual(woken["events"]["tunnel"], n // 2, woken)
+        self.assertGreaterEqual(woken["poll"]["poll"], n // 2, woken)
+        self.assertEqual(woken["poll"]["event"], 0, woken)
+        self.assertEqual(woken["events"]["recheck"] + woken["poll"]["recheck"], 0, woken)
+
     def test_s4_every_agent_connected(self):
         s4 = self.report["scenarios"]["S4"]
         self.assertNotIn("error", s4, self.output)
