@@ -62,22 +62,71 @@ static int write_once(const char *path, const char *content, bool *created, char
     return 0;
 }
 
-static int secret_file(const char *dir, const char *name, char **slot, char *err, size_t errlen)
+/* 32 random bytes, base64, one newline: a kas secret file, as GitLab's .gitlab_kas_secret is. */
+static int secret_content(char content[64], char *err, size_t errlen)
 {
-    char path[PATH_MAX + 64], content[128];
     uint8_t raw[32];
-    bool created;
-    if (*slot != NULL) /* configured explicitly: leave it */
-        return 0;
-    snprintf(path, sizeof(path), "%s/%s", dir, name);
     int rc = random_bytes(raw, sizeof(raw));
     if (rc < 0) {
         snprintf(err, errlen, "getrandom: %s", strerror(-rc));
         return rc;
     }
-    kd_base64_encode(raw, sizeof(raw), content);
+    kd_base64_encode(raw, sizeof(raw), content); /* 44 characters and a NUL */
+    explicit_bzero(raw, sizeof(raw));
     strcat(content, "\n");
-    rc = write_once(path, content, &created, err, errlen);
+    return 0;
+}
+
+/* force: a new file is written beside path (mode 0600) and renamed over it, so a reader never
+ * sees a partial secret and the old file's owner or mode do not carry over. */
+int kd_dev_secret_write(const char *path, bool force, bool *created, char *err, size_t errlen)
+{
+    char content[64], tmp[PATH_MAX];
+    int rc = secret_content(content, err, errlen);
+    *created = false;
+    if (rc < 0)
+        return rc;
+    if (!force) {
+        rc = write_once(path, content, created, err, errlen);
+        explicit_bzero(content, sizeof(content));
+        return rc;
+    }
+    if (snprintf(tmp, sizeof(tmp), "%s.XXXXXX", path) >= (int)sizeof(tmp)) {
+        snprintf(err, errlen, "%s: path too long", path);
+        return -ENAMETOOLONG;
+    }
+    int fd = mkstemp(tmp); /* mode 0600 */
+    if (fd < 0) {
+        int e = errno;
+        snprintf(err, errlen, "%s: %s", tmp, strerror(e));
+        return -e;
+    }
+    size_t len = strlen(content);
+    ssize_t w = write(fd, content, len);
+    int e = w == (ssize_t)len ? 0 : w < 0 ? errno : EIO;
+    explicit_bzero(content, sizeof(content));
+    if (e == 0 && fsync(fd) < 0)
+        e = errno;
+    close(fd);
+    if (e == 0 && rename(tmp, path) < 0)
+        e = errno;
+    if (e != 0) {
+        unlink(tmp);
+        snprintf(err, errlen, "%s: %s", path, strerror(e));
+        return -e;
+    }
+    *created = true;
+    return 0;
+}
+
+static int secret_file(const char *dir, const char *name, char **slot, char *err, size_t errlen)
+{
+    char path[PATH_MAX + 64];
+    bool created;
+    if (*slot != NULL) /* configured explicitly: leave it */
+        return 0;
+    snprintf(path, sizeof(path), "%s/%s", dir, name);
+    int rc = kd_dev_secret_write(path, false, &created, err, errlen);
     if (rc < 0)
         return rc;
     *slot = strdup(path);

@@ -2,9 +2,12 @@
 #include <errno.h>
 #include <getopt.h>
 #include <signal.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include "cmd/dev.h"
@@ -24,6 +27,76 @@
 #include "shards/tracker.h"
 #include "shards/tunnel_codec.h"
 #include "shards/server.h"
+
+/* systemd's readiness protocol (Type=notify) without libsystemd: one datagram per state change to
+ * the AF_UNIX socket named by $NOTIFY_SOCKET ('@' first: the abstract namespace). The address is
+ * read once at start and the variable removed, so children (the embedded redis-server, which
+ * speaks the protocol too) do not report for kasd. Not under systemd: nothing is sent. */
+static struct sockaddr_un notify_addr;
+static socklen_t notify_addrlen; /* 0: no NOTIFY_SOCKET */
+
+static void notify_init(void)
+{
+    const char *v = getenv("NOTIFY_SOCKET");
+    size_t len = v ? strlen(v) : 0;
+    if (len < 2 || (v[0] != '/' && v[0] != '@') || len >= sizeof(notify_addr.sun_path))
+        return;
+    notify_addr.sun_family = AF_UNIX;
+    memcpy(notify_addr.sun_path, v, len);
+    if (v[0] == '@')
+        notify_addr.sun_path[0] = '\0';
+    notify_addrlen = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + len);
+    unsetenv("NOTIFY_SOCKET");
+}
+
+static void notify_send(const char *state)
+{
+    if (notify_addrlen == 0)
+        return;
+    int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd < 0 ||
+        sendto(fd, state, strlen(state), MSG_NOSIGNAL, (struct sockaddr *)&notify_addr, notify_addrlen) < 0)
+        kd_log_msg(KD_LOG_WARN, "sd_notify_failed", "%s: %s", state, strerror(errno));
+    if (fd >= 0)
+        close(fd);
+}
+
+/* kasd gen-secret [--force] FILE: a secret file for a first install (exit 0; 1 if FILE exists
+ * and --force is not given, or on an I/O error; 2 on a usage error). */
+static int gen_secret(int argc, char **argv)
+{
+    const char *path = NULL;
+    bool force = false, created;
+    char err[512];
+    for (int i = 2; i < argc; i++) {
+        if (strcmp(argv[i], "--force") == 0 || strcmp(argv[i], "-f") == 0) {
+            force = true;
+        } else if (argv[i][0] == '-' && argv[i][1] != '\0') {
+            fprintf(stderr, "kasd gen-secret: unknown option \"%s\"\nusage: kasd gen-secret [--force] FILE\n",
+                    argv[i]);
+            return 2;
+        } else if (path == NULL) {
+            path = argv[i];
+        } else {
+            fprintf(stderr, "kasd gen-secret: one FILE only\nusage: kasd gen-secret [--force] FILE\n");
+            return 2;
+        }
+    }
+    if (path == NULL) {
+        fprintf(stderr, "usage: kasd gen-secret [--force] FILE\n");
+        return 2;
+    }
+    if (kd_dev_secret_write(path, force, &created, err, sizeof(err)) < 0) {
+        fprintf(stderr, "kasd gen-secret: %s\n", err);
+        return 1;
+    }
+    if (!created) {
+        fprintf(stderr, "kasd gen-secret: %s exists; not overwritten (--force replaces it)\n", path);
+        return 1;
+    }
+    printf("%s: new secret (32 random bytes, base64), mode 0600\n", path);
+    return 0;
+}
 
 static void wake_shard(void *ud, unsigned slot)
 {
@@ -91,6 +164,7 @@ static void usage(FILE *f)
         f,
         "usage: kasd [--config FILE] [--dev [--state-dir DIR]]\n"
         "       kasd --check-config FILE\n"
+        "       kasd gen-secret [--force] FILE\n"
         "       kasd --version | --help\n"
         "\n"
         "  -c, --config FILE        YAML configuration (docs/configuration.md); without it kasd runs\n"
@@ -99,11 +173,16 @@ static void usage(FILE *f)
         "      --dev                development set-up: create (or reuse) agent tokens and JWT secrets in\n"
         "                           the state directory and use them where the config names none\n"
         "      --state-dir DIR      state directory for --dev (default: ./.kasd-dev)\n"
+        "  gen-secret FILE          write a new secret (32 random bytes, base64) to FILE, mode 0600,\n"
+        "                           for authentication_secret_file; an existing FILE is kept unless\n"
+        "                           --force is given\n"
         "  -V, --version            print the version\n"
         "  -h, --help               this text\n"
         "\n"
         "Without redis.server.address in the config, kasd starts its own redis-server on a free\n"
-        "loopback port and stops it on exit. SIGTERM/SIGINT stop gracefully (limits.shutdown_grace).\n");
+        "loopback port and stops it on exit. SIGTERM/SIGINT stop gracefully (limits.shutdown_grace);\n"
+        "SIGHUP reloads the agent token file and agent configurations. Under systemd (NOTIFY_SOCKET)\n"
+        "kasd reports READY=1 once it serves and STOPPING=1 when it starts to drain.\n");
 }
 
 /* Redis options from the configuration, made on the main thread before shards start: host names
@@ -333,6 +412,9 @@ int main(int argc, char **argv)
     const char *config_path = NULL, *check_path = NULL, *state_dir = ".kasd-dev";
     bool dev = false;
     int opt;
+    if (argc >= 2 && strcmp(argv[1], "gen-secret") == 0)
+        return gen_secret(argc, argv);
+    notify_init();
     while ((opt = getopt_long(argc, argv, "c:Vh", longopts, NULL)) != -1) {
         switch (opt) {
         case 'c':
@@ -628,6 +710,7 @@ int main(int argc, char **argv)
         kd_log_str(&l, "instance_id", tracker_cfg.instance_id);
         kd_log_end(&l);
     }
+    notify_send("READY=1");
 
     /* With agent.configuration_dir, this thread also looks at the directory once a second
      * (readdir + fstatat of the *.yaml files, compared as one fingerprint) rather than using
@@ -665,6 +748,7 @@ int main(int argc, char **argv)
         kd_log_str(&l, "signal", sig == SIGTERM ? "SIGTERM" : "SIGINT");
         kd_log_uint(&l, "grace_ms", cfg.limits.shutdown_grace_ms);
         kd_log_end(&l);
+        notify_send("STOPPING=1");
         break;
     }
     kd_server_stop(srv); /* /readiness answers 503 from here on */
