@@ -12,6 +12,7 @@
  *   kd_tls_write ──> (pending, until the handshake is done) ──> wolfSSL_write
  */
 #include "core/tls.h"
+#include "core/tls_common.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -46,71 +47,9 @@
     "ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384"
 #endif
 
-/* First allocation of a byte queue: one handshake flight usually fits. */
-#define BQ_MIN 2048
 
 /* wolfSSL_read/_write take an int length. */
 #define IO_CHUNK (1 << 30)
-
-/* ---- byte queues ------------------------------------------------------------------------------ */
-
-/* data[off, len) is waiting; cap is the allocation. Invariant: data == NULL iff cap == 0, and an
- * empty queue is always freed (off == len implies data == NULL), so idle connections cost nothing. */
-struct bq {
-    uint8_t *data;
-    size_t off, len, cap;
-};
-
-static size_t bq_used(const struct bq *q)
-{
-    return q->len - q->off;
-}
-
-static void bq_free(struct bq *q)
-{
-    free(q->data);
-    memset(q, 0, sizeof(*q));
-}
-
-static int bq_push(struct bq *q, const void *p, size_t n)
-{
-    if (n == 0)
-        return 0;
-    if (q->cap - q->len < n && q->off > 0) {
-        memmove(q->data, q->data + q->off, bq_used(q));
-        q->len -= q->off;
-        q->off = 0;
-    }
-    if (q->cap - q->len < n) {
-        if (n > SIZE_MAX / 2 - q->len)
-            return -ENOMEM;
-        size_t cap = q->cap ? q->cap * 2 : BQ_MIN;
-        if (cap < q->len + n)
-            cap = q->len + n;
-        uint8_t *d = realloc(q->data, cap);
-        if (d == NULL)
-            return -ENOMEM;
-        q->data = d;
-        q->cap = cap;
-    }
-    memcpy(q->data + q->len, p, n);
-    q->len += n;
-    return 0;
-}
-
-static size_t bq_pop(struct bq *q, void *out, size_t cap)
-{
-    size_t n = bq_used(q);
-    if (n > cap)
-        n = cap;
-    if (n == 0)
-        return 0; /* data may be NULL: no memcpy, even of 0 bytes */
-    memcpy(out, q->data + q->off, n);
-    q->off += n;
-    if (q->off == q->len)
-        bq_free(q);
-    return n;
-}
 
 /* ---- types ------------------------------------------------------------------------------------ */
 
@@ -124,9 +63,9 @@ struct kd_tls_ctx {
 struct kd_tls {
     WOLFSSL *ssl;
     const struct kd_tls_ctx *ctx;
-    struct bq in;      /* ciphertext fed, not yet consumed by wolfSSL */
-    struct bq out;     /* ciphertext produced, not yet taken */
-    struct bq pending; /* plaintext written before the handshake finished */
+    struct kd_bq in;      /* ciphertext fed, not yet consumed by wolfSSL */
+    struct kd_bq out;     /* ciphertext produced, not yet taken */
+    struct kd_bq pending; /* plaintext written before the handshake finished */
     char *err;         /* first failure, allocated only when one happens */
     int fatal;         /* 0, or the negative errno every later read/write returns */
     int verify_err;    /* first error the verify callback saw: X509_V_ERR_* > 0, wolfSSL code < 0 */
@@ -137,71 +76,10 @@ struct kd_tls {
 
 /* ---- errors ----------------------------------------------------------------------------------- */
 
-static void set_err(struct kd_tls *t, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-
 /* Keeps the first error: later ones are consequences (e.g. the alert we send after a failure). */
-static void set_err(struct kd_tls *t, const char *fmt, ...)
-{
-    if (t->err != NULL)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    if (vasprintf(&t->err, fmt, ap) < 0)
-        t->err = NULL;
-    va_end(ap);
-}
-
-static void ctx_err(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-
-static void ctx_err(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (err == NULL || errlen == 0)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
-
-/* Alert names as RFC 8446 spells them, so both backends log the same words. */
-static const struct {
-    int code;
-    const char *name;
-} alert_names[] = {
-    {0, "close notify"},
-    {10, "unexpected message"},
-    {20, "bad record mac"},
-    {22, "record overflow"},
-    {40, "handshake failure"},
-    {42, "bad certificate"},
-    {43, "unsupported certificate"},
-    {44, "certificate revoked"},
-    {45, "certificate expired"},
-    {46, "certificate unknown"},
-    {47, "illegal parameter"},
-    {48, "unknown CA"},
-    {49, "access denied"},
-    {50, "decode error"},
-    {51, "decrypt error"},
-    {70, "protocol version"},
-    {71, "insufficient security"},
-    {80, "internal error"},
-    {86, "inappropriate fallback"},
-    {90, "user canceled"},
-    {109, "missing extension"},
-    {110, "unsupported extension"},
-    {112, "unrecognized name"},
-    {116, "certificate required"},
-    {120, "no application protocol"},
-};
-
-static const char *alert_name(int code)
-{
-    for (size_t i = 0; i < sizeof(alert_names) / sizeof(alert_names[0]); i++)
-        if (alert_names[i].code == code)
-            return alert_names[i].name;
-    return "unknown alert";
-}
+#define set_err(t, ...) kd_tls_first_err(&(t)->err, __VA_ARGS__)
+#define ctx_err kd_tls_ctx_err
+#define alert_name kd_tls_alert_name
 
 static const char *wolf_text(int code)
 {
@@ -265,7 +143,7 @@ static void server_alert_if_silent(struct kd_tls *t)
         return;
     if (wolfSSL_get_alert_history(t->ssl, &h) != WOLFSSL_SUCCESS || h.last_tx.level > 0)
         return;
-    if (bq_push(&t->out, alert, sizeof(alert)) < 0)
+    if (kd_bq_push(&t->out, alert, sizeof(alert)) < 0)
         t->nomem = true;
 }
 
@@ -305,9 +183,9 @@ static int io_recv(WOLFSSL *ssl, char *buf, int sz, void *arg)
     struct kd_tls *t = arg;
     if (sz <= 0)
         return 0;
-    if (bq_used(&t->in) == 0)
+    if (kd_bq_used(&t->in) == 0)
         return WOLFSSL_CBIO_ERR_WANT_READ; /* "no data yet", never EOF: the caller feeds more later */
-    return (int)bq_pop(&t->in, buf, (size_t)sz);
+    return (int)kd_bq_pop(&t->in, buf, (size_t)sz);
 }
 
 static int io_send(WOLFSSL *ssl, char *buf, int sz, void *arg)
@@ -315,7 +193,7 @@ static int io_send(WOLFSSL *ssl, char *buf, int sz, void *arg)
     struct kd_tls *t = arg;
     if (sz <= 0)
         return 0;
-    if (bq_push(&t->out, buf, (size_t)sz) < 0) {
+    if (kd_bq_push(&t->out, buf, (size_t)sz) < 0) {
         t->nomem = true;
         return WOLFSSL_CBIO_ERR_GENERAL;
     }
@@ -725,16 +603,16 @@ void kd_tls_free(struct kd_tls *t)
     if (t == NULL)
         return;
     wolfSSL_free(t->ssl);
-    bq_free(&t->in);
-    bq_free(&t->out);
-    bq_free(&t->pending);
+    kd_bq_free(&t->in);
+    kd_bq_free(&t->out);
+    kd_bq_free(&t->pending);
     free(t->err);
     free(t);
 }
 
 int kd_tls_feed(struct kd_tls *t, const uint8_t *in, size_t n)
 {
-    return bq_push(&t->in, in, n);
+    return kd_bq_push(&t->in, in, n);
 }
 
 /* Encrypts everything; io_send accepts all output, so wolfSSL_write only stops for a real error (or
@@ -748,7 +626,7 @@ static int write_now(struct kd_tls *t, const uint8_t *in, size_t n)
             int rc = ssl_result(t, ret);
             if (rc < 0)
                 return rc;
-            return bq_push(&t->pending, in, n);
+            return kd_bq_push(&t->pending, in, n);
         }
         in += ret;
         n -= (size_t)ret;
@@ -758,15 +636,15 @@ static int write_now(struct kd_tls *t, const uint8_t *in, size_t n)
 
 static int flush_pending(struct kd_tls *t)
 {
-    while (bq_used(&t->pending) > 0) {
+    while (kd_bq_used(&t->pending) > 0) {
         /* Take the queue so write_now may refill it if it has to wait again. */
-        struct bq q = t->pending;
+        struct kd_bq q = t->pending;
         memset(&t->pending, 0, sizeof(t->pending));
-        int rc = write_now(t, q.data + q.off, bq_used(&q));
-        bq_free(&q);
+        int rc = write_now(t, q.data + q.off, kd_bq_used(&q));
+        kd_bq_free(&q);
         if (rc < 0)
             return rc;
-        if (bq_used(&t->pending) > 0)
+        if (kd_bq_used(&t->pending) > 0)
             return 0;
     }
     return 0;
@@ -811,8 +689,8 @@ int kd_tls_write(struct kd_tls *t, const uint8_t *in, size_t n)
         return -EPIPE;
     if (n == 0)
         return 0;
-    if (!t->hs_done || bq_used(&t->pending) > 0)
-        return bq_push(&t->pending, in, n);
+    if (!t->hs_done || kd_bq_used(&t->pending) > 0)
+        return kd_bq_push(&t->pending, in, n);
     return write_now(t, in, n);
 }
 
@@ -829,12 +707,12 @@ int kd_tls_connect(struct kd_tls *t)
 
 size_t kd_tls_output_pending(const struct kd_tls *t)
 {
-    return bq_used(&t->out);
+    return kd_bq_used(&t->out);
 }
 
 size_t kd_tls_take_output(struct kd_tls *t, uint8_t *out, size_t cap)
 {
-    return bq_pop(&t->out, out, cap);
+    return kd_bq_pop(&t->out, out, cap);
 }
 
 bool kd_tls_handshake_done(const struct kd_tls *t)
