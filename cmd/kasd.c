@@ -513,6 +513,7 @@ int main(int argc, char **argv)
                          .max_message = cfg.limits.grpc_max_message_size,
                          .pods_per_connection = cfg.limits.pods_per_connection,
                          .pods_per_agent = cfg.limits.pods_per_agent,
+                         .agent_meta_max = cfg.limits.agent_meta_max_size,
                          .gitlab_external_url = cfg.gitlab.external_url ? cfg.gitlab.external_url : ""};
     static struct kd_tracker_cfg tracker_cfg; /* outlives the shards */
     struct kd_tokens_handle tokens_handle;

@@ -376,6 +376,7 @@ int kd_config_defaults(struct kd_config *c)
     c->fleet.peer_connect_ms = 5000;
     c->limits.pods_per_connection = 16;
     c->limits.pods_per_agent = 1000;
+    c->limits.agent_meta_max_size = 16384;
     c->limits.connected_agents_max_size = (4u << 20) - (64u << 10);
     struct kd_listen_cfg *grpc_listeners[] = {&c->agent.listen, &c->api.listen, &c->private_api.listen};
     for (size_t i = 0; i < 3; i++) {
@@ -667,6 +668,11 @@ static const struct field limits_keys[] = {
      .min = 1,
      .max = 1000000},
     {.key = "pods_per_agent", .kind = K_UINT, .off = OFF(limits.pods_per_agent), .min = 1, .max = 1000000},
+    {.key = "agent_meta_max_size",
+     .kind = K_UINT,
+     .off = OFF(limits.agent_meta_max_size),
+     .min = 256,
+     .max = 1048576},
     /* Bytes of one GetConnectedAgentsResponse; at least 1 KiB so one ordinary entry fits. */
     {.key = "connected_agents_max_size",
      .kind = K_UINT,

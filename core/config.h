@@ -117,6 +117,7 @@ struct kd_config {
         uint32_t routing_timeout_ms;          /* limits.routing_timeout: longest wait for an agent's tunnel */
         uint32_t pods_per_connection;       /* limits.pods_per_connection: pod_ids one connection registers */
         uint32_t pods_per_agent;            /* limits.pods_per_agent: pod_ids of one agent on this instance */
+        uint32_t agent_meta_max_size;       /* limits.agent_meta_max_size: one Register's AgentMeta, bytes */
         uint32_t connected_agents_max_size; /* limits.connected_agents_max_size: GetConnectedAgents bytes */
     } limits;
 

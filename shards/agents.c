@@ -1388,6 +1388,17 @@ static int register_message(kd_grpc_call *call, const uint8_t *msg, size_t len)
         kd_grpc_finish(call, KD_GRPC_INVALID_ARGUMENT, "malformed RegisterRequest", NULL, 0);
         return 0;
     }
+    /* The meta is stored in Redis for every pod and sent back in GetConnectedAgents: an agent's
+     * real one is a few hundred bytes (version, commit, pod name, Kubernetes version). */
+    uint32_t meta_max = ks->kas->agent_meta_max ? ks->kas->agent_meta_max : 16384;
+    if (meta_len > meta_max) {
+        char m[160];
+        snprintf(m, sizeof(m), "agent_meta too large (%zu bytes; limits.agent_meta_max_size is %u)", meta_len,
+                 meta_max);
+        ks->stats.meta_refused++;
+        kd_grpc_finish(call, KD_GRPC_RESOURCE_EXHAUSTED, m, NULL, 0);
+        return 0;
+    }
     agent_t *a = kd_pool_agent_get(&ks->pool, rc_id->agent_id);
     if (a != NULL)
         a->project_id = rc_id->project_id;

@@ -413,14 +413,16 @@ static void render_metrics(struct kd_control *c, struct buf *b)
     KAS_SERIES("counter", sn->kas.protocol_violations, "kasd_agent_protocol_violations_total",
                "Tunnels closed because the agent broke the tunnel protocol.");
     family(b, "kasd_agent_pods_refused_total", "counter",
-           "Register calls refused RESOURCE_EXHAUSTED because a new pod_id would pass a limit (the limits "
-           "key).");
+           "Register calls refused RESOURCE_EXHAUSTED because a new pod_id would pass a limit, or its "
+           "AgentMeta is larger than limits.agent_meta_max_size (the limits key).");
     for (unsigned i = 0; i < c->n; i++)
         if (c->have[i]) {
             bprintf(b, "kasd_agent_pods_refused_total{shard=\"%u\",limit=\"pods_per_connection\"} %llu\n", i,
                     (unsigned long long)c->snaps[i].kas.pods_refused_conn);
             bprintf(b, "kasd_agent_pods_refused_total{shard=\"%u\",limit=\"pods_per_agent\"} %llu\n", i,
                     (unsigned long long)c->snaps[i].kas.pods_refused_agent);
+            bprintf(b, "kasd_agent_pods_refused_total{shard=\"%u\",limit=\"agent_meta_max_size\"} %llu\n", i,
+                    (unsigned long long)c->snaps[i].kas.meta_refused);
         }
 
     KAS_SERIES("gauge", sn->tracker.conns, "kasd_tracker_connections",

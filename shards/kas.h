@@ -114,6 +114,7 @@ struct kd_kas {
     uint32_t routing_timeout_ms;     /* cap on waiting for a tunnel (GitLab kas: 20 s) */
     uint32_t pods_per_connection;    /* limits.pods_per_connection (0: 16) */
     uint32_t pods_per_agent;         /* limits.pods_per_agent, on this instance (0: 1000) */
+    uint32_t agent_meta_max;         /* limits.agent_meta_max_size: one Register's AgentMeta (0: 16 KiB) */
     uint32_t max_message;            /* limits.grpc_max_message_size: a routed call's messages, either
                                       * way, unwrapped from the tunnel (0: 4 MiB) */
     unsigned nshards;
@@ -152,6 +153,7 @@ struct kd_kas_stats {
     uint64_t api_auth_failures;    /* api listener: JWT missing or refused (on the accepting shard) */
     uint64_t pods_refused_conn;    /* Register of a new pod_id refused: limits.pods_per_connection */
     uint64_t pods_refused_agent;   /* ... refused: limits.pods_per_agent */
+    uint64_t meta_refused;         /* Register refused: AgentMeta over limits.agent_meta_max_size */
     uint64_t routed_by_status[17]; /* routed calls finished on the owner shard, by gRPC status code */
     /* The fleet (docs/operations.md, "Running a fleet"). On the routing instance: attempts to
      * forward a call to a peer, by how they ended before any request byte went out. */

@@ -412,6 +412,7 @@ limits:
   shutdown_grace: 3s
   pods_per_connection: {cls.PER_CONN}
   pods_per_agent: {cls.PER_AGENT}
+  agent_meta_max_size: 1048576
 """))
         assert cls.k.started, cls.k.log()
         cls.gl = GitLabClient("%s:%d" % cls.k.listeners["api"], cls.secret)
@@ -468,6 +469,21 @@ limits:
                          refused_conn0 + 1)
         self.assertEqual(metric(self.k, "kasd_agent_pods_refused_total", limit="pods_per_agent"),
                          refused_agent0 + 1)
+
+    def test_agent_meta_max_size(self):
+        # limits.agent_meta_max_size (1 MiB here): a Register whose AgentMeta is larger is refused,
+        # naming the key, and nothing of it reaches Redis; one at the limit's edge is accepted.
+        refused0 = metric(self.k, "kasd_agent_pods_refused_total", limit="agent_meta_max_size")
+        reg = self.channel(2)
+        with self.assertRaises(grpc.RpcError) as cm:
+            reg(77, pod_name="x" * (1 << 20))
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.RESOURCE_EXHAUSTED)
+        self.assertIn("limits.agent_meta_max_size is 1048576", cm.exception.details())
+        self.assertEqual(metric(self.k, "kasd_agent_pods_refused_total", limit="agent_meta_max_size"), refused0 + 1)
+        reg(78, pod_name="y" * ((1 << 20) - 64))
+        ids = wait_until(lambda: {e.connection_id for e in self.gl.get_connected_agents(agent_id=2).agents} >= {78}, 5)
+        self.assertTrue(ids)
+        self.assertNotIn(77, {e.connection_id for e in self.gl.get_connected_agents(agent_id=2).agents})
 
     def test_get_connected_agents_capped_below_the_message_limit(self):
         # Five pods of agent 3 with 900 KB AgentMeta each: 4.5 MB of entries in Redis, more than a

@@ -517,7 +517,7 @@ Test(config, unknown_keys_everywhere)
          "kasd.yaml:2:3: limits.max_conns: unknown key (expected one of: connections_per_shard, "
          "recv_buffers_per_shard, recv_buffer_size, router_ring_size, shutdown_grace, grpc_max_message_size, "
          "grpc_max_concurrent_streams, grpc_max_header_list_size, routing_timeout, pods_per_connection, "
-         "pods_per_agent, connected_agents_max_size)"},
+         "pods_per_agent, agent_meta_max_size, connected_agents_max_size)"},
         {"log:\n  lvl: debug\n", "kasd.yaml:2:3: log.lvl: unknown key (expected: level)"},
         /* Keys are case-sensitive, like kas's. */
         {"Shards: 1\n",
