@@ -219,6 +219,42 @@ limits:
         finally:
             self.assertEqual(ag.stop(), 0)
 
+    def test_2c_slow_reader_does_not_make_either_instance_buffer(self):
+        # The agent on b answers 96 MiB as fast as it can; GitLab's client on a reads the first
+        # message, then nothing for 3 s. Flow control end to end (a holds its peer call's input, b
+        # holds the tunnel's) keeps both instances' memory flat meanwhile; then every byte arrives.
+        blob = os.urandom(1 << 20)
+        n = 96
+
+        def flood(call):
+            call.recv()
+            call.send_header({})
+            for i in range(n):
+                call.send_message(bytes([i]) + blob[1:])
+            call.send_trailer({})
+        ag = self.agent("b", 12, handlers={"/test.Echo/Flood": flood})
+        self.assertTrue(wait_until(lambda: self.advertised("b", 12), 5))
+
+        def rss(name):
+            with open(f"/proc/{self.kasds[name].proc.pid}/status") as f:
+                return [int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:")][0]
+        before = {k: rss(k) for k in ("a", "b")}
+        call = self.clients["a"].server_stream("/test.Echo/Flood", b"go", agent_id=12, timeout=120)
+        it = iter(call)
+        first = next(it)
+        time.sleep(3.0)
+        during = {k: rss(k) for k in ("a", "b")}
+        rest = list(it)
+        msgs = [first] + rest
+        self.assertEqual(call.code(), grpc.StatusCode.OK)
+        self.assertEqual(len(msgs), n)
+        self.assertTrue(all(m == bytes([i]) + blob[1:] for i, m in enumerate(msgs)))
+        for k in ("a", "b"):
+            grew = during[k] - before[k]
+            print(f"{k}: RSS +{grew} KiB while the reader paused ({n} MiB answered)", file=sys.stderr)
+            self.assertLess(grew, 24 << 10, f"{k} buffered {grew} KiB for a paused reader")
+        self.drop(ag)
+
     def test_3_caller_cancel_reaches_the_agent_through_a_peer(self):
         ended = threading.Event()
 
