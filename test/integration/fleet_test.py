@@ -85,6 +85,7 @@ redis:
 fleet:
   recheck_interval: 30s
   peer_connect_timeout: 2s
+  peer_idle_timeout: 2s
 limits:
   routing_timeout: 8s
   shutdown_grace: 3s
@@ -518,6 +519,15 @@ limits:
             self.agent("c", i)
         for i in (5, 6):
             self.assertEqual(self.who("a", i, timeout=10), i)
+
+    def test_x_idle_peer_connections_close_and_reopen(self):
+        # fleet.peer_idle_timeout (2 s here): a's connections to its peers close once unused, and
+        # the next forwarded call opens one again
+        self.assertEqual(self.who("a", 3), 3)
+        self.assertGreaterEqual(metric(self.kasds["a"], "kasd_fleet_peer_connections"), 1)
+        self.assertTrue(wait_until(lambda: metric(self.kasds["a"], "kasd_fleet_peer_connections") == 0, 8))
+        self.assertEqual(self.who("a", 3), 3)
+        self.assertGreaterEqual(metric(self.kasds["a"], "kasd_fleet_peer_connections"), 1)
 
     def test_y_redis_restart_resubscribes(self):
         # agent 3 is on b (test 1); a has a fresh route to it
