@@ -55,6 +55,7 @@ struct pagent {
     struct kd_list lru; /* p->lru while cached */
     uint64_t fresh_ms;  /* when the cached route was last known right (0: must be read again) */
     bool missed;        /* the subscriber went down since fresh_ms: events may have been missed */
+    uint64_t used_ms;   /* a call last asked for the route (kd_presence_cached) */
     uint64_t *ids;
     uint32_t nids, capids;
     struct kd_list waiting; /* lookups parked until the subscription is confirmed */
@@ -398,7 +399,10 @@ static void sweep_cb(struct kd_timer *t)
     for (struct kd_list *n = p->lru.prev, *prev; n != &p->lru; n = prev) {
         prev = n->prev;
         struct pagent *a = KD_CONTAINER_OF(n, struct pagent, lru);
-        if (a->watch == 0 && now - a->fresh_ms >= ttl_ms(p)) {
+        /* Stale and unused for a TTL: gone (and its channel unsubscribed). Stale but in use: kept,
+         * subscribed; the next call reads it again (kd_presence_cached says -1), so an agent called
+         * all the time costs one read per TTL and no unsubscribe/subscribe churn. */
+        if (a->watch == 0 && now - a->fresh_ms >= ttl_ms(p) && now - a->used_ms >= ttl_ms(p)) {
             uncache(p, a);
             agent_release(p, a);
         }
@@ -852,6 +856,8 @@ void kd_presence_unwatch(struct kd_presence *p, int64_t agent_id)
 int kd_presence_cached(struct kd_presence *p, int64_t agent_id, struct kd_presence_peer *out, size_t max)
 {
     struct pagent *a = agent_find(p, agent_id);
+    if (a != NULL)
+        a->used_ms = kd_shard_now_ms(p->s);
     if (a == NULL || !a->cached || a->fresh_ms == 0 || kd_shard_now_ms(p->s) - a->fresh_ms >= ttl_ms(p))
         return -1;
     if (events(p) && (a->missed || a->sub != SUB_CONFIRMED || !kd_redis_up(p->sub))) {

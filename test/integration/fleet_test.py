@@ -167,6 +167,20 @@ limits:
             self.assertEqual(self.who("a", 3), 3)
         self.assertLessEqual(metric(self.kasds["a"], "kasd_presence_lookups_total") - look0, 1)
         self.assertGreaterEqual(metric(self.kasds["a"], "kasd_presence_cache_hits_total") - hits0, 19)
+        # an agent called all the time keeps its subscription: its route is read again once per
+        # instance_ttl (1.5 s), with no unsubscribe/subscribe churn
+        time.sleep(3.5)  # every route cached so far is stale and unused: dropped, unsubscribed
+        self.assertEqual(self.who("a", 3), 3)  # subscribes again
+        time.sleep(0.3)
+        stats0 = self.redis.commandstats()
+        look0 = metric(self.kasds["a"], "kasd_presence_lookups_total")
+        for _ in range(14):
+            self.assertEqual(self.who("a", 3), 3)
+            time.sleep(0.3)
+        stats1 = self.redis.commandstats()
+        self.assertEqual(stats1.get("unsubscribe", 0) - stats0.get("unsubscribe", 0), 0)
+        self.assertEqual(stats1.get("subscribe", 0) - stats0.get("subscribe", 0), 0)
+        self.assertGreaterEqual(metric(self.kasds["a"], "kasd_presence_lookups_total") - look0, 1)
 
     def test_2_streaming_both_ways_through_a_peer(self):
         a = self.agent("b", 7, handlers={})  # default echo handlers
