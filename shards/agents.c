@@ -385,6 +385,7 @@ static void bind_tunnel(struct back *b, struct tunnel *t)
 /* ---- the fleet: offering a call to the instances that hold its agent's tunnels ---- */
 
 static void wait_locally(struct back *b);
+static void relay_start(struct back *b, unsigned to, uint32_t flag, uint64_t tried);
 
 static uint32_t recheck_ms(const struct kd_kas_shard *ks)
 {
@@ -560,6 +561,11 @@ static void wait_locally(struct back *b)
         bind_tunnel(b, KD_CONTAINER_OF(pt, struct tunnel, pt));
         return;
     }
+    uint64_t holders = a->holders_idle & ~b->tried;
+    if (holders != 0 && !ks->stop_seen) { /* a shard holding its tunnels on a shared connection */
+        relay_start(b, (unsigned)__builtin_ctzll(holders), KD_RT_START_HOLDER, b->tried);
+        return;
+    }
     b->waited = true;
     arm_recheck(b);
 }
@@ -644,6 +650,16 @@ static void holder_state(struct kd_kas_shard *ks, const struct kd_msg *m)
         while ((w = kd_pool_wait_find(&ks->pool, id, any_wait, NULL)) != NULL) {
             struct back *b = KD_CONTAINER_OF(w, struct back, pw);
             relay_start(b, m->from, KD_RT_START_HOLDER, b->tried & ~bit);
+        }
+        /* and those being offered to a peer that has not answered: a tunnel of this instance wins */
+    again:
+        for (struct kd_list *n = ks->forwarding.next; n != &ks->forwarding; n = n->next) {
+            struct back *b = KD_CONTAINER_OF(n, struct back, fwd_link);
+            if (b->agent_id != id || b->bound || b->ended)
+                continue;
+            attempt_abort(b); /* unlinks it from ks->forwarding */
+            relay_start(b, m->from, KD_RT_START_HOLDER, b->tried & ~bit);
+            goto again;
         }
     }
     kd_pool_agent_release(&ks->pool, a);
@@ -832,8 +848,13 @@ void kd_kas_back_message(struct kd_shard *s, const struct kd_msg *m)
     }
     case KD_RT_FRONT_DONE:
         if (b->t != NULL) {
-            b->t->back = NULL;
+            struct tunnel *t = b->t;
+            t->back = NULL;
             b->t = NULL;
+            /* A peer's stream still open after the answer was complete (its trailers late, or a
+             * peer that never ends it): nothing more is wanted from it. */
+            if (t->peer)
+                kd_grpc_cancel(t->call, KD_GRPC_CANCELLED, "call complete"); /* frees t */
         }
         back_free(b);
         break;
@@ -927,8 +948,24 @@ static void tunnel_idle(struct kd_kas_shard *ks, struct tunnel *t)
     t->st = KD_TUN_IDLE;
     /* A waiting call for one of its methods takes it at once (oldest first). */
     struct kd_pool_wait *w = kd_pool_tunnel_ready(&ks->pool, &t->pt);
-    if (w != NULL)
+    if (w != NULL) {
         bind_tunnel(KD_CONTAINER_OF(w, struct back, pw), t);
+        return;
+    }
+    /* Or a call being offered to a peer that has not said "ready" yet (a slow one, or one whose
+     * tunnels are all busy): a tunnel here beats any peer; the offer is withdrawn before any
+     * request byte went there. */
+    for (struct kd_list *n = ks->forwarding.next; n != &ks->forwarding; n = n->next) {
+        struct back *b = KD_CONTAINER_OF(n, struct back, fwd_link);
+        if (b->agent_id != t->pt.agent->id || b->bound || b->ended ||
+            !kd_pool_tunnel_serves(&t->pt, b->method, b->method_len))
+            continue;
+        kd_list_unlink(&t->pt.link); /* off the idle list again: it is this call's */
+        t->pt.idle = false;
+        attempt_abort(b);
+        bind_tunnel(b, t);
+        return;
+    }
 }
 
 /* Hold the tunnel's input while the caller owes more than a window of its answer. */
@@ -1771,6 +1808,7 @@ void kd_kas_stats(struct kd_shard *s, struct kd_kas_stats *out)
         out->pr_cache_stale_hits = ps.cache_stale_hits;
         out->pr_cache_entries = ps.cache_entries;
         out->pr_cache_evictions = ps.cache_evictions;
+        out->pr_sub_unconfirmed = ps.sub_unconfirmed;
     }
     out->forwarding = 0;
     for (struct kd_list *n = ks->forwarding.next; n != &ks->forwarding; n = n->next)

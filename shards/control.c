@@ -402,6 +402,9 @@ static void render_metrics(struct kd_control *c, struct buf *b)
                "Routed calls that found their agent's route in the shard's route cache.");
     KAS_SERIES("counter", sn->kas.pr_cache_stale_hits, "kasd_presence_cache_stale_hits_total",
                "Route cache hits used while Redis was down (events may have been missed).");
+    KAS_SERIES("counter", sn->kas.pr_sub_unconfirmed, "kasd_presence_subscribe_unconfirmed_total",
+               "Route lookups that read Redis without a confirmed SUBSCRIBE of the agent's presence channel "
+               "(refused: an ACL without channel rights; or slower than 1 s). Non-zero: events are not relied on.");
     KAS_SERIES("gauge", sn->kas.pr_cache_entries, "kasd_presence_cache_entries",
                "Agents with a cached route on the shard (at most fleet.route_cache_size).");
     KAS_SERIES("counter", sn->kas.pr_cache_evictions, "kasd_presence_cache_evictions_total",

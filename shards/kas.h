@@ -178,6 +178,7 @@ struct kd_kas_stats {
      * cached now, routes evicted (LRU). */
     uint64_t pr_subscriptions, pr_events, pr_lookups, pr_lookup_failures;
     uint64_t pr_cache_hits, pr_cache_stale_hits, pr_cache_entries, pr_cache_evictions;
+    uint64_t pr_sub_unconfirmed;
 };
 void kd_kas_stats(struct kd_shard *s, struct kd_kas_stats *out);
 

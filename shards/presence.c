@@ -28,6 +28,7 @@
 
 #define MAX_IDS 64     /* instance ids read per lookup (a fleet larger than this is sampled) */
 #define MAX_PEERS 256  /* peer address records kept */
+#define PARK_MS 1000u  /* longest a lookup waits for its SUBSCRIBE to be confirmed */
 
 enum sub_state { SUB_NONE, SUB_PENDING, SUB_CONFIRMED };
 
@@ -56,6 +57,7 @@ struct pagent {
     uint64_t fresh_ms;  /* when the cached route was last known right (0: must be read again) */
     bool missed;        /* the subscriber went down since fresh_ms: events may have been missed */
     uint64_t used_ms;   /* a call last asked for the route (kd_presence_cached) */
+    uint64_t parked_ms; /* the first lookup in waiting parked for the confirmation, then */
     uint64_t *ids;
     uint32_t nids, capids;
     struct kd_list waiting; /* lookups parked until the subscription is confirmed */
@@ -82,6 +84,8 @@ struct kd_presence {
     size_t npeers, peer_next;
     struct kd_list ops;
     struct kd_timer sweep;
+    struct kd_timer park; /* lookups parked too long for a SUBSCRIBE confirmation read anyway */
+    bool unconfirmed_logged;
     uint64_t rng;
     struct kd_presence_stats st;
     char chbuf[192];
@@ -651,6 +655,38 @@ static void read_start(struct kd_presence *p, struct pagent *a)
 
 /* ---- subscriber hooks ---- */
 
+/* A SUBSCRIBE the server never confirms (refused: an ACL without channel rights answers NOPERM,
+ * which kd_redis only logs) must not hold lookups forever: after PARK_MS they read without it,
+ * and the events of that agent are not relied on (the safety re-check covers them). */
+static void park_cb(struct kd_timer *t)
+{
+    struct kd_presence *p = KD_CONTAINER_OF(t, struct kd_presence, park);
+    uint64_t now = kd_shard_now_ms(p->s);
+    bool more = false;
+again:
+    for (size_t i = 0; i < p->nbuckets; i++)
+        for (struct pagent *a = p->buckets[i]; a != NULL; a = a->hnext) {
+            if (kd_list_is_empty(&a->waiting) || a->sub != SUB_PENDING)
+                continue;
+            if (now - a->parked_ms < PARK_MS) {
+                more = true;
+                continue;
+            }
+            p->st.sub_unconfirmed++;
+            if (!p->unconfirmed_logged) {
+                p->unconfirmed_logged = true;
+                kd_log_msg(KD_LOG_WARN, "presence_subscribe_unconfirmed",
+                           "Redis did not confirm SUBSCRIBE %s:{a:%" PRId64 "}:presence within %u ms (an ACL "
+                           "without channel rights?): routes are read without waiting for presence events",
+                           p->cfg->tracker->prefix, a->agent_id, PARK_MS);
+            }
+            read_start(p, a); /* its callbacks may change the table: look again from the start */
+            goto again;
+        }
+    if (more)
+        kd_timerwheel_add(kd_shard_timers(p->s), &p->park, now + PARK_MS / 4);
+}
+
 static void sub_subscribed(void *arg, const char *ch, size_t len)
 {
     struct kd_presence *p = arg;
@@ -781,6 +817,7 @@ struct kd_presence *kd_presence_new(struct kd_shard *s, const struct kd_presence
     kd_list_init(&p->lru);
     kd_list_init(&p->ops);
     kd_timer_init(&p->sweep, sweep_cb);
+    kd_timer_init(&p->park, park_cb);
     if (getrandom(&p->rng, sizeof(p->rng), 0) != sizeof(p->rng) || p->rng == 0)
         p->rng = 0x9E3779B97F4A7C15ULL ^ (uint64_t)(uintptr_t)p;
     if (p->buckets == NULL) {
@@ -814,6 +851,7 @@ void kd_presence_free(struct kd_presence *p)
     if (p == NULL)
         return;
     kd_timerwheel_cancel(kd_shard_timers(p->s), &p->sweep);
+    kd_timerwheel_cancel(kd_shard_timers(p->s), &p->park);
     if (p->sub != NULL)
         kd_redis_free(p->sub);
     /* Reads still in flight on the shard's connection free themselves when answered. */
@@ -911,9 +949,16 @@ void kd_presence_lookup(struct kd_presence *p, struct kd_presence_lookup *lk, in
     }
     lk->pending = true;
     subscribe(p, a);
+    bool first = kd_list_is_empty(&a->waiting);
     kd_list_push_back(&a->waiting, &lk->link);
-    if (events(p) && a->sub == SUB_PENDING && kd_redis_up(p->sub))
-        return; /* subscribe before the lookup: read once the server confirmed */
+    if (events(p) && a->sub == SUB_PENDING && kd_redis_up(p->sub)) {
+        /* subscribe before the lookup: read once the server confirmed (or PARK_MS from now) */
+        if (first)
+            a->parked_ms = kd_shard_now_ms(p->s);
+        if (!kd_timer_is_armed(&p->park))
+            kd_timerwheel_add(kd_shard_timers(p->s), &p->park, kd_shard_now_ms(p->s) + PARK_MS);
+        return;
+    }
     read_start(p, a);
 }
 

@@ -103,6 +103,7 @@ struct kd_presence_stats {
     uint64_t lookups, lookup_failures;
     uint64_t cache_hits, cache_entries, cache_evictions;
     uint64_t cache_stale_hits; /* routes used while Redis was down (events may have been missed) */
+    uint64_t sub_unconfirmed;  /* lookups that read without a confirmed SUBSCRIBE (refused, or slow) */
 };
 void kd_presence_stats(const struct kd_presence *p, struct kd_presence_stats *out);
 
