@@ -88,6 +88,7 @@ struct back {
     struct tunnel *t2;
     struct kd_timer race;
     uint64_t tried; /* holder shards that had no tunnel for it (see KD_RT_START_HOLDER) */
+    uint64_t relay_id; /* its relay to a holder shard (kd_rt_start.relay_id), 0: none */
     struct kd_list fwd_link; /* ks->forwarding while a peer is asked (off the wait list) */
 };
 
@@ -127,6 +128,19 @@ struct kd_kas_shard {
     struct kd_fleet *fleet;
     struct kd_list forwarding; /* backs asking a peer */
     uint64_t event_gen;
+    /* STARTs relayed to a holder shard, by relay id: a CANCEL_WAIT that finds no call here marks
+     * the ones of its front, and one that comes back (KD_RT_START_BOUNCED, same id) marked is
+     * ended at once instead of waiting for a tunnel nobody wants. A small ring: a bounce takes two
+     * router hops; an entry overwritten only loses that shortcut (the call then ends at its
+     * deadline, or its BOUND finds the caller gone). Ids are never reused, so a front address
+     * reused by a later call cannot be mistaken for an earlier one. */
+    struct away {
+        uint64_t id;
+        const void *front;
+        uint16_t r;
+        bool cancelled;
+    } away[32];
+    uint64_t relay_seq;
 };
 
 const double kd_kas_route_bucket_le[KD_KAS_ROUTE_BUCKETS] = {
@@ -210,7 +224,14 @@ static unsigned owner_of(const struct kd_kas_shard *ks, int64_t agent_id)
 
 /* The agent's tunnels on this shard changed (ready count, idle list): the owner advertises the
  * instance in Redis while it or a holder has ready tunnels; a holder tells the owner what changed. */
+static void tunnels_changed_ex(struct kd_kas_shard *ks, agent_t *a, bool force);
 static void tunnels_changed(struct kd_kas_shard *ks, agent_t *a)
+{
+    tunnels_changed_ex(ks, a, false);
+}
+
+/* force (holder only): report even unchanged, asking the owner for its next call. */
+static void tunnels_changed_ex(struct kd_kas_shard *ks, agent_t *a, bool force)
 {
     if (owner_of(ks, a->id) == kd_shard_id(ks->s)) {
         bool want = a->nready > 0 || a->holders_ready != 0;
@@ -222,7 +243,7 @@ static void tunnels_changed(struct kd_kas_shard *ks, agent_t *a)
         return;
     }
     uint8_t bits = (uint8_t)((a->nready > 0 ? 1u : 0u) | (!kd_list_is_empty(&a->idle) ? 2u : 0u));
-    if (bits != a->reported) {
+    if (bits != a->reported || (force && (bits & 2u))) {
         a->reported = bits;
         post(ks, owner_of(ks, a->id), KD_RT_HOLDER_STATE, NULL, NULL, bits, (uint64_t)a->id);
     }
@@ -613,6 +634,12 @@ static void relay_start(struct back *b, unsigned to, uint32_t flag, uint64_t tri
     st->flags = (b->gateway ? KD_RT_START_GATEWAY : 0) | flag;
     st->reply_to = b->r;
     st->tried = tried;
+    if (flag == KD_RT_START_HOLDER) { /* remembered here until it comes back, if it does */
+        st->relay_id = ++ks->relay_seq;
+        ks->away[st->relay_id % 32] = (struct away){st->relay_id, b->front, (uint16_t)b->r, false};
+    } else {
+        st->relay_id = b->relay_id; /* bounced: the owner finds its record by it */
+    }
     memcpy(st->data, b->method, b->method_len);
     memcpy(st->data + b->method_len, b->md, b->md_len);
     post(ks, to, KD_RT_START, st, b->front, 0, (uint64_t)b->agent_id);
@@ -630,6 +657,11 @@ static bool any_wait(struct kd_pool_wait *w, void *ud)
     return true;
 }
 
+static bool untried(struct kd_pool_wait *w, void *ud)
+{
+    return (KD_CONTAINER_OF(w, struct back, pw)->tried & *(const uint64_t *)ud) == 0;
+}
+
 /* A holder shard's tunnels of an agent this shard owns changed. */
 static void holder_state(struct kd_kas_shard *ks, const struct kd_msg *m)
 {
@@ -644,22 +676,27 @@ static void holder_state(struct kd_kas_shard *ks, const struct kd_msg *m)
     a->holders_ready = m->u32 & 1 ? a->holders_ready | bit : a->holders_ready & ~bit;
     a->holders_idle = m->u32 & 2 ? a->holders_idle | bit : a->holders_idle & ~bit;
     tunnels_changed(ks, a);
-    if (!had_idle && (a->holders_idle & bit) && !ks->stop_seen) {
-        /* Its calls waiting here go to the holder, oldest first; those it cannot serve come back. */
-        struct kd_pool_wait *w;
-        while ((w = kd_pool_wait_find(&ks->pool, id, any_wait, NULL)) != NULL) {
+    if ((a->holders_idle & bit) && !ks->stop_seen) {
+        /* One call at a time goes to the holder (it reports again after binding it while it still
+         * has idle tunnels, so the next one follows): the oldest waiting call it has not sent
+         * back, else one being offered to a peer that has not answered (a tunnel of this instance
+         * wins). New idle tunnels there (0 -> idle) are a fresh chance for calls it sent back. */
+        if (!had_idle)
+            for (struct kd_list *n = a->waiting.next; n != &a->waiting; n = n->next)
+                KD_CONTAINER_OF(n, struct back, pw.link)->tried &= ~bit;
+        struct kd_pool_wait *w = kd_pool_wait_find(&ks->pool, id, untried, &bit);
+        if (w != NULL) {
             struct back *b = KD_CONTAINER_OF(w, struct back, pw);
-            relay_start(b, m->from, KD_RT_START_HOLDER, b->tried & ~bit);
-        }
-        /* and those being offered to a peer that has not answered: a tunnel of this instance wins */
-    again:
-        for (struct kd_list *n = ks->forwarding.next; n != &ks->forwarding; n = n->next) {
-            struct back *b = KD_CONTAINER_OF(n, struct back, fwd_link);
-            if (b->agent_id != id || b->bound || b->ended)
-                continue;
-            attempt_abort(b); /* unlinks it from ks->forwarding */
-            relay_start(b, m->from, KD_RT_START_HOLDER, b->tried & ~bit);
-            goto again;
+            relay_start(b, m->from, KD_RT_START_HOLDER, b->tried);
+        } else {
+            for (struct kd_list *n = ks->forwarding.next; n != &ks->forwarding; n = n->next) {
+                struct back *b = KD_CONTAINER_OF(n, struct back, fwd_link);
+                if (b->agent_id != id || b->bound || b->ended || (b->tried & bit))
+                    continue;
+                attempt_abort(b); /* unlinks it from ks->forwarding */
+                relay_start(b, m->from, KD_RT_START_HOLDER, b->tried);
+                break;
+            }
         }
     }
     kd_pool_agent_release(&ks->pool, a);
@@ -679,6 +716,15 @@ static void handle_start(struct kd_kas_shard *ks, const struct kd_msg *m)
     b->gateway = (st->flags & KD_RT_START_GATEWAY) != 0;
     b->tried = st->tried;
     bool holder = (st->flags & KD_RT_START_HOLDER) != 0;
+    bool cancelled = false;
+    if ((st->flags & KD_RT_START_BOUNCED) && st->relay_id != 0) {
+        struct away *w = &ks->away[st->relay_id % 32];
+        if (w->id == st->relay_id) {
+            cancelled = w->cancelled;
+            w->id = 0;
+        }
+    }
+    b->relay_id = st->relay_id;
     b->method_len = st->method_len;
     b->method = kd_chunkpool_malloc(st->method_len + 1);
     b->md_len = st->md_len;
@@ -700,6 +746,11 @@ static void handle_start(struct kd_kas_shard *ks, const struct kd_msg *m)
     kd_timer_init(&b->race, race_cb);
     kd_presence_lookup_init(&b->lk, lookup_done);
 
+    if (cancelled) { /* the caller cancelled while its START was away at a holder shard */
+        route_observe(ks, b, KD_KAS_ROUTE_ABORTED);
+        back_end(b, KD_GRPC_CANCELLED, "call cancelled by the caller", NULL, 0);
+        return;
+    }
     agent_t *a = kd_pool_agent_get(&ks->pool, b->agent_id);
     if (a == NULL) {
         back_end(b, KD_GRPC_RESOURCE_EXHAUSTED, "out of memory", NULL, 0);
@@ -708,7 +759,10 @@ static void handle_start(struct kd_kas_shard *ks, const struct kd_msg *m)
     struct kd_pool_tunnel *pt =
         ks->stop_seen && (b->gateway || holder) ? NULL : kd_pool_wait_start(&ks->pool, a, &b->pw);
     if (pt != NULL) {
-        bind_tunnel(b, KD_CONTAINER_OF(pt, struct tunnel, pt));
+        struct tunnel *t = KD_CONTAINER_OF(pt, struct tunnel, pt);
+        bind_tunnel(b, t);
+        if (holder) /* still idle tunnels here: the owner may send its next waiting call */
+            tunnels_changed_ex(ks, t->pt.agent, true);
         return;
     }
     if (holder) { /* handed here by the owner, but no idle tunnel serves it any more */
@@ -844,7 +898,12 @@ void kd_kas_back_message(struct kd_shard *s, const struct kd_msg *m)
                 break;
             }
         }
-        break; /* not found: BOUND is on its way to R, which then sends CANCEL */
+        /* not found: BOUND is on its way to R, which then sends CANCEL; or the call is away at a
+         * holder shard and may come back (see ks->away) */
+        for (unsigned i = 0; i < 32; i++)
+            if (ks->away[i].id != 0 && ks->away[i].front == m->ptr2 && ks->away[i].r == m->from)
+                ks->away[i].cancelled = true;
+        break;
     }
     case KD_RT_FRONT_DONE:
         if (b->t != NULL) {

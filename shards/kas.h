@@ -84,6 +84,7 @@ struct kd_rt_start {
     uint32_t flags;    /* KD_RT_START_* */
     uint32_t reply_to; /* the front's shard (a START relayed between owner and holder keeps it) */
     uint64_t tried;    /* holder shards that had no tunnel for it (KD_RT_START_BOUNCED) */
+    uint64_t relay_id; /* owner -> holder relays: the owner's id of this relay (0: not relayed) */
     char data[];       /* method, then the md blob */
 };
 

@@ -536,6 +536,7 @@ static int start_routed(kd_grpc_call *call, int64_t agent_id, const char *path, 
     st->flags = flags;
     st->reply_to = kd_shard_id(s);
     st->tried = 0;
+    st->relay_id = 0;
     memcpy(st->data, path, plen);
     memcpy(st->data + plen, md, mdlen);
     kd_chunkpool_free(md);
