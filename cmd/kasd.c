@@ -597,7 +597,7 @@ int main(int argc, char **argv)
         sp->grpc.max_message = cfg.limits.grpc_max_message_size;
         /* A routed call's message of up to the limit travels to and from the agent wrapped in a
          * tunnel Message: the agent listener takes the limit plus that wrapping, and the tunnel
-         * code holds the unwrapped data to the limit itself (agents.c). */
+         * code holds the unwrapped data to the limit itself (shards/tunnels.c). */
         if (i == 0)
             sp->grpc.max_message += KD_TUN_WRAP_OVERHEAD;
         sp->grpc.max_message_key = "limits.grpc_max_message_size";

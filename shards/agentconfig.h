@@ -28,7 +28,7 @@ struct kd_agentconfig_shard;
 /* The method of the agent listener (ud unused). */
 extern const struct kd_grpc_method kd_agentconfig_method;
 
-/* Per-shard state (called by agents.c's shard hooks on the shard's thread). new: NULL on
+/* Per-shard state (called by service.c's shard hooks on the shard's thread). new: NULL on
  * allocation failure. free: after every connection of the shard has closed. */
 struct kd_agentconfig_shard *kd_agentconfig_shard_new(struct kd_shard *s);
 void kd_agentconfig_shard_free(struct kd_agentconfig_shard *as);

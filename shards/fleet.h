@@ -3,9 +3,9 @@
  * when it fails or gets GOAWAY, closed when idle; and the start of a forwarded call
  * (/kasd.fleet.v1.Gateway/Tunnel) with its hop metadata and a fresh private JWT.
  * Concurrency: shard-local, no locks. Ownership: the table owns its channels; calls are the
- * caller's (agents.c), who tells kd_fleet_call_end() when one is over.
+ * caller's (forward.c), who tells kd_fleet_call_end() when one is over.
  *
- *   agents.c ──kd_fleet_call(peer, agent, method, md)──> channel[peer] ──> peer's private listener
+ *   forward.c ──kd_fleet_call(peer, agent, method, md)──> channel[peer] ──> peer's private listener
  *            <── handler (on_headers: kas-hop-gateway ready | trailers: no-tunnel) ──
  */
 #ifndef KD_SHARDS_FLEET_H

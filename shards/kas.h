@@ -203,7 +203,7 @@ struct kd_kas_snapshot {
     bool stopping;                   /* the shard has seen the stop request */
 };
 
-/* --- shared between agents.c (O side) and route.c (R side) --- */
+/* --- shared between the service (O side: shards/service.h) and route.c (R side) --- */
 struct kd_kas_shard;
 struct kd_kas_shard *kd_kas_shard_of(struct kd_shard *s);
 void kd_kas_back_message(struct kd_shard *s, const struct kd_msg *m);  /* R->O types */

@@ -1,12 +1,12 @@
 /* pool.h — one shard's agents: each agent's idle tunnels, its calls waiting for a tunnel, and the
  * rule that matches the two. Knows nothing of gRPC: tunnels and waiting calls are intrusive
- * entries embedded in their owners (shards/agents.c).
+ * entries embedded in their owners (shards/tunnels.c, shards/backs.c).
  * Concurrency: shard-local, no locks. Ownership: the pool owns the agent records (created on
  * demand, freed as soon as nothing refers to them); entries belong to their embedding structs.
  *
  *   pool ── buckets[hash(id)] ── agent ─┬─ idle:    tunnel <-> tunnel     (FIFO: oldest first)
  *                                       ├─ waiting: wait <-> wait         (FIFO: oldest first)
- *                                       └─ pods:    (owned by agents.c)
+ *                                       └─ pods:    (owned by register.c)
  *
  * Invariants (kd_pool_validate): a tunnel is on its agent's idle list iff t->idle; an idle tunnel
  * serves no waiting call of its agent (a match is taken at once); every agent is in the bucket of
@@ -28,11 +28,11 @@ struct kd_pool_agent {
     struct kd_pool_agent *hnext;
     struct kd_list idle;
     struct kd_list waiting;
-    struct kd_list pods; /* agents.c's pod records */
-    unsigned npods;      /* on that list (agents.c holds it to limits.pods_per_agent) */
+    struct kd_list pods; /* register.c's pod records */
+    unsigned npods;      /* on that list (register.c holds it to limits.pods_per_agent) */
     unsigned ntunnels;
-    unsigned nready; /* tunnels whose descriptor arrived and that have not ended (agents.c) */
-    /* Several agents on one connection (agents.c, "holders"): a connection stays on the shard of
+    unsigned nready; /* tunnels whose descriptor arrived and that have not ended (tunnels.c) */
+    /* Several agents on one connection (backs.c, "holders"): a connection stays on the shard of
      * its first agent, so another agent's tunnels may live on a shard that does not own it.
      * Owner side: the other shards holding tunnels of the agent (bit per shard), with ready
      * tunnels and with idle ones, and whether this instance is advertised in Redis for it.

@@ -8,10 +8,10 @@
  * until its callback ran or kd_presence_lookup_cancel() unlinked it. Peer records handed to
  * callbacks are borrowed for the call only.
  *
- *   agents.c: no local tunnel for A ──watch(A)──> SUBSCRIBE P:{a:A}:presence (confirmed)
+ *   forward.c: no local tunnel for A ──watch(A)──> SUBSCRIBE P:{a:A}:presence (confirmed)
  *             ──lookup(A)──> (after the confirmation) SMEMBERS P:{a:A}:tunnels, liveness, addresses
  *             <──cb(peers)── live instances holding tunnels of A, this instance excluded
- *   peer publishes "+I" / "-I" ──> on_event(A, I, up) ──> agents.c wakes A's waiting calls
+ *   peer publishes "+I" / "-I" ──> on_event(A, I, up) ──> forward.c wakes A's waiting calls
  *
  * Subscribe before looking up: a lookup's SMEMBERS is sent only after the SUBSCRIBE of its agent's
  * channel was confirmed, so an event published after the read is always received.
@@ -44,7 +44,7 @@ struct kd_presence_cfg {
     const struct kd_redis_opts *redis;    /* copied for the subscriber connection (subscriber=true) */
     uint32_t route_cache_size;            /* fleet.route_cache_size: agents with a cached route, LRU (0: 10000) */
     bool sharded;                         /* use SSUBSCRIBE/SPUBLISH (decided at start) */
-    /* Read by agents.c (routing), set from the fleet.* configuration keys: */
+    /* Read by forward.c (routing), set from the fleet.* configuration keys: */
     uint32_t recheck_ms;        /* fleet.recheck_interval: safety re-check of a waiting call (0: 5000) */
     bool poll;                  /* fleet.discovery: poll: no events, GitLab kas's polling schedule (S3 bench) */
     uint32_t peer_idle_ms;      /* fleet.peer_idle_timeout: close an unused peer connection (0: 60000) */

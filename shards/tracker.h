@@ -3,10 +3,10 @@
  * whole after every (re)connect; on shard 0 also the instance's record, heartbeat and the sweeper
  * of dead instances; and AgentTracker/GetConnectedAgents, answered from Redis.
  * Concurrency: shard-local, no locks; talks to Redis only through the shard's own connection.
- * Ownership: the tracker owns its entries; a connection entry is named by the agents.c record
+ * Ownership: the tracker owns its entries; a connection entry is named by the register.c record
  * that created it until kd_tracker_conn_down() (after which that pointer is dead).
  *
- *   agents.c ──conn_up/conn_down/tunnels──> desired state (all) + dirty list
+ *   service ──conn_up/conn_down/tunnels──> desired state (all) + dirty list
  *   on_turn ──kd_tracker_flush──> one pipelined batch: SADD idx, HSET/HDEL, SADD/SREM, SREM idx
  *   redis up ──resync──> SMEMBERS idx, delete what is not wanted, rewrite what is
  */

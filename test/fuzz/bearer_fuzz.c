@@ -1,4 +1,4 @@
-/* bearer_fuzz.c — the authorization metadata as kd_kas_bearer (shards/agents.c) reads it: the input is
+/* bearer_fuzz.c — the authorization metadata as kd_kas_bearer (shards/service.c) reads it: the input is
  * the value of an authorization header in a request the driver frames itself (HPACK literals) and
  * feeds to a server session (core/h2.c), so the value arrives as the session stores it. Checks: a
  * token is returned only for a "Bearer " value (case-insensitive), lies inside the value, is not

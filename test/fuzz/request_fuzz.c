@@ -1,5 +1,5 @@
 /* request_fuzz.c — the request messages agents and GitLab send, as kasd decodes them:
- * RegisterRequest (shards/agents.c), GetConnectedAgentsRequest (shards/tracker.c) and
+ * RegisterRequest (shards/register.c), GetConnectedAgentsRequest (shards/tracker.c) and
  * ConfigurationRequest (shards/agentconfig.c) are read by field loops over kd_pb_next (core/pb.c),
  * mirrored here field for field; HealthCheckRequest has its own reader, kd_grpc_health_service
  * (shards/grpc.c). Checks: every field kd_pb_next returns lies inside the input and the reader only
