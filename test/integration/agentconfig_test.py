@@ -127,10 +127,13 @@ class AgentConfiguration(unittest.TestCase):
         return sum(1 for e in list(self.kasd.events) if e.get("event") == "agent_configuration_reloaded")
 
     def put(self, name, data):
-        """Write a file and wait for kasd's poll to load it (at most ~1 s later)."""
+        """Write a file and wait for kasd's poll to load it (at most ~1 s later). A reload counted
+        here may have read the directory just before the write (one the previous change started):
+        one more poll period lets the reload that sees the file happen too."""
         before = self.reloads()
         path = self.write(name, data)
         self.assertTrue(wait_until(lambda: self.reloads() > before, 5), "no reload after writing " + name)
+        time.sleep(1.2)
         return path
 
     def stream(self, agent_id, **kw):
