@@ -17,6 +17,7 @@ KASD_TEST_PACKAGES=(
   libcriterion-dev
   python3-grpcio python3-protobuf protobuf-compiler   # interop tests with real gRPC peers
   haproxy                    # the S1 peer baseline of the bench harness (smoke-tested)
+  nginx                      # the S1/S7 grpc_pass peer baseline of the bench harness (smoke-tested)
   clang libclang-rt-14-dev   # libFuzzer drivers
   curl
   iproute2                   # network namespaces: the fleet link-cut test (fleet_netns_test.py)

@@ -3,9 +3,12 @@ call succeeds. Timings are printed by the harness but never checked here (perfor
 belong in benchmarks, not in tests).
 
 Environment: KASD_BIN, BENCH_AGENTSIM, BENCH_LOADGEN (paths of the binaries; bench/run reads the
-same variables), optionally KASD_BUILD."""
+same variables), optionally KASD_BUILD and BENCH_KASLIKE. The peers nginx (S1, S7) and the kas-like
+peer (bench/peers/kaslike: S1, S4, S7) must have run whenever they are available (nginx installed, the
+kas-like binary built where bench/run looks for it)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -14,6 +17,20 @@ import unittest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RUN = os.path.join(ROOT, "bench", "run")
 LOADGEN = os.environ.get("BENCH_LOADGEN", os.path.join(ROOT, "build", "bench", "loadgen"))
+
+
+def kaslike_available():
+    """Where bench/run looks for kasd-kaslike (its kaslike_binary())."""
+    build = os.path.abspath(os.environ.get("KASD_BUILD") or os.path.join(ROOT, "build"))
+    cands = [os.environ.get("BENCH_KASLIKE"), os.path.join(build, "bench", "peers", "kaslike", "kasd-kaslike")]
+    if os.environ.get("BENCH_AGENTSIM"):
+        cands.append(os.path.join(os.path.dirname(os.path.abspath(os.environ["BENCH_AGENTSIM"])), "peers",
+                                  "kaslike", "kasd-kaslike"))
+    return any(c and os.access(c, os.X_OK) for c in cands)
+
+
+NGINX = bool(shutil.which("nginx") or os.access("/usr/sbin/nginx", os.X_OK))
+KASLIKE = kaslike_available()
 
 
 class BenchSmoke(unittest.TestCase):
@@ -63,6 +80,23 @@ class BenchSmoke(unittest.TestCase):
                     self.assertGreater(res["latency_us"]["n"], 0, res)
             for res in raw.get("haproxy", []):  # haproxy may be missing: then noted, not run
                 self.assertEqual(res["calls_failed"], 0, res)
+            peers = (["nginx"] if NGINX else []) + (["kaslike"] if KASLIKE else [])
+            for path in peers:
+                self.assertTrue(raw.get(path), f"{lay} {path}: available but did not run\n{self.output[-3000:]}")
+                for res in raw[path]:
+                    self.assertEqual(res["exit"], 0, res)
+                    self.assertGreater(res["calls_ok"], 0, res)
+                    self.assertEqual(res["calls_failed"], 0, res)
+                    self.assertEqual(res["mismatches"], 0, res)
+            if KASLIKE:
+                # every call loadgen saw succeed went through the kas-like peer's tunnels
+                ok = sum(res["calls_ok_total"] for res in raw["kaslike"])
+                self.assertGreaterEqual(s1[lay]["kaslike"]["routed_ok"], ok, s1[lay]["kaslike"])
+                self.assertEqual(s1[lay]["kaslike"]["auth_failures"], 0, s1[lay]["kaslike"])
+                sk = s1[lay]["agentsim_kaslike"]
+                self.assertEqual(sk["protocol_errors"], 0, sk)
+                self.assertEqual(sk["calls_failed"], 0, sk)
+                self.assertGreaterEqual(sk["tunnel_calls"], ok, sk)
             half = s1[lay]["raw_half_load"]
             for res in half["routed"] + half["direct"]:
                 self.assertEqual(res["calls_failed"], 0, res)
@@ -120,7 +154,10 @@ class BenchSmoke(unittest.TestCase):
         self.assertNotIn("error", s4, self.output)
         self.assertIn("h2c-200", s4["raw"], self.output)
         self.assertIn("tls-200", s4["raw"], self.output)
-        for key, runs in s4["raw"].items():
+        if KASLIKE:
+            self.assertIn("h2c-200", s4["raw_kaslike"], self.output)
+            self.assertIn("tls-200", s4["raw_kaslike"], self.output)
+        for key, runs in list(s4["raw"].items()) + list(s4.get("raw_kaslike", {}).items()):
             for res in runs:
                 self.assertEqual(res["agentsim"]["registers_ok"], res["agents"], key)
                 self.assertEqual(res["agentsim"]["protocol_errors"], 0, key)
@@ -130,7 +167,9 @@ class BenchSmoke(unittest.TestCase):
         s7 = self.report["scenarios"]["S7"]
         self.assertNotIn("error", s7, self.output)
         for lay in [k for k in s7 if k not in ("notes", "slow_reader")]:
-            for path in ("direct", "routed"):
+            peers = (["nginx"] if NGINX else []) + (["kaslike"] if KASLIKE else [])
+            for path in ["direct", "routed"] + peers:
+                self.assertTrue(s7[lay]["raw"].get(path), f"{lay} {path}: did not run\n{self.output[-3000:]}")
                 for res in s7[lay]["raw"][path]:
                     self.assertEqual(res["calls_failed"], 0, res)
                     self.assertEqual(res["mismatches"], 0, res)
