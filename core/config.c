@@ -17,6 +17,7 @@
  *  - integers are plain decimal: no sign, no 0x, no leading zeros (YAML 1.1 would read 010 as octal).
  */
 #include "core/config.h"
+#include "core/yamlev.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -28,7 +29,6 @@
 #include <string.h>
 #include <sys/un.h>
 #include <unistd.h>
-#include <yaml.h>
 
 /* Quoted values in messages show at most this many input bytes, then "...". */
 #define VALUE_SHOW_MAX 60
@@ -432,7 +432,7 @@ struct field {
     size_t off2;             /* K_SECRET, K_ADDR_LIST: second destination */
     const struct field *sub; /* K_MAP: NULL-key terminated */
     const char *example;     /* K_LISTEN: shown in the error message */
-    int (*done)(struct parse *p, yaml_mark_t at);
+    int (*done)(struct parse *p, struct kd_yaml_mark at);
 };
 
 #define OFF(member) offsetof(struct kd_config, member)
@@ -452,10 +452,10 @@ struct field {
         .key = "key_file", .kind = K_STRING, .off = OFF(section.listen.key_file)                             \
     }
 
-static int redis_done(struct parse *p, yaml_mark_t at);
-static int agent_listen_done(struct parse *p, yaml_mark_t at);
-static int api_listen_done(struct parse *p, yaml_mark_t at);
-static int private_api_listen_done(struct parse *p, yaml_mark_t at);
+static int redis_done(struct parse *p, struct kd_yaml_mark at);
+static int agent_listen_done(struct parse *p, struct kd_yaml_mark at);
+static int api_listen_done(struct parse *p, struct kd_yaml_mark at);
+static int private_api_listen_done(struct parse *p, struct kd_yaml_mark at);
 
 /* Connection policy of a gRPC listener: max age (0 = never) and its grace, keepalive PING after
  * keepalive_time of silence, closed when unanswered for keepalive_timeout, client pings closer
@@ -531,8 +531,8 @@ static const struct field private_api_keys[] = {
     {.key = "client", .kind = K_MAP, .sub = private_api_client_keys},
     {0},
 };
-static int private_api_done(struct parse *p, yaml_mark_t at);
-static int fleet_done(struct parse *p, yaml_mark_t at);
+static int private_api_done(struct parse *p, struct kd_yaml_mark at);
+static int fleet_done(struct parse *p, struct kd_yaml_mark at);
 /* Kas-to-kas routing (docs/operations.md, "Running a fleet"). */
 static const struct field fleet_keys[] = {
     {.key = "recheck_interval", .kind = K_DURATION, .off = OFF(fleet.recheck_ms), .min = 100, .max = 3600000},
@@ -553,8 +553,8 @@ static const struct field redis_server_keys[] = {
     {.key = "address", .kind = K_REDIS_ADDR, .off = OFF(redis.address)},
     {0},
 };
-static int redis_tls_done(struct parse *p, yaml_mark_t at);
-static int redis_sentinel_done(struct parse *p, yaml_mark_t at);
+static int redis_tls_done(struct parse *p, struct kd_yaml_mark at);
+static int redis_sentinel_done(struct parse *p, struct kd_yaml_mark at);
 static const struct field redis_tls_keys[] = {
     {.key = "enabled", .kind = K_BOOL, .off = OFF(redis.tls.enabled)},
     {.key = "ca_file", .kind = K_STRING, .off = OFF(redis.tls.ca_file)},
@@ -708,8 +708,8 @@ static const struct field top_keys[] = {
  * (deleted by the next next_event() or by the end of the load). path is the dotted key of the node
  * being parsed ("" at the top level), already escaped for messages. */
 struct parse {
-    yaml_parser_t parser;
-    yaml_event_t ev;
+    struct kd_yaml *y;
+    struct kd_yaml_event ev;
     bool have_ev;
     struct kd_config *c;
     const char *buf; /* the input, to turn a reader error's byte offset into line:col */
@@ -734,9 +734,9 @@ static void set_error(char *err, size_t errlen, const char *fmt, ...)
 }
 
 /* "NAME:LINE:COL: PATH: MESSAGE" (PATH and its ": " are left out at the top level). Returns code. */
-static int fail_code(struct parse *p, int code, yaml_mark_t at, const char *fmt, ...)
+static int fail_code(struct parse *p, int code, struct kd_yaml_mark at, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
-static int fail_code(struct parse *p, int code, yaml_mark_t at, const char *fmt, ...)
+static int fail_code(struct parse *p, int code, struct kd_yaml_mark at, const char *fmt, ...)
 {
     char msg[512];
     va_list ap;
@@ -751,7 +751,7 @@ static int fail_code(struct parse *p, int code, yaml_mark_t at, const char *fmt,
 
 #define fail(p, at, ...) fail_code(p, -EINVAL, at, __VA_ARGS__)
 
-static int fail_oom(struct parse *p, yaml_mark_t at)
+static int fail_oom(struct parse *p, struct kd_yaml_mark at)
 {
     return fail_code(p, -ENOMEM, at, "out of memory");
 }
@@ -794,62 +794,42 @@ static void pop(struct parse *p, size_t saved)
     p->path[saved] = '\0';
 }
 
-/* libyaml counts lines and columns of characters; a reader error only carries a byte offset. */
-static yaml_mark_t mark_of_offset(const struct parse *p, size_t off)
-{
-    yaml_mark_t m = {.index = off, .line = 0, .column = 0};
-
-    for (size_t i = 0; i < off && i < p->len; i++) {
-        unsigned char ch = (unsigned char)p->buf[i];
-
-        if (ch == '\n') {
-            m.line++;
-            m.column = 0;
-        } else if ((ch & 0xc0) != 0x80) {
-            m.column++;
-        }
-    }
-    return m;
-}
-
 /* Translate libyaml's error state into our message; the code is decided here, at the boundary. A
  * syntax error belongs to the text, not to a key, so it is reported without the dotted path. */
 static int syntax_error(struct parse *p)
 {
-    const yaml_parser_t *y = &p->parser;
-    const char *problem = y->problem ? y->problem : "unknown error";
+    struct kd_yaml_error ye;
     char ctx[160] = "";
-    yaml_mark_t at;
 
-    if (y->error == YAML_MEMORY_ERROR) {
+    kd_yaml_last_error(p->y, &ye);
+    const char *problem = ye.problem;
+    struct kd_yaml_mark at = ye.at;
+
+    if (ye.kind == KD_YAML_ERR_MEMORY) {
         set_error(p->err, p->errlen, "%s: out of memory", p->name);
         return -ENOMEM;
     }
-    if (y->error == YAML_READER_ERROR) {
-        at = mark_of_offset(p, y->problem_offset);
-        if (y->problem_value != -1)
-            snprintf(ctx, sizeof(ctx), " (0x%02X)", (unsigned)y->problem_value);
-    } else {
-        at = y->problem_mark;
-        if (y->context)
-            snprintf(ctx, sizeof(ctx), " (%s at %zu:%zu)", y->context, y->context_mark.line + 1,
-                     y->context_mark.column + 1);
+    if (ye.kind == KD_YAML_ERR_READER) {
+        if (ye.byte != -1)
+            snprintf(ctx, sizeof(ctx), " (0x%02X)", (unsigned)ye.byte);
+    } else if (ye.context) {
+        snprintf(ctx, sizeof(ctx), " (%s at %zu:%zu)", ye.context, ye.context_at.line + 1, ye.context_at.column + 1);
     }
     set_error(p->err, p->errlen, "%s:%zu:%zu: YAML syntax error: %s%s", p->name, at.line + 1, at.column + 1,
               problem, ctx);
     return -EINVAL;
 }
 
-static const char *event_kind(const yaml_event_t *e)
+static const char *event_kind(const struct kd_yaml_event *e)
 {
     switch (e->type) {
-    case YAML_SCALAR_EVENT:
+    case KD_YAML_SCALAR:
         return "a scalar";
-    case YAML_SEQUENCE_START_EVENT:
+    case KD_YAML_SEQUENCE_START:
         return "a sequence";
-    case YAML_MAPPING_START_EVENT:
+    case KD_YAML_MAPPING_START:
         return "a mapping";
-    case YAML_ALIAS_EVENT:
+    case KD_YAML_ALIAS:
         return "an alias";
     default:
         return "nothing";
@@ -859,34 +839,31 @@ static const char *event_kind(const yaml_event_t *e)
 /* Fetch the next event into p->ev, refusing aliases, anchors and explicit tags on sight. */
 static int next_event(struct parse *p)
 {
-    yaml_event_t *e = &p->ev;
-    const yaml_char_t *anchor = NULL, *tag = NULL;
+    struct kd_yaml_event *e = &p->ev;
+    const char *anchor = NULL, *tag = NULL;
     char q[4 * VALUE_SHOW_MAX + 8];
 
-    if (p->have_ev) {
-        yaml_event_delete(e);
-        p->have_ev = false;
-    }
-    if (!yaml_parser_parse(&p->parser, e))
+    p->have_ev = false;
+    if (kd_yaml_next(p->y, e) < 0)
         return syntax_error(p);
     p->have_ev = true;
 
     switch (e->type) {
-    case YAML_ALIAS_EVENT:
-        anchor = e->data.alias.anchor;
+    case KD_YAML_ALIAS:
+        anchor = e->anchor;
         quote_value(q, sizeof(q), (const char *)anchor, strlen((const char *)anchor));
         return fail(p, e->start_mark, "aliases are not supported (alias %s)", q);
-    case YAML_SCALAR_EVENT:
-        anchor = e->data.scalar.anchor;
-        tag = e->data.scalar.tag;
+    case KD_YAML_SCALAR:
+        anchor = e->anchor;
+        tag = e->tag;
         break;
-    case YAML_SEQUENCE_START_EVENT:
-        anchor = e->data.sequence_start.anchor;
-        tag = e->data.sequence_start.tag;
+    case KD_YAML_SEQUENCE_START:
+        anchor = e->anchor;
+        tag = e->tag;
         break;
-    case YAML_MAPPING_START_EVENT:
-        anchor = e->data.mapping_start.anchor;
-        tag = e->data.mapping_start.tag;
+    case KD_YAML_MAPPING_START:
+        anchor = e->anchor;
+        tag = e->tag;
         break;
     default:
         break;
@@ -904,13 +881,13 @@ static int next_event(struct parse *p)
 
 /* An unquoted empty, "~" or "null" scalar: YAML's null, written e.g. as "agent:" with all of its
  * children commented out. */
-static bool is_null(const yaml_event_t *e)
+static bool is_null(const struct kd_yaml_event *e)
 {
     const char *v;
 
-    if (e->type != YAML_SCALAR_EVENT || e->data.scalar.style != YAML_PLAIN_SCALAR_STYLE)
+    if (e->type != KD_YAML_SCALAR || !e->plain)
         return false;
-    v = (const char *)e->data.scalar.value;
+    v = (const char *)e->value;
     return !strcmp(v, "") || !strcmp(v, "~") || !strcmp(v, "null") || !strcmp(v, "Null") ||
            !strcmp(v, "NULL");
 }
@@ -979,7 +956,7 @@ static bool valid_redis_addr(const char *s)
     return true;
 }
 
-static int set_string(struct parse *p, char **slot, const char *v, size_t n, yaml_mark_t at)
+static int set_string(struct parse *p, char **slot, const char *v, size_t n, struct kd_yaml_mark at)
 {
     char *d = strndup(v, n);
 
@@ -995,7 +972,7 @@ static int read_file(const char *path, char **out, size_t *outlen);
 /* A secret's file is read while loading, so a missing or empty file fails the load (with the key
  * and position) instead of the first connection much later. One trailing newline ("\n" or "\r\n",
  * as editors leave it) is not part of the secret. */
-static int read_secret(struct parse *p, const struct field *f, const char *v, size_t n, yaml_mark_t at)
+static int read_secret(struct parse *p, const struct field *f, const char *v, size_t n, struct kd_yaml_mark at)
 {
     char *base = (char *)p->c, *buf = NULL, got[4 * VALUE_SHOW_MAX + 8];
     size_t len = 0;
@@ -1035,22 +1012,22 @@ static int parse_addr_list(struct parse *p, const struct field *f)
     char *base = (char *)p->c, *joined = NULL;
     size_t jl = 0;
     unsigned count = 0;
-    yaml_mark_t start = p->ev.start_mark;
+    struct kd_yaml_mark start = p->ev.start_mark;
     int r;
 
     for (;;) {
         if ((r = next_event(p)) < 0)
             goto out;
-        if (p->ev.type == YAML_SEQUENCE_END_EVENT)
+        if (p->ev.type == KD_YAML_SEQUENCE_END)
             break;
-        const yaml_event_t *e = &p->ev;
-        if (e->type != YAML_SCALAR_EVENT) {
+        const struct kd_yaml_event *e = &p->ev;
+        if (e->type != KD_YAML_SCALAR) {
             r = fail(p, e->start_mark, "expected a list of host:port addresses, got %s inside it",
                      event_kind(e));
             goto out;
         }
-        const char *v = (const char *)e->data.scalar.value;
-        size_t n = e->data.scalar.length;
+        const char *v = (const char *)e->value;
+        size_t n = e->length;
         char got[4 * VALUE_SHOW_MAX + 8];
         quote_value(got, sizeof(got), v, n);
         if (memchr(v, '\0', n) || strncmp(v, "unix:", 5) == 0 || !valid_redis_addr(v)) {
@@ -1086,10 +1063,10 @@ out:
 /* p->ev is the scalar for field f. */
 static int parse_scalar(struct parse *p, const struct field *f)
 {
-    const yaml_event_t *e = &p->ev;
-    const char *v = (const char *)e->data.scalar.value;
-    size_t n = e->data.scalar.length;
-    yaml_mark_t at = e->start_mark;
+    const struct kd_yaml_event *e = &p->ev;
+    const char *v = (const char *)e->value;
+    size_t n = e->length;
+    struct kd_yaml_mark at = e->start_mark;
     char *base = (char *)p->c;
     char got[4 * VALUE_SHOW_MAX + 8];
     uint64_t u;
@@ -1196,21 +1173,21 @@ static int parse_map(struct parse *p, const struct field *fields);
 /* p->ev is the value node for field f. */
 static int parse_value(struct parse *p, const struct field *f)
 {
-    const yaml_event_t *e = &p->ev;
-    yaml_mark_t at = e->start_mark;
+    const struct kd_yaml_event *e = &p->ev;
+    struct kd_yaml_mark at = e->start_mark;
     int r;
 
     if (f->kind == K_ADDR_LIST) {
-        if (e->type != YAML_SEQUENCE_START_EVENT)
+        if (e->type != KD_YAML_SEQUENCE_START)
             return fail(p, at, "expected a list of host:port addresses, got %s", event_kind(e));
         return parse_addr_list(p, f);
     }
     if (f->kind != K_MAP) {
-        if (e->type != YAML_SCALAR_EVENT)
+        if (e->type != KD_YAML_SCALAR)
             return fail(p, at, "expected a scalar, got %s", event_kind(e));
         return parse_scalar(p, f);
     }
-    if (e->type == YAML_MAPPING_START_EVENT) {
+    if (e->type == KD_YAML_MAPPING_START) {
         if ((r = parse_map(p, f->sub)) < 0)
             return r;
     } else if (!is_null(e)) {
@@ -1222,25 +1199,25 @@ static int parse_value(struct parse *p, const struct field *f)
 /* p->ev is a MAPPING-START; consume up to and including its MAPPING-END. */
 static int parse_map(struct parse *p, const struct field *fields)
 {
-    yaml_mark_t first[32]; /* where each key of fields was first seen; bit i of seen says it was */
+    struct kd_yaml_mark first[32]; /* where each key of fields was first seen; bit i of seen says it was */
     uint32_t seen = 0;
     int r;
 
     for (;;) {
-        const yaml_event_t *k = &p->ev;
+        const struct kd_yaml_event *k = &p->ev;
         const char *key;
         size_t kl, i, saved;
-        yaml_mark_t at;
+        struct kd_yaml_mark at;
 
         if ((r = next_event(p)) < 0)
             return r;
-        if (k->type == YAML_MAPPING_END_EVENT)
+        if (k->type == KD_YAML_MAPPING_END)
             return 0;
         at = k->start_mark;
-        if (k->type != YAML_SCALAR_EVENT)
+        if (k->type != KD_YAML_SCALAR)
             return fail(p, at, "keys must be scalars, got %s", event_kind(k));
-        key = (const char *)k->data.scalar.value;
-        kl = k->data.scalar.length;
+        key = (const char *)k->value;
+        kl = k->length;
         for (i = 0; fields[i].key; i++)
             if (strlen(fields[i].key) == kl && memcmp(fields[i].key, key, kl) == 0)
                 break;
@@ -1267,7 +1244,7 @@ static int parse_map(struct parse *p, const struct field *fields)
 }
 
 /* TLS needs both halves: a certificate without its key (or the reverse) is a mistake, not h2c. */
-static int tls_pair_done(struct parse *p, yaml_mark_t at, const struct kd_listen_cfg *l)
+static int tls_pair_done(struct parse *p, struct kd_yaml_mark at, const struct kd_listen_cfg *l)
 {
     size_t saved;
     int r = 0;
@@ -1284,23 +1261,23 @@ static int tls_pair_done(struct parse *p, yaml_mark_t at, const struct kd_listen
     return r;
 }
 
-static int agent_listen_done(struct parse *p, yaml_mark_t at)
+static int agent_listen_done(struct parse *p, struct kd_yaml_mark at)
 {
     return tls_pair_done(p, at, &p->c->agent.listen);
 }
 
-static int api_listen_done(struct parse *p, yaml_mark_t at)
+static int api_listen_done(struct parse *p, struct kd_yaml_mark at)
 {
     return tls_pair_done(p, at, &p->c->api.listen);
 }
 
-static int private_api_listen_done(struct parse *p, yaml_mark_t at)
+static int private_api_listen_done(struct parse *p, struct kd_yaml_mark at)
 {
     return tls_pair_done(p, at, &p->c->private_api.listen);
 }
 
 /* Peers dial the advertised address as it is: a numeric ip:port (no DNS on the shards). */
-static int private_api_done(struct parse *p, yaml_mark_t at)
+static int private_api_done(struct parse *p, struct kd_yaml_mark at)
 {
     const char *a = p->c->private_api.advertise_address;
     struct sockaddr_storage ss;
@@ -1356,7 +1333,7 @@ static int private_api_done(struct parse *p, yaml_mark_t at)
     return r;
 }
 
-static int fleet_done(struct parse *p, yaml_mark_t at)
+static int fleet_done(struct parse *p, struct kd_yaml_mark at)
 {
     const char *d = p->c->fleet.discovery;
     int r = 0;
@@ -1369,7 +1346,7 @@ static int fleet_done(struct parse *p, yaml_mark_t at)
 }
 
 /* A tls section turns TLS on unless it says enabled: false; a client certificate needs its key. */
-static int redis_tls_done(struct parse *p, yaml_mark_t at)
+static int redis_tls_done(struct parse *p, struct kd_yaml_mark at)
 {
     size_t saved;
     int r = 0;
@@ -1387,7 +1364,7 @@ static int redis_tls_done(struct parse *p, yaml_mark_t at)
 }
 
 /* Sentinel needs both the master's name and somewhere to ask for it. */
-static int redis_sentinel_done(struct parse *p, yaml_mark_t at)
+static int redis_sentinel_done(struct parse *p, struct kd_yaml_mark at)
 {
     size_t saved;
     int r = 0;
@@ -1404,7 +1381,7 @@ static int redis_sentinel_done(struct parse *p, yaml_mark_t at)
 
 /* A redis section means "use this external server", which is meaningless without its address
  * (or Sentinel, which tells the address). */
-static int redis_done(struct parse *p, yaml_mark_t at)
+static int redis_done(struct parse *p, struct kd_yaml_mark at)
 {
     size_t saved;
     int r;
@@ -1438,11 +1415,11 @@ static int parse_stream(struct parse *p)
     /* STREAM-START, then DOCUMENT-START or (empty stream) STREAM-END. */
     if ((r = next_event(p)) < 0)
         return r;
-    if (p->ev.type == YAML_STREAM_END_EVENT)
+    if (p->ev.type == KD_YAML_STREAM_END)
         return 0;
     if ((r = next_event(p)) < 0)
         return r;
-    if (p->ev.type == YAML_MAPPING_START_EVENT) {
+    if (p->ev.type == KD_YAML_MAPPING_START) {
         if ((r = parse_map(p, top_keys)) < 0)
             return r;
     } else if (!is_null(&p->ev)) {
@@ -1451,7 +1428,7 @@ static int parse_stream(struct parse *p)
     /* DOCUMENT-END, then STREAM-END; reading to the end also surfaces trailing syntax errors. */
     if ((r = next_event(p)) < 0 || (r = next_event(p)) < 0)
         return r;
-    if (p->ev.type != YAML_STREAM_END_EVENT)
+    if (p->ev.type != KD_YAML_STREAM_END)
         return fail(p, p->ev.start_mark, "only one YAML document is allowed");
     return 0;
 }
@@ -1489,13 +1466,12 @@ int kd_config_load_string(struct kd_config *c, const char *name, const char *yam
     p->err = err;
     p->errlen = errlen;
     append_escaped(p->name, sizeof(p->name), &nl, name, strlen(name), sizeof(p->name) / 4 - 4);
-    if (!yaml_parser_initialize(&p->parser)) {
+    if ((p->y = kd_yaml_new(yaml, len, false)) == NULL) {
         kd_config_free(&work);
         free(p);
         set_error(err, errlen, "%s: out of memory", name);
         return -ENOMEM;
     }
-    yaml_parser_set_input_string(&p->parser, (const unsigned char *)yaml, len);
 
     r = parse_stream(p);
     if (r == 0) {
@@ -1509,9 +1485,7 @@ int kd_config_load_string(struct kd_config *c, const char *name, const char *yam
             set_error(err, errlen, "%s: out of memory", name);
         }
     }
-    if (p->have_ev)
-        yaml_event_delete(&p->ev);
-    yaml_parser_delete(&p->parser);
+    kd_yaml_free(p->y);
     free(p);
 
     if (r < 0) {
@@ -1629,47 +1603,43 @@ int kd_config_yaml_check(const char *name, const char *buf, size_t len, char *er
     p->err = err;
     p->errlen = errlen;
     append_escaped(p->name, sizeof(p->name), &nl, name, strlen(name), sizeof(p->name) / 4 - 4);
-    if (!yaml_parser_initialize(&p->parser)) {
+    if ((p->y = kd_yaml_new(buf, len, false)) == NULL) {
         free(p);
         set_error(err, errlen, "%s: out of memory", name);
         return -ENOMEM;
     }
-    yaml_parser_set_input_string(&p->parser, (const unsigned char *)buf, len);
     for (;;) {
-        yaml_event_t *e = &p->ev;
+        struct kd_yaml_event *e = &p->ev;
 
-        if (!yaml_parser_parse(&p->parser, e)) {
+        if (kd_yaml_next(p->y, e) < 0) {
             r = syntax_error(p);
             break;
         }
         p->have_ev = true;
-        if (e->type == YAML_STREAM_END_EVENT)
+        if (e->type == KD_YAML_STREAM_END)
             break;
-        if (e->type == YAML_DOCUMENT_START_EVENT && ++docs > 1) {
+        if (e->type == KD_YAML_DOCUMENT_START && ++docs > 1) {
             r = fail(p, e->start_mark, "only one YAML document is allowed");
             break;
         }
         if (depth == 0 && !root_seen &&
-            (e->type == YAML_SCALAR_EVENT || e->type == YAML_SEQUENCE_START_EVENT ||
-             e->type == YAML_MAPPING_START_EVENT || e->type == YAML_ALIAS_EVENT)) {
+            (e->type == KD_YAML_SCALAR || e->type == KD_YAML_SEQUENCE_START ||
+             e->type == KD_YAML_MAPPING_START || e->type == KD_YAML_ALIAS)) {
             root_seen = true;
-            if (e->type != YAML_MAPPING_START_EVENT && !is_null(e)) {
+            if (e->type != KD_YAML_MAPPING_START && !is_null(e)) {
                 r = fail(p, e->start_mark, "expected a mapping at the top level, got %s", event_kind(e));
                 break;
             }
         }
-        if (e->type == YAML_MAPPING_START_EVENT || e->type == YAML_SEQUENCE_START_EVENT)
+        if (e->type == KD_YAML_MAPPING_START || e->type == KD_YAML_SEQUENCE_START)
             depth++;
-        else if (e->type == YAML_MAPPING_END_EVENT || e->type == YAML_SEQUENCE_END_EVENT)
+        else if (e->type == KD_YAML_MAPPING_END || e->type == KD_YAML_SEQUENCE_END)
             depth--;
-        else if (e->type == YAML_DOCUMENT_END_EVENT)
+        else if (e->type == KD_YAML_DOCUMENT_END)
             root_seen = false;
-        yaml_event_delete(e);
         p->have_ev = false;
     }
-    if (p->have_ev)
-        yaml_event_delete(&p->ev);
-    yaml_parser_delete(&p->parser);
+    kd_yaml_free(p->y);
     free(p);
     return r;
 }

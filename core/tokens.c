@@ -22,6 +22,7 @@
  * freed. Transient copies libyaml makes while it grows its own strings are beyond our reach.
  */
 #include "core/tokens.h"
+#include "core/yamlev.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -34,7 +35,6 @@
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
-#include <yaml.h>
 
 #include "core/clock.h"
 #include "core/hash.h"
@@ -387,7 +387,7 @@ static void describe_value(char *dst, size_t cap, const char *s, size_t n)
 }
 
 struct field_state {
-    yaml_mark_t at; /* where the value started */
+    struct kd_yaml_mark at; /* where the value started */
     bool seen;
 };
 
@@ -402,8 +402,8 @@ struct src {
 
 /* State of one load. Invariant: when have_ev, ev is the current event, owned here. */
 struct parse {
-    yaml_parser_t parser;
-    yaml_event_t ev;
+    struct kd_yaml *y;
+    struct kd_yaml_event ev;
     bool have_ev;
     const char *buf; /* the input, to turn a reader error's byte offset into line:col */
     size_t len;
@@ -440,9 +440,9 @@ static void set_error(char *err, size_t errlen, const char *fmt, ...)
 }
 
 /* "NAME:LINE:COL: PATH: MESSAGE" (PATH left out when empty). Returns code. */
-static int fail_code(struct parse *p, int code, yaml_mark_t at, const char *fmt, ...)
+static int fail_code(struct parse *p, int code, struct kd_yaml_mark at, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
-static int fail_code(struct parse *p, int code, yaml_mark_t at, const char *fmt, ...)
+static int fail_code(struct parse *p, int code, struct kd_yaml_mark at, const char *fmt, ...)
 {
     char msg[512];
     va_list ap;
@@ -457,7 +457,7 @@ static int fail_code(struct parse *p, int code, yaml_mark_t at, const char *fmt,
 
 #define fail(p, at, ...) fail_code(p, -EINVAL, at, __VA_ARGS__)
 
-static int fail_oom(struct parse *p, yaml_mark_t at)
+static int fail_oom(struct parse *p, struct kd_yaml_mark at)
 {
     return fail_code(p, -ENOMEM, at, "out of memory");
 }
@@ -468,16 +468,16 @@ static void set_path(struct parse *p, size_t i, const char *field)
     snprintf(p->path, sizeof(p->path), "agents[%zu]%s%s", i, field ? "." : "", field ? field : "");
 }
 
-static const char *event_kind(const yaml_event_t *e)
+static const char *event_kind(const struct kd_yaml_event *e)
 {
     switch (e->type) {
-    case YAML_SCALAR_EVENT:
+    case KD_YAML_SCALAR:
         return "a scalar";
-    case YAML_SEQUENCE_START_EVENT:
+    case KD_YAML_SEQUENCE_START:
         return "a sequence";
-    case YAML_MAPPING_START_EVENT:
+    case KD_YAML_MAPPING_START:
         return "a mapping";
-    case YAML_ALIAS_EVENT:
+    case KD_YAML_ALIAS:
         return "an alias";
     default:
         return "nothing";
@@ -487,64 +487,23 @@ static const char *event_kind(const yaml_event_t *e)
 /* ---------------------------------------------------------------------------------------------- */
 /* libyaml boundary                                                                               */
 
-static void wipe_event(yaml_event_t *e)
-{
-    if (e->type == YAML_SCALAR_EVENT && e->data.scalar.value)
-        explicit_bzero(e->data.scalar.value, e->data.scalar.length);
-}
-
-/* Wipe libyaml's copies of the input that are still reachable: its raw and decoded input buffers
- * and any scalar tokens still queued. */
-static void wipe_parser(yaml_parser_t *y)
-{
-    if (y->raw_buffer.start && y->raw_buffer.end > y->raw_buffer.start)
-        explicit_bzero(y->raw_buffer.start, (size_t)(y->raw_buffer.end - y->raw_buffer.start));
-    if (y->buffer.start && y->buffer.end > y->buffer.start)
-        explicit_bzero(y->buffer.start, (size_t)(y->buffer.end - y->buffer.start));
-    for (yaml_token_t *tk = y->tokens.head; tk && tk < y->tokens.tail; tk++)
-        if (tk->type == YAML_SCALAR_TOKEN && tk->data.scalar.value)
-            explicit_bzero(tk->data.scalar.value, tk->data.scalar.length);
-}
-
-/* libyaml counts lines and columns of characters; a reader error only carries a byte offset. */
-static yaml_mark_t mark_of_offset(const struct parse *p, size_t off)
-{
-    yaml_mark_t m = {.index = off, .line = 0, .column = 0};
-
-    for (size_t i = 0; i < off && i < p->len; i++) {
-        unsigned char ch = (unsigned char)p->buf[i];
-
-        if (ch == '\n') {
-            m.line++;
-            m.column = 0;
-        } else if ((ch & 0xc0) != 0x80) {
-            m.column++;
-        }
-    }
-    return m;
-}
-
 /* libyaml's problem and context strings are static text, never input. Unlike config.c, a reader
  * error's offending byte value is not shown: it might sit inside a token. */
 static int syntax_error(struct parse *p)
 {
-    const yaml_parser_t *y = &p->parser;
-    const char *problem = y->problem ? y->problem : "unknown error";
+    struct kd_yaml_error ye;
     char ctx[160] = "";
-    yaml_mark_t at;
 
-    if (y->error == YAML_MEMORY_ERROR) {
+    kd_yaml_last_error(p->y, &ye);
+    const char *problem = ye.problem;
+    struct kd_yaml_mark at = ye.at;
+
+    if (ye.kind == KD_YAML_ERR_MEMORY) {
         set_error(p->err, p->errlen, "%s: out of memory", p->name);
         return -ENOMEM;
     }
-    if (y->error == YAML_READER_ERROR) {
-        at = mark_of_offset(p, y->problem_offset);
-    } else {
-        at = y->problem_mark;
-        if (y->context)
-            snprintf(ctx, sizeof(ctx), " (%s at %zu:%zu)", y->context, y->context_mark.line + 1,
-                     y->context_mark.column + 1);
-    }
+    if (ye.kind != KD_YAML_ERR_READER && ye.context)
+        snprintf(ctx, sizeof(ctx), " (%s at %zu:%zu)", ye.context, ye.context_at.line + 1, ye.context_at.column + 1);
     set_error(p->err, p->errlen, "%s:%zu:%zu: YAML syntax error: %s%s", p->name, at.line + 1, at.column + 1,
               problem, ctx);
     return -EINVAL;
@@ -554,35 +513,31 @@ static int syntax_error(struct parse *p)
  * identifiers chosen by the author, but are described like values all the same). */
 static int next_event(struct parse *p)
 {
-    yaml_event_t *e = &p->ev;
-    const yaml_char_t *anchor = NULL, *tag = NULL;
+    struct kd_yaml_event *e = &p->ev;
+    const char *anchor = NULL, *tag = NULL;
     char q[4 * SHOW_MAX + 48];
 
-    if (p->have_ev) {
-        wipe_event(e);
-        yaml_event_delete(e);
-        p->have_ev = false;
-    }
-    if (!yaml_parser_parse(&p->parser, e))
+    p->have_ev = false;
+    if (kd_yaml_next(p->y, e) < 0)
         return syntax_error(p);
     p->have_ev = true;
 
     switch (e->type) {
-    case YAML_ALIAS_EVENT:
-        anchor = e->data.alias.anchor;
+    case KD_YAML_ALIAS:
+        anchor = e->anchor;
         describe_value(q, sizeof(q), (const char *)anchor, strlen((const char *)anchor));
         return fail(p, e->start_mark, "aliases are not supported (alias %s)", q);
-    case YAML_SCALAR_EVENT:
-        anchor = e->data.scalar.anchor;
-        tag = e->data.scalar.tag;
+    case KD_YAML_SCALAR:
+        anchor = e->anchor;
+        tag = e->tag;
         break;
-    case YAML_SEQUENCE_START_EVENT:
-        anchor = e->data.sequence_start.anchor;
-        tag = e->data.sequence_start.tag;
+    case KD_YAML_SEQUENCE_START:
+        anchor = e->anchor;
+        tag = e->tag;
         break;
-    case YAML_MAPPING_START_EVENT:
-        anchor = e->data.mapping_start.anchor;
-        tag = e->data.mapping_start.tag;
+    case KD_YAML_MAPPING_START:
+        anchor = e->anchor;
+        tag = e->tag;
         break;
     default:
         break;
@@ -599,13 +554,13 @@ static int next_event(struct parse *p)
 }
 
 /* An unquoted empty, "~" or "null" scalar: YAML's null. */
-static bool is_null(const yaml_event_t *e)
+static bool is_null(const struct kd_yaml_event *e)
 {
     const char *v;
 
-    if (e->type != YAML_SCALAR_EVENT || e->data.scalar.style != YAML_PLAIN_SCALAR_STYLE)
+    if (e->type != KD_YAML_SCALAR || !e->plain)
         return false;
-    v = (const char *)e->data.scalar.value;
+    v = (const char *)e->value;
     return !strcmp(v, "") || !strcmp(v, "~") || !strcmp(v, "null") || !strcmp(v, "Null") ||
            !strcmp(v, "NULL");
 }
@@ -638,18 +593,18 @@ static int parse_id(const char *s, size_t n, int64_t *out)
 /* p->ev is the value of field f of the current entry: check it and keep it in p. */
 static int entry_value(struct parse *p, int f)
 {
-    const yaml_event_t *e = &p->ev;
-    yaml_mark_t at = e->start_mark;
+    const struct kd_yaml_event *e = &p->ev;
+    struct kd_yaml_mark at = e->start_mark;
     char got[4 * SHOW_MAX + 48];
     const char *v;
     size_t n;
     int r;
 
-    if (e->type != YAML_SCALAR_EVENT)
+    if (e->type != KD_YAML_SCALAR)
         return fail(p, at, "expected %s, got %s",
                     f == F_TOKEN || f == F_AGENT_NAME ? "a string" : "an integer", event_kind(e));
-    v = (const char *)e->data.scalar.value;
-    n = e->data.scalar.length;
+    v = (const char *)e->value;
+    n = e->length;
 
     switch (f) {
     case F_TOKEN:
@@ -735,7 +690,7 @@ static int agent_map_grow(struct parse *p, size_t want)
 }
 
 /* The entry's mapping has ended (it started at `at`): check it as a whole and add it. */
-static int entry_done(struct parse *p, size_t idx, yaml_mark_t at)
+static int entry_done(struct parse *p, size_t idx, struct kd_yaml_mark at)
 {
     struct kd_tokens *t = p->t;
     struct tok_entry *e;
@@ -822,12 +777,12 @@ static int entry_done(struct parse *p, size_t idx, yaml_mark_t at)
 /* p->ev is the MAPPING-START of entry idx; consume up to and including its MAPPING-END. */
 static int parse_entry(struct parse *p, size_t idx)
 {
-    yaml_mark_t start = p->ev.start_mark;
+    struct kd_yaml_mark start = p->ev.start_mark;
     int r;
 
     memset(p->f, 0, sizeof(p->f));
     for (;;) {
-        const yaml_event_t *k = &p->ev;
+        const struct kd_yaml_event *k = &p->ev;
         const char *key;
         size_t kl;
         int f;
@@ -835,12 +790,12 @@ static int parse_entry(struct parse *p, size_t idx)
         set_path(p, idx, NULL);
         if ((r = next_event(p)) < 0)
             return r;
-        if (k->type == YAML_MAPPING_END_EVENT)
+        if (k->type == KD_YAML_MAPPING_END)
             break;
-        if (k->type != YAML_SCALAR_EVENT)
+        if (k->type != KD_YAML_SCALAR)
             return fail(p, k->start_mark, "keys must be scalars, got %s", event_kind(k));
-        key = (const char *)k->data.scalar.value;
-        kl = k->data.scalar.length;
+        key = (const char *)k->value;
+        kl = k->length;
         for (f = 0; f < F_COUNT; f++)
             if (strlen(field_names[f]) == kl && memcmp(field_names[f], key, kl) == 0)
                 break;
@@ -874,17 +829,17 @@ static int parse_agents(struct parse *p)
 
     if (is_null(&p->ev))
         return 0; /* "agents:" with nothing under it: an empty table (every agent refused) */
-    if (p->ev.type != YAML_SEQUENCE_START_EVENT)
+    if (p->ev.type != KD_YAML_SEQUENCE_START)
         return fail(p, p->ev.start_mark, "expected a list of agents, got %s", event_kind(&p->ev));
     for (size_t i = 0;; i++) {
         if ((r = next_event(p)) < 0)
             return r;
-        if (p->ev.type == YAML_SEQUENCE_END_EVENT)
+        if (p->ev.type == KD_YAML_SEQUENCE_END)
             return 0;
         set_path(p, i, NULL);
         if (i >= KD_TOKENS_MAX_ENTRIES)
             return fail(p, p->ev.start_mark, "too many entries (at most %d)", KD_TOKENS_MAX_ENTRIES);
-        if (p->ev.type != YAML_MAPPING_START_EVENT)
+        if (p->ev.type != KD_YAML_MAPPING_START)
             return fail(p, p->ev.start_mark,
                         "expected a mapping with token, agent_id, project_id and agent_name, got %s",
                         event_kind(&p->ev));
@@ -896,23 +851,23 @@ static int parse_agents(struct parse *p)
 /* p->ev is the root MAPPING-START. */
 static int parse_top(struct parse *p)
 {
-    yaml_mark_t start = p->ev.start_mark, first = start;
+    struct kd_yaml_mark start = p->ev.start_mark, first = start;
     bool seen = false;
     int r;
 
     for (;;) {
-        const yaml_event_t *k = &p->ev;
+        const struct kd_yaml_event *k = &p->ev;
         char q[4 * SHOW_MAX + 48];
 
         p->path[0] = '\0';
         if ((r = next_event(p)) < 0)
             return r;
-        if (k->type == YAML_MAPPING_END_EVENT)
+        if (k->type == KD_YAML_MAPPING_END)
             break;
-        if (k->type != YAML_SCALAR_EVENT)
+        if (k->type != KD_YAML_SCALAR)
             return fail(p, k->start_mark, "keys must be scalars, got %s", event_kind(k));
-        if (k->data.scalar.length != 6 || memcmp(k->data.scalar.value, "agents", 6) != 0) {
-            describe_value(q, sizeof(q), (const char *)k->data.scalar.value, k->data.scalar.length);
+        if (k->length != 6 || memcmp(k->value, "agents", 6) != 0) {
+            describe_value(q, sizeof(q), (const char *)k->value, k->length);
             return fail(p, k->start_mark, "unknown key %s (expected: agents)", q);
         }
         snprintf(p->path, sizeof(p->path), "agents");
@@ -937,11 +892,11 @@ static int parse_stream(struct parse *p)
 
     if ((r = next_event(p)) < 0 || (r = next_event(p)) < 0)
         return r;
-    if (p->ev.type == YAML_STREAM_END_EVENT)
+    if (p->ev.type == KD_YAML_STREAM_END)
         return fail(p, p->ev.start_mark, "empty file (a token file is a mapping with an agents: list)");
     if ((r = next_event(p)) < 0)
         return r;
-    if (p->ev.type != YAML_MAPPING_START_EVENT)
+    if (p->ev.type != KD_YAML_MAPPING_START)
         return fail(p, p->ev.start_mark, "expected a mapping with an agents: list at the top level, got %s",
                     event_kind(&p->ev));
     if ((r = parse_top(p)) < 0)
@@ -950,7 +905,7 @@ static int parse_stream(struct parse *p)
     /* DOCUMENT-END, then STREAM-END; reading to the end also surfaces trailing syntax errors. */
     if ((r = next_event(p)) < 0 || (r = next_event(p)) < 0)
         return r;
-    if (p->ev.type != YAML_STREAM_END_EVENT)
+    if (p->ev.type != KD_YAML_STREAM_END)
         return fail(p, p->ev.start_mark, "only one YAML document is allowed");
     return 0;
 }
@@ -994,7 +949,8 @@ int kd_tokens_load_string(const char *name, const char *buf, size_t len, struct 
         set_error(err, errlen, "%s: getrandom: %s", p->name, strerror(-r));
         goto out;
     }
-    if (!yaml_parser_initialize(&p->parser)) {
+    /* wipe: scalars (tokens) and libyaml's copies of the input are overwritten before release */
+    if ((p->y = kd_yaml_new(buf, len, true)) == NULL) {
         set_error(err, errlen, "%s: out of memory", p->name);
         r = -ENOMEM;
         goto out;
@@ -1003,16 +959,10 @@ int kd_tokens_load_string(const char *name, const char *buf, size_t len, struct 
     p->len = len;
     p->err = err;
     p->errlen = errlen;
-    yaml_parser_set_input_string(&p->parser, (const unsigned char *)buf, len);
 
     r = parse_stream(p);
 
-    if (p->have_ev) {
-        wipe_event(&p->ev);
-        yaml_event_delete(&p->ev);
-    }
-    wipe_parser(&p->parser);
-    yaml_parser_delete(&p->parser);
+    kd_yaml_free(p->y);
 out:
     free(p->amap);
     free(p->esrc);
