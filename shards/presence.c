@@ -45,6 +45,7 @@ struct op {
     size_t nids;
     uint64_t asked;    /* read: bit i set when ids[i] was asked in the HMGET */
     uint64_t event_id; /* address fetch for an event */
+    bool superseded;   /* that event: a later "-" event of the same instance arrived meanwhile */
 };
 
 struct pagent {
@@ -85,6 +86,11 @@ struct kd_presence {
     struct kd_list ops;
     struct kd_timer sweep;
     struct kd_timer park; /* lookups parked too long for a SUBSCRIBE confirmation read anyway */
+    /* Agents whose record went while its SUBSCRIBE was unconfirmed (UNSUBSCRIBE sent after it):
+     * that SUBSCRIBE's confirmation must not confirm a newer SUBSCRIBE of the same channel, whose
+     * server-side effect may still be pending while the lookup's SMEMBERS runs. */
+    int64_t stale_conf[64];
+    unsigned nstale;
     bool unconfirmed_logged;
     uint64_t rng;
     struct kd_presence_stats st;
@@ -315,6 +321,13 @@ static void agent_release(struct kd_presence *p, struct pagent *a)
         if (n > 0)
             kd_redis_unsubscribe(p->sub, p->chbuf, n);
         p->st.subscriptions--;
+        if (a->sub == SUB_PENDING && kd_redis_up(p->sub)) {
+            if (p->nstale == 64) { /* full: forget the oldest (at worst one early confirmation) */
+                memmove(p->stale_conf, p->stale_conf + 1, 63 * sizeof(p->stale_conf[0]));
+                p->nstale--;
+            }
+            p->stale_conf[p->nstale++] = a->agent_id;
+        }
     }
     for (struct pagent **pp = &p->buckets[bucket(p, a->agent_id)]; *pp != NULL; pp = &(*pp)->hnext)
         if (*pp == a) {
@@ -691,6 +704,12 @@ static void sub_subscribed(void *arg, const char *ch, size_t len)
 {
     struct kd_presence *p = arg;
     int64_t agent_id = kd_presence_parse_channel(p->cfg->tracker->prefix, ch, len);
+    for (unsigned i = 0; i < p->nstale; i++)
+        if (p->stale_conf[i] == agent_id) { /* the confirmation of a SUBSCRIBE withdrawn since */
+            memmove(p->stale_conf + i, p->stale_conf + i + 1, (p->nstale - i - 1) * sizeof(p->stale_conf[0]));
+            p->nstale--;
+            return;
+        }
     struct pagent *a = agent_id >= 0 ? agent_find(p, agent_id) : NULL;
     if (a == NULL || a->sub == SUB_NONE)
         return; /* unsubscribed meanwhile */
@@ -735,8 +754,10 @@ static void event_addr(void *arg, const struct kd_resp *reply, const char *err)
         peer_set(p, o->event_id, addr);
     int64_t agent_id = o->agent_id;
     uint64_t id = o->event_id;
+    bool superseded = o->superseded;
     op_free(o);
-    deliver(p, agent_id, id, true); /* no address: cached routes are marked for a re-read */
+    if (!superseded) /* a "-" that arrived while this "+" waited for the address wins: events apply in order */
+        deliver(p, agent_id, id, true); /* no address: cached routes are marked for a re-read */
 }
 
 static void sub_message(void *arg, const char *ch, size_t chlen, const char *msg, size_t len)
@@ -751,6 +772,12 @@ static void sub_message(void *arg, const char *ch, size_t chlen, const char *msg
     p->st.events_received++;
     if (id == p->self || agent_find(p, agent_id) == NULL)
         return;
+    if (!up) /* a "+" of the same instance still waiting for its address is older than this */
+        for (struct kd_list *n = p->ops.next; n != &p->ops; n = n->next) {
+            struct op *o = KD_CONTAINER_OF(n, struct op, link);
+            if (o->event_id == id && o->agent_id == agent_id)
+                o->superseded = true;
+        }
     if (up && peer_find(p, id) == NULL) {
         struct op *o = op_new(p, agent_id);
         if (o != NULL) {
@@ -779,6 +806,7 @@ static void sub_down(void *arg, const char *reason)
     /* Events may be lost from now on: a cached route is read again as soon as Redis answers, and
      * used as it is only while Redis cannot be read (kd_presence_cached); lookups parked for a
      * confirmation read now (their callers re-check). */
+    p->nstale = 0; /* confirmations still owed died with the connection */
     for (size_t i = 0; i < p->nbuckets; i++)
         for (struct pagent *a = p->buckets[i]; a != NULL; a = a->hnext) {
             a->missed = true;

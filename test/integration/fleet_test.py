@@ -489,6 +489,58 @@ limits:
             r.cmd("HDEL", "gitlab-kas:{fleet}:instances", fake)
             server.stop(0)
 
+    def test_4f_presence_events_apply_in_order(self):
+        # "+F" then "-F" for a peer F whose address is not known yet: the "+" waits for F's record
+        # while the "-" arrives; the waiting call on a must not be offered to F afterwards.
+        import socket
+        from concurrent import futures
+        got = {"calls": 0}
+
+        def tunnel(request_iterator, context):
+            got["calls"] += 1
+            return iter(())
+
+        class Handler(grpc.GenericRpcHandler):
+            def service(self, details):
+                if details.method == "/kasd.fleet.v1.Gateway/Tunnel":
+                    return grpc.stream_stream_rpc_method_handler(tunnel)
+                return None
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), handlers=[Handler()])
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        fake = "f00dfeedf00dfee3"
+        r = self.redis
+        try:
+            r.cmd("HSET", "gitlab-kas:{fleet}:instances", fake,
+                  '{"address":"127.0.0.1:%d","version":"fake","shards":1,"started":1}' % port)
+            r.cmd("SET", f"gitlab-kas:{{fleet}}:alive:{fake}", "1", "PX", "60000")
+            out = {}
+
+            def call():
+                try:
+                    out["who"] = self.who("a", 10, timeout=3)
+                except grpc.RpcError as e:
+                    out["code"] = e.code()
+            th = threading.Thread(target=call)
+            th.start()
+            self.assertTrue(wait_until(lambda: metric(self.kasds["a"], "kasd_waiting_calls") >= 1, 5))
+            time.sleep(0.2)
+            ch = "gitlab-kas:{a:10}:presence"
+            cmds = b""
+            for ev in ("+" + fake, "-" + fake):  # one write: Redis delivers both back to back
+                cmds += b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
+                    len(ch), ch.encode(), len(ev), ev.encode())
+            with socket.create_connection(("127.0.0.1", r.port), timeout=5) as sock:
+                sock.sendall(cmds)
+                time.sleep(0.2)
+            th.join(10)
+            self.assertEqual(out.get("code"), grpc.StatusCode.DEADLINE_EXCEEDED, out)
+            self.assertEqual(got["calls"], 0, "a call was offered to a peer whose '-' event had arrived")
+        finally:
+            r.cmd("DEL", f"gitlab-kas:{{fleet}}:alive:{fake}")
+            r.cmd("HDEL", "gitlab-kas:{fleet}:instances", fake)
+            server.stop(0)
+
     def test_5_agent_moving_between_instances_is_followed(self):
         a = self.agent("b", 10)
         self.assertTrue(wait_until(lambda: self.advertised("b", 10), 5))
