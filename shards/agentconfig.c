@@ -5,6 +5,7 @@
  * a response goes out exactly when the current commit_id differs from it.
  */
 #include "shards/agentconfig.h"
+#include "shards/requests.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -44,11 +45,9 @@ struct stream {
     bool requested;
 };
 
-/* Field numbers (verified against GitLab's agent protos, docs/agents.md). */
+/* Field numbers (verified against GitLab's agent protos, docs/agents.md; the request's are
+ * shards/requests.c's). */
 enum {
-    REQ_COMMIT_ID = 1,
-    REQ_AGENT_META = 2,
-    REQ_SKIP_REGISTER = 3,
     RESP_CONFIGURATION = 1,
     RESP_COMMIT_ID = 2,
     CFG_AGENT_ID = 4,
@@ -147,26 +146,21 @@ static int stream_message(kd_grpc_call *call, const uint8_t *msg, size_t len)
                        NULL, 0);
         return 0;
     }
-    struct kd_pb_reader r;
-    struct kd_pb_field f;
-    const uint8_t *commit = NULL, *meta = NULL;
-    size_t commit_len = 0, meta_len = 0;
-    bool skip_register = false;
-    int rc;
-    kd_pb_reader_init(&r, msg, len);
-    while ((rc = kd_pb_next(&r, &f)) > 0) {
-        if (f.num == REQ_COMMIT_ID && f.wt == KD_PB_LEN) {
-            commit = f.data;
-            commit_len = f.len;
-        } else if (f.num == REQ_AGENT_META && f.wt == KD_PB_LEN) {
-            meta = f.data;
-            meta_len = f.len;
-        } else if (f.num == REQ_SKIP_REGISTER && f.wt == KD_PB_VARINT) {
-            skip_register = f.v != 0;
-        }
-    }
-    if (rc < 0) {
+    struct kd_configuration_req req;
+    if (kd_req_configuration(msg, len, &req) < 0) {
         kd_grpc_finish(call, KD_GRPC_INVALID_ARGUMENT, "malformed ConfigurationRequest", NULL, 0);
+        return 0;
+    }
+    const uint8_t *commit = req.commit, *meta = req.meta;
+    size_t commit_len = req.commit_len, meta_len = req.meta_len;
+    bool skip_register = req.skip_register;
+    /* Older agentk registers its meta through this stream: the same bound as Register's. */
+    uint32_t meta_max = st->as->kas->agent_meta_max ? st->as->kas->agent_meta_max : 16384;
+    if (!skip_register && meta_len > meta_max) {
+        char m[160];
+        snprintf(m, sizeof(m), "agent_meta too large (%zu bytes; limits.agent_meta_max_size is %u)", meta_len,
+                 meta_max);
+        kd_grpc_finish(call, KD_GRPC_RESOURCE_EXHAUSTED, m, NULL, 0);
         return 0;
     }
     /* A commit_id of another length can never equal one of ours: remember "none". */

@@ -1,5 +1,6 @@
 /* register.c — agent calls' gate (token, hand-off to the owner shard, shared connections) and
  * AgentRegistrar/Register with its pods (see service.h). */
+#include "shards/requests.h"
 #include "shards/service.h"
 
 /* Authenticate an agent call and make sure it runs on the agent's owner shard (kas.h). */
@@ -61,31 +62,17 @@ static int register_message(kd_grpc_call *call, const uint8_t *msg, size_t len)
     struct kd_kas_shard *ks = kd_kas_shard_of(s);
     struct agent_conn *ac = kd_grpc_conn_user(call);
     const struct register_call *rc_id = kd_h2_call_user(call);
-    struct kd_pb_reader r;
-    struct kd_pb_field f;
-    const uint8_t *meta = NULL;
-    size_t meta_len = 0;
-    int64_t pod_id = 0;
-    int rc;
-    kd_pb_reader_init(&r, msg, len);
-    while ((rc = kd_pb_next(&r, &f)) > 0) {
-        if (f.num == 1 && f.wt == KD_PB_LEN) {
-            meta = f.data;
-            meta_len = f.len;
-        } else if (f.num == 2 && f.wt == KD_PB_VARINT) {
-            pod_id = (int64_t)f.v;
-        }
-    }
-    if (rc < 0) {
+    struct kd_register_req req;
+    if (kd_req_register(msg, len, &req) < 0) {
         kd_grpc_finish(call, KD_GRPC_INVALID_ARGUMENT, "malformed RegisterRequest", NULL, 0);
         return 0;
     }
     /* The meta is stored in Redis for every pod and sent back in GetConnectedAgents: an agent's
      * real one is a few hundred bytes (version, commit, pod name, Kubernetes version). */
     uint32_t meta_max = ks->kas->agent_meta_max ? ks->kas->agent_meta_max : 16384;
-    if (meta_len > meta_max) {
+    if (req.meta_len > meta_max) {
         char m[160];
-        snprintf(m, sizeof(m), "agent_meta too large (%zu bytes; limits.agent_meta_max_size is %u)", meta_len,
+        snprintf(m, sizeof(m), "agent_meta too large (%zu bytes; limits.agent_meta_max_size is %u)", req.meta_len,
                  meta_max);
         ks->stats.meta_refused++;
         kd_grpc_finish(call, KD_GRPC_RESOURCE_EXHAUSTED, m, NULL, 0);
@@ -95,7 +82,7 @@ static int register_message(kd_grpc_call *call, const uint8_t *msg, size_t len)
     if (a != NULL)
         a->project_id = rc_id->project_id;
     struct pod *p = NULL;
-    for (p = ac->pods; p != NULL && (p->pod_id != pod_id || p->agent != a); p = p->conn_next)
+    for (p = ac->pods; p != NULL && (p->pod_id != req.pod_id || p->agent != a); p = p->conn_next)
         ;
     if (p == NULL && a != NULL) {
         /* Every pod is an entry in Redis and in GetConnectedAgents: a connection registering pod_ids
@@ -117,7 +104,7 @@ static int register_message(kd_grpc_call *call, const uint8_t *msg, size_t len)
         if (key != NULL) {
             char m[160];
             snprintf(m, sizeof(m), "too many pods registered (%s is %u); pod_id %" PRId64 " refused", key,
-                     lim, pod_id);
+                     lim, req.pod_id);
             if (!ac->refusal_logged) {
                 ac->refusal_logged = true;
                 struct kd_logline l;
@@ -138,7 +125,7 @@ static int register_message(kd_grpc_call *call, const uint8_t *msg, size_t len)
             kd_grpc_finish(call, KD_GRPC_RESOURCE_EXHAUSTED, "out of memory", NULL, 0);
             return 0;
         }
-        p->pod_id = pod_id;
+        p->pod_id = req.pod_id;
         p->agent = a;
         p->connected_at_us = kd_clock_wall_us();
         p->conn_next = ac->pods;
@@ -149,8 +136,8 @@ static int register_message(kd_grpc_call *call, const uint8_t *msg, size_t len)
     }
     /* The pod's AgentMeta lives in its tracker entry (the ConnectedAgentInfo GitLab reads). */
     if (ks->tracker != NULL)
-        p->tracked = kd_tracker_conn_up(ks->tracker, p->tracked, a->id, a->project_id, pod_id,
-                                        p->connected_at_us, meta, meta_len);
+        p->tracked = kd_tracker_conn_up(ks->tracker, p->tracked, a->id, a->project_id, req.pod_id,
+                                        p->connected_at_us, req.meta, req.meta_len);
     kd_grpc_send_message(call, (const uint8_t *)"", 0); /* RegisterResponse {} */
     kd_grpc_finish(call, KD_GRPC_OK, NULL, NULL, 0);
     return 0;

@@ -25,6 +25,7 @@
 #include "shards/redis.h"
 #include "shards/shard.h"
 #include "shards/tracker.h"
+#include "shards/requests.h"
 
 enum { E_CLEAN, E_UPSERT, E_DELETE };
 
@@ -1537,21 +1538,12 @@ static void lookup_half_close(kd_grpc_call *call)
         return;
     }
     /* oneof request { int64 project_id = 1; int64 agent_id = 2; } — the last one set wins */
-    struct kd_pb_reader r;
-    struct kd_pb_field f;
-    int which = 0, rc;
-    int64_t id = 0;
-    kd_pb_reader_init(&r, lk->req, lk->req_len);
-    while ((rc = kd_pb_next(&r, &f)) > 0)
-        if ((f.num == 1 || f.num == 2) && f.wt == KD_PB_VARINT) {
-            which = (int)f.num;
-            id = (int64_t)f.v;
-        }
-    if (rc < 0) {
+    struct kd_connected_agents_req req;
+    if (kd_req_connected_agents(lk->req, lk->req_len, &req) < 0) {
         kd_grpc_finish(call, KD_GRPC_INVALID_ARGUMENT, "malformed GetConnectedAgentsRequest", NULL, 0);
         return;
     }
-    if (which == 0) {
+    if (req.which == 0) {
         kd_grpc_finish(call, KD_GRPC_INVALID_ARGUMENT, "neither project_id nor agent_id is set", NULL, 0);
         return;
     }
@@ -1563,7 +1555,7 @@ static void lookup_half_close(kd_grpc_call *call)
         return;
     }
     char k[160];
-    snprintf(k, sizeof(k), "%s:{%c:%" PRId64 "}:conns", t->cfg->prefix, which == 1 ? 'p' : 'a', id);
+    snprintf(k, sizeof(k), "%s:{%c:%" PRId64 "}:conns", t->cfg->prefix, req.which == 1 ? 'p' : 'a', req.id);
     struct argv a = {0};
     av_str(&a, "HGETALL");
     av_str(&a, k);

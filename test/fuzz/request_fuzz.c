@@ -1,7 +1,6 @@
 /* request_fuzz.c — the request messages agents and GitLab send, as kasd decodes them:
- * RegisterRequest (shards/register.c), GetConnectedAgentsRequest (shards/tracker.c) and
- * ConfigurationRequest (shards/agentconfig.c) are read by field loops over kd_pb_next (core/pb.c),
- * mirrored here field for field; HealthCheckRequest has its own reader, kd_grpc_health_service
+ * RegisterRequest, GetConnectedAgentsRequest and ConfigurationRequest through the decoders the
+ * services call (shards/requests.c, field loops over kd_pb_next); HealthCheckRequest has its own reader, kd_grpc_health_service
  * (shards/grpc.c). Checks: every field kd_pb_next returns lies inside the input and the reader only
  * moves forward; whatever it accepts re-encodes with the kd_pb writers (sizes as the kd_pb_size
  * helpers say) and parses back to the same fields; the health reader accepts whatever kd_pb_next
@@ -12,6 +11,7 @@
 
 #include "core/pb.h"
 #include "shards/grpc.h"
+#include "shards/requests.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
@@ -105,67 +105,6 @@ static void roundtrip(const struct kd_pb_field *in, size_t n)
     free(buf);
 }
 
-/* RegisterRequest { AgentMeta agent_meta = 1; int64 pod_id = 2; } as register_message reads it. */
-static int register_request(const uint8_t *msg, size_t len, const uint8_t **meta, size_t *meta_len,
-                            int64_t *pod)
-{
-    struct kd_pb_reader r;
-    struct kd_pb_field f;
-    int rc;
-    *meta = NULL;
-    *meta_len = 0;
-    *pod = 0;
-    kd_pb_reader_init(&r, msg, len);
-    while ((rc = kd_pb_next(&r, &f)) > 0) {
-        if (f.num == 1 && f.wt == KD_PB_LEN) {
-            *meta = f.data;
-            *meta_len = f.len;
-        } else if (f.num == 2 && f.wt == KD_PB_VARINT) {
-            *pod = (int64_t)f.v;
-        }
-    }
-    return rc;
-}
-
-/* GetConnectedAgentsRequest { oneof { int64 project_id = 1; int64 agent_id = 2; } }: the last set. */
-static int connected_agents_request(const uint8_t *msg, size_t len, int *which, int64_t *id)
-{
-    struct kd_pb_reader r;
-    struct kd_pb_field f;
-    int rc;
-    *which = 0;
-    *id = 0;
-    kd_pb_reader_init(&r, msg, len);
-    while ((rc = kd_pb_next(&r, &f)) > 0)
-        if ((f.num == 1 || f.num == 2) && f.wt == KD_PB_VARINT) {
-            *which = (int)f.num;
-            *id = (int64_t)f.v;
-        }
-    return rc;
-}
-
-/* ConfigurationRequest { string commit_id = 1; AgentMeta agent_meta = 2; bool skip_register = 3; } */
-static int configuration_request(const uint8_t *msg, size_t len, const uint8_t **commit, size_t *commit_len,
-                                 bool *skip)
-{
-    struct kd_pb_reader r;
-    struct kd_pb_field f;
-    int rc;
-    *commit = NULL;
-    *commit_len = 0;
-    *skip = false;
-    kd_pb_reader_init(&r, msg, len);
-    while ((rc = kd_pb_next(&r, &f)) > 0) {
-        if (f.num == 1 && f.wt == KD_PB_LEN) {
-            *commit = f.data;
-            *commit_len = f.len;
-        } else if (f.num == 3 && f.wt == KD_PB_VARINT) {
-            *skip = f.v != 0;
-        }
-    }
-    return rc;
-}
-
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     /* A private copy of exactly size bytes, so ASan catches reads one past the message. */
@@ -177,17 +116,24 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (ok == 0 && n < MAX_FIELDS)
         roundtrip(fields, n);
 
-    const uint8_t *meta, *commit;
-    size_t meta_len, commit_len;
-    int64_t pod, id;
-    int which;
-    bool skip;
-    CHECK((register_request(msg, size, &meta, &meta_len, &pod) < 0) == (ok < 0));
-    CHECK(meta == NULL || (meta >= msg && meta + meta_len <= msg + size));
-    CHECK((connected_agents_request(msg, size, &which, &id) < 0) == (ok < 0));
-    CHECK(which == 0 || which == 1 || which == 2);
-    CHECK((configuration_request(msg, size, &commit, &commit_len, &skip) < 0) == (ok < 0));
-    CHECK(commit == NULL || (commit >= msg && commit + commit_len <= msg + size));
+    struct kd_register_req reg;
+    struct kd_connected_agents_req ca;
+    struct kd_configuration_req cr;
+    CHECK((kd_req_register(msg, size, &reg) < 0) == (ok < 0));
+    CHECK(reg.meta == NULL || (reg.meta >= msg && reg.meta + reg.meta_len <= msg + size));
+    CHECK((kd_req_connected_agents(msg, size, &ca) < 0) == (ok < 0));
+    CHECK(ca.which == 0 || ca.which == 1 || ca.which == 2);
+    CHECK((kd_req_configuration(msg, size, &cr) < 0) == (ok < 0));
+    CHECK(cr.commit == NULL || (cr.commit >= msg && cr.commit + cr.commit_len <= msg + size));
+    CHECK(cr.meta == NULL || (cr.meta >= msg && cr.meta + cr.meta_len <= msg + size));
+    if (ok == 0 && n < MAX_FIELDS) {
+        /* the decoders keep the last field of each number and wire type they read */
+        int64_t want_pod = 0;
+        for (size_t i = 0; i < n; i++)
+            if (fields[i].num == 2 && fields[i].wt == KD_PB_VARINT)
+                want_pod = (int64_t)fields[i].v;
+        CHECK(reg.pod_id == want_pod);
+    }
 
     size_t slen;
     const uint8_t *svc = kd_grpc_health_service(msg, size, &slen);

@@ -240,6 +240,17 @@ class AgentConfiguration(unittest.TestCase):
         s.close()
         self.assertTrue(wait_until(lambda: self.connected(4) == [], 10), self.connected(4))
 
+    def test_skip_register_false_meta_bounded(self):
+        # the same bound as Register's (limits.agent_meta_max_size, 16 KiB by default): the stream
+        # is refused and nothing reaches Redis
+        meta = kaspb.entity.AgentMeta(version="v16.1.0", pod_name="p" * 20000)
+        s = self.stream(6, skip_register=False, meta=meta)
+        with self.assertRaises(AssertionError):
+            s.next(timeout=5)  # "stream ended"
+        self.assertEqual(s.error.code(), grpc.StatusCode.RESOURCE_EXHAUSTED)
+        self.assertIn("limits.agent_meta_max_size", s.error.details())
+        self.assertEqual(self.connected(6), [])
+
     def test_skip_register_true_does_not_register(self):
         meta = kaspb.entity.AgentMeta(version="v17.0.0")
         s = self.stream(9, skip_register=True, meta=meta)
