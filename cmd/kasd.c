@@ -658,6 +658,9 @@ int main(int argc, char **argv)
     /* Peers' private listeners run with this one's settings: ping them as they allow. */
     presence_cfg.peer_keepalive_ms = cfg.private_api.listen.keepalive_time_ms;
     presence_cfg.peer_keepalive_timeout_ms = cfg.private_api.listen.keepalive_timeout_ms;
+    /* Peers accept limits.grpc_max_concurrent_streams per connection (they share this configuration):
+     * past 90 % of it the next forwarded call opens another connection instead of queueing. */
+    presence_cfg.peer_max_calls = cfg.limits.grpc_max_concurrent_streams - cfg.limits.grpc_max_concurrent_streams / 10;
     if (kas.private_secret_len > 0)
         kas.presence = &presence_cfg;
     else

@@ -23,8 +23,8 @@
  * until its last call ends: a peer that drains lets in-flight calls finish on the old connection. */
 struct kd_fleet_chan {
     struct kd_grpc_channel *ch;
-    unsigned calls;   /* live calls on ch */
-    uint64_t last_ms; /* last call started or ended */
+    unsigned calls;             /* live calls on ch */
+    uint64_t last_ms;           /* last call started or ended */
     struct kd_fleet_chan *next; /* the retired list */
 };
 
@@ -218,8 +218,9 @@ static int mint(const struct kd_kas *kas, char *out, size_t outlen)
 {
     char payload[160];
     int64_t now = (int64_t)time(NULL);
-    snprintf(payload, sizeof(payload), "{\"iss\":\"gitlab-kas\",\"aud\":\"gitlab-kas\",\"iat\":%" PRId64
-             ",\"exp\":%" PRId64 "}", now, now + 60);
+    snprintf(payload, sizeof(payload),
+             "{\"iss\":\"gitlab-kas\",\"aud\":\"gitlab-kas\",\"iat\":%" PRId64 ",\"exp\":%" PRId64 "}", now,
+             now + 60);
     return kd_jwt_sign(KD_JWT_HS256, kas->private_secret, kas->private_secret_len, payload, out, outlen);
 }
 
@@ -235,6 +236,11 @@ kd_grpc_call *kd_fleet_call(struct kd_fleet *f, const struct kd_presence_peer *p
         return NULL;
     if (p->cur != NULL && !kd_grpc_channel_usable(p->cur->ch))
         peer_retire(f, p); /* failed or GOAWAY: its calls finish there, new ones go to a new one */
+    uint32_t max_calls =
+        f->kas->presence != NULL && f->kas->presence->peer_max_calls ? f->kas->presence->peer_max_calls : 450;
+    /* full (the peer's stream limit): its calls finish there, new ones go to a new connection */
+    if (p->cur != NULL && p->cur->calls >= max_calls)
+        peer_retire(f, p);
     if (p->cur == NULL) {
         struct sockaddr_storage ss;
         socklen_t sl;
@@ -267,7 +273,8 @@ kd_grpc_call *kd_fleet_call(struct kd_fleet *f, const struct kd_presence_peer *p
                                       ? f->kas->presence->peer_connect_ms
                                       : 5000,
             .keepalive_ms = f->kas->presence != NULL ? f->kas->presence->peer_keepalive_ms : 0,
-            .keepalive_timeout_ms = f->kas->presence != NULL ? f->kas->presence->peer_keepalive_timeout_ms : 0,
+            .keepalive_timeout_ms =
+                f->kas->presence != NULL ? f->kas->presence->peer_keepalive_timeout_ms : 0,
         };
         struct kd_fleet_chan *c = calloc(1, sizeof(*c));
         if (c == NULL || (c->ch = kd_grpc_channel_open(f->s, &o)) == NULL) {

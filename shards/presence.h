@@ -51,6 +51,7 @@ struct kd_presence_cfg {
     uint32_t second_delay_ms;   /* fleet.second_candidate_delay: race the next candidate (0: 50) */
     uint32_t peer_connect_ms;   /* fleet.peer_connect_timeout: a peer not connected by then fails (0: 5000) */
     uint32_t peer_keepalive_ms, peer_keepalive_timeout_ms; /* private_api.listen.keepalive_*: PING peers */
+    uint32_t peer_max_calls; /* calls on one peer connection before another is opened (0: 450) */
 };
 
 /* A peer went from 0 to >= 1 tunnels of the agent (up) or from >= 1 to 0, or stopped (!up). Only

@@ -1057,5 +1057,82 @@ limits:
         self.assertEqual(rcs, [0, 0])
 
 
+class FleetStreamLimit(unittest.TestCase):
+    """A peer accepts limits.grpc_max_concurrent_streams calls per connection (20 here): past 90 %
+    of it, forwarded calls go on another connection to the same peer instead of queueing behind
+    the limit."""
+
+    def test_calls_beyond_one_connection(self):
+        d = tempfile.mkdtemp(prefix="kasd-streams-")
+        tok = base64.urlsafe_b64encode(os.urandom(24)).decode()
+        write_tokens(os.path.join(d, "tokens.yaml"), {1: (tok, 101)})
+        secret = gitlab_client.generate_secret()
+        gitlab_client.write_secret(os.path.join(d, "api-secret"), secret)
+        gitlab_client.write_secret(os.path.join(d, "private-secret"), gitlab_client.generate_secret())
+        redis = RedisServer()
+        self.addCleanup(redis.kill)
+        cfg = f"""\
+shards: 1
+agent:
+  listen:
+    address: 127.0.0.1:0
+  token_file: {d}/tokens.yaml
+api:
+  listen:
+    address: 127.0.0.1:0
+    authentication_secret_file: {d}/api-secret
+private_api:
+  listen:
+    address: 127.0.0.1:0
+    authentication_secret_file: {d}/private-secret
+observability:
+  listen:
+    address: 127.0.0.1:0
+redis:
+  server:
+    address: {redis.address}
+limits:
+  grpc_max_concurrent_streams: 20
+  routing_timeout: 10s
+  shutdown_grace: 2s
+"""
+        ka, kb = Kasd(config=cfg), Kasd(config=cfg)
+        for k in (ka, kb):
+            self.assertTrue(k.started, k.log())
+
+        def hold(call):
+            first = call.recv()
+            time.sleep(1.5)
+            call.send_header({})
+            call.send_message(first)
+            call.send_trailer({})
+        ag = AgentK("%s:%d" % kb.listeners["agent"], tok, pods=3, idle=12, max_streams=18, backoff=(0.2, 1.0),
+                    handlers={"/test.Echo/Hold": hold})
+        ag.start()
+        clients = [GitLabClient("%s:%d" % ka.listeners["api"], secret) for _ in range(3)]
+        try:
+            ag.wait_for(lambda st: st["tunnels_idle"] >= 30, timeout=20)
+            self.assertTrue(wait_until(lambda: redis.cmd("SMEMBERS", "gitlab-kas:{a:1}:tunnels") != [], 5))
+            calls = [clients[i % 3].stream("/test.Echo/Hold", iter([b"%d" % i]), agent_id=1, timeout=20)
+                     for i in range(30)]
+            most = 0
+            t_end = time.monotonic() + 1.2
+            while time.monotonic() < t_end:
+                most = max(most, metric(ka, "kasd_fleet_peer_connections"))
+                time.sleep(0.1)
+            results = [collect(c) for c in calls]
+            self.assertEqual([r.code for r in results], [grpc.StatusCode.OK] * 30, results[:3])
+            self.assertEqual([r.messages for r in results], [[b"%d" % i] for i in range(30)])
+            self.assertGreaterEqual(most, 2, "30 calls in flight to one peer stayed on one connection")
+        finally:
+            for c in clients:
+                c.close()
+            ag.stop(2)
+            rcs = [k.stop() for k in (ka, kb)]
+            for k in (ka, kb):
+                k.kill()
+        self.assertEqual(rcs, [0, 0])
+
+
 if __name__ == "__main__":
     unittest.main(verbosity=2)
