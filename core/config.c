@@ -537,10 +537,26 @@ static int fleet_done(struct parse *p, struct kd_yaml_mark at);
 static const struct field fleet_keys[] = {
     {.key = "recheck_interval", .kind = K_DURATION, .off = OFF(fleet.recheck_ms), .min = 100, .max = 3600000},
     {.key = "discovery", .kind = K_STRING, .off = OFF(fleet.discovery)},
-    {.key = "route_cache_size", .kind = K_UINT, .off = OFF(fleet.route_cache_size), .min = 1, .max = 100000000},
-    {.key = "peer_idle_timeout", .kind = K_DURATION, .off = OFF(fleet.peer_idle_ms), .min = 1000, .max = 86400000},
-    {.key = "second_candidate_delay", .kind = K_DURATION, .off = OFF(fleet.second_delay_ms), .min = 1, .max = 60000},
-    {.key = "peer_connect_timeout", .kind = K_DURATION, .off = OFF(fleet.peer_connect_ms), .min = 10, .max = 600000},
+    {.key = "route_cache_size",
+     .kind = K_UINT,
+     .off = OFF(fleet.route_cache_size),
+     .min = 1,
+     .max = 100000000},
+    {.key = "peer_idle_timeout",
+     .kind = K_DURATION,
+     .off = OFF(fleet.peer_idle_ms),
+     .min = 1000,
+     .max = 86400000},
+    {.key = "second_candidate_delay",
+     .kind = K_DURATION,
+     .off = OFF(fleet.second_delay_ms),
+     .min = 1,
+     .max = 60000},
+    {.key = "peer_connect_timeout",
+     .kind = K_DURATION,
+     .off = OFF(fleet.peer_connect_ms),
+     .min = 10,
+     .max = 600000},
     {0},
 };
 static const struct field observability_listen_keys[] = {LISTEN_ADDRESS(observability, "127.0.0.1:8151"),
@@ -704,16 +720,13 @@ static const struct field top_keys[] = {
 /* ---------------------------------------------------------------------------------------------- */
 /* The walk                                                                                       */
 
-/* State of one load. Invariant: when have_ev, ev is the event under consideration and is owned here
- * (deleted by the next next_event() or by the end of the load). path is the dotted key of the node
+/* State of one load. ev is the event under consideration (its strings belong to the parser y and are
+ * valid until the next next_event() or the end of the load). path is the dotted key of the node
  * being parsed ("" at the top level), already escaped for messages. */
 struct parse {
     struct kd_yaml *y;
     struct kd_yaml_event ev;
-    bool have_ev;
     struct kd_config *c;
-    const char *buf; /* the input, to turn a reader error's byte offset into line:col */
-    size_t len;
     char name[512]; /* escaped source name */
     char path[256];
     size_t pathlen;
@@ -813,7 +826,8 @@ static int syntax_error(struct parse *p)
         if (ye.byte != -1)
             snprintf(ctx, sizeof(ctx), " (0x%02X)", (unsigned)ye.byte);
     } else if (ye.context) {
-        snprintf(ctx, sizeof(ctx), " (%s at %zu:%zu)", ye.context, ye.context_at.line + 1, ye.context_at.column + 1);
+        snprintf(ctx, sizeof(ctx), " (%s at %zu:%zu)", ye.context, ye.context_at.line + 1,
+                 ye.context_at.column + 1);
     }
     set_error(p->err, p->errlen, "%s:%zu:%zu: YAML syntax error: %s%s", p->name, at.line + 1, at.column + 1,
               problem, ctx);
@@ -843,10 +857,8 @@ static int next_event(struct parse *p)
     const char *anchor = NULL, *tag = NULL;
     char q[4 * VALUE_SHOW_MAX + 8];
 
-    p->have_ev = false;
     if (kd_yaml_next(p->y, e) < 0)
         return syntax_error(p);
-    p->have_ev = true;
 
     switch (e->type) {
     case KD_YAML_ALIAS:
@@ -972,7 +984,8 @@ static int read_file(const char *path, char **out, size_t *outlen);
 /* A secret's file is read while loading, so a missing or empty file fails the load (with the key
  * and position) instead of the first connection much later. One trailing newline ("\n" or "\r\n",
  * as editors leave it) is not part of the secret. */
-static int read_secret(struct parse *p, const struct field *f, const char *v, size_t n, struct kd_yaml_mark at)
+static int read_secret(struct parse *p, const struct field *f, const char *v, size_t n,
+                       struct kd_yaml_mark at)
 {
     char *base = (char *)p->c, *buf = NULL, got[4 * VALUE_SHOW_MAX + 8];
     size_t len = 0;
@@ -1307,15 +1320,17 @@ static int private_api_done(struct parse *p, struct kd_yaml_mark at)
     if ((ccert == NULL) != (ckey == NULL)) {
         size_t saved = push(p, "client", 6);
         push(p, ccert == NULL ? "certificate_file" : "key_file", ccert == NULL ? 16 : 8);
-        r = fail(p, at, "required with private_api.client.%s", ccert == NULL ? "key_file" : "certificate_file");
+        r = fail(p, at, "required with private_api.client.%s",
+                 ccert == NULL ? "key_file" : "certificate_file");
         pop(p, saved);
         return r;
     }
     if (l->client_ca_file != NULL && l->authentication_secret_file != NULL && ccert == NULL) {
         size_t saved = push(p, "client", 6);
         push(p, "certificate_file", 16);
-        r = fail(p, at, "required: the private listener asks peers for a client certificate "
-                        "(private_api.listen.client_ca_file), and this instance calls its peers there");
+        r = fail(p, at,
+                 "required: the private listener asks peers for a client certificate "
+                 "(private_api.listen.client_ca_file), and this instance calls its peers there");
         pop(p, saved);
         return r;
     }
@@ -1325,8 +1340,9 @@ static int private_api_done(struct parse *p, struct kd_yaml_mark at)
             r = fail(p, at, "\"%s\" is not an address peers can dial (a wildcard or port 0)", a);
             pop(p, saved);
         } else {
-            r = fail(p, at, "private_api.listen.address %s is a wildcard that peers cannot dial: set "
-                            "private_api.advertise_address to this instance's routable ip:port",
+            r = fail(p, at,
+                     "private_api.listen.address %s is a wildcard that peers cannot dial: set "
+                     "private_api.advertise_address to this instance's routable ip:port",
                      l->address != NULL ? l->address : "");
         }
     }
@@ -1461,8 +1477,6 @@ int kd_config_load_string(struct kd_config *c, const char *name, const char *yam
         return -ENOMEM;
     }
     p->c = &work;
-    p->buf = yaml;
-    p->len = len;
     p->err = err;
     p->errlen = errlen;
     append_escaped(p->name, sizeof(p->name), &nl, name, strlen(name), sizeof(p->name) / 4 - 4);
@@ -1571,7 +1585,7 @@ int kd_config_load_file(struct kd_config *c, const char *path, char *err, size_t
 /* ---------------------------------------------------------------------------------------------- */
 /* A YAML document checked for well-formedness only (agent configuration files)                   */
 
-/* Events are pulled one by one and dropped at once, so memory stays at libyaml's token queue and
+/* Events are pulled one by one and dropped at the next one, so memory stays at libyaml's token queue and
  * nesting stack (both bounded by the input, itself bounded by KD_CONFIG_YAML_DOC_MAX). Anchors and
  * aliases are accepted: nothing is expanded, so they cost nothing here. */
 int kd_config_yaml_check(const char *name, const char *buf, size_t len, char *err, size_t errlen)
@@ -1598,8 +1612,6 @@ int kd_config_yaml_check(const char *name, const char *buf, size_t len, char *er
         set_error(err, errlen, "%s: out of memory", name);
         return -ENOMEM;
     }
-    p->buf = buf;
-    p->len = len;
     p->err = err;
     p->errlen = errlen;
     append_escaped(p->name, sizeof(p->name), &nl, name, strlen(name), sizeof(p->name) / 4 - 4);
@@ -1615,7 +1627,6 @@ int kd_config_yaml_check(const char *name, const char *buf, size_t len, char *er
             r = syntax_error(p);
             break;
         }
-        p->have_ev = true;
         if (e->type == KD_YAML_STREAM_END)
             break;
         if (e->type == KD_YAML_DOCUMENT_START && ++docs > 1) {
@@ -1637,7 +1648,6 @@ int kd_config_yaml_check(const char *name, const char *buf, size_t len, char *er
             depth--;
         else if (e->type == KD_YAML_DOCUMENT_END)
             root_seen = false;
-        p->have_ev = false;
     }
     kd_yaml_free(p->y);
     free(p);

@@ -400,13 +400,11 @@ struct src {
     uint32_t first; /* agents only: the first entry that named this agent */
 };
 
-/* State of one load. Invariant: when have_ev, ev is the current event, owned here. */
+/* State of one load. ev is the current event (its strings belong to the parser y, valid until the
+ * next next_event() or the end of the load). */
 struct parse {
     struct kd_yaml *y;
     struct kd_yaml_event ev;
-    bool have_ev;
-    const char *buf; /* the input, to turn a reader error's byte offset into line:col */
-    size_t len;
     char name[512]; /* escaped source name */
     char path[96];  /* "agents[123].agent_name" */
     char *err;
@@ -503,7 +501,8 @@ static int syntax_error(struct parse *p)
         return -ENOMEM;
     }
     if (ye.kind != KD_YAML_ERR_READER && ye.context)
-        snprintf(ctx, sizeof(ctx), " (%s at %zu:%zu)", ye.context, ye.context_at.line + 1, ye.context_at.column + 1);
+        snprintf(ctx, sizeof(ctx), " (%s at %zu:%zu)", ye.context, ye.context_at.line + 1,
+                 ye.context_at.column + 1);
     set_error(p->err, p->errlen, "%s:%zu:%zu: YAML syntax error: %s%s", p->name, at.line + 1, at.column + 1,
               problem, ctx);
     return -EINVAL;
@@ -517,10 +516,8 @@ static int next_event(struct parse *p)
     const char *anchor = NULL, *tag = NULL;
     char q[4 * SHOW_MAX + 48];
 
-    p->have_ev = false;
     if (kd_yaml_next(p->y, e) < 0)
         return syntax_error(p);
-    p->have_ev = true;
 
     switch (e->type) {
     case KD_YAML_ALIAS:
@@ -955,8 +952,6 @@ int kd_tokens_load_string(const char *name, const char *buf, size_t len, struct 
         r = -ENOMEM;
         goto out;
     }
-    p->buf = buf;
-    p->len = len;
     p->err = err;
     p->errlen = errlen;
 

@@ -160,6 +160,7 @@ static int stream_message(kd_grpc_call *call, const uint8_t *msg, size_t len)
         char m[160];
         snprintf(m, sizeof(m), "agent_meta too large (%zu bytes; limits.agent_meta_max_size is %u)", meta_len,
                  meta_max);
+        kd_kas_count_meta_refused(st->as->s);
         kd_grpc_finish(call, KD_GRPC_RESOURCE_EXHAUSTED, m, NULL, 0);
         return 0;
     }

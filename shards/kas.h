@@ -225,6 +225,10 @@ struct kd_tracker *kd_kas_tracker(struct kd_shard *s);
  * from the token table: copy it to keep it past this turn); >0: the call was answered with that
  * status (UNAUTHENTICATED for a missing or unknown token). */
 int kd_kas_agent_call_gate(kd_grpc_call *call, struct kd_agent_ident *ident);
+/* A registration refused for an AgentMeta over limits.agent_meta_max_size (GetConfiguration's older
+ * agentk path; Register counts its own): kasd_agent_pods_refused_total{limit="agent_meta_max_size"}. */
+void kd_kas_count_meta_refused(struct kd_shard *s);
+
 /* This shard's cache of verified api JWTs (core/jwt.h), or NULL (verify every call in full). */
 struct kd_jwt_cache *kd_kas_api_jwt_cache(struct kd_shard *s);
 

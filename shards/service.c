@@ -227,6 +227,13 @@ void kd_kas_on_turn(struct kd_shard *s)
         kd_tracker_flush(ks->tracker);
 }
 
+void kd_kas_count_meta_refused(struct kd_shard *s)
+{
+    struct kd_kas_shard *ks = kd_kas_shard_of(s);
+    if (ks != NULL)
+        ks->stats.meta_refused++;
+}
+
 void kd_kas_count_api_auth_failure(struct kd_shard *s)
 {
     struct kd_kas_shard *ks = kd_kas_shard_of(s);

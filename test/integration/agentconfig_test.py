@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import gitlab_client  # noqa: E402
 import kaspb  # noqa: E402
 from gitlab_client import GitLabClient  # noqa: E402
-from kasd_harness import Kasd, service_config, write_tokens, wait_until  # noqa: E402
+from kasd_harness import Kasd, metric, service_config, write_tokens, wait_until  # noqa: E402
 
 URL = "https://gitlab.example.com"
 PROJECT = 77
@@ -244,12 +244,14 @@ class AgentConfiguration(unittest.TestCase):
         # the same bound as Register's (limits.agent_meta_max_size, 16 KiB by default): the stream
         # is refused and nothing reaches Redis
         meta = kaspb.entity.AgentMeta(version="v16.1.0", pod_name="p" * 20000)
+        refused0 = metric(self.kasd, "kasd_agent_pods_refused_total", limit="agent_meta_max_size")
         s = self.stream(6, skip_register=False, meta=meta)
         with self.assertRaises(AssertionError):
             s.next(timeout=5)  # "stream ended"
         self.assertEqual(s.error.code(), grpc.StatusCode.RESOURCE_EXHAUSTED)
         self.assertIn("limits.agent_meta_max_size", s.error.details())
         self.assertEqual(self.connected(6), [])
+        self.assertEqual(metric(self.kasd, "kasd_agent_pods_refused_total", limit="agent_meta_max_size"), refused0 + 1)
 
     def test_skip_register_true_does_not_register(self):
         meta = kaspb.entity.AgentMeta(version="v17.0.0")

@@ -1536,5 +1536,6 @@ Test(config, fleet_keys)
             cr_assert_str_eq(err, cases[i].want, "for <<%s>>", cases[i].yaml);
         else
             cr_assert(strstr(err, "fleet.") != NULL, "for <<%s>>: %s", cases[i].yaml, err);
+        kd_config_free(&c); /* the defaults load() set */
     }
 }
