@@ -838,44 +838,36 @@ static int check_limits(char *err, size_t errlen)
 
 static void usage(FILE *f)
 {
-    fprintf(f,
-            "usage: agentsim --write-tokens FILE --agents N [--first-agent ID] [--seed S]\n"
-            "       agentsim [--target 127.0.0.1:PORT --agents N] [--listen 127.0.0.1:PORT] [options]\n"
-            "  --tunnels K          idle tunnels per agent (default 2)\n"
-            "  --first-agent ID     first agent id (default 1); agents are ID..ID+N-1\n"
-            "  --seed S             token seed (default 1); --tokens FILE reads tokens instead\n"
-            "  --ca FILE            TLS to the target, verifying with this CA (--server-name, default host)\n"
-            "  --shards S           event-loop threads (default 1)\n"
-            "  --gzip               compress every call (grpc-encoding: gzip), as agentk does\n"
-            "  --connect-window W   agents connecting at once per shard (default 256)\n"
-            "  --duration SECONDS   exit after this long (default 3600)\n"
-            "  --ready-timeout S    report not_ready after this long (default 120)\n"
-            "  --trace-tunnels      open tunnels only once Register has succeeded (the connection is up) and\n"
-            "                       print {\"event\":\"tunnel_open\",\"agent\":ID,\"mono_ns\":T} for each, T the\n"
-            "                       CLOCK_MONOTONIC time its descriptor was queued (bench/run S3)\n");
+    fprintf(
+        f, "usage: agentsim --write-tokens FILE --agents N [--first-agent ID] [--seed S]\n"
+           "       agentsim [--target 127.0.0.1:PORT --agents N] [--listen 127.0.0.1:PORT] [options]\n"
+           "  --tunnels K          idle tunnels per agent (default 2)\n"
+           "  --first-agent ID     first agent id (default 1); agents are ID..ID+N-1\n"
+           "  --seed S             token seed (default 1); --tokens FILE reads tokens instead\n"
+           "  --ca FILE            TLS to the target, verifying with this CA (--server-name, default host)\n"
+           "  --shards S           event-loop threads (default 1)\n"
+           "  --gzip               compress every call (grpc-encoding: gzip), as agentk does\n"
+           "  --connect-window W   agents connecting at once per shard (default 256)\n"
+           "  --duration SECONDS   exit after this long (default 3600)\n"
+           "  --ready-timeout S    report not_ready after this long (default 120)\n"
+           "  --trace-tunnels      open tunnels only once Register has succeeded (the connection is up) and\n"
+           "                       print {\"event\":\"tunnel_open\",\"agent\":ID,\"mono_ns\":T} for each, T "
+           "the\n"
+           "                       CLOCK_MONOTONIC time its descriptor was queued (bench/run S3)\n");
 }
 
 int main(int argc, char **argv)
 {
     static const struct option lo[] = {
-        {"target", required_argument, NULL, 't'},
-        {"listen", required_argument, NULL, 'l'},
-        {"agents", required_argument, NULL, 'n'},
-        {"first-agent", required_argument, NULL, 'f'},
-        {"tunnels", required_argument, NULL, 'k'},
-        {"seed", required_argument, NULL, 'S'},
-        {"tokens", required_argument, NULL, 'T'},
-        {"write-tokens", required_argument, NULL, 'W'},
-        {"ca", required_argument, NULL, 'c'},
-        {"server-name", required_argument, NULL, 'N'},
-        {"shards", required_argument, NULL, 's'},
-        {"connect-window", required_argument, NULL, 'w'},
-        {"duration", required_argument, NULL, 'd'},
-        {"ready-timeout", required_argument, NULL, 'r'},
-        {"gzip", no_argument, NULL, 'G'},
-        {"trace-tunnels", no_argument, NULL, 'P'},
-        {"help", no_argument, NULL, 'h'},
-        {NULL, 0, NULL, 0},
+        {"target", required_argument, NULL, 't'},   {"listen", required_argument, NULL, 'l'},
+        {"agents", required_argument, NULL, 'n'},   {"first-agent", required_argument, NULL, 'f'},
+        {"tunnels", required_argument, NULL, 'k'},  {"seed", required_argument, NULL, 'S'},
+        {"tokens", required_argument, NULL, 'T'},   {"write-tokens", required_argument, NULL, 'W'},
+        {"ca", required_argument, NULL, 'c'},       {"server-name", required_argument, NULL, 'N'},
+        {"shards", required_argument, NULL, 's'},   {"connect-window", required_argument, NULL, 'w'},
+        {"duration", required_argument, NULL, 'd'}, {"ready-timeout", required_argument, NULL, 'r'},
+        {"gzip", no_argument, NULL, 'G'},           {"trace-tunnels", no_argument, NULL, 'P'},
+        {"help", no_argument, NULL, 'h'},           {NULL, 0, NULL, 0},
     };
     const char *write_tokens = NULL, *tokens_file = NULL, *ca = NULL, *target = NULL;
     O.seed = 1;

@@ -628,7 +628,8 @@ int main(int argc, char **argv)
     kd_server_address(srv, 2, private_addr, sizeof(private_addr));
     tracker_cfg.prefix = cfg.redis.key_prefix;
     /* Peers dial the advertised address (NAT, containers) or else the bound one. */
-    tracker_cfg.private_addr = cfg.private_api.advertise_address ? cfg.private_api.advertise_address : private_addr;
+    tracker_cfg.private_addr =
+        cfg.private_api.advertise_address ? cfg.private_api.advertise_address : private_addr;
     tracker_cfg.version = KD_VERSION;
     tracker_cfg.nshards = kas.nshards;
     tracker_cfg.heartbeat_ms = cfg.redis.heartbeat_ms;
@@ -660,7 +661,8 @@ int main(int argc, char **argv)
     presence_cfg.peer_keepalive_timeout_ms = cfg.private_api.listen.keepalive_timeout_ms;
     /* Peers accept limits.grpc_max_concurrent_streams per connection (they share this configuration):
      * past 90 % of it the next forwarded call opens another connection instead of queueing. */
-    presence_cfg.peer_max_calls = cfg.limits.grpc_max_concurrent_streams - cfg.limits.grpc_max_concurrent_streams / 10;
+    presence_cfg.peer_max_calls =
+        cfg.limits.grpc_max_concurrent_streams - cfg.limits.grpc_max_concurrent_streams / 10;
     if (kas.private_secret_len > 0)
         kas.presence = &presence_cfg;
     else

@@ -53,7 +53,8 @@ struct kd_config {
     } api;
     struct {
         struct kd_listen_cfg listen;
-        char *advertise_address; /* private_api.advertise_address: numeric ip:port peers dial (NULL: the bound address) */
+        char *advertise_address; /* private_api.advertise_address: numeric ip:port peers dial (NULL: the bound
+                                    address) */
         struct {
             /* How this instance dials its peers' private listeners: TLS when the private listener
              * has a certificate (a fleet's private listeners are all TLS or all h2c). */

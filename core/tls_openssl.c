@@ -36,7 +36,6 @@
 #define CIPHERS_TLS13 "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
 #define GROUPS        "X25519:P-256:P-384"
 
-
 /* ---- types ------------------------------------------------------------------------------------ */
 
 struct kd_tls_ctx {
@@ -52,8 +51,8 @@ struct kd_tls {
     struct kd_bq in;      /* ciphertext fed, not yet consumed by OpenSSL */
     struct kd_bq out;     /* ciphertext produced, not yet taken */
     struct kd_bq pending; /* plaintext written before the handshake finished */
-    char *err;         /* first failure, allocated only when one happens */
-    int fatal;         /* 0, or the negative errno every later read/write returns */
+    char *err;            /* first failure, allocated only when one happens */
+    int fatal;            /* 0, or the negative errno every later read/write returns */
     bool hs_done;
     bool shut;  /* close_notify queued */
     bool nomem; /* the BIO could not grow a queue: report -ENOMEM, not a TLS error */
@@ -63,8 +62,8 @@ struct kd_tls {
 
 /* Keeps the first error: later ones are consequences (e.g. the alert we send after a failure). */
 #define set_err(t, ...) kd_tls_first_err(&(t)->err, __VA_ARGS__)
-#define ctx_err kd_tls_ctx_err
-#define alert_name kd_tls_alert_name
+#define ctx_err         kd_tls_ctx_err
+#define alert_name      kd_tls_alert_name
 
 /* The root cause from OpenSSL's (thread-local) error queue, in the project's words. */
 static void describe_failure(struct kd_tls *t)

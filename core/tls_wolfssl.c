@@ -47,7 +47,6 @@
     "ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384"
 #endif
 
-
 /* wolfSSL_read/_write take an int length. */
 #define IO_CHUNK (1 << 30)
 
@@ -66,9 +65,9 @@ struct kd_tls {
     struct kd_bq in;      /* ciphertext fed, not yet consumed by wolfSSL */
     struct kd_bq out;     /* ciphertext produced, not yet taken */
     struct kd_bq pending; /* plaintext written before the handshake finished */
-    char *err;         /* first failure, allocated only when one happens */
-    int fatal;         /* 0, or the negative errno every later read/write returns */
-    int verify_err;    /* first error the verify callback saw: X509_V_ERR_* > 0, wolfSSL code < 0 */
+    char *err;            /* first failure, allocated only when one happens */
+    int fatal;            /* 0, or the negative errno every later read/write returns */
+    int verify_err;       /* first error the verify callback saw: X509_V_ERR_* > 0, wolfSSL code < 0 */
     bool hs_done;
     bool shut;  /* close_notify queued */
     bool nomem; /* io_send could not grow the queue: report -ENOMEM, not a TLS error */
@@ -78,8 +77,8 @@ struct kd_tls {
 
 /* Keeps the first error: later ones are consequences (e.g. the alert we send after a failure). */
 #define set_err(t, ...) kd_tls_first_err(&(t)->err, __VA_ARGS__)
-#define ctx_err kd_tls_ctx_err
-#define alert_name kd_tls_alert_name
+#define ctx_err         kd_tls_ctx_err
+#define alert_name      kd_tls_alert_name
 
 static const char *wolf_text(int code)
 {
