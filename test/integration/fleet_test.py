@@ -994,22 +994,19 @@ limits:
             a2.stop(2)
 
 
-class FleetSubscribeRefused(unittest.TestCase):
-    """A Redis whose ACL gives kasd no channel rights (Redis 7's `resetchannels`): SUBSCRIBE is
-    refused (NOPERM). Routing must not wait for a confirmation that never comes: lookups read
-    without it (after 1 s), it is logged and counted, and calls reach agents on peers."""
-
-    def test_calls_routed_without_presence_events(self):
-        d = tempfile.mkdtemp(prefix="kasd-noperm-")
-        tok = base64.urlsafe_b64encode(os.urandom(24)).decode()
-        write_tokens(os.path.join(d, "tokens.yaml"), {7: (tok, 107)})
-        secret = gitlab_client.generate_secret()
-        gitlab_client.write_secret(os.path.join(d, "api-secret"), secret)
-        gitlab_client.write_secret(os.path.join(d, "private-secret"), gitlab_client.generate_secret())
-        redis = RedisServer()
-        self.addCleanup(redis.kill)
-        self.assertEqual(redis.cmd("ACL", "SETUSER", "default", "resetchannels"), b"OK")
-        cfg = f"""\
+def small_fleet(test, prefix, agent_id, limits):
+    """Files and a redis-server for a two-instance fleet test (one shard each, one agent token,
+    both secrets): (config text, agent token, api secret, redis). `limits` is the body of the
+    limits section."""
+    d = tempfile.mkdtemp(prefix=prefix)
+    tok = base64.urlsafe_b64encode(os.urandom(24)).decode()
+    write_tokens(os.path.join(d, "tokens.yaml"), {agent_id: (tok, 100 + agent_id)})
+    secret = gitlab_client.generate_secret()
+    gitlab_client.write_secret(os.path.join(d, "api-secret"), secret)
+    gitlab_client.write_secret(os.path.join(d, "private-secret"), gitlab_client.generate_secret())
+    redis = RedisServer()
+    test.addCleanup(redis.kill)
+    cfg = f"""\
 shards: 1
 agent:
   listen:
@@ -1030,9 +1027,21 @@ redis:
   server:
     address: {redis.address}
 limits:
+{limits}"""
+    return cfg, tok, secret, redis
+
+
+class FleetSubscribeRefused(unittest.TestCase):
+    """A Redis whose ACL gives kasd no channel rights (Redis 7's `resetchannels`): SUBSCRIBE is
+    refused (NOPERM). Routing must not wait for a confirmation that never comes: lookups read
+    without it (after 1 s), it is logged and counted, and calls reach agents on peers."""
+
+    def test_calls_routed_without_presence_events(self):
+        cfg, tok, secret, redis = small_fleet(self, "kasd-noperm-", 7, """\
   routing_timeout: 8s
   shutdown_grace: 2s
-"""
+""")
+        self.assertEqual(redis.cmd("ACL", "SETUSER", "default", "resetchannels"), b"OK")
         ka, kb = Kasd(config=cfg), Kasd(config=cfg)
         for k in (ka, kb):
             self.assertTrue(k.started, k.log())
@@ -1063,39 +1072,11 @@ class FleetStreamLimit(unittest.TestCase):
     the limit."""
 
     def test_calls_beyond_one_connection(self):
-        d = tempfile.mkdtemp(prefix="kasd-streams-")
-        tok = base64.urlsafe_b64encode(os.urandom(24)).decode()
-        write_tokens(os.path.join(d, "tokens.yaml"), {1: (tok, 101)})
-        secret = gitlab_client.generate_secret()
-        gitlab_client.write_secret(os.path.join(d, "api-secret"), secret)
-        gitlab_client.write_secret(os.path.join(d, "private-secret"), gitlab_client.generate_secret())
-        redis = RedisServer()
-        self.addCleanup(redis.kill)
-        cfg = f"""\
-shards: 1
-agent:
-  listen:
-    address: 127.0.0.1:0
-  token_file: {d}/tokens.yaml
-api:
-  listen:
-    address: 127.0.0.1:0
-    authentication_secret_file: {d}/api-secret
-private_api:
-  listen:
-    address: 127.0.0.1:0
-    authentication_secret_file: {d}/private-secret
-observability:
-  listen:
-    address: 127.0.0.1:0
-redis:
-  server:
-    address: {redis.address}
-limits:
+        cfg, tok, secret, redis = small_fleet(self, "kasd-streams-", 1, """\
   grpc_max_concurrent_streams: 20
   routing_timeout: 10s
   shutdown_grace: 2s
-"""
+""")
         ka, kb = Kasd(config=cfg), Kasd(config=cfg)
         for k in (ka, kb):
             self.assertTrue(k.started, k.log())
