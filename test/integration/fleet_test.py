@@ -24,20 +24,9 @@ from gitlab_client import GitLabClient, collect, make_jwt  # noqa: E402
 from kasd_harness import KASD, Kasd, write_tokens, wait_until, metric  # noqa: E402
 from redis_fixture import RedisServer  # noqa: E402
 from grpcgo_test import EIGHT_MIB, GoAgent, goclient  # noqa: E402
+from routing_test import who_handler  # noqa: E402
 
 NAGENTS = 12
-
-
-def who_handler(agent_id):
-    def handle(call):
-        for _ in call:
-            pass
-        call.send_header({})
-        call.send_message(str(agent_id).encode())
-        call.send_trailer({})
-    return handle
-
-
 
 
 class Fleet(unittest.TestCase):
