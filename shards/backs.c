@@ -69,6 +69,7 @@ static void back_free(struct back *b)
     kas_back_unwatch(b);
     kd_chunkpool_free(b->method);
     kd_chunkpool_free(b->md);
+    kd_chunkpool_free(b->cand);
     kd_chunkpool_free(b);
 }
 

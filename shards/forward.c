@@ -143,6 +143,8 @@ void kas_forward(struct back *b, const struct kd_presence_peer *peers, size_t n,
     struct kd_kas_shard *ks = b->ks;
     if (b->bound || b->ended || b->t != NULL || b->t2 != NULL || n == 0)
         return;
+    if (b->cand == NULL && (b->cand = kd_chunkpool_malloc(KD_PRESENCE_MAX_PEERS * sizeof(*b->cand))) == NULL)
+        return; /* out of memory: it keeps waiting (a local tunnel, the re-check) */
     if (b->looking) {
         kd_presence_lookup_cancel(ks->presence, &b->lk);
         b->looking = false;

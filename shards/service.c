@@ -148,6 +148,7 @@ static void drop_waiting(struct kd_pool_wait *w)
     kd_timerwheel_cancel(kd_shard_timers(b->ks->s), &b->recheck);
     kd_chunkpool_free(b->method);
     kd_chunkpool_free(b->md);
+    kd_chunkpool_free(b->cand);
     kd_chunkpool_free(b);
 }
 

@@ -91,7 +91,9 @@ struct back {
     uint64_t event_gen; /* the presence event that last offered it to a peer */
     uint64_t deadline_ms;
     struct kd_presence_lookup lk;
-    struct kd_presence_peer cand[KD_PRESENCE_MAX_PEERS];
+    /* the peers being offered the call (KD_PRESENCE_MAX_PEERS entries), allocated at its first
+     * offer to a peer: most routed calls find a tunnel here and never need them */
+    struct kd_presence_peer *cand;
     struct kd_timer recheck;
     /* A second attempt raced against t (fleet.second_candidate_delay after t started without an
      * answer): the first to say "ready" gets the call, the other is cancelled before any request
