@@ -179,6 +179,32 @@ int kd_dev_prepare(struct kd_config *cfg, const char *dir, char *err, size_t err
         cfg->agent.token_file = strdup(path);
         printf("  %-28s %s%s\n", "agent-tokens.yaml", path, created ? " (new)" : "");
     }
+    /* The Kubernetes API front door, with one user token for the dev agent (docs/kubernetes_api.md):
+     *   curl -H "Authorization: Bearer pat:1:<token>" http://127.0.0.1:8154/k8s-proxy/version */
+    cfg->kubernetes_api.enabled = true;
+    if (cfg->kubernetes_api.access_token_file == NULL) {
+        snprintf(path, sizeof(path), "%s/kubernetes-access.yaml", dir);
+        rc = random_bytes(raw, sizeof(raw));
+        if (rc < 0) {
+            snprintf(err, errlen, "getrandom: %s", strerror(-rc));
+            return rc;
+        }
+        kd_base64_encode(raw, sizeof(raw), token);
+        for (char *p = token; *p; p++)
+            *p = *p == '+' ? '-' : *p == '/' ? '_' : *p;
+        snprintf(content, sizeof(content),
+                 "# Kubernetes API front door users (development set-up): credential\n"
+                 "# \"Authorization: Bearer pat:1:<token>\" reaches agent 1.\n"
+                 "users:\n"
+                 "  - token: \"k8s-%s\"\n"
+                 "    agents: [1]\n",
+                 token);
+        rc = write_once(path, content, &created, err, errlen);
+        if (rc < 0)
+            return rc;
+        cfg->kubernetes_api.access_token_file = strdup(path);
+        printf("  %-28s %s%s\n", "kubernetes-access.yaml", path, created ? " (new)" : "");
+    }
     return 0;
 }
 

@@ -11,7 +11,10 @@
 #include <unistd.h>
 
 #include "cmd/dev.h"
+#include "core/access.h"
 #include "core/agentcfg.h"
+#include "core/httpd.h"
+#include "core/httpmap.h"
 #include "core/config.h"
 #include "core/log.h"
 #include "core/jwt.h"
@@ -22,6 +25,7 @@
 #include "shards/presence.h"
 #include "shards/conn.h"
 #include "shards/control.h"
+#include "shards/kubeapi.h"
 #include "shards/grpc.h"
 #include "shards/redis.h"
 #include "shards/tracker.h"
@@ -280,12 +284,14 @@ struct start_files {
     struct kd_tls_ctx *peer_tls;                 /* the fleet's private listeners over TLS; NULL: h2c */
     struct kd_agentcfg_set *agentcfg;            /* agent.configuration_dir; NULL when unset */
     uint64_t agentcfg_fp;                        /* its fingerprint when loaded (change poll) */
+    struct kd_access *access;                    /* kubernetes_api.access_token_file; NULL when unset */
 };
 
 static void start_files_free(struct start_files *f)
 {
     kd_tokens_free(f->tokens);
     kd_agentcfg_free(f->agentcfg);
+    kd_access_free(f->access);
     for (int i = 0; i < NLISTENERS; i++)
         if (f->listener_tls[i] != NULL)
             kd_tls_ctx_destroy(f->listener_tls[i]);
@@ -318,6 +324,16 @@ static int listener_tls(const char *name, const struct kd_listen_cfg *cfg, struc
     return rc;
 }
 
+/* The front door's credential check against the static access-token file (control thread). */
+static int access_authorize(void *ud, const char *token, size_t len, int64_t agent_id, struct kd_hm_imp *imp)
+{
+    struct kd_access_grant g;
+    int rc = kd_access_check(ud, token, len, agent_id, &g);
+    if (rc == 0)
+        *imp = (struct kd_hm_imp){.username = g.username, .groups = g.groups, .ngroups = g.ngroups, .uid = g.uid};
+    return rc;
+}
+
 static int secret_load(const char *key, const char *path, uint8_t *out, size_t cap, size_t *len, char *err,
                        size_t errlen)
 {
@@ -343,6 +359,17 @@ static int start_files_load(struct start_files *f, const struct kd_config *cfg, 
     if (cfg->agent.token_file != NULL &&
         (rc = kd_tokens_load_file(cfg->agent.token_file, &f->tokens, why, sizeof(why))) < 0) {
         snprintf(err, errlen, "agent.token_file: %s", why);
+        goto fail;
+    }
+    if (cfg->kubernetes_api.enabled && cfg->kubernetes_api.access_token_file != NULL &&
+        (rc = kd_access_load_file(cfg->kubernetes_api.access_token_file, &f->access, why, sizeof(why))) < 0) {
+        snprintf(err, errlen, "kubernetes_api.access_token_file: %s", why);
+        goto fail;
+    }
+    if (cfg->kubernetes_api.enabled && cfg->kubernetes_api.listen.certificate_file != NULL &&
+        (rc = kd_httpd_tls_check(cfg->kubernetes_api.listen.certificate_file, cfg->kubernetes_api.listen.key_file,
+                                 why, sizeof(why))) < 0) {
+        snprintf(err, errlen, "kubernetes_api.listen %s", why);
         goto fail;
     }
     if (cfg->agent.configuration_dir != NULL) {
@@ -689,8 +716,32 @@ int main(int argc, char **argv)
     }
     /* The control thread (observability: /metrics, /liveness, /readiness) is router participant n;
      * it asks the shards for their state, so it starts once they run. */
+    const char *origins[64];
+    size_t norigins = 0;
+    for (char *org = cfg.kubernetes_api.allowed_origins; org != NULL && *org && norigins < 64;) {
+        origins[norigins++] = org;
+        char *nl = strchr(org, '\n');
+        if (nl == NULL)
+            break;
+        *nl = '\0';
+        org = nl + 1;
+    }
+    struct kd_kubeapi_cfg kcfg = {
+        .prefix = cfg.kubernetes_api.url_path_prefix,
+        .authorize = files.access != NULL ? access_authorize : NULL,
+        .authorize_ud = files.access,
+        .origins = origins,
+        .norigins = norigins,
+        .routing_timeout_ms = kas.routing_timeout_ms,
+        .max_header_message = cfg.limits.grpc_max_message_size,
+        .via = "gRPC/1.0 kasd/" KD_VERSION,
+    };
     if (kd_control_create(srv, &cfg.observability.listen.addr, cfg.observability.listen.addrlen, &ctl, err,
                           sizeof(err)) < 0 ||
+        (cfg.kubernetes_api.enabled &&
+         kd_control_add_kubeapi(ctl, &cfg.kubernetes_api.listen.addr, cfg.kubernetes_api.listen.addrlen, &kcfg,
+                                cfg.kubernetes_api.max_request_body_size, cfg.kubernetes_api.listen.certificate_file,
+                                cfg.kubernetes_api.listen.key_file, err, sizeof(err)) < 0) ||
         kd_control_start(ctl, err, sizeof(err)) < 0) {
         kd_log_msg(KD_LOG_ERROR, "start_failed", "%s", err);
         goto out;
@@ -704,6 +755,14 @@ int main(int argc, char **argv)
         kd_log_str(&l, "address", addr);
         kd_log_str(&l, "protocol", "http/1.1+h2c");
         kd_log_end(&l);
+        if (cfg.kubernetes_api.enabled) {
+            kd_control_kubeapi_address(ctl, addr, sizeof(addr));
+            kd_log_begin(&l, KD_LOG_INFO, "listening");
+            kd_log_str(&l, "listener", "kubernetes_api");
+            kd_log_str(&l, "address", addr);
+            kd_log_str(&l, "protocol", cfg.kubernetes_api.listen.certificate_file ? "https (h2, http/1.1)" : "http/1.1+h2c");
+            kd_log_end(&l);
+        }
     }
     {
         struct kd_logline l;

@@ -247,7 +247,7 @@ const char *kd_log_level_name(enum kd_log_level l)
 
 /* Every heap string a kd_config owns. A new char * member of struct kd_config must be added here,
  * or it will leak on free and be shared (then double-freed) by the transactional copy. */
-#define NSTRINGS 43
+#define NSTRINGS 51
 
 static void string_slots(struct kd_config *c, char **s[NSTRINGS])
 {
@@ -284,9 +284,14 @@ static void string_slots(struct kd_config *c, char **s[NSTRINGS])
     s[i++] = &c->redis.sentinel.addresses;
     s[i++] = &c->redis.sentinel.password_file;
     s[i++] = &c->redis.sentinel.password;
+    s[i++] = &c->kubernetes_api.listen.address;
+    s[i++] = &c->kubernetes_api.listen.authentication_secret_file;
+    s[i++] = &c->kubernetes_api.url_path_prefix;
+    s[i++] = &c->kubernetes_api.access_token_file;
+    s[i++] = &c->kubernetes_api.allowed_origins;
     struct kd_listen_cfg *ls[] = {&c->agent.listen, &c->api.listen, &c->private_api.listen,
-                                  &c->observability.listen};
-    for (size_t j = 0; j < 4; j++) {
+                                  &c->observability.listen, &c->kubernetes_api.listen};
+    for (size_t j = 0; j < 5; j++) {
         s[i++] = &ls[j]->certificate_file;
         s[i++] = &ls[j]->key_file;
         s[i++] = &ls[j]->client_ca_file;
@@ -390,13 +395,15 @@ int kd_config_defaults(struct kd_config *c)
     c->agent.listen.max_connection_age_ms = 2u * 3600u * 1000u; /* GitLab kas: 2 h */
     c->agent.listen.websocket = 1; /* agentk's ws:// and wss:// addresses (GitLab.com's default) */
     c->log.level = KD_LOG_INFO;
+    c->kubernetes_api.max_request_body_size = 16u << 20;
 
     c->source = strdup("<defaults>");
     c->redis.key_prefix = strdup("gitlab-kas");
     if (!c->source || !c->redis.key_prefix || set_listen(&c->agent.listen, "127.0.0.1:8150") < 0 ||
         set_listen(&c->api.listen, "127.0.0.1:8153") < 0 ||
         set_listen(&c->private_api.listen, "127.0.0.1:8155") < 0 ||
-        set_listen(&c->observability.listen, "127.0.0.1:8151") < 0) {
+        set_listen(&c->observability.listen, "127.0.0.1:8151") < 0 ||
+        set_listen(&c->kubernetes_api.listen, "127.0.0.1:8154") < 0) {
         kd_config_free(c);
         return -ENOMEM;
     }
@@ -422,6 +429,7 @@ enum kind {
     K_SECRET,      /* a file name into the char * at off; its contents, read now, into the char * at off2 */
     K_ADDR_LIST,   /* a sequence of K_REDIS_ADDR: '\n'-joined into the char * at off, count at off2 */
     K_COMPRESSION, /* identity | gzip into the unsigned at off (enum kd_compress_alg) */
+    K_ORIGIN_LIST, /* a sequence of http(s)://host[:port] origins: '\n'-joined at off, count at off2 */
 };
 
 struct field {
@@ -563,6 +571,25 @@ static const struct field observability_listen_keys[] = {LISTEN_ADDRESS(observab
                                                          {0}};
 static const struct field observability_keys[] = {
     {.key = "listen", .kind = K_MAP, .sub = observability_listen_keys},
+    {0},
+};
+static int kubernetes_api_done(struct parse *p, struct kd_yaml_mark at);
+static int kubernetes_api_listen_done(struct parse *p, struct kd_yaml_mark at);
+static const struct field kubernetes_api_listen_keys[] = {LISTEN_ADDRESS(kubernetes_api, "127.0.0.1:8154"),
+                                                          TLS_FILES(kubernetes_api), {0}};
+static const struct field kubernetes_api_keys[] = {
+    {.key = "listen", .kind = K_MAP, .sub = kubernetes_api_listen_keys, .done = kubernetes_api_listen_done},
+    {.key = "url_path_prefix", .kind = K_STRING, .off = OFF(kubernetes_api.url_path_prefix)},
+    {.key = "access_token_file", .kind = K_STRING, .off = OFF(kubernetes_api.access_token_file)},
+    {.key = "allowed_origins",
+     .kind = K_ORIGIN_LIST,
+     .off = OFF(kubernetes_api.allowed_origins),
+     .off2 = OFF(kubernetes_api.n_allowed_origins)},
+    {.key = "max_request_body_size",
+     .kind = K_UINT,
+     .off = OFF(kubernetes_api.max_request_body_size),
+     .min = 1024,
+     .max = 1073741824},
     {0},
 };
 static const struct field redis_server_keys[] = {
@@ -709,6 +736,7 @@ static const struct field top_keys[] = {
     {.key = "private_api", .kind = K_MAP, .sub = private_api_keys, .done = private_api_done},
     {.key = "fleet", .kind = K_MAP, .sub = fleet_keys, .done = fleet_done},
     {.key = "observability", .kind = K_MAP, .sub = observability_keys},
+    {.key = "kubernetes_api", .kind = K_MAP, .sub = kubernetes_api_keys, .done = kubernetes_api_done},
     {.key = "redis", .kind = K_MAP, .sub = redis_keys, .done = redis_done},
     {.key = "gitlab", .kind = K_MAP, .sub = gitlab_keys},
     {.key = "limits", .kind = K_MAP, .sub = limits_keys},
@@ -1018,6 +1046,24 @@ static int read_secret(struct parse *p, const struct field *f, const char *v, si
     return 0;
 }
 
+/* scheme://host[:port], as browsers send Origin: no path, query, whitespace or control bytes. */
+static bool valid_origin(const char *v, size_t n)
+{
+    size_t s = 0;
+    if (n > 7 && memcmp(v, "http://", 7) == 0)
+        s = 7;
+    else if (n > 8 && memcmp(v, "https://", 8) == 0)
+        s = 8;
+    else
+        return false;
+    if (n > 1024)
+        return false;
+    for (size_t i = s; i < n; i++)
+        if (v[i] <= ' ' || v[i] == 0x7f || v[i] == '/' || v[i] == '?' || v[i] == '#')
+            return false;
+    return true;
+}
+
 /* p->ev is a SEQUENCE-START for a K_ADDR_LIST field; consume up to its SEQUENCE-END. The list
  * replaces any earlier layer's list as a whole. */
 static int parse_addr_list(struct parse *p, const struct field *f)
@@ -1034,16 +1080,22 @@ static int parse_addr_list(struct parse *p, const struct field *f)
         if (p->ev.type == KD_YAML_SEQUENCE_END)
             break;
         const struct kd_yaml_event *e = &p->ev;
+        bool origins = f->kind == K_ORIGIN_LIST;
         if (e->type != KD_YAML_SCALAR) {
-            r = fail(p, e->start_mark, "expected a list of host:port addresses, got %s inside it",
-                     event_kind(e));
+            r = fail(p, e->start_mark, "expected a list of %s, got %s inside it",
+                     origins ? "origins" : "host:port addresses", event_kind(e));
             goto out;
         }
         const char *v = (const char *)e->value;
         size_t n = e->length;
         char got[4 * VALUE_SHOW_MAX + 8];
         quote_value(got, sizeof(got), v, n);
-        if (memchr(v, '\0', n) || strncmp(v, "unix:", 5) == 0 || !valid_redis_addr(v)) {
+        if (origins) {
+            if (!valid_origin(v, n)) {
+                r = fail(p, e->start_mark, "expected an origin like https://gitlab.example.com, got %s", got);
+                goto out;
+            }
+        } else if (memchr(v, '\0', n) || strncmp(v, "unix:", 5) == 0 || !valid_redis_addr(v)) {
             r = fail(p, e->start_mark, "expected host:port (like 127.0.0.1:26379), got %s", got);
             goto out;
         }
@@ -1060,7 +1112,7 @@ static int parse_addr_list(struct parse *p, const struct field *f)
         joined[jl] = '\0';
         count++;
     }
-    if (count == 0) {
+    if (count == 0 && f->kind == K_ADDR_LIST) {
         r = fail(p, start, "must list at least one address");
         goto out;
     }
@@ -1156,6 +1208,7 @@ static int parse_scalar(struct parse *p, const struct field *f)
             return fail(p, at, "must not be empty");
         return read_secret(p, f, v, n, at);
     case K_ADDR_LIST:
+    case K_ORIGIN_LIST:
         break;
     case K_COMPRESSION:
         /* values as grpc-encoding names them (core/compress.h: identity 0, gzip 1) */
@@ -1190,9 +1243,10 @@ static int parse_value(struct parse *p, const struct field *f)
     struct kd_yaml_mark at = e->start_mark;
     int r;
 
-    if (f->kind == K_ADDR_LIST) {
+    if (f->kind == K_ADDR_LIST || f->kind == K_ORIGIN_LIST) {
         if (e->type != KD_YAML_SEQUENCE_START)
-            return fail(p, at, "expected a list of host:port addresses, got %s", event_kind(e));
+            return fail(p, at, "expected a list of %s, got %s",
+                        f->kind == K_ADDR_LIST ? "host:port addresses" : "origins", event_kind(e));
         return parse_addr_list(p, f);
     }
     if (f->kind != K_MAP) {
@@ -1289,7 +1343,39 @@ static int private_api_listen_done(struct parse *p, struct kd_yaml_mark at)
     return tls_pair_done(p, at, &p->c->private_api.listen);
 }
 
+static int kubernetes_api_listen_done(struct parse *p, struct kd_yaml_mark at)
+{
+    return tls_pair_done(p, at, &p->c->kubernetes_api.listen);
+}
+
 /* Peers dial the advertised address as it is: a numeric ip:port (no DNS on the shards). */
+static int kubernetes_api_done(struct parse *p, struct kd_yaml_mark at)
+{
+    p->c->kubernetes_api.enabled = true;
+    char *pre = p->c->kubernetes_api.url_path_prefix;
+    if (pre == NULL)
+        return 0;
+    size_t n = strlen(pre);
+    bool ok = pre[0] == '/';
+    for (size_t i = 0; ok && i < n; i++)
+        ok = pre[i] > ' ' && pre[i] < 0x7f && pre[i] != '?' && pre[i] != '#' && pre[i] != '%';
+    if (!ok) {
+        size_t saved = push(p, "url_path_prefix", 15);
+        int r = fail(p, at, "expected a URL path starting with / (like /k8s-proxy/)");
+        pop(p, saved);
+        return r;
+    }
+    if (pre[n - 1] != '/') { /* as GitLab kas: the prefix always ends with / */
+        char *np = realloc(pre, n + 2);
+        if (np == NULL)
+            return fail_oom(p, at);
+        np[n] = '/';
+        np[n + 1] = '\0';
+        p->c->kubernetes_api.url_path_prefix = np;
+    }
+    return 0;
+}
+
 static int private_api_done(struct parse *p, struct kd_yaml_mark at)
 {
     const char *a = p->c->private_api.advertise_address;

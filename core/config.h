@@ -75,6 +75,16 @@ struct kd_config {
     struct {
         struct kd_listen_cfg listen;
     } observability;
+    struct {
+        /* The Kubernetes API front door (docs/kubernetes_api.md): on when the section is present. */
+        bool enabled;
+        struct kd_listen_cfg listen; /* kubernetes_api.listen.address (127.0.0.1:8154) */
+        char *url_path_prefix;       /* kubernetes_api.url_path_prefix: ends with '/' (default /k8s-proxy/) */
+        char *access_token_file;     /* kubernetes_api.access_token_file: static user tokens (NULL: none) */
+        char *allowed_origins;       /* kubernetes_api.allowed_origins: CORS origins, '\n'-joined */
+        unsigned n_allowed_origins;
+        uint32_t max_request_body_size; /* kubernetes_api.max_request_body_size: bytes (16 MiB) */
+    } kubernetes_api;
 
     struct {
         bool configured;     /* false: kasd starts its own redis-server on a loopback port */

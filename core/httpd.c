@@ -21,20 +21,33 @@
 
 #define H2O_USE_LIBUV 0
 #include <h2o.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 
-struct kd_httpd {
+/* One listening socket with its own h2o configuration (limits) and request callback. h2o
+ * dispatches by Host, not by socket, so each site gets its own globalconf and context; they share
+ * the one loop. */
+struct site {
     h2o_globalconf_t config;
     h2o_context_t ctx;
     h2o_accept_ctx_t accept_ctx;
-    h2o_evloop_t *loop;
     h2o_socket_t *listener;
+    struct kd_httpd *h;
+    struct kd_httpd_site_opts o;
+    SSL_CTX *ssl; /* h2o's TLS is OpenSSL's, whatever kasd's own TLS backend is */
+};
+
+struct kd_httpd {
+    h2o_evloop_t *loop;
     h2o_socket_t *waker;
     struct kd_httpd_opts o;
+    struct site *sites[KD_HTTPD_MAX_SITES];
+    size_t nsites;
 };
 
 struct handler {
     h2o_handler_t super;
-    struct kd_httpd *h;
+    struct site *site;
 };
 
 struct req_link {
@@ -44,21 +57,34 @@ struct req_link {
 struct kd_httpd_req {
     h2o_req_t *req; /* NULL once h2o freed the request */
     struct req_link *link;
+    /* streaming (kd_httpd_start) */
+    h2o_generator_t gen;
+    kd_httpd_event_fn on_event;
+    void *ud;
+    bool started, finished, can_send, in_send, proceed_pending, abort_pending, released, gone_pending;
 };
 
 static void link_dispose(void *p)
 {
     struct req_link *l = p;
-    if (l->r != NULL) {
-        l->r->req = NULL;
-        l->r->link = NULL;
+    struct kd_httpd_req *r = l->r;
+    if (r != NULL && r->released) {
+        free(r); /* h2o no longer names its generator */
+    } else if (r != NULL) {
+        r->req = NULL;
+        r->link = NULL;
+        r->can_send = false;
+        if (r->in_send)
+            r->gone_pending = true; /* told when kd_httpd_send returns */
+        else if (r->on_event != NULL && !r->finished)
+            r->on_event(r->ud, KD_HTTPD_GONE);
     }
 }
 
 static int on_req(h2o_handler_t *self, h2o_req_t *req)
 {
-    struct kd_httpd *h = ((struct handler *)self)->h;
-    struct kd_httpd_req *r = malloc(sizeof(*r));
+    struct site *site = ((struct handler *)self)->site;
+    struct kd_httpd_req *r = calloc(1, sizeof(*r));
     if (r == NULL) {
         h2o_send_error_503(req, "Service Unavailable", "out of memory", 0);
         return 0;
@@ -67,34 +93,256 @@ static int on_req(h2o_handler_t *self, h2o_req_t *req)
     l->r = r;
     r->req = req;
     r->link = l;
-    h->o.on_request(h->o.ud, r, req->method.base, req->method.len, req->path_normalized.base,
-                    req->path_normalized.len);
+    site->o.on_request(site->o.ud, r, req->method.base, req->method.len, req->path_normalized.base,
+                       req->path_normalized.len);
     return 0;
+}
+
+/* ---- request accessors ---- */
+
+bool kd_httpd_req_alive(const struct kd_httpd_req *r)
+{
+    return r->req != NULL;
+}
+
+bool kd_httpd_req_header(const struct kd_httpd_req *r, size_t i, struct kd_httpd_header *out)
+{
+    if (r->req == NULL || i >= r->req->headers.size)
+        return false;
+    const h2o_header_t *hd = &r->req->headers.entries[i];
+    *out = (struct kd_httpd_header){hd->name->base, hd->name->len, hd->value.base, hd->value.len};
+    return true;
+}
+
+void kd_httpd_req_target(const struct kd_httpd_req *r, const char **path, size_t *plen, const char **query,
+                         size_t *qlen)
+{
+    *path = *query = "";
+    *plen = *qlen = 0;
+    if (r->req == NULL)
+        return;
+    const h2o_iovec_t *p = &r->req->input.path;
+    size_t q = r->req->input.query_at;
+    *path = p->base;
+    *plen = q == SIZE_MAX ? p->len : q;
+    if (q != SIZE_MAX && q < p->len) {
+        *query = p->base + q + 1;
+        *qlen = p->len - q - 1;
+    }
+}
+
+void kd_httpd_req_body(const struct kd_httpd_req *r, const uint8_t **body, size_t *len)
+{
+    *body = NULL;
+    *len = 0;
+    if (r->req != NULL && r->req->entity.base != NULL) {
+        *body = (const uint8_t *)r->req->entity.base;
+        *len = r->req->entity.len;
+    }
+}
+
+bool kd_httpd_req_has_body(const struct kd_httpd_req *r)
+{
+    return r->req != NULL && r->req->entity.base != NULL;
+}
+
+bool kd_httpd_req_upgrade(const struct kd_httpd_req *r)
+{
+    return r->req != NULL && r->req->upgrade.base != NULL;
+}
+
+int kd_httpd_req_version(const struct kd_httpd_req *r)
+{
+    return r->req != NULL ? r->req->version : 0;
+}
+
+/* ---- streamed answers ---- */
+
+static void add_headers(h2o_req_t *req, const struct kd_httpd_header *hs, size_t n);
+
+static void gen_proceed(h2o_generator_t *g, h2o_req_t *req)
+{
+    struct kd_httpd_req *r = (struct kd_httpd_req *)((char *)g - offsetof(struct kd_httpd_req, gen));
+    if (r->abort_pending) {
+        r->abort_pending = false;
+        h2o_send(req, NULL, 0, H2O_SEND_STATE_ERROR);
+        return;
+    }
+    if (r->finished)
+        return;
+    if (r->in_send) { /* called from inside h2o_send: delivered when it returns */
+        r->proceed_pending = true;
+        return;
+    }
+    r->can_send = true;
+    if (r->on_event != NULL)
+        r->on_event(r->ud, KD_HTTPD_PROCEED);
+}
+
+static void gen_stop(h2o_generator_t *g, h2o_req_t *req)
+{
+    (void)g;
+    (void)req; /* the request's pool dispose follows: GONE is told there */
+}
+
+void kd_httpd_watch(struct kd_httpd_req *r, kd_httpd_event_fn fn, void *ud)
+{
+    r->on_event = fn;
+    r->ud = ud;
+}
+
+static const char *reason_of(int status)
+{
+    switch (status) {
+    case 200: return "OK";
+    case 201: return "Created";
+    case 202: return "Accepted";
+    case 204: return "No Content";
+    case 206: return "Partial Content";
+    case 301: return "Moved Permanently";
+    case 302: return "Found";
+    case 304: return "Not Modified";
+    case 400: return "Bad Request";
+    case 401: return "Unauthorized";
+    case 403: return "Forbidden";
+    case 404: return "Not Found";
+    case 405: return "Method Not Allowed";
+    case 406: return "Not Acceptable";
+    case 409: return "Conflict";
+    case 410: return "Gone";
+    case 413: return "Payload Too Large";
+    case 415: return "Unsupported Media Type";
+    case 422: return "Unprocessable Entity";
+    case 429: return "Too Many Requests";
+    case 500: return "Internal Server Error";
+    case 501: return "Not Implemented";
+    case 502: return "Bad Gateway";
+    case 503: return "Service Unavailable";
+    case 504: return "Gateway Timeout";
+    default: return "";
+    }
+}
+
+void kd_httpd_start(struct kd_httpd_req *r, int status, const struct kd_httpd_header *hs, size_t n,
+                    int64_t content_length)
+{
+    h2o_req_t *req = r->req;
+    if (req == NULL || r->started)
+        return;
+    r->started = true;
+    req->res.status = status;
+    req->res.reason = reason_of(status);
+    add_headers(req, hs, n);
+    if (content_length >= 0)
+        req->res.content_length = (size_t)content_length;
+    r->gen.proceed = gen_proceed;
+    r->gen.stop = gen_stop;
+    h2o_start_response(req, &r->gen);
+    r->can_send = true;
+}
+
+bool kd_httpd_can_send(const struct kd_httpd_req *r)
+{
+    return r->req != NULL && r->started && r->can_send && !r->finished;
+}
+
+void kd_httpd_send(struct kd_httpd_req *r, const void *data, size_t len, bool final)
+{
+    if (!kd_httpd_can_send(r))
+        return;
+    h2o_iovec_t buf = h2o_iovec_init(data, len);
+    r->can_send = false;
+    r->in_send = true;
+    if (final)
+        r->finished = true;
+    h2o_send(r->req, &buf, len > 0 ? 1 : 0, final ? H2O_SEND_STATE_FINAL : H2O_SEND_STATE_IN_PROGRESS);
+    r->in_send = false;
+    if (r->gone_pending) {
+        r->gone_pending = false; /* the caller sees !kd_httpd_req_alive(): no event from in here */
+        return;
+    }
+    if (r->proceed_pending && !r->finished) {
+        r->proceed_pending = false;
+        r->can_send = true; /* the caller sees kd_httpd_can_send(): no event from in here */
+    }
+}
+
+void kd_httpd_abort(struct kd_httpd_req *r)
+{
+    if (r->req == NULL || r->finished)
+        return;
+    r->finished = true;
+    if (!r->started) {
+        h2o_send_error_502(r->req, "Bad Gateway", "", H2O_SEND_ERROR_KEEP_HEADERS);
+        return;
+    }
+    if (!r->can_send) {
+        r->abort_pending = true; /* a send is in flight: the error follows at its proceed */
+        return;
+    }
+    r->can_send = false;
+    h2o_send(r->req, NULL, 0, H2O_SEND_STATE_ERROR);
+}
+
+void kd_httpd_release(struct kd_httpd_req *r)
+{
+    r->on_event = NULL;
+    if (r->req == NULL || !r->started) {
+        if (r->link != NULL)
+            r->link->r = NULL;
+        free(r);
+        return;
+    }
+    r->released = true; /* h2o may still call the generator: freed when it frees the request */
+}
+
+static void add_headers(h2o_req_t *req, const struct kd_httpd_header *hs, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        /* h2o wants lower-case names (HTTP/2 requires them; HTTP/1 writes them as given) */
+        char *name = h2o_mem_alloc_pool(&req->pool, hs[i].name_len + 1);
+        for (size_t j = 0; j < hs[i].name_len; j++) {
+            char c = hs[i].name[j];
+            name[j] = c >= 'A' && c <= 'Z' ? (char)(c + 32) : c;
+        }
+        name[hs[i].name_len] = '\0';
+        char *value = h2o_mem_alloc_pool(&req->pool, hs[i].value_len + 1);
+        memcpy(value, hs[i].value, hs[i].value_len);
+        value[hs[i].value_len] = '\0';
+        h2o_add_header_by_str(&req->pool, &req->res.headers, name, hs[i].name_len, 1, NULL, value,
+                              hs[i].value_len);
+    }
+}
+
+void kd_httpd_respond_headers(struct kd_httpd_req *r, int status, const char *content_type,
+                              const struct kd_httpd_header *hs, size_t n, const char *body, size_t len)
+{
+    h2o_req_t *req = r->req;
+    if (req != NULL && !r->started) {
+        r->link->r = NULL;
+        req->res.status = status;
+        req->res.reason = reason_of(status);
+        h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_CONTENT_TYPE, NULL, content_type,
+                       strlen(content_type));
+        h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_CACHE_CONTROL, NULL, H2O_STRLIT("no-store"));
+        add_headers(req, hs, n);
+        req->res.content_length = len;
+        h2o_send_inline(req, body, len);
+    } else if (req != NULL) {
+        r->link->r = NULL;
+    }
+    free(r);
 }
 
 void kd_httpd_respond(struct kd_httpd_req *r, int status, const char *content_type, const char *body,
                       size_t len)
 {
-    h2o_req_t *req = r->req;
-    if (req != NULL) {
-        r->link->r = NULL;
-        req->res.status = status;
-        req->res.reason = status == 200   ? "OK"
-                          : status == 404 ? "Not Found"
-                          : status == 405 ? "Method Not Allowed"
-                                          : "Service Unavailable";
-        h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_CONTENT_TYPE, NULL, content_type,
-                       strlen(content_type));
-        h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_CACHE_CONTROL, NULL, H2O_STRLIT("no-store"));
-        req->res.content_length = len;
-        h2o_send_inline(req, body, len);
-    }
-    free(r);
+    kd_httpd_respond_headers(r, status, content_type, NULL, 0, body, len);
 }
 
 static void on_accept(h2o_socket_t *listener, const char *err)
 {
-    struct kd_httpd *h = listener->data;
+    struct site *site = listener->data;
     if (err != NULL)
         return;
     /* Accept what is queued; h2o_evloop_socket_accept returns NULL on EAGAIN (and on EMFILE, when
@@ -103,7 +351,7 @@ static void on_accept(h2o_socket_t *listener, const char *err)
         h2o_socket_t *sock = h2o_evloop_socket_accept(listener);
         if (sock == NULL)
             break;
-        h2o_accept(&h->accept_ctx, sock);
+        h2o_accept(&site->accept_ctx, sock);
     }
 }
 
@@ -120,6 +368,97 @@ static void on_wake(h2o_socket_t *sock, const char *err)
     h->o.on_wake(h->o.ud);
 }
 
+/* TLS for a site: h2o terminates TLS with an OpenSSL context it is handed (ALPN h2, else HTTP/1.1). */
+static SSL_CTX *site_tls(const struct kd_httpd_site_opts *o, char *err, size_t errlen)
+{
+    SSL_CTX *ctx = SSL_CTX_new(TLS_server_method());
+    const char *what = "out of memory";
+    if (ctx == NULL)
+        goto fail;
+    SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
+    SSL_CTX_set_options(ctx, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION);
+    what = o->cert_file;
+    if (SSL_CTX_use_certificate_chain_file(ctx, o->cert_file) != 1)
+        goto fail;
+    what = o->key_file;
+    if (SSL_CTX_use_PrivateKey_file(ctx, o->key_file, SSL_FILETYPE_PEM) != 1)
+        goto fail;
+    what = "the key does not match the certificate";
+    if (SSL_CTX_check_private_key(ctx) != 1)
+        goto fail;
+    h2o_ssl_register_alpn_protocols(ctx, h2o_http2_alpn_protocols);
+    return ctx;
+fail: {
+    char why[256] = "";
+    unsigned long e = ERR_get_error();
+    if (e != 0)
+        ERR_error_string_n(e, why, sizeof(why));
+    ERR_clear_error();
+    snprintf(err, errlen, "TLS: %s%s%s", what, why[0] ? ": " : "", why);
+    SSL_CTX_free(ctx);
+    return NULL;
+}
+}
+
+int kd_httpd_tls_check(const char *cert_file, const char *key_file, char *err, size_t errlen)
+{
+    struct kd_httpd_site_opts o = {.cert_file = cert_file, .key_file = key_file};
+    SSL_CTX *ctx = site_tls(&o, err, errlen);
+    if (ctx == NULL)
+        return -EINVAL;
+    SSL_CTX_free(ctx);
+    return 0;
+}
+
+int kd_httpd_add_site(struct kd_httpd *h, const struct kd_httpd_site_opts *o, char *err, size_t errlen)
+{
+    if (h->nsites == KD_HTTPD_MAX_SITES) {
+        snprintf(err, errlen, "too many HTTP listeners");
+        return -ENOSPC;
+    }
+    if (fcntl(o->listen_fd, F_SETFL, O_NONBLOCK) < 0) {
+        int e = errno;
+        snprintf(err, errlen, "fcntl: %s", strerror(e));
+        return -e;
+    }
+    SSL_CTX *ssl = NULL;
+    if (o->cert_file != NULL && (ssl = site_tls(o, err, errlen)) == NULL)
+        return -EINVAL;
+    struct site *site = calloc(1, sizeof(*site));
+    if (site == NULL) {
+        SSL_CTX_free(ssl);
+        snprintf(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
+    site->ssl = ssl;
+    site->h = h;
+    site->o = *o;
+    h2o_config_init(&site->config);
+    /* HTTP/1.1 idle keep-alive and request timeout: short by default, so a stop does not wait on
+     * idle scrapers. */
+    site->config.http1.req_timeout = o->req_timeout_ms ? o->req_timeout_ms : 10000;
+    site->config.http1.upgrade_to_http2 = 1; /* Upgrade: h2c (prior knowledge works without it) */
+    site->config.server_name = h2o_iovec_init(H2O_STRLIT("kasd"));
+    if (o->max_body > 0)
+        site->config.max_request_entity_size = o->max_body;
+    if (o->idle_timeout_ms > 0)
+        site->config.http2.idle_timeout = o->idle_timeout_ms;
+    h2o_hostconf_t *host = h2o_config_register_host(&site->config, h2o_iovec_init(H2O_STRLIT("default")), 65535);
+    h2o_pathconf_t *path = h2o_config_register_path(host, "/", 0);
+    struct handler *hd = (struct handler *)h2o_create_handler(path, sizeof(*hd));
+    hd->super.on_req = on_req;
+    hd->site = site;
+    h2o_context_init(&site->ctx, h->loop, &site->config);
+    site->accept_ctx.ctx = &site->ctx;
+    site->accept_ctx.hosts = site->config.hosts;
+    site->accept_ctx.ssl_ctx = ssl;
+    site->listener = h2o_evloop_socket_create(h->loop, o->listen_fd, H2O_SOCKET_FLAG_DONT_READ);
+    site->listener->data = site;
+    h2o_socket_read_start(site->listener, on_accept);
+    h->sites[h->nsites++] = site;
+    return 0;
+}
+
 int kd_httpd_create(const struct kd_httpd_opts *o, struct kd_httpd **out, char *err, size_t errlen)
 {
     *out = NULL;
@@ -129,29 +468,20 @@ int kd_httpd_create(const struct kd_httpd_opts *o, struct kd_httpd **out, char *
         return -ENOMEM;
     }
     h->o = *o;
-    if (fcntl(o->listen_fd, F_SETFL, O_NONBLOCK) < 0 ||
-        (o->wake_fd >= 0 && fcntl(o->wake_fd, F_SETFL, O_NONBLOCK) < 0)) {
+    if (o->wake_fd >= 0 && fcntl(o->wake_fd, F_SETFL, O_NONBLOCK) < 0) {
         int e = errno;
         snprintf(err, errlen, "fcntl: %s", strerror(e));
         free(h);
         return -e;
     }
-    h2o_config_init(&h->config);
-    /* HTTP/1.1 idle keep-alive and request timeout: short, so a stop does not wait on idle scrapers. */
-    h->config.http1.req_timeout = 10000;
-    h->config.http1.upgrade_to_http2 = 1; /* Upgrade: h2c (prior knowledge works without it) */
-    h2o_hostconf_t *host = h2o_config_register_host(&h->config, h2o_iovec_init(H2O_STRLIT("default")), 65535);
-    h2o_pathconf_t *path = h2o_config_register_path(host, "/", 0);
-    struct handler *hd = (struct handler *)h2o_create_handler(path, sizeof(*hd));
-    hd->super.on_req = on_req;
-    hd->h = h;
     h->loop = h2o_evloop_create();
-    h2o_context_init(&h->ctx, h->loop, &h->config);
-    h->accept_ctx.ctx = &h->ctx;
-    h->accept_ctx.hosts = h->config.hosts;
-    h->listener = h2o_evloop_socket_create(h->loop, o->listen_fd, H2O_SOCKET_FLAG_DONT_READ);
-    h->listener->data = h;
-    h2o_socket_read_start(h->listener, on_accept);
+    struct kd_httpd_site_opts so = {.listen_fd = o->listen_fd, .on_request = o->on_request, .ud = o->ud};
+    int rc = kd_httpd_add_site(h, &so, err, errlen);
+    if (rc < 0) {
+        h2o_evloop_destroy(h->loop);
+        free(h);
+        return rc;
+    }
     if (o->wake_fd >= 0) {
         h->waker = h2o_evloop_socket_create(h->loop, o->wake_fd, 0);
         h->waker->data = h;
@@ -163,25 +493,36 @@ int kd_httpd_create(const struct kd_httpd_opts *o, struct kd_httpd **out, char *
 
 void kd_httpd_run(struct kd_httpd *h, int timeout_ms)
 {
+    /* Writes started outside the loop (answers sent from router messages) that completed at once
+     * leave their sockets on h2o's pending lists, whose callbacks (a generator's proceed, the end
+     * of an answer) run only after the next poll: do not let that poll block. */
+    if (h->loop->_pending_as_client != NULL || h->loop->_pending_as_server != NULL)
+        timeout_ms = 0;
     h2o_evloop_run(h->loop, timeout_ms < 0 ? INT32_MAX : timeout_ms);
 }
 
 void kd_httpd_close_listener(struct kd_httpd *h)
 {
-    if (h->listener != NULL) {
-        h2o_socket_read_stop(h->listener);
-        h2o_socket_close(h->listener);
-        h->listener = NULL;
+    for (size_t i = 0; i < h->nsites; i++) {
+        struct site *site = h->sites[i];
+        if (site->listener != NULL) {
+            h2o_socket_read_stop(site->listener);
+            h2o_socket_close(site->listener);
+            site->listener = NULL;
+        }
     }
 }
 
 size_t kd_httpd_connections(struct kd_httpd *h)
 {
     size_t n = 0;
-    for (h2o_linklist_t *l = h->ctx.http1._conns.next; l != &h->ctx.http1._conns; l = l->next)
-        n++;
-    for (h2o_linklist_t *l = h->ctx.http2._conns.next; l != &h->ctx.http2._conns; l = l->next)
-        n++;
+    for (size_t i = 0; i < h->nsites; i++) {
+        h2o_context_t *ctx = &h->sites[i]->ctx;
+        for (h2o_linklist_t *l = ctx->http1._conns.next; l != &ctx->http1._conns; l = l->next)
+            n++;
+        for (h2o_linklist_t *l = ctx->http2._conns.next; l != &ctx->http2._conns; l = l->next)
+            n++;
+    }
     return n;
 }
 
@@ -212,16 +553,21 @@ bool kd_httpd_destroy(struct kd_httpd *h)
         return false; /* see httpd.h: leaving it allocated beats freeing it under live connections */
     /* Let the closes above finish (h2o frees closed sockets in its loop). */
     h2o_evloop_run(h->loop, 0);
-    h2o_multithread_queue_t *queue = h->ctx.queue;
-    h2o_context_dispose(&h->ctx);
+    for (size_t i = 0; i < h->nsites; i++) {
+        struct site *site = h->sites[i];
+        h2o_multithread_queue_t *queue = site->ctx.queue;
+        h2o_context_dispose(&site->ctx);
 #if H2O_LIBRARY_VERSION_MAJOR == 0 && H2O_LIBRARY_VERSION_MINOR == 13
-    /* libh2o 0.13 (h2o 2.2): h2o_multithread_destroy_queue() closes the queue but never frees it
-     * on the evloop build (h2o 2.3 added the free). */
-    free(queue);
+        /* libh2o 0.13 (h2o 2.2): h2o_multithread_destroy_queue() closes the queue but never frees
+         * it on the evloop build (h2o 2.3 added the free). */
+        free(queue);
 #else
-    (void)queue;
+        (void)queue;
 #endif
-    h2o_config_dispose(&h->config);
+        h2o_config_dispose(&site->config);
+        SSL_CTX_free(site->ssl);
+        free(site);
+    }
     h2o_evloop_destroy(h->loop);
     free(h);
     recycle_drain(&h2o_socket_buffer_prototype.allocator);

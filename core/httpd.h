@@ -20,6 +20,7 @@
 
 struct kd_httpd;
 struct kd_httpd_req;
+struct kd_httpd_header;
 
 struct kd_httpd_opts {
     int listen_fd; /* bound and listening; made non-blocking here */
@@ -31,7 +32,22 @@ struct kd_httpd_opts {
     void *ud;
 };
 
-/* Sets up the loop and the accept handler. 0, or -errno with a message in err. */
+/* Further listening sockets on the same loop, each with its own callback and limits. */
+#define KD_HTTPD_MAX_SITES 4
+struct kd_httpd_site_opts {
+    int listen_fd; /* bound and listening; made non-blocking here */
+    void (*on_request)(void *ud, struct kd_httpd_req *req, const char *method, size_t method_len,
+                       const char *path, size_t path_len);
+    void *ud;
+    size_t max_body;          /* largest request body accepted (413 beyond); 0: h2o's default */
+    uint32_t req_timeout_ms;  /* HTTP/1.1: a request head must arrive within this (0: 10 s) */
+    uint32_t idle_timeout_ms; /* HTTP/2: a connection with no frames either way is closed (0: h2o's) */
+    const char *cert_file;    /* with key_file: TLS (ALPN h2, else HTTP/1.1), TLS 1.2 or later */
+    const char *key_file;
+};
+
+/* Sets up the loop, the accept handler of o->listen_fd and the wake fd. 0, or -errno with a
+ * message in err. */
 int kd_httpd_create(const struct kd_httpd_opts *o, struct kd_httpd **out, char *err, size_t errlen);
 
 /* One loop turn: wait up to timeout_ms (-1: until something happens) for I/O, run callbacks. */
@@ -41,7 +57,65 @@ void kd_httpd_run(struct kd_httpd *h, int timeout_ms);
 void kd_httpd_respond(struct kd_httpd_req *req, int status, const char *content_type, const char *body,
                       size_t len);
 
-/* Stop accepting: the listening socket is closed; open connections finish their current requests. */
+/* Loads cert_file and key_file as kd_httpd_add_site would (0, or -EINVAL with the reason). */
+int kd_httpd_tls_check(const char *cert_file, const char *key_file, char *err, size_t errlen);
+
+/* Another listening socket (site) on h's loop. 0, or -errno with a message in err. */
+int kd_httpd_add_site(struct kd_httpd *h, const struct kd_httpd_site_opts *o, char *err, size_t errlen);
+
+/* Answer with extra headers (names in any case; copied). Frees the handle like kd_httpd_respond. */
+void kd_httpd_respond_headers(struct kd_httpd_req *req, int status, const char *content_type,
+                              const struct kd_httpd_header *hs, size_t n, const char *body, size_t len);
+
+/* ---- the request, while its client is there (kd_httpd_req_alive) ---- */
+
+struct kd_httpd_header {
+    const char *name; /* lower-case as h2o gives it (HTTP/1 names are folded) */
+    size_t name_len;
+    const char *value;
+    size_t value_len;
+};
+bool kd_httpd_req_alive(const struct kd_httpd_req *req);
+/* Header i (0-based) in arrival order; false past the end. */
+bool kd_httpd_req_header(const struct kd_httpd_req *req, size_t i, struct kd_httpd_header *out);
+/* The request target as received: path (not normalized, not decoded) and query (after '?', "" if none). */
+void kd_httpd_req_target(const struct kd_httpd_req *req, const char **path, size_t *plen, const char **query,
+                         size_t *qlen);
+/* The whole request body (h2o 2.2 reads it before the callback runs); NULL/0 if none. */
+void kd_httpd_req_body(const struct kd_httpd_req *req, const uint8_t **body, size_t *len);
+bool kd_httpd_req_has_body(const struct kd_httpd_req *req);
+/* An Upgrade other than h2c was asked for (h2o keeps the Upgrade header apart from the others). */
+bool kd_httpd_req_upgrade(const struct kd_httpd_req *req);
+/* 0x101 for HTTP/1.1, 0x200 for HTTP/2, 0 when gone. */
+int kd_httpd_req_version(const struct kd_httpd_req *req);
+
+/* ---- streamed answers ----
+ *
+ *   kd_httpd_watch(req, fn, ud)            GONE is told if the client leaves from now on
+ *   kd_httpd_start(req, status, headers)   can_send
+ *   kd_httpd_send(req, data, len, final)   data borrowed until PROCEED (or GONE); then can_send again
+ *   ... final send, or kd_httpd_abort()    (the client sees a reset stream / closed connection)
+ *   kd_httpd_release(req)                  the caller is done; no more events
+ *
+ * Events are never delivered from inside kd_httpd_send/start/abort: after kd_httpd_send, check
+ * kd_httpd_can_send() (h2o took the data at once: send more now, no PROCEED follows) and
+ * kd_httpd_req_alive() (the client left during the send: no GONE follows). After a final send or an
+ * abort, GONE is not told. */
+enum { KD_HTTPD_PROCEED = 1, KD_HTTPD_GONE = 2 };
+typedef void (*kd_httpd_event_fn)(void *ud, int event);
+void kd_httpd_watch(struct kd_httpd_req *req, kd_httpd_event_fn fn, void *ud);
+/* Status and headers (hop-by-hop headers are the caller's business); content_length -1: unknown
+ * (chunked on HTTP/1.1). */
+void kd_httpd_start(struct kd_httpd_req *req, int status, const struct kd_httpd_header *hs, size_t n,
+                    int64_t content_length);
+bool kd_httpd_can_send(const struct kd_httpd_req *req);
+void kd_httpd_send(struct kd_httpd_req *req, const void *data, size_t len, bool final);
+/* End the answer as failed: 502 if nothing was started, else the stream is reset / the connection
+ * closed so the client cannot take a cut body for a whole one. */
+void kd_httpd_abort(struct kd_httpd_req *req);
+void kd_httpd_release(struct kd_httpd_req *req);
+
+/* Stop accepting: every listening socket is closed; open connections finish their current requests. */
 void kd_httpd_close_listener(struct kd_httpd *h);
 
 /* Connections (HTTP/1 and HTTP/2) still open. */

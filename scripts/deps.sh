@@ -44,3 +44,30 @@ kasd_install() {
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   fi
 }
+
+# Debian's kubectl (package kubernetes-client), for the Kubernetes API front door tests. Installed
+# normally when nothing else owns /usr/bin/kubectl; on machines where another package does (Google
+# Cloud SDK's `kubectl` dispatcher), the Debian package is unpacked under /var/lib/kasd-test
+# instead, so the tests still run the Debian binary. Prints the path of that kubectl.
+kasd_kubectl() {
+  if dpkg-query -W -f='${Status}' kubernetes-client 2>/dev/null | grep -q "install ok installed"; then
+    echo /usr/bin/kubectl
+    return
+  fi
+  local dir=/var/lib/kasd-test/kubernetes-client
+  if [[ ! -x $dir/usr/bin/kubectl ]]; then
+    if ! dpkg -S /usr/bin/kubectl >/dev/null 2>&1 && [[ $(id -u) -eq 0 ]] &&
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends kubernetes-client >/dev/null 2>&1; then
+      echo /usr/bin/kubectl
+      return
+    fi
+    local tmp
+    tmp=$(mktemp -d)
+    (cd "$tmp" && apt-get download -qq kubernetes-client >/dev/null 2>&1) ||
+      (apt-get update -qq && cd "$tmp" && apt-get download -qq kubernetes-client >/dev/null)
+    mkdir -p "$dir"
+    dpkg-deb -x "$tmp"/kubernetes-client_*.deb "$dir"
+    rm -rf "$tmp"
+  fi
+  echo "$dir/usr/bin/kubectl"
+}

@@ -36,6 +36,7 @@
 #include "core/log.h"
 #include "router/router.h"
 #include "shards/kas.h"
+#include "shards/kubeapi.h"
 #include "shards/server.h"
 #include "shards/shard.h"
 
@@ -61,6 +62,13 @@ struct kd_control {
     bool started;
     _Atomic bool stop;
     struct kd_httpd *httpd;
+    /* The Kubernetes API front door (kubernetes_api.listen), if configured. */
+    int kube_fd;
+    struct sockaddr_storage kube_bound;
+    struct kd_kubeapi_cfg kube_cfg;
+    size_t kube_max_body;
+    const char *kube_cert, *kube_key; /* TLS (NULL: h2c and HTTP/1.1 in the clear) */
+    struct kd_kubeapi *kube;
 
     /* round state, control thread only */
     uint64_t round;
@@ -484,6 +492,22 @@ static void render_metrics(struct kd_control *c, struct buf *b)
         bprintf(b, "k8s_api_proxy_routing_duration_seconds_count{status=\"%s\"} %llu\n", outcome[o],
                 (unsigned long long)h.count);
     }
+    if (c->kube != NULL) {
+        struct kd_kubeapi_stats ks;
+        kd_kubeapi_stats(c->kube, &ks);
+        family(b, "kasd_kubernetes_api_requests_total", "counter",
+               "Requests to the Kubernetes API front door, by outcome (proxied: the agent's answer "
+               "started; no_tunnel: no tunnel within limits.routing_timeout).");
+        static const char *const names[] = {"proxied",      "unauthorized", "forbidden",
+                                            "bad_request", "no_tunnel",    "failed"};
+        const uint64_t vals[] = {ks.proxied, ks.unauthorized, ks.forbidden, ks.bad_requests, ks.no_tunnel, ks.failed};
+        for (size_t i = 0; i < 6; i++)
+            bprintf(b, "kasd_kubernetes_api_requests_total{outcome=\"%s\"} %llu\n", names[i],
+                    (unsigned long long)vals[i]);
+        family(b, "kasd_kubernetes_api_requests_active", "gauge",
+               "Front door requests open now (waiting for a tunnel, or streaming).");
+        bprintf(b, "kasd_kubernetes_api_requests_active %llu\n", (unsigned long long)ks.active);
+    }
 }
 
 /* ---- answering ---- */
@@ -583,6 +607,11 @@ static void finish_round(struct kd_control *c)
 static void on_router_msg(void *ud, const struct kd_msg *m)
 {
     struct kd_control *c = ud;
+    if (c->kube != NULL && kd_kubeapi_on_message(c->kube, m)) {
+        /* after the handler, which may have sent (FRONT_DONE): the stop barrier's count */
+        atomic_fetch_add_explicit(&c->srv->ctl_handled, 1, memory_order_release);
+        return;
+    }
     if (m->type != KD_RT_STATS) {
         kd_log_msg(KD_LOG_ERROR, "router_unknown_message", "control: type %u from %u dropped", m->type,
                    m->from);
@@ -688,6 +717,10 @@ static void *control_main(void *arg)
         kd_httpd_run(c->httpd, 20);
     }
     kd_router_drain(c->router, c->self, DRAIN_BUDGET);
+    kd_kubeapi_destroy(c->kube); /* the shards are gone: what is still open is answered here */
+    c->kube = NULL;
+    for (int i = 0; i < 5 && kd_httpd_connections(c->httpd) != 0; i++)
+        kd_httpd_run(c->httpd, 20);
     if (!kd_httpd_destroy(c->httpd))
         kd_log_msg(KD_LOG_DEBUG, "observability_stop",
                    "connections still open at exit: h2o context left allocated");
@@ -716,7 +749,7 @@ int kd_control_create(struct kd_server *srv, const struct sockaddr_storage *addr
     c->router = kd_server_router(srv);
     c->n = kd_server_nshards(srv);
     c->self = c->n;
-    c->listen_fd = c->efd = -1;
+    c->listen_fd = c->efd = c->kube_fd = -1;
     sem_init(&c->done, 0, 0);
     c->have = calloc(c->n, sizeof(*c->have));
     c->snaps = calloc(c->n, sizeof(*c->snaps));
@@ -750,6 +783,30 @@ void kd_control_address(const struct kd_control *c, char *buf, size_t len)
     kd_listener_format(&c->bound, buf, len);
 }
 
+int kd_control_add_kubeapi(struct kd_control *c, const struct sockaddr_storage *addr, socklen_t addrlen,
+                           const struct kd_kubeapi_cfg *cfg, size_t max_body, const char *cert_file,
+                           const char *key_file, char *err, size_t errlen)
+{
+    c->kube_cert = cert_file;
+    c->kube_key = key_file;
+    int rc = kd_listener_bind(addr, addrlen, &c->kube_fd, err, errlen);
+    if (rc < 0) {
+        size_t used = strlen(err);
+        snprintf(err + used, errlen - used, " (kubernetes_api listener)");
+        return rc;
+    }
+    socklen_t len = sizeof(c->kube_bound);
+    getsockname(c->kube_fd, (struct sockaddr *)&c->kube_bound, &len);
+    c->kube_cfg = *cfg;
+    c->kube_max_body = max_body;
+    return 0;
+}
+
+void kd_control_kubeapi_address(const struct kd_control *c, char *buf, size_t len)
+{
+    kd_listener_format(&c->kube_bound, buf, len);
+}
+
 int kd_control_start(struct kd_control *c, char *err, size_t errlen)
 {
     /* h2o closes the fds it watches, so it gets a duplicate of the eventfd: the original stays
@@ -772,6 +829,31 @@ int kd_control_start(struct kd_control *c, char *err, size_t errlen)
         return rc;
     }
     c->listen_fd = -1; /* the httpd owns it now */
+    if (c->kube_fd >= 0) {
+        rc = kd_kubeapi_create(c->srv, &c->kube_cfg, &c->kube);
+        if (rc < 0) {
+            snprintf(err, errlen, "kubernetes_api: out of memory");
+            return rc;
+        }
+        struct kd_httpd_site_opts so = {
+            .listen_fd = c->kube_fd,
+            .on_request = kd_kubeapi_on_request,
+            .ud = c->kube,
+            .max_body = c->kube_max_body,
+            .req_timeout_ms = 10000,       /* GitLab kas: ReadHeaderTimeout 10 s */
+            .idle_timeout_ms = 3600000,    /* watches may be quiet for long */
+            .cert_file = c->kube_cert,
+            .key_file = c->kube_key,
+        };
+        rc = kd_httpd_add_site(c->httpd, &so, err, errlen);
+        if (rc < 0) {
+            char why[400];
+            snprintf(why, sizeof(why), "kubernetes_api.listen %s", err);
+            snprintf(err, errlen, "%s", why);
+            return rc;
+        }
+        c->kube_fd = -1; /* the httpd owns it now */
+    }
     /* Attached here, before the thread exists: the router only asks that attach happen before the
      * participant sends or receives, and shards send to us only in answer to our requests. */
     rc = kd_router_attach(c->router, c->self, NULL, 0, c->efd, on_router_msg, c);
@@ -811,6 +893,9 @@ void kd_control_destroy(struct kd_control *c)
         kd_httpd_destroy(c->httpd);
     if (c->listen_fd >= 0)
         close(c->listen_fd);
+    if (c->kube_fd >= 0)
+        close(c->kube_fd);
+    kd_kubeapi_destroy(c->kube);
     if (c->efd >= 0)
         close(c->efd);
     free(c->have);

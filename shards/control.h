@@ -28,6 +28,13 @@ int kd_control_create(struct kd_server *srv, const struct sockaddr_storage *addr
                       struct kd_control **out, char *err, size_t errlen);
 /* "127.0.0.1:8151", the bound address (port 0 resolved). */
 void kd_control_address(const struct kd_control *c, char *buf, size_t len);
+/* The Kubernetes API front door (shards/kubeapi.h) on the same thread: binds now (a busy port fails
+ * the start); cfg's strings must outlive the control. Call before kd_control_start. */
+struct kd_kubeapi_cfg;
+int kd_control_add_kubeapi(struct kd_control *c, const struct sockaddr_storage *addr, socklen_t addrlen,
+                           const struct kd_kubeapi_cfg *cfg, size_t max_body, const char *cert_file,
+                           const char *key_file, char *err, size_t errlen);
+void kd_control_kubeapi_address(const struct kd_control *c, char *buf, size_t len);
 /* Starts the control thread. 0 or -errno (message in err). */
 int kd_control_start(struct kd_control *c, char *err, size_t errlen);
 /* Answers what is pending (503), stops the thread and joins it. */

@@ -265,7 +265,7 @@ static void answer_stats(struct kd_shard *s, const struct kd_msg *m)
     snap->listeners_open = s->listeners_open;
     snap->stopping = s->stopping;
     struct kd_msg r = {.type = KD_RT_STATS, .u64 = m->u64, .ptr = snap};
-    kd_shard_send(s, m->from, &r);
+    kd_router_send(kd_shard_router(s), kd_shard_id(s), m->from, &r); /* outside the stop barrier */
 }
 
 /* Every message type by name (a type added to the enum without a case here is an unknown one,

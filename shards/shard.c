@@ -35,10 +35,11 @@ const struct kd_conn_ops *kd_shard_listener_ops(const struct kd_shard *s, unsign
 }
 
 /* Counted before the message can be seen by its receiver (the ring push publishes it). Messages to
- * the control thread are not: it is no shard, and the barrier does not wait for it. */
+ * the control thread count too (its front door's calls: END must reach it, and its FRONT_DONE come
+ * back, before a shard may leave); the stats answers are sent uncounted (kd_router_send). */
 static void count_sent(struct kd_shard *s, unsigned to)
 {
-    if (to < s->srv->n)
+    if (to <= s->srv->n)
         atomic_store_explicit(&s->msgs_sent, atomic_load_explicit(&s->msgs_sent, memory_order_relaxed) + 1,
                               memory_order_relaxed);
 }
@@ -188,7 +189,7 @@ static void on_router_msg(void *ctx, const struct kd_msg *m)
     } else {
         kd_log_msg(KD_LOG_ERROR, "router_unknown_message", "type %u from %u dropped", m->type, m->from);
     }
-    if (m->from < s->srv->n) {
+    if (m->from < s->srv->n || (m->u32 & KD_MSG_BARRIER)) {
         /* The handler may have given this shard work again (an adopted connection): not drained
          * until the loop says so, and that is visible before the message counts as handled. */
         atomic_store_explicit(&s->drained, false, memory_order_relaxed);
@@ -219,12 +220,14 @@ static bool exit_ready(struct kd_shard *s)
         return true;
     for (unsigned i = 0; i < srv->n; i++)
         handled += atomic_load_explicit(&srv->shards[i].msgs_handled, memory_order_acquire);
+    handled += atomic_load_explicit(&srv->ctl_handled, memory_order_acquire);
     for (unsigned i = 0; i < srv->n; i++)
         if (!atomic_load_explicit(&srv->shards[i].drained, memory_order_acquire))
             return false;
     atomic_thread_fence(memory_order_seq_cst);
     for (unsigned i = 0; i < srv->n; i++)
         sent += atomic_load_explicit(&srv->shards[i].msgs_sent, memory_order_acquire);
+    sent += atomic_load_explicit(&srv->ctl_sent, memory_order_acquire);
     return handled == sent;
 }
 

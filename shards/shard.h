@@ -111,6 +111,9 @@ struct kd_shard {
 };
 
 /* The server as shards see it (defined here, not in server.h: only shards/ looks inside). */
+/* u32 of a message from the control thread that takes part in the stop barrier (see ctl_sent). */
+#define KD_MSG_BARRIER 0x80000000u
+
 struct kd_server {
     struct kd_server_opts opts;
     unsigned n;            /* shards; router participant n is the control thread */
@@ -120,6 +123,10 @@ struct kd_server {
     struct kd_shard *shards;
     struct sockaddr_storage bound[KD_MAX_LISTENERS];
     _Atomic bool stopping;
+    /* The stop barrier's view of the control thread (participant n): messages it sent to shards
+     * with KD_MSG_BARRIER in u32 (the Kubernetes API front door's routed calls), and messages from
+     * shards it has handled. Stats rounds stay out of the barrier. */
+    _Atomic uint64_t ctl_sent, ctl_handled;
     sem_t ready; /* each shard posts once it is set up (or failed) */
     sem_t go;    /* main posts once per shard when all are set up */
     _Atomic bool abort_start;

@@ -185,6 +185,41 @@ class CheckConfig(unittest.TestCase):
         shutil.copy(os.path.join(CERTS, "ca.pem"), os.path.join(self.d, "server.pem"))
         self.assert_refused_like_start(self.config(tls=True), "agent.listen TLS")
 
+    def kube_config(self, tls):
+        # the front door with its own certificate pair (k8s.pem/k8s.key) and access-token file
+        with open(self.config()) as f:
+            text = f.read()
+        t = f"    certificate_file: {self.d}/k8s.pem\n    key_file: {self.d}/k8s.key\n" if tls else ""
+        text += (f"kubernetes_api:\n  listen:\n    address: 127.0.0.1:0\n{t}"
+                 f"  access_token_file: {self.d}/access.yaml\n")
+        path = os.path.join(self.d, "kasd.yaml")
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_broken_access_token_file(self):
+        for how in ("missing", "empty", "bad yaml", "directory"):
+            with self.subTest(how=how):
+                self.setUp()
+                self.break_file("access.yaml", how)
+                self.assert_refused_like_start(self.kube_config(False), "kubernetes_api.access_token_file")
+        self.setUp()
+        self.put("access.yaml", "users:\n  - {token: k8s-0123456789abcdef, agents: [7]}\n")
+        r = run("--check-config", self.kube_config(False))
+        self.assertEqual(r.returncode, 0, r.stderr)
+
+    @unittest.skipUnless(HAVE_CERTS, "no test certificates")
+    def test_broken_kubernetes_api_tls_files(self):
+        for name in ("k8s.pem", "k8s.key"):
+            for how in ("missing", "garbage"):
+                with self.subTest(file=name, how=how):
+                    self.setUp()
+                    self.put("access.yaml", "users:\n  - {token: k8s-0123456789abcdef, agents: [7]}\n")
+                    shutil.copy(os.path.join(CERTS, "server.pem"), os.path.join(self.d, "k8s.pem"))
+                    shutil.copy(os.path.join(CERTS, "server.key"), os.path.join(self.d, "k8s.key"))
+                    self.break_file(name, how)
+                    self.assert_refused_like_start(self.kube_config(True), "kubernetes_api.listen TLS")
+
     @unittest.skipUnless(HAVE_CERTS, "no test certificates")
     def test_broken_redis_tls_ca(self):
         for how in ("missing", "garbage"):

@@ -200,12 +200,14 @@ class Lifecycle(unittest.TestCase):
 
     def test_dev_mode_creates_files_once(self):
         state = tempfile.mkdtemp(prefix="kasd-dev-")
-        k = self.start(args=("--dev", "--state-dir", state))
+        cfg = BASE_CONFIG + "kubernetes_api:\n  listen:\n    address: 127.0.0.1:0\n"
+        k = self.start(config=cfg, args=("--dev", "--state-dir", state))
         self.assertTrue(k.started, k.log())
+        self.assertIn("kubernetes_api", k.listeners)
         self.assertEqual(k.stop(), 0, k.log())
         out1 = k.stdout.decode()
         files = {}
-        for name in ("api-secret", "private-api-secret", "agent-tokens.yaml"):
+        for name in ("api-secret", "private-api-secret", "agent-tokens.yaml", "kubernetes-access.yaml"):
             path = os.path.join(state, name)
             self.assertIn(path, out1)
             st = os.stat(path)
@@ -213,8 +215,9 @@ class Lifecycle(unittest.TestCase):
             with open(path) as f:
                 files[name] = f.read()
         self.assertIn("agent_id: 1", files["agent-tokens.yaml"])
+        self.assertIn("agents: [1]", files["kubernetes-access.yaml"])
         # idempotent: a second start reuses the same secrets and token
-        k2 = self.start(args=("--dev", "--state-dir", state))
+        k2 = self.start(config=cfg, args=("--dev", "--state-dir", state))
         self.assertTrue(k2.started, k2.log())
         self.assertEqual(k2.stop(), 0)
         for name, content in files.items():

@@ -2,7 +2,8 @@
 // connection to kas: gzip on every call, 10 MiB messages, keepalive every 55 s even without calls,
 // user agent gitlab-agent/<version>/<commit>, a bearer token on every call, and the address
 // schemes grpc://, grpcs://, ws://, wss://. It registers (AgentRegistrar/Register), keeps a pool
-// of reverse tunnels (ReverseTunnel/Connect) serving the kasd.test.Echo methods, keeps
+// of reverse tunnels (ReverseTunnel/Connect) serving the kasd.test.Echo methods (and, with
+// --k8s-api URL, KubernetesApi/MakeRequest against that API server, see k8s.go), keeps
 // AgentConfiguration/GetConfiguration open, and prints what happens as JSON lines on stdout.
 // SIGTERM or SIGINT stops it cleanly (exit 0).
 package main
@@ -12,6 +13,7 @@ import (
 	"flag"
 	"fmt"
 	"math/rand"
+	"net/url"
 	"os"
 	"os/signal"
 	"strings"
@@ -36,6 +38,9 @@ type agent struct {
 	podID    int64
 	pool     *pool
 	failCode int
+	// k8sAPI is the API server KubernetesApi/MakeRequest goes to (--k8s-api), nil when not served.
+	k8sAPI    *url.URL
+	userAgent string
 }
 
 func main() {
@@ -57,6 +62,7 @@ func main() {
 	configStream := flag.Bool("config-stream", true, "keep AgentConfiguration/GetConfiguration open")
 	noGzip := flag.Bool("no-gzip", false, "debugging only: do not compress (real agentk always does)")
 	failCode := flag.Int("fail-code", 9, "status code /kasd.test.Echo/Fail answers (default FAILED_PRECONDITION)")
+	k8sAPI := flag.String("k8s-api", "", "serve KubernetesApi/MakeRequest on the tunnels against this API server URL (http:// or https://)")
 	flag.Parse()
 
 	if *tokenFile != "" {
@@ -106,8 +112,16 @@ func main() {
 			Version: *version, CommitId: *commit, PodNamespace: *podNS, PodName: *podName,
 			KubernetesVersion: &entity.KubernetesVersion{Major: "1", Minor: "29", GitVersion: "v1.29.0", Platform: "linux/amd64"},
 		},
-		podID:    *podID,
-		failCode: *failCode,
+		podID:     *podID,
+		failCode:  *failCode,
+		userAgent: userAgent,
+	}
+	if *k8sAPI != "" {
+		u, err := url.Parse(*k8sAPI)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			fatal("--k8s-api: want an http:// or https:// URL, got %q", *k8sAPI)
+		}
+		a.k8sAPI = u
 	}
 	a.pool = newPool(a, *minIdle, *maxTunnels, *openBatch)
 	peer.Event("start", map[string]interface{}{"addr": *addr, "pod_id": a.podID, "pod_name": *podName,

@@ -89,13 +89,19 @@ func (p *pool) run(ctx context.Context) {
 	}
 }
 
-func descriptor() *tunnelrpc.ConnectRequest {
+// descriptor lists kasd.test.Echo, and KubernetesApi/MakeRequest when --k8s-api is given.
+func (a *agent) descriptor() *tunnelrpc.ConnectRequest {
 	var methods []*tunnelinfo.Method
 	for _, m := range []string{methodUnary, methodStream, methodFail} {
 		methods = append(methods, &tunnelinfo.Method{Name: m[strings.LastIndex(m, "/")+1:]})
 	}
+	services := []*tunnelinfo.Service{{Name: serviceName, Methods: methods}}
+	if a.k8sAPI != nil {
+		services = append(services, &tunnelinfo.Service{Name: k8sServiceName,
+			Methods: []*tunnelinfo.Method{{Name: methodMakeRequest[strings.LastIndex(methodMakeRequest, "/")+1:]}}})
+	}
 	return &tunnelrpc.ConnectRequest{Msg: &tunnelrpc.ConnectRequest_Descriptor_{Descriptor_: &tunnelrpc.Descriptor{
-		AgentDescriptor: &tunnelinfo.AgentDescriptor{Services: []*tunnelinfo.Service{{Name: serviceName, Methods: methods}}},
+		AgentDescriptor: &tunnelinfo.AgentDescriptor{Services: services},
 	}}}
 }
 
@@ -120,7 +126,7 @@ func (p *pool) tunnel(ctx context.Context) {
 	}()
 	stream, err := tunnelrpc.NewReverseTunnelClient(p.a.conn).Connect(sctx)
 	if err == nil {
-		err = stream.Send(descriptor())
+		err = stream.Send(p.a.descriptor())
 	}
 	if err != nil {
 		if ctx.Err() == nil {
@@ -274,6 +280,13 @@ func (a *agent) serve(ctx context.Context, cancel context.CancelFunc, stream tun
 	case methodFail:
 		code, msg = codes.Code(a.failCode), "failed by go agent"
 		_ = c.fail(code, msg)
+	case methodMakeRequest:
+		if a.k8sAPI == nil {
+			code, msg = codes.Unimplemented, "kasd-goagent serves "+c.method+" only with --k8s-api"
+			_ = c.fail(code, msg)
+			break
+		}
+		code, msg = a.makeRequest(ctx, c)
 	default:
 		code, msg = codes.Unimplemented, "kasd-goagent does not serve "+c.method
 		_ = c.fail(code, msg)

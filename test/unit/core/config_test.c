@@ -486,7 +486,7 @@ Test(config, unknown_keys_everywhere)
 {
     static const struct error_case cases[] = {
         {"lisen: 1\n", "kasd.yaml:1:1: lisen: unknown key (expected one of: shards, agent, api, private_api, "
-                       "fleet, observability, redis, gitlab, limits, log, grpc)"},
+                       "fleet, observability, kubernetes_api, redis, gitlab, limits, log, grpc)"},
         {"agent:\n  lisen: 1\n",
          "kasd.yaml:2:3: agent.lisen: unknown key (expected one of: listen, token_file, configuration_dir)"},
         {"agent:\n  listen:\n    authentication_secret_file: x\n",
@@ -522,7 +522,7 @@ Test(config, unknown_keys_everywhere)
         /* Keys are case-sensitive, like kas's. */
         {"Shards: 1\n",
          "kasd.yaml:1:1: Shards: unknown key (expected one of: shards, agent, api, private_api, "
-         "fleet, observability, redis, gitlab, limits, log, grpc)"},
+         "fleet, observability, kubernetes_api, redis, gitlab, limits, log, grpc)"},
     };
 
     EXPECT_ERRORS(cases);
@@ -532,7 +532,7 @@ Test(config, odd_keys_are_quoted_and_escaped)
 {
     static const struct error_case cases[] = {
         {"'': 1\n", "kasd.yaml:1:1: \"\": unknown key (expected one of: shards, agent, api, private_api, "
-                    "fleet, observability, redis, gitlab, limits, log, grpc)"},
+                    "fleet, observability, kubernetes_api, redis, gitlab, limits, log, grpc)"},
         {"log:\n  \"le vel\\t\": x\n", "kasd.yaml:2:3: log.\"le vel\\x09\": unknown key (expected: level)"},
         {"log:\n  \"l\\u00e9vel\": x\n",
          "kasd.yaml:2:3: log.\"l\\xc3\\xa9vel\": unknown key (expected: level)"},
@@ -856,7 +856,7 @@ Test(config, anchors_aliases_and_tags_are_refused)
         {"&top\nshards: 1\n", "kasd.yaml:1:1: anchors are not supported (anchor \"top\")"},
         {"a: &a [1, 2]\nb: &b [*a, *a]\n",
          "kasd.yaml:1:1: a: unknown key (expected one of: shards, agent, api, "
-         "private_api, fleet, observability, redis, gitlab, limits, log, grpc)"},
+         "private_api, fleet, observability, kubernetes_api, redis, gitlab, limits, log, grpc)"},
         {"log:\n  level: &l info\n", "kasd.yaml:2:10: log.level: anchors are not supported (anchor \"l\")"},
         {"shards: !!int 4\n",
          "kasd.yaml:1:9: shards: tags are not supported (tag \"tag:yaml.org,2002:int\")"},
@@ -1537,5 +1537,59 @@ Test(config, fleet_keys)
         else
             cr_assert(strstr(err, "fleet.") != NULL, "for <<%s>>: %s", cases[i].yaml, err);
         kd_config_free(&c); /* the defaults load() set */
+    }
+}
+
+Test(config, kubernetes_api_keys)
+{
+    struct kd_config c;
+
+    cr_assert_eq(kd_config_defaults(&c), 0);
+    cr_assert(!c.kubernetes_api.enabled); /* no section: nothing listens on 8154 */
+    cr_assert_str_eq(c.kubernetes_api.listen.address, "127.0.0.1:8154");
+    cr_assert_eq(c.kubernetes_api.max_request_body_size, 16u << 20);
+    kd_config_free(&c);
+
+    expect_ok(&c, "kubernetes_api: {}\n");
+    cr_assert(c.kubernetes_api.enabled);
+    cr_assert_null(c.kubernetes_api.url_path_prefix);
+    kd_config_free(&c);
+
+    expect_ok(&c, "kubernetes_api:\n  listen:\n    address: 127.0.0.1:0\n    certificate_file: /c.pem\n"
+                  "    key_file: /k.pem\n  url_path_prefix: /proxy\n  access_token_file: /a.yaml\n"
+                  "  allowed_origins: [https://gitlab.example.com, \"http://localhost:3000\"]\n"
+                  "  max_request_body_size: 2048\n");
+    cr_assert(c.kubernetes_api.enabled);
+    cr_assert_str_eq(c.kubernetes_api.url_path_prefix, "/proxy/"); /* a final / added, as kas does */
+    cr_assert_str_eq(c.kubernetes_api.access_token_file, "/a.yaml");
+    cr_assert_str_eq(c.kubernetes_api.allowed_origins, "https://gitlab.example.com\nhttp://localhost:3000");
+    cr_assert_eq(c.kubernetes_api.n_allowed_origins, 2);
+    cr_assert_eq(c.kubernetes_api.max_request_body_size, 2048);
+    cr_assert_str_eq(c.kubernetes_api.listen.certificate_file, "/c.pem");
+    kd_config_free(&c);
+
+    static const struct error_case cases[] = {
+        {"kubernetes_api:\n  url_path_prefix: k8s-proxy\n",
+         "kasd.yaml:2:3: kubernetes_api.url_path_prefix: expected a URL path starting with / (like /k8s-proxy/)"},
+        {"kubernetes_api:\n  allowed_origins: [gitlab.example.com]\n",
+         "kasd.yaml:2:21: kubernetes_api.allowed_origins: expected an origin like https://gitlab.example.com, got "
+         "\"gitlab.example.com\""},
+        {"kubernetes_api:\n  allowed_origins: [\"https://gitlab.example.com/\"]\n", NULL},
+        {"kubernetes_api:\n  allowed_origins: https://x\n",
+         "kasd.yaml:2:20: kubernetes_api.allowed_origins: expected a list of origins, got a scalar"},
+        {"kubernetes_api:\n  max_request_body_size: 10\n", NULL},
+        {"kubernetes_api:\n  listen:\n    certificate_file: /c.pem\n",
+         "kasd.yaml:3:5: kubernetes_api.listen.key_file: required with certificate_file (TLS needs a certificate "
+         "and its key)"},
+        {"kubernetes_api:\n  lisen: {}\n",
+         "kasd.yaml:2:3: kubernetes_api.lisen: unknown key (expected one of: listen, url_path_prefix, "
+         "access_token_file, allowed_origins, max_request_body_size)"},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        char err[512] = "";
+        cr_assert_neq(load(&c, cases[i].yaml, err, sizeof(err)), 0, "accepted <<%s>>", cases[i].yaml);
+        if (cases[i].want != NULL)
+            cr_assert_str_eq(err, cases[i].want);
+        kd_config_free(&c);
     }
 }
