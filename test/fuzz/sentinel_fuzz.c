@@ -10,14 +10,7 @@
 
 #include "core/resp.h"
 #include "shards/redis.h"
-
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
-
-#define CHECK(x)                                                                                             \
-    do {                                                                                                     \
-        if (!(x))                                                                                            \
-            abort();                                                                                         \
-    } while (0)
+#include "test/fuzz/fuzz.h"
 
 static void check(const struct kd_resp *o)
 {
