@@ -605,9 +605,18 @@ int main(int argc, char **argv)
         .on_message = kd_kas_on_message,
         .on_turn = kd_kas_on_turn,
     };
+    /* Every listener's HTTP/2 abuse limits (borrowed by the listeners: lives until the end of main). */
+    const struct kd_h2_limits h2_limits = {
+        .reset_burst = cfg.limits.h2_rapid_reset_burst,
+        .reset_rate = cfg.limits.h2_rapid_reset_rate,
+        .settings_burst = cfg.limits.h2_settings_burst,
+        .settings_rate = cfg.limits.h2_settings_rate,
+        .ping_strikes = cfg.limits.h2_ping_strikes,
+    };
     for (size_t i = 0; i < sizeof(specs) / sizeof(specs[0]); i++) {
         struct listener_spec *sp = &specs[i];
         sp->grpc.name = sp->name;
+        sp->grpc.h2_limits = &h2_limits;
         if (i == 0) {
             sp->grpc.methods = agent_methods;
             sp->grpc.nmethods = sizeof(agent_methods) / sizeof(agent_methods[0]);

@@ -17,6 +17,7 @@
  *  - integers are plain decimal: no sign, no 0x, no leading zeros (YAML 1.1 would read 010 as octal).
  */
 #include "core/config.h"
+#include "core/h2.h" /* the defaults of limits.h2_* */
 #include "core/yamlev.h"
 
 #include <arpa/inet.h>
@@ -373,6 +374,11 @@ int kd_config_defaults(struct kd_config *c)
     c->limits.grpc_max_message_size = 4u << 20;
     c->limits.grpc_max_concurrent_streams = 500;
     c->limits.grpc_max_header_list_size = 1u << 20;
+    c->limits.h2_rapid_reset_burst = KD_H2_RESET_BURST;
+    c->limits.h2_rapid_reset_rate = KD_H2_RESET_RATE;
+    c->limits.h2_settings_burst = KD_H2_SETTINGS_BURST;
+    c->limits.h2_settings_rate = KD_H2_SETTINGS_RATE;
+    c->limits.h2_ping_strikes = KD_H2_PING_STRIKES;
     c->limits.routing_timeout_ms = 20000; /* GitLab kas: 20 s */
     c->fleet.recheck_ms = 5000;
     c->fleet.route_cache_size = 10000;
@@ -698,6 +704,30 @@ static const struct field limits_keys[] = {
      .off = OFF(limits.grpc_max_header_list_size),
      .min = 8192,
      .max = 16777216},
+    /* HTTP/2 abuse limits (core/h2.h): token buckets of a burst and a rate per second; past one,
+     * GOAWAY ENHANCE_YOUR_CALM. A rate of 0 would end every long-lived connection sooner or later,
+     * and a settings burst under 2 a client that sends its SETTINGS twice: both refused. */
+    {.key = "h2_rapid_reset_burst",
+     .kind = K_UINT,
+     .off = OFF(limits.h2_rapid_reset_burst),
+     .min = 1,
+     .max = 1000000},
+    {.key = "h2_rapid_reset_rate",
+     .kind = K_UINT,
+     .off = OFF(limits.h2_rapid_reset_rate),
+     .min = 1,
+     .max = 1000000},
+    {.key = "h2_settings_burst",
+     .kind = K_UINT,
+     .off = OFF(limits.h2_settings_burst),
+     .min = 2,
+     .max = 1000000},
+    {.key = "h2_settings_rate",
+     .kind = K_UINT,
+     .off = OFF(limits.h2_settings_rate),
+     .min = 1,
+     .max = 1000000},
+    {.key = "h2_ping_strikes", .kind = K_UINT, .off = OFF(limits.h2_ping_strikes), .min = 0, .max = 1000000},
     {.key = "routing_timeout",
      .kind = K_DURATION,
      .off = OFF(limits.routing_timeout_ms),

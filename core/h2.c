@@ -24,8 +24,7 @@
 #include "core/grpc.h"
 #include "core/list.h"
 
-#define LOW_WATER        (KD_H2_CALL_HIGH_WATER / 2)
-#define PING_STRIKES_MAX 2
+#define LOW_WATER (KD_H2_CALL_HIGH_WATER / 2)
 /* A refused header block that decoded to more than this many times its wire bytes was built from
  * the dynamic table on purpose (one-byte references to a large entry): an HPACK bomb. */
 #define HPACK_AMPLIFY_MAX 32
@@ -128,6 +127,7 @@ struct kd_h2 {
      * are not written yet, so on_frame_send tells nghttp2's own apart (nghttp2 queues in order). */
     bool goaway_graceful, goaway_final;
     unsigned goaway_ours_queued;
+    struct kd_h2_limits lim; /* opts.limits, or the defaults */
     struct bucket resets, settings;
     uint64_t settings_received;
     /* The header block being received: its wire bytes (HEADERS + CONTINUATION payloads) and what
@@ -840,7 +840,7 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *f, void *ud)
             if (h->last_ping_us != 0 && t - h->last_ping_us < (uint64_t)h->o.ping_min_interval_ms * 1000u) {
                 h->strikes++;
                 h->counters.ping_strikes++;
-                if (h->strikes > PING_STRIKES_MAX)
+                if (h->strikes > h->lim.ping_strikes)
                     return abuse_fatal(h, KD_H2_ABUSE_PING_FLOOD, "too_many_pings",
                                        "client pinged too often (GOAWAY ENHANCE_YOUR_CALM too_many_pings)");
             }
@@ -854,7 +854,7 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *f, void *ud)
     case NGHTTP2_RST_STREAM:
         /* Each reset stream cost a call's start (headers, routing) and nothing of the client's:
          * resetting at once, thousands per second, is the rapid reset attack. */
-        if (h->o.server && !bucket_take(&h->resets, now_us(), KD_H2_RESET_BURST, KD_H2_RESET_RATE))
+        if (h->o.server && !bucket_take(&h->resets, now_us(), h->lim.reset_burst, h->lim.reset_rate))
             return abuse_fatal(h, KD_H2_ABUSE_RAPID_RESET, "rapid_reset",
                                "client reset streams faster than allowed (GOAWAY ENHANCE_YOUR_CALM)");
         break;
@@ -862,7 +862,7 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *f, void *ud)
         if (!(f->hd.flags & NGHTTP2_FLAG_ACK))
             h->settings_received++;
         if (!(f->hd.flags & NGHTTP2_FLAG_ACK) &&
-            !bucket_take(&h->settings, now_us(), KD_H2_SETTINGS_BURST, KD_H2_SETTINGS_RATE))
+            !bucket_take(&h->settings, now_us(), h->lim.settings_burst, h->lim.settings_rate))
             return abuse_fatal(h, KD_H2_ABUSE_SETTINGS_FLOOD, "settings_flood",
                                "peer sent SETTINGS faster than allowed (GOAWAY ENHANCE_YOUR_CALM)");
         break;
@@ -978,6 +978,13 @@ struct kd_h2 *kd_h2_new(const struct kd_h2_opts *o)
     if (h == NULL)
         return NULL;
     h->o = *o;
+    h->lim = o->limits != NULL ? *o->limits
+                               : (struct kd_h2_limits){.reset_burst = KD_H2_RESET_BURST,
+                                                       .reset_rate = KD_H2_RESET_RATE,
+                                                       .settings_burst = KD_H2_SETTINGS_BURST,
+                                                       .settings_rate = KD_H2_SETTINGS_RATE,
+                                                       .ping_strikes = KD_H2_PING_STRIKES};
+    h->o.limits = NULL; /* copied into lim: the caller's struct is not kept */
     h->next_deadline = UINT64_MAX;
     kd_list_init(&h->calls);
     kd_list_init(&h->writable_list);
@@ -1007,7 +1014,8 @@ struct kd_h2 *kd_h2_new(const struct kd_h2_opts *o)
     nghttp2_option_set_max_continuations(opt, o->max_header_list / 16384u * 2u + 8u);
     /* nghttp2's own reset limit ends the connection with INTERNAL_ERROR and tells us nothing; ours
      * (on_frame_recv) bites first, this stays as a backstop. */
-    nghttp2_option_set_stream_reset_rate_limit(opt, 2u * KD_H2_RESET_BURST, 2u * KD_H2_RESET_RATE);
+    nghttp2_option_set_stream_reset_rate_limit(opt, 2u * (uint64_t)h->lim.reset_burst,
+                                               2u * (uint64_t)h->lim.reset_rate);
     int rc = o->server ? nghttp2_session_server_new3(&h->s, cb, h, opt, &ng_mem)
                        : nghttp2_session_client_new3(&h->s, cb, h, opt, &ng_mem);
     nghttp2_option_del(opt);

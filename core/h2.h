@@ -71,13 +71,24 @@ enum kd_h2_abuse {
 };
 const char *kd_h2_abuse_name(enum kd_h2_abuse reason);
 
-/* Server: client RST_STREAMs allowed in a burst, and regained per second (a token bucket, as
- * nghttp2's default stream reset limit); past them the connection gets GOAWAY ENHANCE_YOUR_CALM. */
-#define KD_H2_RESET_BURST 1000
-#define KD_H2_RESET_RATE  33
-/* SETTINGS frames (not ACKs) allowed in a burst, and per second. Clients send one or two. */
+/* The abuse limits of a session (kd_h2_opts.limits; kasd's limits.h2_* configuration keys). Past
+ * any of them the connection gets GOAWAY ENHANCE_YOUR_CALM and on_abuse. A budget is a token
+ * bucket: `burst` at most, `rate` regained per second. */
+struct kd_h2_limits {
+    /* Server: client RST_STREAMs (as nghttp2's default stream reset limit; its own limit is set to
+     * twice these as a backstop). */
+    uint32_t reset_burst, reset_rate;
+    /* SETTINGS frames (not ACKs), either side. Clients send one or two. */
+    uint32_t settings_burst, settings_rate;
+    /* Server, with ping_min_interval_ms: client PINGs closer than that tolerated (strikes; reset
+     * whenever we send headers or data, as grpc-go); one more and the connection ends. */
+    uint32_t ping_strikes;
+};
+#define KD_H2_RESET_BURST    1000
+#define KD_H2_RESET_RATE     33
 #define KD_H2_SETTINGS_BURST 100
 #define KD_H2_SETTINGS_RATE  10
+#define KD_H2_PING_STRIKES   2
 
 struct kd_h2_opts {
     bool server;
@@ -99,6 +110,8 @@ struct kd_h2_opts {
      * with identity is INTERNAL, other encodings UNIMPLEMENTED) and handlers see inflated bytes;
      * max_message bounds both the wire size and the inflated size (RESOURCE_EXHAUSTED). */
     uint8_t send_compression;
+    /* The abuse limits (copied); NULL: the KD_H2_* defaults above. */
+    const struct kd_h2_limits *limits;
     /* Server: a new call. */
     int (*on_call)(void *ud, struct kd_h2_call *c);
     /* Either side: the peer sent GOAWAY (client: stop using this session for new calls). */

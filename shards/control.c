@@ -42,12 +42,10 @@
 
 #define DRAIN_BUDGET 1024
 
-enum endpoint { EP_METRICS, EP_LIVENESS, EP_READINESS };
-
 struct pending {
     struct pending *next;
     struct kd_httpd_req *req;
-    enum endpoint ep;
+    enum kd_control_endpoint ep;
 };
 
 struct kd_control {
@@ -522,7 +520,7 @@ static void answer(struct kd_control *c, struct pending *p)
 {
     char msg[256];
     switch (p->ep) {
-    case EP_METRICS: {
+    case KD_CONTROL_METRICS: {
         struct buf b = {0};
         render_metrics(c, &b);
         if (b.oom)
@@ -532,7 +530,7 @@ static void answer(struct kd_control *c, struct pending *p)
         free(b.p);
         break;
     }
-    case EP_LIVENESS: {
+    case KD_CONTROL_LIVENESS: {
         /* While draining, a shard with nothing left to serve exits its loop and can no longer answer;
          * shard threads are not observable from here otherwise, so a silent shard is presumed
          * finished, not stuck (the grace period bounds the drain anyway). */
@@ -547,7 +545,7 @@ static void answer(struct kd_control *c, struct pending *p)
             kd_httpd_respond(p->req, 503, "text/plain; charset=utf-8", msg, (size_t)len);
         break;
     }
-    case EP_READINESS: {
+    case KD_CONTROL_READINESS: {
         /* Not ready while any shard's Redis connection is down: that shard cannot publish its
          * agents, so the fleet would not route to them (locally held tunnels keep working). */
         int len = 0;
@@ -627,34 +625,45 @@ static void on_router_msg(void *ud, const struct kd_msg *m)
         finish_round(c);
 }
 
+/* An answer kd_control_route gives at once: -1, *now filled. */
+static int answer_now(struct kd_control_answer *now, int status, const char *body)
+{
+    *now = (struct kd_control_answer){
+        .status = status, .content_type = "text/plain; charset=utf-8", .body = body, .len = strlen(body)};
+    return -1;
+}
+
+int kd_control_route(const char *method, size_t mlen, const char *path, size_t plen, bool draining,
+                     struct kd_control_answer *now)
+{
+    enum kd_control_endpoint ep;
+#define IS(s) (plen == sizeof(s) - 1 && memcmp(path, s, plen) == 0)
+    if (IS("/metrics"))
+        ep = KD_CONTROL_METRICS;
+    else if (IS("/liveness"))
+        ep = KD_CONTROL_LIVENESS;
+    else if (IS("/readiness"))
+        ep = KD_CONTROL_READINESS;
+    else
+        return answer_now(now, 404, "not found: try /metrics, /liveness, /readiness\n");
+#undef IS
+    if (!((mlen == 3 && memcmp(method, "GET", 3) == 0) || (mlen == 4 && memcmp(method, "HEAD", 4) == 0)))
+        return answer_now(now, 405, "method not allowed\n");
+    if (ep == KD_CONTROL_READINESS && draining) /* no need to ask anyone */
+        return answer_now(now, 503, "draining: kasd is stopping\n");
+    if (ep == KD_CONTROL_LIVENESS && draining) /* see answer(): silent shards count as finished */
+        return answer_now(now, 200, "ok (draining)\n");
+    return (int)ep;
+}
+
 static void on_request(void *ud, struct kd_httpd_req *req, const char *method, size_t mlen, const char *path,
                        size_t plen)
 {
     struct kd_control *c = ud;
-    enum endpoint ep;
-#define IS(s) (plen == sizeof(s) - 1 && memcmp(path, s, plen) == 0)
-    if (IS("/metrics"))
-        ep = EP_METRICS;
-    else if (IS("/liveness"))
-        ep = EP_LIVENESS;
-    else if (IS("/readiness"))
-        ep = EP_READINESS;
-    else {
-        kd_httpd_respond(req, 404, "text/plain; charset=utf-8",
-                         "not found: try /metrics, /liveness, /readiness\n", 47);
-        return;
-    }
-#undef IS
-    if (!((mlen == 3 && memcmp(method, "GET", 3) == 0) || (mlen == 4 && memcmp(method, "HEAD", 4) == 0))) {
-        kd_httpd_respond(req, 405, "text/plain; charset=utf-8", "method not allowed\n", 19);
-        return;
-    }
-    if (ep == EP_READINESS && draining(c)) { /* no need to ask anyone */
-        kd_httpd_respond(req, 503, "text/plain; charset=utf-8", "draining: kasd is stopping\n", 27);
-        return;
-    }
-    if (ep == EP_LIVENESS && draining(c)) { /* see answer(): silent shards count as finished */
-        kd_httpd_respond(req, 200, "text/plain; charset=utf-8", "ok (draining)\n", 14);
+    struct kd_control_answer now;
+    int ep = kd_control_route(method, mlen, path, plen, draining(c), &now);
+    if (ep < 0) {
+        kd_httpd_respond(req, now.status, now.content_type, now.body, now.len);
         return;
     }
     struct pending *p = malloc(sizeof(*p));
@@ -663,7 +672,7 @@ static void on_request(void *ud, struct kd_httpd_req *req, const char *method, s
         return;
     }
     p->req = req;
-    p->ep = ep;
+    p->ep = (enum kd_control_endpoint)ep;
     p->next = c->next;
     c->next = p;
     if (!c->in_round)

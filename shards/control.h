@@ -14,6 +14,7 @@
 #ifndef KD_SHARDS_CONTROL_H
 #define KD_SHARDS_CONTROL_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <sys/socket.h>
 
@@ -40,5 +41,22 @@ int kd_control_start(struct kd_control *c, char *err, size_t errlen);
 /* Answers what is pending (503), stops the thread and joins it. */
 void kd_control_stop(struct kd_control *c);
 void kd_control_destroy(struct kd_control *c);
+
+/* What the observability listener does with a request, from its method and path alone (untrusted
+ * bytes, not NUL-terminated, as core/httpd.h hands them over) and whether kasd is stopping:
+ *   returns the endpoint whose next round answers the request (GET or HEAD of /metrics, /liveness,
+ *   /readiness, and not answerable from the stop flag alone), or
+ *   returns -1 with *now filled: answer at once (404 other paths, 405 other methods, and /readiness
+ *   503 and /liveness 200 while draining). now->body is static, now->len bytes.
+ * Pure, any thread. Exported for test/fuzz/control_fuzz.c. */
+enum kd_control_endpoint { KD_CONTROL_METRICS, KD_CONTROL_LIVENESS, KD_CONTROL_READINESS };
+struct kd_control_answer {
+    int status;
+    const char *content_type;
+    const char *body;
+    size_t len;
+};
+int kd_control_route(const char *method, size_t mlen, const char *path, size_t plen, bool draining,
+                     struct kd_control_answer *now);
 
 #endif

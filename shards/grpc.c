@@ -935,6 +935,7 @@ static int server_open(struct kd_conn *c, bool adopted)
         .max_header_list = cfg->max_header_list,
         .initial_window = 1u << 20,
         .ping_min_interval_ms = cfg->ping_min_interval_ms,
+        .limits = cfg->h2_limits,
         .send_compression = cfg->response_compression,
         .on_call = server_on_call,
         .on_abuse = on_abuse,

@@ -53,6 +53,7 @@ struct kd_grpc_server_cfg {
     uint32_t max_connection_age_ms;        /* 0 = none; GOAWAY after age ± 10 % jitter */
     uint32_t max_connection_age_grace_ms;  /* then close after this much longer; default 60 s */
     uint32_t handshake_timeout_ms;         /* no complete preface/TLS handshake by then: close */
+    const struct kd_h2_limits *h2_limits;  /* HTTP/2 abuse limits (borrowed); NULL: core/h2.h's defaults */
     uint8_t response_compression; /* enum kd_compress_alg: 0 identity; gzip for callers accepting it */
     bool websocket;               /* also HTTP/2 inside WebSocket (core/ws.h), by first bytes */
     /* A connection of this listener closed; `user` is what kd_grpc_conn_set_user stored (or NULL).

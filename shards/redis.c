@@ -653,73 +653,89 @@ static bool is_str(const struct kd_resp *o, const char *s)
            strncasecmp(o->str, s, n) == 0;
 }
 
-/* Handshake reply: false when the connection was failed. */
-static bool handshake_reply(struct kd_redis *r, struct pending *p, const struct kd_resp *o)
+int kd_redis_handshake_reply(enum kd_redis_hs_step step, const struct kd_resp *o, unsigned database,
+                             const char *sentinel_master, char *master, size_t mastercap, char *why,
+                             size_t whylen)
 {
-    char why[ERR_MAX];
     const char *err = o->type == KD_RESP_ERROR ? o->str : NULL;
-    switch (p->kind) {
-    case P_AUTH:
+    switch (step) {
+    case KD_REDIS_HS_AUTH:
         if (err != NULL) {
-            snprintf(why, sizeof(why), "authentication failed: %.200s", err);
-            if (r->rc->sentinel)
-                sentinel_next(r, why);
-            else
-                conn_fail(r, why);
-            return false;
+            snprintf(why, whylen, "authentication failed: %.200s", err);
+            return KD_REDIS_HS_FAIL;
         }
         break;
-    case P_SELECT:
+    case KD_REDIS_HS_SELECT:
         if (err != NULL) {
-            snprintf(why, sizeof(why), "SELECT %u failed: %.200s", r->database, err);
-            conn_fail(r, why);
-            return false;
+            snprintf(why, whylen, "SELECT %u failed: %.200s", database, err);
+            return KD_REDIS_HS_FAIL;
         }
         break;
-    case P_PING:
+    case KD_REDIS_HS_PING:
         if (err != NULL) {
             if (strncmp(err, "NOAUTH", 6) == 0 || strncmp(err, "WRONGPASS", 9) == 0)
-                snprintf(why, sizeof(why), "authentication failed: %.200s", err);
+                snprintf(why, whylen, "authentication failed: %.200s", err);
             else
-                snprintf(why, sizeof(why), "PING failed: %.200s", err);
-            conn_fail(r, why);
-            return false;
+                snprintf(why, whylen, "PING failed: %.200s", err);
+            return KD_REDIS_HS_FAIL;
         }
         break;
-    case P_ROLE:
+    case KD_REDIS_HS_ROLE:
         if (err != NULL || o->type != KD_RESP_ARRAY || o->n < 1 || !is_str(o->elem[0], "master")) {
             if (err != NULL && (strncmp(err, "NOAUTH", 6) == 0 || strncmp(err, "WRONGPASS", 9) == 0))
-                snprintf(why, sizeof(why), "authentication failed: %.200s", err);
+                snprintf(why, whylen, "authentication failed: %.200s", err);
             else
-                snprintf(why, sizeof(why),
+                snprintf(why, whylen,
                          "ROLE is %.40s, not master (Sentinel's answer is stale: failover in progress?)",
                          err                                                         ? err
                          : (o->type == KD_RESP_ARRAY && o->n > 0 && o->elem[0]->str) ? o->elem[0]->str
                                                                                      : "unknown");
-            conn_fail(r, why);
-            return false;
+            return KD_REDIS_HS_FAIL;
         }
         break;
-    case P_SENTINEL: {
+    case KD_REDIS_HS_SETNAME: /* an error is ignored: some proxies refuse CLIENT SETNAME */
+        break;
+    case KD_REDIS_HS_SENTINEL:
         if (err != NULL) {
-            snprintf(why, sizeof(why), "%.200s", err);
-            sentinel_next(r, why);
-            return false;
+            /* The error is the whole reason: an empty one (or one starting with NUL) still says something. */
+            snprintf(why, whylen, "%.200s", err[0] != '\0' ? err : "empty error reply");
+            return KD_REDIS_HS_FAIL;
         }
         if (o->type == KD_RESP_NIL || (o->type == KD_RESP_ARRAY && o->n == 0)) {
-            snprintf(why, sizeof(why), "does not know master \"%.100s\"", r->sentinel_master);
-            sentinel_next(r, why);
-            return false;
+            snprintf(why, whylen, "does not know master \"%.100s\"", sentinel_master);
+            return KD_REDIS_HS_FAIL;
         }
-        if (kd_redis_sentinel_master(o, r->master, sizeof(r->master)) < 0) {
-            snprintf(why, sizeof(why), "answered an unusable address for master \"%.100s\"", r->sentinel_master);
-            sentinel_next(r, why);
-            return false;
+        if (kd_redis_sentinel_master(o, master, mastercap) < 0) {
+            snprintf(why, whylen, "answered an unusable address for master \"%.100s\"", sentinel_master);
+            return KD_REDIS_HS_FAIL;
         }
+        return KD_REDIS_HS_MASTER;
+    }
+    return KD_REDIS_HS_NEXT;
+}
+
+/* Handshake reply (p->kind is one of the handshake kinds: on_reply sends only those here): false
+ * when the connection was failed or moved on. */
+static bool handshake_reply(struct kd_redis *r, struct pending *p, const struct kd_resp *o)
+{
+    static const enum kd_redis_hs_step steps[P_SENTINEL + 1] = {
+        [P_AUTH] = KD_REDIS_HS_AUTH, [P_SELECT] = KD_REDIS_HS_SELECT,   [P_ROLE] = KD_REDIS_HS_ROLE,
+        [P_PING] = KD_REDIS_HS_PING, [P_SETNAME] = KD_REDIS_HS_SETNAME, [P_SENTINEL] = KD_REDIS_HS_SENTINEL,
+    };
+    char why[ERR_MAX];
+    switch (kd_redis_handshake_reply(steps[p->kind], o, r->database, r->sentinel_master, r->master,
+                                     sizeof(r->master), why, sizeof(why))) {
+    case KD_REDIS_HS_FAIL:
+        /* AUTH and SENTINEL are what a sentinel is asked: its failure means asking the next one. */
+        if (r->rc->sentinel)
+            sentinel_next(r, why);
+        else
+            conn_fail(r, why);
+        return false;
+    case KD_REDIS_HS_MASTER:
         abandon(r);
         dial(r, r->master, false);
         return false; /* this connection is done */
-    }
     default:
         break;
     }

@@ -147,8 +147,29 @@ int kd_redis_resolve(const char *address, char *out, size_t outlen, char *err, s
 /* The master's address from a SENTINEL get-master-addr-by-name reply (untrusted bytes): ["host",
  * "port"] with a host of letters, digits and . - : _ % only and a port in 1..65535, written as
  * "host:port" or "[v6]:port" into out[cap]. 0, or -1 (also when it would not fit). Exported for
- * test/fuzz/sentinel_fuzz.c. */
+ * test/fuzz/redis_handshake_fuzz.c. */
 struct kd_resp;
 int kd_redis_sentinel_master(const struct kd_resp *o, char *out, size_t cap);
+
+/* What a reply to a handshake step means (untrusted bytes: the server's or a sentinel's answer):
+ *   AUTH, SELECT, PING: an error reply fails; ROLE: anything but an array led by "master" fails;
+ *   CLIENT SETNAME: always NEXT (some proxies refuse it); SENTINEL get-master-addr-by-name: MASTER
+ *   with the address in master[mastercap] (kd_redis_sentinel_master), else FAIL (error, unknown
+ *   master, unusable address).
+ * FAIL writes a one-line reason into why[whylen] (error texts cut at 200 bytes; NOAUTH and
+ * WRONGPASS read "authentication failed: ..."); database and sentinel_master only name things in
+ * it. Pure. Exported for test/fuzz/redis_handshake_fuzz.c. */
+enum kd_redis_hs_step {
+    KD_REDIS_HS_AUTH,
+    KD_REDIS_HS_SELECT,
+    KD_REDIS_HS_PING,
+    KD_REDIS_HS_ROLE,
+    KD_REDIS_HS_SETNAME,
+    KD_REDIS_HS_SENTINEL,
+};
+enum kd_redis_hs_verdict { KD_REDIS_HS_NEXT, KD_REDIS_HS_FAIL, KD_REDIS_HS_MASTER };
+int kd_redis_handshake_reply(enum kd_redis_hs_step step, const struct kd_resp *o, unsigned database,
+                             const char *sentinel_master, char *master, size_t mastercap, char *why,
+                             size_t whylen);
 
 #endif

@@ -11,14 +11,7 @@
 #include "core/grpc.h"
 #include "core/h2.h"
 #include "shards/kas.h"
-
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
-
-#define CHECK(x)                                                                                             \
-    do {                                                                                                     \
-        if (!(x))                                                                                            \
-            abort();                                                                                         \
-    } while (0)
+#include "test/fuzz/fuzz.h"
 
 static int calls;
 

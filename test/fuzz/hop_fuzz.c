@@ -14,14 +14,7 @@
 #include "core/grpc.h"
 #include "shards/fleet.h"
 #include "shards/kas.h"
-
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
-
-#define CHECK(x)                                                                                             \
-    do {                                                                                                     \
-        if (!(x))                                                                                            \
-            abort();                                                                                         \
-    } while (0)
+#include "test/fuzz/fuzz.h"
 
 struct hlist {
     struct kd_h2_header h[256];

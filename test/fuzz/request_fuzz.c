@@ -12,16 +12,9 @@
 #include "core/pb.h"
 #include "shards/grpc.h"
 #include "shards/requests.h"
-
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+#include "test/fuzz/fuzz.h"
 
 #define MAX_FIELDS 512
-
-#define CHECK(x)                                                                                             \
-    do {                                                                                                     \
-        if (!(x))                                                                                            \
-            abort();                                                                                         \
-    } while (0)
 
 static struct kd_pb_field fields[MAX_FIELDS], again[MAX_FIELDS];
 

@@ -12,14 +12,7 @@
 #include <unistd.h>
 
 #include "core/jwt.h"
-
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
-
-#define CHECK(x)                                                                                             \
-    do {                                                                                                     \
-        if (!(x))                                                                                            \
-            abort();                                                                                         \
-    } while (0)
+#include "test/fuzz/fuzz.h"
 
 static const char alphabet[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 

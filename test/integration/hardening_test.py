@@ -69,7 +69,7 @@ def setup_dir(agents=(1,)):
     return d, tokens, secret
 
 
-def config(d, grace="5s", api_listen="", shards=2):
+def config(d, grace="5s", api_listen="", shards=2, limits=""):
     return f"""\
 shards: {shards}
 agent:
@@ -89,7 +89,7 @@ observability:
 limits:
   shutdown_grace: {grace}
   routing_timeout: 20s
-"""
+{limits}"""
 
 
 def goaways(peer):
@@ -121,14 +121,25 @@ def abuse_lines(kasd, reason):
     return [ev for ev in list(kasd.events) if ev.get("event") == "http2_abuse" and ev.get("reason") == reason]
 
 
-class Abuse(unittest.TestCase):
-    """One kasd; each test attacks one fresh connection and checks the counter, the log and that
-    other clients are still served."""
+def reset_burst(n):
+    """n streams opened and reset at once (CANCEL), in one write."""
+    out = []
+    for i in range(n):
+        sid = 1 + 2 * i
+        out.append(h2raw.header_frames(sid, h2raw.grpc_request_headers(HEALTH)))
+        out.append(h2raw.frame(h2raw.RST_STREAM, 0, sid, b"\0\0\0\x08"))
+    return b"".join(out)
+
+
+class OneKasd(unittest.TestCase):
+    """One kasd for the class (its limits: LIMITS, lines of the limits section); each test attacks
+    fresh connections."""
+    LIMITS = ""
 
     @classmethod
     def setUpClass(cls):
         cls.dir, cls.tokens, cls.secret = setup_dir()
-        cls.kasd = Kasd(config=config(cls.dir))
+        cls.kasd = Kasd(config=config(cls.dir, limits=cls.LIMITS))
         assert cls.kasd.started, cls.kasd.log()
 
     @classmethod
@@ -141,6 +152,11 @@ class Abuse(unittest.TestCase):
         p = h2raw.Peer(self.kasd.listeners[listener], answer_pings=True).connect()
         self.addCleanup(p.close)
         return p
+
+
+class Abuse(OneKasd):
+    """Each test attacks one fresh connection and checks the counter, the log and that other
+    clients are still served."""
 
     def assert_one_line(self, reason, peer_port, timeout=5):
         deadline = time.monotonic() + timeout
@@ -200,12 +216,7 @@ class Abuse(unittest.TestCase):
         before = abuse(self.kasd, "api", "rapid_reset")
         p = self.peer()
         port = p.sock.getsockname()[1]
-        burst = []
-        for i in range(3000):
-            sid = 1 + 2 * i
-            burst.append(h2raw.header_frames(sid, h2raw.grpc_request_headers(HEALTH)))
-            burst.append(h2raw.frame(h2raw.RST_STREAM, 0, sid, b"\0\0\0\x08"))  # CANCEL
-        data = b"".join(burst)
+        data = reset_burst(3000)
         for off in range(0, len(data), 1 << 16):
             p.send(data[off:off + (1 << 16)])
         self.assertTrue(pump_to_close(p, timeout=20), "kasd closes a rapid-reset connection")
@@ -291,6 +302,49 @@ class Abuse(unittest.TestCase):
         self.assertEqual(wait_abuse(self.kasd, "api", "settings_flood", before), before + 1)
         self.assert_one_line("settings_flood", port)
         self.assertTrue(health_ok(self.kasd))
+
+
+class ConfiguredAbuseLimits(OneKasd):
+    """limits.h2_* take effect: each is set well below its default, and a peer that stays within
+    the default but not within the configured value gets GOAWAY ENHANCE_YOUR_CALM."""
+    LIMITS = ("  h2_rapid_reset_burst: 50\n  h2_rapid_reset_rate: 1\n  h2_settings_burst: 5\n"
+              "  h2_ping_strikes: 0\n")
+
+    def test_rapid_reset_burst(self):
+        """40 resets are within a burst of 50; 80 are not (the default, 1000, allows both)."""
+        before = abuse(self.kasd, "api", "rapid_reset")
+        p = self.peer()
+        p.send(reset_burst(40))
+        self.assertIsNone(p.pump(lambda t, f, sid, pl: t == h2raw.GOAWAY, timeout=1.5), goaways(p))
+        p = self.peer()
+        p.send(reset_burst(80))
+        self.assertTrue(pump_to_close(p), "kasd closes the connection")
+        g = goaways(p)
+        self.assertEqual([c for _, c in g], [ENHANCE_YOUR_CALM], g)
+        # The 51st reset (stream 101) spends the burst; a token or two may come back meanwhile.
+        self.assertGreaterEqual(g[0][0], 2 * 50 + 1, g)
+        self.assertLess(g[0][0], 2 * 60, g)
+        self.assertEqual(wait_abuse(self.kasd, "api", "rapid_reset", before), before + 1)
+
+    def test_settings_burst(self):
+        """10 SETTINGS at once: over a burst of 5 (the default, 100, allows them)."""
+        before = abuse(self.kasd, "api", "settings_flood")
+        p = self.peer()
+        p.send(h2raw.frame(h2raw.SETTINGS, 0, 0, b"\0\x04\0\x01\0\0") * 10)
+        self.assertTrue(pump_to_close(p))
+        self.assertEqual([c for _, c in goaways(p)], [ENHANCE_YOUR_CALM], goaways(p))
+        self.assertEqual(wait_abuse(self.kasd, "api", "settings_flood", before), before + 1)
+
+    def test_no_ping_strikes(self):
+        """Two PINGs back to back: the second is a strike, and 0 are tolerated (the default, 2)."""
+        before = abuse(self.kasd, "api", "ping_flood")
+        p = self.peer()
+        p.send(h2raw.frame(h2raw.PING, 0, 0, bytes(8)) + h2raw.frame(h2raw.PING, 0, 0, bytes(7) + b"\1"))
+        self.assertTrue(pump_to_close(p))
+        g = goaways(p)
+        self.assertEqual([c for _, c in g], [ENHANCE_YOUR_CALM], g)
+        self.assertIn(b"too_many_pings", [pl for _, t, _, _, pl in p.frames if t == h2raw.GOAWAY][0])
+        self.assertEqual(wait_abuse(self.kasd, "api", "ping_flood", before), before + 1)
 
 
 class GoawayWhileDraining(unittest.TestCase):

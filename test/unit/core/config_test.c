@@ -2,6 +2,7 @@
  * layering and transactional loads, and the host:port and duration parsers.
  * Leaks are checked by LSan when each test worker exits (build with -fsanitize=address). */
 #include "core/config.h"
+#include "core/h2.h"
 
 #include <arpa/inet.h>
 #include <criterion/criterion.h>
@@ -516,7 +517,8 @@ Test(config, unknown_keys_everywhere)
         {"limits:\n  max_conns: 1\n",
          "kasd.yaml:2:3: limits.max_conns: unknown key (expected one of: connections_per_shard, "
          "recv_buffers_per_shard, recv_buffer_size, router_ring_size, shutdown_grace, grpc_max_message_size, "
-         "grpc_max_concurrent_streams, grpc_max_header_list_size, routing_timeout, pods_per_connection, "
+         "grpc_max_concurrent_streams, grpc_max_header_list_size, h2_rapid_reset_burst, h2_rapid_reset_rate, "
+         "h2_settings_burst, h2_settings_rate, h2_ping_strikes, routing_timeout, pods_per_connection, "
          "pods_per_agent, agent_meta_max_size, connected_agents_max_size)"},
         {"log:\n  lvl: debug\n", "kasd.yaml:2:3: log.lvl: unknown key (expected: level)"},
         /* Keys are case-sensitive, like kas's. */
@@ -1592,4 +1594,55 @@ Test(config, kubernetes_api_keys)
             cr_assert_str_eq(err, cases[i].want);
         kd_config_free(&c);
     }
+}
+
+/* The HTTP/2 abuse limits (issue 16): defaults are core/h2.h's (what kasd used before they were
+ * configurable), every key can be set, and a value out of range is an error naming the key. */
+Test(config, h2_abuse_limits)
+{
+    struct kd_config c;
+    char err[512];
+
+    kd_config_defaults(&c);
+    cr_assert_eq(c.limits.h2_rapid_reset_burst, 1000);
+    cr_assert_eq(c.limits.h2_rapid_reset_rate, 33);
+    cr_assert_eq(c.limits.h2_settings_burst, 100);
+    cr_assert_eq(c.limits.h2_settings_rate, 10);
+    cr_assert_eq(c.limits.h2_ping_strikes, 2);
+    cr_assert_eq(c.limits.h2_rapid_reset_burst, KD_H2_RESET_BURST);
+    cr_assert_eq(c.limits.h2_rapid_reset_rate, KD_H2_RESET_RATE);
+    cr_assert_eq(c.limits.h2_settings_burst, KD_H2_SETTINGS_BURST);
+    cr_assert_eq(c.limits.h2_settings_rate, KD_H2_SETTINGS_RATE);
+    cr_assert_eq(c.limits.h2_ping_strikes, KD_H2_PING_STRIKES);
+    static const char set[] = "limits:\n  h2_rapid_reset_burst: 50\n  h2_rapid_reset_rate: 1\n"
+                              "  h2_settings_burst: 2\n  h2_settings_rate: 1000000\n  h2_ping_strikes: 0\n";
+    cr_assert_eq(kd_config_load_string(&c, "kasd.yaml", set, sizeof(set) - 1, err, sizeof(err)), 0, "%s",
+                 err);
+    cr_assert_eq(c.limits.h2_rapid_reset_burst, 50);
+    cr_assert_eq(c.limits.h2_rapid_reset_rate, 1);
+    cr_assert_eq(c.limits.h2_settings_burst, 2);
+    cr_assert_eq(c.limits.h2_settings_rate, 1000000);
+    cr_assert_eq(c.limits.h2_ping_strikes, 0);
+    cr_assert_eq(c.limits.grpc_max_header_list_size, 1u << 20, "other limits keep theirs");
+    kd_config_free(&c);
+
+    static const struct error_case cases[] = {
+        {"limits:\n  h2_rapid_reset_burst: 0\n",
+         "kasd.yaml:2:25: limits.h2_rapid_reset_burst: must be between 1 and 1000000, got \"0\""},
+        {"limits:\n  h2_rapid_reset_burst: 1000001\n",
+         "kasd.yaml:2:25: limits.h2_rapid_reset_burst: must be between 1 and 1000000, got \"1000001\""},
+        {"limits:\n  h2_rapid_reset_rate: 0\n",
+         "kasd.yaml:2:24: limits.h2_rapid_reset_rate: must be between 1 and 1000000, got \"0\""},
+        {"limits:\n  h2_settings_burst: 1\n",
+         "kasd.yaml:2:22: limits.h2_settings_burst: must be between 2 and 1000000, got \"1\""},
+        {"limits:\n  h2_settings_rate: 0\n",
+         "kasd.yaml:2:21: limits.h2_settings_rate: must be between 1 and 1000000, got \"0\""},
+        {"limits:\n  h2_ping_strikes: 1000001\n",
+         "kasd.yaml:2:20: limits.h2_ping_strikes: must be between 0 and 1000000, got \"1000001\""},
+        {"limits:\n  h2_ping_strikes: -1\n",
+         "kasd.yaml:2:20: limits.h2_ping_strikes: expected a decimal integer, got \"-1\""},
+        {"limits:\n  h2_rapid_reset_rate: 33/s\n",
+         "kasd.yaml:2:24: limits.h2_rapid_reset_rate: expected a decimal integer, got \"33/s\""},
+    };
+    EXPECT_ERRORS(cases);
 }
