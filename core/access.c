@@ -26,18 +26,15 @@
  */
 #include "core/access.h"
 #include "core/tokens.h" /* kd_siphash24 */
+#include "core/secretfile.h"
 #include "core/yamlev.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/random.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #include "core/hash.h"
 
@@ -92,36 +89,6 @@ size_t kd_access_count(const struct kd_access *t)
     return t ? t->n : 0;
 }
 
-/* All ones when a < b, else 0; no branch. Both below 2^63 (lengths are). */
-static inline uint64_t ct_lt_mask(uint64_t a, uint64_t b)
-{
-    return (uint64_t)0 - ((a - b) >> 63);
-}
-
-/* Constant-time equality of a[0..alen) and b[0..blen) (as in tokens.c): runs over max(alen, blen)
- * bytes whatever they contain, with the length difference folded in, no data-dependent branch or
- * early exit. Bytes past the end of the shorter side count as 0 and are never read. */
-static bool ct_equal(const uint8_t *a, size_t alen, const uint8_t *b, size_t blen)
-{
-    static const uint8_t dummy = 0;
-    size_t n = alen > blen ? alen : blen;
-    uint64_t diff = (uint64_t)alen ^ (uint64_t)blen;
-
-    if (alen == 0)
-        a = &dummy;
-    if (blen == 0)
-        b = &dummy;
-    for (size_t i = 0; i < n; i++) {
-        uint64_t ma = ct_lt_mask(i, alen), mb = ct_lt_mask(i, blen);
-        uint8_t x = a[i & ma] & (uint8_t)ma, y = b[i & mb] & (uint8_t)mb;
-
-        diff |= (uint64_t)(x ^ y);
-        /* Keep the compiler from turning the accumulation into a loop with an early exit. */
-        __asm__ volatile("" : "+r"(diff));
-    }
-    return ((diff | ((uint64_t)0 - diff)) >> 63) == 0;
-}
-
 /* Is id in the sorted ids[0..n)? Not constant time: the caller already proved it holds the token. */
 static bool has_id(const int64_t *ids, size_t n, int64_t id)
 {
@@ -156,8 +123,7 @@ int kd_access_check(const struct kd_access *t, const char *token, size_t len, in
         if (s == 0)
             return -ENOENT;
         u = &t->users[s - 1];
-        if (u->hash != h ||
-            !ct_equal((const uint8_t *)t->bytes + u->tok_off, u->tok_len, (const uint8_t *)token, len))
+        if (u->hash != h || !kd_secretfile_equal(t->bytes + u->tok_off, u->tok_len, token, len))
             continue;
         if (!has_id(t->ids + u->ids_off, u->nids, agent_id))
             return -EPERM;
@@ -257,78 +223,12 @@ static int grow(void **arr, size_t *cap, size_t need, size_t size)
     return 0;
 }
 
-static int random_key(uint8_t key[16])
-{
-    size_t got = 0;
-
-    while (got < 16) {
-        ssize_t r = getrandom(key + got, 16 - got, 0);
-
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        got += (size_t)r;
-    }
-    return 0;
-}
-
 /* ---------------------------------------------------------------------------------------------- */
 /* Messages                                                                                       */
 
-/* Values at least this long are never echoed: they could be a token in the wrong place. */
-#define SHOW_MAX (KD_ACCESS_MIN_LEN - 1)
-#define QBUF     (4 * SHOW_MAX + 48)
-
-/* Append s[0..n) to dst (capacity cap, length *len) as one line of printable ASCII: '"' and '\\'
- * backslashed, bytes outside 0x20..0x7e as \xNN. Always NUL-terminates; never writes past cap. */
-static void append_escaped(char *dst, size_t cap, size_t *len, const char *s, size_t n)
-{
-    static const char hex[] = "0123456789abcdef";
-    size_t l = *len;
-
-    for (size_t i = 0; i < n; i++) {
-        unsigned char ch = (unsigned char)s[i];
-        char tmp[4];
-        size_t k = 0;
-
-        if (ch == '"' || ch == '\\') {
-            tmp[k++] = '\\';
-            tmp[k++] = (char)ch;
-        } else if (ch < 0x20 || ch > 0x7e) {
-            tmp[k++] = '\\';
-            tmp[k++] = 'x';
-            tmp[k++] = hex[ch >> 4];
-            tmp[k++] = hex[ch & 15];
-        } else {
-            tmp[k++] = (char)ch;
-        }
-        if (l + k >= cap)
-            break;
-        memcpy(dst + l, tmp, k);
-        l += k;
-    }
-    if (cap > 0)
-        dst[l < cap ? l : cap - 1] = '\0';
-    *len = l;
-}
-
-/* A value for a message: "x" (quoted, escaped) when shorter than any token can be, else only its
- * length. dst has room for QBUF bytes. */
-static void describe_value(char *dst, size_t cap, const char *s, size_t n)
-{
-    size_t len = 0;
-
-    if (n > SHOW_MAX) {
-        snprintf(dst, cap, "<%zu bytes, not shown>", n);
-        return;
-    }
-    dst[len++] = '"';
-    append_escaped(dst, cap - 1, &len, s, n);
-    dst[len++] = '"';
-    dst[len] = '\0';
-}
+/* Values are shown in messages only up to KD_SECRETFILE_SHOW_MAX bytes: anything longer could be
+ * a token in the wrong place. */
+_Static_assert(KD_SECRETFILE_SHOW_MAX < KD_ACCESS_MIN_LEN, "a value short enough to show is never a token");
 
 static void set_error(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 static void set_error(char *err, size_t errlen, const char *fmt, ...)
@@ -469,22 +369,22 @@ static int syntax_error(struct parse *p)
 static int next_event(struct parse *p)
 {
     struct kd_yaml_event *e = &p->ev;
-    char q[QBUF];
+    char q[KD_SECRETFILE_DESCRIBE_LEN];
 
     if (kd_yaml_next(p->y, e) < 0)
         return syntax_error(p);
     if (e->type == KD_YAML_ALIAS) {
-        describe_value(q, sizeof(q), e->anchor, strlen(e->anchor));
+        kd_secretfile_describe(q, sizeof(q), e->anchor, strlen(e->anchor));
         return fail(p, e->start_mark, "aliases are not supported (alias %s)", q);
     }
     if (e->type != KD_YAML_SCALAR && e->type != KD_YAML_SEQUENCE_START && e->type != KD_YAML_MAPPING_START)
         return 0;
     if (e->anchor) {
-        describe_value(q, sizeof(q), e->anchor, strlen(e->anchor));
+        kd_secretfile_describe(q, sizeof(q), e->anchor, strlen(e->anchor));
         return fail(p, e->start_mark, "anchors are not supported (anchor %s)", q);
     }
     if (e->tag) {
-        describe_value(q, sizeof(q), e->tag, strlen(e->tag));
+        kd_secretfile_describe(q, sizeof(q), e->tag, strlen(e->tag));
         return fail(p, e->start_mark, "tags are not supported (tag %s)", q);
     }
     return 0;
@@ -510,9 +410,9 @@ static int next_key(struct parse *p, size_t base, const char *const *names, int 
         if (strlen(names[f]) == k->length && memcmp(names[f], k->value, k->length) == 0)
             break;
     if (f == n) {
-        char q[QBUF];
+        char q[KD_SECRETFILE_DESCRIBE_LEN];
 
-        describe_value(q, sizeof(q), k->value, k->length);
+        kd_secretfile_describe(q, sizeof(q), k->value, k->length);
         return fail(p, k->start_mark, "unknown key %s (expected%s: %s)", q, n == 1 ? "" : " one of", list);
     }
     path_at(p, base, "%s%s", base ? "." : "", names[f]);
@@ -583,9 +483,9 @@ static int name_value(struct parse *p)
         return fail(p, e->start_mark, "must be 1 to %d bytes long, got %zu", KD_ACCESS_NAME_MAX, e->length);
     for (size_t i = 0; i < e->length; i++) {
         if ((unsigned char)e->value[i] < 0x20 || (unsigned char)e->value[i] == 0x7f) {
-            char got[QBUF];
+            char got[KD_SECRETFILE_DESCRIBE_LEN];
 
-            describe_value(got, sizeof(got), e->value, e->length);
+            kd_secretfile_describe(got, sizeof(got), e->value, e->length);
             return fail(p, e->start_mark, "must not contain control characters, got %s", got);
         }
     }
@@ -657,7 +557,7 @@ static int parse_agents(struct parse *p, size_t base)
 {
     struct kd_access *t = p->t;
     struct kd_yaml_mark start = p->ev.start_mark;
-    char got[QBUF];
+    char got[KD_SECRETFILE_DESCRIBE_LEN];
     int r;
 
     if (is_null(&p->ev))
@@ -677,7 +577,7 @@ static int parse_agents(struct parse *p, size_t base)
             break;
         if (e->type != KD_YAML_SCALAR)
             return fail(p, e->start_mark, "expected an integer, got %s", event_kind(e));
-        describe_value(got, sizeof(got), e->value, e->length);
+        kd_secretfile_describe(got, sizeof(got), e->value, e->length);
         r = parse_id(e->value, e->length, &id);
         if (r == -ERANGE)
             return fail(p, e->start_mark, "must be at most %lld, got %s", (long long)INT64_MAX, got);
@@ -945,7 +845,7 @@ int kd_access_load_string(const char *name, const char *buf, size_t len, struct 
         set_error(err, errlen, "%s: out of memory", name);
         return -ENOMEM;
     }
-    append_escaped(p->name, sizeof(p->name), &nl, name, strlen(name));
+    kd_secretfile_escape(p->name, sizeof(p->name), &nl, name, strlen(name));
     if (len > KD_ACCESS_MAX_FILESIZE) {
         set_error(err, errlen, "%s: access-token file larger than %u bytes", p->name, KD_ACCESS_MAX_FILESIZE);
         free(p);
@@ -958,7 +858,7 @@ int kd_access_load_string(const char *name, const char *buf, size_t len, struct 
         r = -ENOMEM;
         goto out;
     }
-    if ((r = random_key(t->key)) < 0) {
+    if ((r = kd_secretfile_random(t->key, sizeof(t->key))) < 0) {
         set_error(err, errlen, "%s: getrandom: %s", p->name, strerror(-r));
         goto out;
     }
@@ -987,71 +887,6 @@ out:
     return 0;
 }
 
-/* Whole file into a malloc'd buffer (at most KD_ACCESS_MAX_FILESIZE bytes). Sized from fstat, grown
- * by copy-and-wipe if the file grows meanwhile. 0 or -errno (-EFBIG when too large). */
-static int read_file(const char *path, char **out, size_t *outlen)
-{
-    size_t cap = 4096, len = 0;
-    char *buf = NULL;
-    struct stat st;
-    int fd, r = 0;
-
-    fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return -errno;
-    if (fstat(fd, &st) == 0 && st.st_size > 0) {
-        if ((uint64_t)st.st_size > KD_ACCESS_MAX_FILESIZE) {
-            close(fd);
-            return -EFBIG;
-        }
-        cap = (size_t)st.st_size + 1; /* +1: EOF is seen without a grow */
-    }
-    for (;;) {
-        ssize_t n;
-
-        if (!buf || len == cap) {
-            size_t nc = buf ? cap * 2 : cap;
-            char *nb = malloc(nc);
-
-            if (!nb) {
-                r = -ENOMEM;
-                break;
-            }
-            if (buf) {
-                memcpy(nb, buf, len);
-                explicit_bzero(buf, cap);
-                free(buf);
-            }
-            buf = nb;
-            cap = nc;
-        }
-        n = read(fd, buf + len, cap - len);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0) {
-            r = -errno;
-            break;
-        }
-        if (n == 0)
-            break;
-        len += (size_t)n;
-        if (len > KD_ACCESS_MAX_FILESIZE) {
-            r = -EFBIG;
-            break;
-        }
-    }
-    close(fd);
-    if (r < 0) {
-        if (buf)
-            explicit_bzero(buf, cap);
-        free(buf);
-        return r;
-    }
-    *out = buf;
-    *outlen = len;
-    return 0;
-}
-
 int kd_access_load_file(const char *path, struct kd_access **out, char *err, size_t errlen)
 {
     char name[512];
@@ -1059,9 +894,9 @@ int kd_access_load_file(const char *path, struct kd_access **out, char *err, siz
     char *buf = NULL;
     int r;
 
-    r = read_file(path, &buf, &len);
+    r = kd_secretfile_read(path, KD_ACCESS_MAX_FILESIZE, &buf, &len);
     if (r < 0) {
-        append_escaped(name, sizeof(name), &nl, path, strlen(path));
+        kd_secretfile_escape(name, sizeof(name), &nl, path, strlen(path));
         if (r == -EFBIG)
             set_error(err, errlen, "%s: access-token file larger than %u bytes", name,
                       KD_ACCESS_MAX_FILESIZE);

@@ -22,19 +22,16 @@
  * freed. Transient copies libyaml makes while it grows its own strings are beyond our reach.
  */
 #include "core/tokens.h"
+#include "core/secretfile.h"
 #include "core/yamlev.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/random.h>
-#include <sys/stat.h>
 #include <time.h>
-#include <unistd.h>
 
 #include "core/clock.h"
 #include "core/hash.h"
@@ -159,37 +156,6 @@ size_t kd_tokens_agents(const struct kd_tokens *t)
     return t ? t->nagents : 0;
 }
 
-/* All ones when a < b, else 0; no branch. Both below 2^63 (lengths are). */
-static inline uint64_t ct_lt_mask(uint64_t a, uint64_t b)
-{
-    return (uint64_t)0 - ((a - b) >> 63);
-}
-
-/* Constant-time equality of a[0..alen) and b[0..blen): runs over max(alen, blen) bytes whatever
- * they contain, with the length difference folded in, and no data-dependent branch or early exit.
- * Bytes past the end of the shorter side count as 0 (and are never read: the index is masked to 0,
- * and an empty side reads a dummy byte). */
-static bool ct_equal(const uint8_t *a, size_t alen, const uint8_t *b, size_t blen)
-{
-    static const uint8_t dummy = 0;
-    size_t n = alen > blen ? alen : blen;
-    uint64_t diff = (uint64_t)alen ^ (uint64_t)blen;
-
-    if (alen == 0)
-        a = &dummy;
-    if (blen == 0)
-        b = &dummy;
-    for (size_t i = 0; i < n; i++) {
-        uint64_t ma = ct_lt_mask(i, alen), mb = ct_lt_mask(i, blen);
-        uint8_t x = a[i & ma] & (uint8_t)ma, y = b[i & mb] & (uint8_t)mb;
-
-        diff |= (uint64_t)(x ^ y);
-        /* Keep the compiler from turning the accumulation into a loop with an early exit. */
-        __asm__ volatile("" : "+r"(diff));
-    }
-    return ((diff | ((uint64_t)0 - diff)) >> 63) == 0;
-}
-
 int kd_tokens_lookup(const struct kd_tokens *t, const char *token, size_t len, struct kd_agent_ident *out)
 {
     uint64_t h;
@@ -206,8 +172,7 @@ int kd_tokens_lookup(const struct kd_tokens *t, const char *token, size_t len, s
         if (s == 0)
             return -ENOENT;
         e = &t->entries[s - 1];
-        if (e->hash == h &&
-            ct_equal((const uint8_t *)t->bytes + e->off, e->len, (const uint8_t *)token, len)) {
+        if (e->hash == h && kd_secretfile_equal(t->bytes + e->off, e->len, token, len)) {
             const struct tok_agent *a = &t->agents[e->agent];
 
             out->agent_id = a->agent_id;
@@ -314,77 +279,12 @@ static int grow(void **arr, size_t *cap, size_t need, size_t size)
     return 0;
 }
 
-static int random_key(uint8_t key[16])
-{
-    size_t got = 0;
-
-    while (got < 16) {
-        ssize_t r = getrandom(key + got, 16 - got, 0);
-
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        got += (size_t)r;
-    }
-    return 0;
-}
-
 /* ---------------------------------------------------------------------------------------------- */
 /* Messages                                                                                       */
 
-/* Values at least this long are never echoed: they could be a token in the wrong place. */
-#define SHOW_MAX (KD_TOKENS_MIN_LEN - 1)
-
-/* Append s[0..n) to dst (capacity cap, length *len) as one line of printable ASCII: '"' and '\\'
- * backslashed, bytes outside 0x20..0x7e as \xNN. Always NUL-terminates; never writes past cap. */
-static void append_escaped(char *dst, size_t cap, size_t *len, const char *s, size_t n)
-{
-    static const char hex[] = "0123456789abcdef";
-    size_t l = *len;
-
-    for (size_t i = 0; i < n; i++) {
-        unsigned char ch = (unsigned char)s[i];
-        char tmp[4];
-        size_t k = 0;
-
-        if (ch == '"' || ch == '\\') {
-            tmp[k++] = '\\';
-            tmp[k++] = (char)ch;
-        } else if (ch < 0x20 || ch > 0x7e) {
-            tmp[k++] = '\\';
-            tmp[k++] = 'x';
-            tmp[k++] = hex[ch >> 4];
-            tmp[k++] = hex[ch & 15];
-        } else {
-            tmp[k++] = (char)ch;
-        }
-        if (l + k >= cap)
-            break;
-        memcpy(dst + l, tmp, k);
-        l += k;
-    }
-    if (cap > 0)
-        dst[l < cap ? l : cap - 1] = '\0';
-    *len = l;
-}
-
-/* A value for a message: "x" (quoted, escaped) when shorter than any token can be, else only its
- * length. dst has room for 4 * SHOW_MAX + 48 bytes. */
-static void describe_value(char *dst, size_t cap, const char *s, size_t n)
-{
-    size_t len = 0;
-
-    if (n > SHOW_MAX) {
-        snprintf(dst, cap, "<%zu bytes, not shown>", n);
-        return;
-    }
-    dst[len++] = '"';
-    append_escaped(dst, cap - 1, &len, s, n);
-    dst[len++] = '"';
-    dst[len] = '\0';
-}
+/* Values are shown in messages only up to KD_SECRETFILE_SHOW_MAX bytes: anything longer could be
+ * a token in the wrong place. */
+_Static_assert(KD_SECRETFILE_SHOW_MAX < KD_TOKENS_MIN_LEN, "a value short enough to show is never a token");
 
 struct field_state {
     struct kd_yaml_mark at; /* where the value started */
@@ -514,7 +414,7 @@ static int next_event(struct parse *p)
 {
     struct kd_yaml_event *e = &p->ev;
     const char *anchor = NULL, *tag = NULL;
-    char q[4 * SHOW_MAX + 48];
+    char q[KD_SECRETFILE_DESCRIBE_LEN];
 
     if (kd_yaml_next(p->y, e) < 0)
         return syntax_error(p);
@@ -522,7 +422,7 @@ static int next_event(struct parse *p)
     switch (e->type) {
     case KD_YAML_ALIAS:
         anchor = e->anchor;
-        describe_value(q, sizeof(q), (const char *)anchor, strlen((const char *)anchor));
+        kd_secretfile_describe(q, sizeof(q), (const char *)anchor, strlen((const char *)anchor));
         return fail(p, e->start_mark, "aliases are not supported (alias %s)", q);
     case KD_YAML_SCALAR:
         anchor = e->anchor;
@@ -540,11 +440,11 @@ static int next_event(struct parse *p)
         break;
     }
     if (anchor) {
-        describe_value(q, sizeof(q), (const char *)anchor, strlen((const char *)anchor));
+        kd_secretfile_describe(q, sizeof(q), (const char *)anchor, strlen((const char *)anchor));
         return fail(p, e->start_mark, "anchors are not supported (anchor %s)", q);
     }
     if (tag) {
-        describe_value(q, sizeof(q), (const char *)tag, strlen((const char *)tag));
+        kd_secretfile_describe(q, sizeof(q), (const char *)tag, strlen((const char *)tag));
         return fail(p, e->start_mark, "tags are not supported (tag %s)", q);
     }
     return 0;
@@ -592,7 +492,7 @@ static int entry_value(struct parse *p, int f)
 {
     const struct kd_yaml_event *e = &p->ev;
     struct kd_yaml_mark at = e->start_mark;
-    char got[4 * SHOW_MAX + 48];
+    char got[KD_SECRETFILE_DESCRIBE_LEN];
     const char *v;
     size_t n;
     int r;
@@ -619,7 +519,7 @@ static int entry_value(struct parse *p, int f)
     case F_PROJECT_ID: {
         int64_t id;
 
-        describe_value(got, sizeof(got), v, n);
+        kd_secretfile_describe(got, sizeof(got), v, n);
         r = parse_id(v, n, &id);
         if (r == -ERANGE)
             return fail(p, at, "must be at most %lld, got %s", (long long)INT64_MAX, got);
@@ -633,7 +533,7 @@ static int entry_value(struct parse *p, int f)
             return fail(p, at, "must be 1 to %d bytes long, got %zu", KD_TOKENS_NAME_MAX, n);
         for (size_t i = 0; i < n; i++) {
             if ((unsigned char)v[i] < 0x20 || (unsigned char)v[i] == 0x7f) {
-                describe_value(got, sizeof(got), v, n);
+                kd_secretfile_describe(got, sizeof(got), v, n);
                 return fail(p, at, "must not contain control characters, got %s", got);
             }
         }
@@ -797,9 +697,9 @@ static int parse_entry(struct parse *p, size_t idx)
             if (strlen(field_names[f]) == kl && memcmp(field_names[f], key, kl) == 0)
                 break;
         if (f == F_COUNT) {
-            char q[4 * SHOW_MAX + 48];
+            char q[KD_SECRETFILE_DESCRIBE_LEN];
 
-            describe_value(q, sizeof(q), key, kl);
+            kd_secretfile_describe(q, sizeof(q), key, kl);
             return fail(p, k->start_mark,
                         "unknown key %s (expected one of: token, agent_id, project_id, agent_name)", q);
         }
@@ -854,7 +754,7 @@ static int parse_top(struct parse *p)
 
     for (;;) {
         const struct kd_yaml_event *k = &p->ev;
-        char q[4 * SHOW_MAX + 48];
+        char q[KD_SECRETFILE_DESCRIBE_LEN];
 
         p->path[0] = '\0';
         if ((r = next_event(p)) < 0)
@@ -864,7 +764,7 @@ static int parse_top(struct parse *p)
         if (k->type != KD_YAML_SCALAR)
             return fail(p, k->start_mark, "keys must be scalars, got %s", event_kind(k));
         if (k->length != 6 || memcmp(k->value, "agents", 6) != 0) {
-            describe_value(q, sizeof(q), (const char *)k->value, k->length);
+            kd_secretfile_describe(q, sizeof(q), (const char *)k->value, k->length);
             return fail(p, k->start_mark, "unknown key %s (expected: agents)", q);
         }
         snprintf(p->path, sizeof(p->path), "agents");
@@ -929,7 +829,7 @@ int kd_tokens_load_string(const char *name, const char *buf, size_t len, struct 
         set_error(err, errlen, "%s: out of memory", name);
         return -ENOMEM;
     }
-    append_escaped(p->name, sizeof(p->name), &nl, name, strlen(name));
+    kd_secretfile_escape(p->name, sizeof(p->name), &nl, name, strlen(name));
     if (len > KD_TOKENS_MAX_FILESIZE) {
         set_error(err, errlen, "%s: token file larger than %u bytes", p->name, KD_TOKENS_MAX_FILESIZE);
         free(p);
@@ -942,7 +842,7 @@ int kd_tokens_load_string(const char *name, const char *buf, size_t len, struct 
         r = -ENOMEM;
         goto out;
     }
-    if ((r = random_key(t->key)) < 0) {
+    if ((r = kd_secretfile_random(t->key, sizeof(t->key))) < 0) {
         set_error(err, errlen, "%s: getrandom: %s", p->name, strerror(-r));
         goto out;
     }
@@ -972,71 +872,6 @@ out:
     return 0;
 }
 
-/* Whole file into a malloc'd buffer (at most KD_TOKENS_MAX_FILESIZE bytes). Sized from fstat, grown
- * by copy-and-wipe if the file grows meanwhile. 0 or -errno (-EFBIG when too large). */
-static int read_file(const char *path, char **out, size_t *outlen)
-{
-    size_t cap = 4096, len = 0;
-    char *buf = NULL;
-    struct stat st;
-    int fd, r = 0;
-
-    fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return -errno;
-    if (fstat(fd, &st) == 0 && st.st_size > 0) {
-        if ((uint64_t)st.st_size > KD_TOKENS_MAX_FILESIZE) {
-            close(fd);
-            return -EFBIG;
-        }
-        cap = (size_t)st.st_size + 1; /* +1: EOF is seen without a grow */
-    }
-    for (;;) {
-        ssize_t n;
-
-        if (!buf || len == cap) {
-            size_t nc = buf ? cap * 2 : cap;
-            char *nb = malloc(nc);
-
-            if (!nb) {
-                r = -ENOMEM;
-                break;
-            }
-            if (buf) {
-                memcpy(nb, buf, len);
-                explicit_bzero(buf, cap);
-                free(buf);
-            }
-            buf = nb;
-            cap = nc;
-        }
-        n = read(fd, buf + len, cap - len);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0) {
-            r = -errno;
-            break;
-        }
-        if (n == 0)
-            break;
-        len += (size_t)n;
-        if (len > KD_TOKENS_MAX_FILESIZE) {
-            r = -EFBIG;
-            break;
-        }
-    }
-    close(fd);
-    if (r < 0) {
-        if (buf)
-            explicit_bzero(buf, cap);
-        free(buf);
-        return r;
-    }
-    *out = buf;
-    *outlen = len;
-    return 0;
-}
-
 int kd_tokens_load_file(const char *path, struct kd_tokens **out, char *err, size_t errlen)
 {
     char name[512];
@@ -1044,9 +879,9 @@ int kd_tokens_load_file(const char *path, struct kd_tokens **out, char *err, siz
     char *buf = NULL;
     int r;
 
-    r = read_file(path, &buf, &len);
+    r = kd_secretfile_read(path, KD_TOKENS_MAX_FILESIZE, &buf, &len);
     if (r < 0) {
-        append_escaped(name, sizeof(name), &nl, path, strlen(path));
+        kd_secretfile_escape(name, sizeof(name), &nl, path, strlen(path));
         if (r == -EFBIG)
             set_error(err, errlen, "%s: token file larger than %u bytes", name, KD_TOKENS_MAX_FILESIZE);
         else
