@@ -21,6 +21,7 @@
 
 #define H2O_USE_LIBUV 0
 #include <h2o.h>
+#include <h2o/http1.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 
@@ -37,8 +38,18 @@ struct site {
     SSL_CTX *ssl; /* h2o's TLS is OpenSSL's, whatever kasd's own TLS backend is */
 };
 
+struct kd_httpd_upgraded {
+    struct kd_httpd *h;
+    h2o_socket_t *sock; /* NULL until the 101 went out, and after close */
+    kd_httpd_up_fn fn;
+    void *ud;
+    bool open, reading, want_read, writing, in_cb, close_pending, dead;
+    struct kd_httpd_upgraded *prev, *next;
+};
+
 struct kd_httpd {
     h2o_evloop_t *loop;
+    struct kd_httpd_upgraded *upgraded; /* connections taken over after a 101 */
     h2o_socket_t *waker;
     struct kd_httpd_opts o;
     struct site *sites[KD_HTTPD_MAX_SITES];
@@ -55,6 +66,7 @@ struct req_link {
 };
 
 struct kd_httpd_req {
+    struct kd_httpd *h;
     h2o_req_t *req; /* NULL once h2o freed the request */
     struct req_link *link;
     /* streaming (kd_httpd_start) */
@@ -91,6 +103,7 @@ static int on_req(h2o_handler_t *self, h2o_req_t *req)
     }
     struct req_link *l = h2o_mem_alloc_shared(&req->pool, sizeof(*l), link_dispose);
     l->r = r;
+    r->h = site->h;
     r->req = req;
     r->link = l;
     site->o.on_request(site->o.ud, r, req->method.base, req->method.len, req->path_normalized.base,
@@ -194,32 +207,58 @@ void kd_httpd_watch(struct kd_httpd_req *r, kd_httpd_event_fn fn, void *ud)
 static const char *reason_of(int status)
 {
     switch (status) {
-    case 200: return "OK";
-    case 201: return "Created";
-    case 202: return "Accepted";
-    case 204: return "No Content";
-    case 206: return "Partial Content";
-    case 301: return "Moved Permanently";
-    case 302: return "Found";
-    case 304: return "Not Modified";
-    case 400: return "Bad Request";
-    case 401: return "Unauthorized";
-    case 403: return "Forbidden";
-    case 404: return "Not Found";
-    case 405: return "Method Not Allowed";
-    case 406: return "Not Acceptable";
-    case 409: return "Conflict";
-    case 410: return "Gone";
-    case 413: return "Payload Too Large";
-    case 415: return "Unsupported Media Type";
-    case 422: return "Unprocessable Entity";
-    case 429: return "Too Many Requests";
-    case 500: return "Internal Server Error";
-    case 501: return "Not Implemented";
-    case 502: return "Bad Gateway";
-    case 503: return "Service Unavailable";
-    case 504: return "Gateway Timeout";
-    default: return "";
+    case 200:
+        return "OK";
+    case 201:
+        return "Created";
+    case 202:
+        return "Accepted";
+    case 204:
+        return "No Content";
+    case 206:
+        return "Partial Content";
+    case 301:
+        return "Moved Permanently";
+    case 302:
+        return "Found";
+    case 304:
+        return "Not Modified";
+    case 400:
+        return "Bad Request";
+    case 401:
+        return "Unauthorized";
+    case 403:
+        return "Forbidden";
+    case 404:
+        return "Not Found";
+    case 405:
+        return "Method Not Allowed";
+    case 406:
+        return "Not Acceptable";
+    case 409:
+        return "Conflict";
+    case 410:
+        return "Gone";
+    case 413:
+        return "Payload Too Large";
+    case 415:
+        return "Unsupported Media Type";
+    case 422:
+        return "Unprocessable Entity";
+    case 429:
+        return "Too Many Requests";
+    case 500:
+        return "Internal Server Error";
+    case 501:
+        return "Not Implemented";
+    case 502:
+        return "Bad Gateway";
+    case 503:
+        return "Service Unavailable";
+    case 504:
+        return "Gateway Timeout";
+    default:
+        return "";
     }
 }
 
@@ -282,6 +321,172 @@ void kd_httpd_abort(struct kd_httpd_req *r)
     }
     r->can_send = false;
     h2o_send(r->req, NULL, 0, H2O_SEND_STATE_ERROR);
+}
+
+/* ---- upgrades ---- */
+
+const char *kd_httpd_req_upgrade_value(const struct kd_httpd_req *r, size_t *len)
+{
+    if (r->req == NULL || r->req->upgrade.base == NULL || r->req->version >= 0x200)
+        return NULL;
+    *len = r->req->upgrade.len;
+    return r->req->upgrade.base;
+}
+
+static void up_unlink_free(struct kd_httpd_upgraded *u)
+{
+    if (u->prev)
+        u->prev->next = u->next;
+    else
+        u->h->upgraded = u->next;
+    if (u->next)
+        u->next->prev = u->prev;
+    free(u);
+}
+
+static void up_do_close(struct kd_httpd_upgraded *u)
+{
+    if (u->sock != NULL) {
+        u->sock->data = NULL;
+        h2o_socket_close(u->sock);
+        u->sock = NULL;
+    }
+    up_unlink_free(u);
+}
+
+/* Deliver an event; a close asked for inside it happens after it. DATA points into the socket's
+ * input buffer, consumed after the callback (consuming it all frees the buffer). Returns false if
+ * u is gone. */
+static bool up_event(struct kd_httpd_upgraded *u, int ev, const uint8_t *data, size_t len)
+{
+    u->in_cb = true;
+    u->fn(u->ud, ev, data, len);
+    u->in_cb = false;
+    if (ev == KD_HTTPD_UP_DATA && u->sock != NULL)
+        h2o_buffer_consume(&u->sock->input, len);
+    if (u->close_pending) {
+        up_do_close(u);
+        return false;
+    }
+    return true;
+}
+
+static void up_on_read(h2o_socket_t *sock, const char *err)
+{
+    struct kd_httpd_upgraded *u = sock->data;
+    if (u == NULL)
+        return;
+    if (sock->input->size > 0 &&
+        !up_event(u, KD_HTTPD_UP_DATA, (const uint8_t *)sock->input->bytes, sock->input->size))
+        return;
+    if (err != NULL && !u->dead) {
+        u->dead = true;
+        h2o_socket_read_stop(sock);
+        u->reading = false;
+        up_event(u, err == h2o_socket_error_closed ? KD_HTTPD_UP_EOF : KD_HTTPD_UP_ERROR, NULL, 0);
+    }
+}
+
+static void up_set_read(struct kd_httpd_upgraded *u)
+{
+    bool on = u->want_read && u->open && !u->dead && u->sock != NULL;
+    if (on && !u->reading)
+        h2o_socket_read_start(u->sock, up_on_read);
+    else if (!on && u->reading)
+        h2o_socket_read_stop(u->sock);
+    u->reading = on;
+}
+
+static void up_on_written(h2o_socket_t *sock, const char *err)
+{
+    struct kd_httpd_upgraded *u = sock->data;
+    if (u == NULL)
+        return;
+    u->writing = false;
+    if (err != NULL) {
+        if (!u->dead) {
+            u->dead = true;
+            up_set_read(u);
+            up_event(u, KD_HTTPD_UP_ERROR, NULL, 0);
+        }
+        return;
+    }
+    up_event(u, KD_HTTPD_UP_WRITTEN, NULL, 0);
+}
+
+static void up_on_switched(void *ud, h2o_socket_t *sock, size_t reqsize)
+{
+    struct kd_httpd_upgraded *u = ud;
+    if (sock == NULL) { /* the 101 could not be written */
+        u->dead = true;
+        up_event(u, KD_HTTPD_UP_ERROR, NULL, 0);
+        return;
+    }
+    u->sock = sock;
+    sock->data = u;
+    h2o_buffer_consume(&sock->input, reqsize); /* the request head; what follows is the client's */
+    u->open = true;
+    u->want_read = true;
+    if (!up_event(u, KD_HTTPD_UP_OPEN, NULL, 0))
+        return;
+    if (sock->input->size > 0 &&
+        !up_event(u, KD_HTTPD_UP_DATA, (const uint8_t *)sock->input->bytes, sock->input->size))
+        return;
+    up_set_read(u);
+}
+
+struct kd_httpd_upgraded *kd_httpd_upgrade(struct kd_httpd_req *r, const struct kd_httpd_header *hs, size_t n,
+                                           kd_httpd_up_fn fn, void *ud)
+{
+    h2o_req_t *req = r->req;
+    struct kd_httpd_upgraded *u = NULL;
+    if (req != NULL && !r->started && req->version < 0x200 && (u = calloc(1, sizeof(*u))) != NULL) {
+        u->h = r->h;
+        u->fn = fn;
+        u->ud = ud;
+        u->next = u->h->upgraded;
+        if (u->next)
+            u->next->prev = u;
+        u->h->upgraded = u;
+        req->res.status = 101;
+        req->res.reason = "Switching Protocols";
+        add_headers(req, hs, n);
+        r->finished = true; /* h2o frees the request once the 101 is out: that is no GONE */
+        h2o_http1_upgrade(req, NULL, 0, up_on_switched, u);
+    }
+    if (r->link != NULL)
+        r->link->r = NULL;
+    free(r);
+    return u;
+}
+
+void kd_httpd_up_read(struct kd_httpd_upgraded *u, bool on)
+{
+    u->want_read = on;
+    up_set_read(u); /* h2o allows read_start/stop from inside its callbacks */
+}
+
+void kd_httpd_up_write(struct kd_httpd_upgraded *u, const void *data, size_t len)
+{
+    if (u->sock == NULL || u->writing || u->dead)
+        return;
+    h2o_iovec_t buf = h2o_iovec_init(data, len);
+    u->writing = true;
+    h2o_socket_write(u->sock, &buf, 1, up_on_written);
+}
+
+bool kd_httpd_up_writing(const struct kd_httpd_upgraded *u)
+{
+    return u->writing;
+}
+
+void kd_httpd_up_close(struct kd_httpd_upgraded *u)
+{
+    if (u->in_cb) {
+        u->close_pending = true;
+        return;
+    }
+    up_do_close(u);
 }
 
 void kd_httpd_release(struct kd_httpd_req *r)
@@ -388,7 +593,7 @@ static SSL_CTX *site_tls(const struct kd_httpd_site_opts *o, char *err, size_t e
         goto fail;
     h2o_ssl_register_alpn_protocols(ctx, h2o_http2_alpn_protocols);
     return ctx;
-fail: {
+fail : {
     char why[256] = "";
     unsigned long e = ERR_get_error();
     if (e != 0)
@@ -443,7 +648,8 @@ int kd_httpd_add_site(struct kd_httpd *h, const struct kd_httpd_site_opts *o, ch
         site->config.max_request_entity_size = o->max_body;
     if (o->idle_timeout_ms > 0)
         site->config.http2.idle_timeout = o->idle_timeout_ms;
-    h2o_hostconf_t *host = h2o_config_register_host(&site->config, h2o_iovec_init(H2O_STRLIT("default")), 65535);
+    h2o_hostconf_t *host =
+        h2o_config_register_host(&site->config, h2o_iovec_init(H2O_STRLIT("default")), 65535);
     h2o_pathconf_t *path = h2o_config_register_path(host, "/", 0);
     struct handler *hd = (struct handler *)h2o_create_handler(path, sizeof(*hd));
     hd->super.on_req = on_req;
@@ -543,6 +749,8 @@ bool kd_httpd_destroy(struct kd_httpd *h)
 {
     if (h == NULL)
         return true;
+    while (h->upgraded != NULL) /* their owners were told to stop; the connections close here */
+        up_do_close(h->upgraded);
     kd_httpd_close_listener(h);
     if (h->waker != NULL) {
         h2o_socket_read_stop(h->waker);

@@ -115,6 +115,30 @@ void kd_httpd_send(struct kd_httpd_req *req, const void *data, size_t len, bool 
 void kd_httpd_abort(struct kd_httpd_req *req);
 void kd_httpd_release(struct kd_httpd_req *req);
 
+/* ---- protocol upgrades (HTTP/1.1 only: SPDY or WebSocket for kubectl exec/attach/port-forward) ----
+ *
+ *   kd_httpd_req_upgrade_value(req)          the client asked for an upgrade
+ *   u = kd_httpd_upgrade(req, headers, fn)   101 (with "connection: upgrade") is written; req is done
+ *   fn(OPEN) then DATA... from the client; kd_httpd_up_write(u, bytes) borrowed until WRITTEN
+ *   fn(EOF) the client closed its side; fn(ERROR) the connection broke (or the 101 could not go out)
+ *   kd_httpd_up_close(u)                     the caller is done: the connection closes, no more events
+ * Events are never delivered from inside kd_httpd_upgrade/up_write/up_read/up_close. */
+enum { KD_HTTPD_UP_OPEN = 1, KD_HTTPD_UP_DATA, KD_HTTPD_UP_EOF, KD_HTTPD_UP_ERROR, KD_HTTPD_UP_WRITTEN };
+struct kd_httpd_upgraded;
+typedef void (*kd_httpd_up_fn)(void *ud, int ev, const uint8_t *data, size_t len);
+/* The Upgrade value of an HTTP/1.1 request (NULL when none, or HTTP/2). */
+const char *kd_httpd_req_upgrade_value(const struct kd_httpd_req *req, size_t *len);
+/* Answer 101 with headers hs (which should hold "upgrade") and take the connection over. The
+ * request handle is released here. NULL when out of memory or the request is gone. */
+struct kd_httpd_upgraded *kd_httpd_upgrade(struct kd_httpd_req *req, const struct kd_httpd_header *hs,
+                                           size_t n, kd_httpd_up_fn fn, void *ud);
+/* Reading from the client on or off (flow control: DATA stops until turned on again). */
+void kd_httpd_up_read(struct kd_httpd_upgraded *u, bool on);
+/* Write bytes to the client; one write at a time (the next after WRITTEN). */
+void kd_httpd_up_write(struct kd_httpd_upgraded *u, const void *data, size_t len);
+bool kd_httpd_up_writing(const struct kd_httpd_upgraded *u);
+void kd_httpd_up_close(struct kd_httpd_upgraded *u);
+
 /* Stop accepting: every listening socket is closed; open connections finish their current requests. */
 void kd_httpd_close_listener(struct kd_httpd *h);
 

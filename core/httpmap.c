@@ -253,6 +253,12 @@ static void put_headers(struct buf *b, const struct kd_hm_request *rq)
         put_map_entry(b, 2, canon, hs[i].name_len, vals, vlens, nv);
     }
     free(canon);
+    if (rq->upgrade != NULL) {
+        const char *v = rq->upgrade, *c = "upgrade";
+        size_t vl = rq->upgrade_len, cl = 7;
+        put_map_entry(b, 2, "Upgrade", 7, &v, &vl, 1);
+        put_map_entry(b, 2, "Connection", 10, &c, &cl, 1);
+    }
     if (!via_done && rq->via != NULL) {
         const char *v = rq->via;
         size_t vl = strlen(v);
@@ -361,15 +367,36 @@ int kd_hm_encode_request_header(const struct kd_hm_request *rq, size_t max, uint
     return 0;
 }
 
+/* HttpRequest{<member>{data = 1}} */
+static size_t bytes_member_size(uint32_t member, size_t n)
+{
+    return kd_pb_len_field_size(member, kd_pb_len_field_size(1, n));
+}
+
+static uint8_t *put_bytes_member(uint8_t *p, uint32_t member, const void *data, size_t n)
+{
+    p = kd_pb_put_len_header(p, member, kd_pb_len_field_size(1, n));
+    return kd_pb_put_len_field(p, 1, data, n);
+}
+
 size_t kd_hm_data_size(size_t n)
 {
-    return kd_pb_len_field_size(2, kd_pb_len_field_size(1, n));
+    return bytes_member_size(KD_HM_DATA, n);
 }
 
 uint8_t *kd_hm_put_data(uint8_t *p, const void *data, size_t n)
 {
-    p = kd_pb_put_len_header(p, 2, kd_pb_len_field_size(1, n));
-    return kd_pb_put_len_field(p, 1, data, n);
+    return put_bytes_member(p, KD_HM_DATA, data, n);
+}
+
+size_t kd_hm_upgrade_size(size_t n)
+{
+    return bytes_member_size(KD_HM_UPGRADE, n);
+}
+
+uint8_t *kd_hm_put_upgrade(uint8_t *p, const void *data, size_t n)
+{
+    return put_bytes_member(p, KD_HM_UPGRADE, data, n);
 }
 
 const uint8_t kd_hm_trailer[2] = {3u << 3 | KD_PB_LEN, 0};
@@ -579,6 +606,34 @@ int kd_hm_response_headers(const struct kd_hm_response *r, int64_t *content_leng
     *content_length = scan.content_length >= 0 ? scan.content_length : -1;
     struct emit e = {&scan, fn, ud};
     return each_entry(r, emit_entry, &e);
+}
+
+struct find {
+    const char *name;
+    const char *value;
+    size_t len;
+    bool found;
+};
+
+static int find_entry(void *ud, const uint8_t *k, size_t kl, const uint8_t *v, size_t vl)
+{
+    struct find *f = ud;
+    if (!name_is((const char *)k, kl, f->name) || !value_ok(v, vl))
+        return 0;
+    f->value = (const char *)v;
+    f->len = vl;
+    f->found = true;
+    return 1; /* the first one */
+}
+
+bool kd_hm_response_header(const struct kd_hm_response *r, const char *name, const char **value, size_t *len)
+{
+    struct find f = {.name = name};
+    if (each_entry(r, find_entry, &f) < 0 || !f.found)
+        return false;
+    *value = f.value;
+    *len = f.len;
+    return true;
 }
 
 /* ---- Status ---- */

@@ -47,6 +47,11 @@ struct kd_hm_request {
     const struct kd_hm_header *headers; /* as received (any case) */
     size_t nheaders;
     const char *via; /* appended as a Via value, e.g. "gRPC/1.0 kasd/0.1" */
+    /* A protocol upgrade the client asked for (its Upgrade value, e.g. "SPDY/3.1"), or NULL. As
+     * kas does, "Upgrade: <it>" and "Connection: upgrade" are then put back after the hop-by-hop
+     * headers were removed. */
+    const char *upgrade;
+    size_t upgrade_len;
     const struct kd_hm_imp *imp;
     int64_t content_length; /* -1: unknown */
 };
@@ -57,6 +62,9 @@ int kd_hm_encode_request_header(const struct kd_hm_request *rq, size_t max, uint
 /* HttpRequest{data{data}}: bytes needed, and the writer (returns the end). */
 size_t kd_hm_data_size(size_t n);
 uint8_t *kd_hm_put_data(uint8_t *p, const void *data, size_t n);
+/* HttpRequest{upgradeData{data}}: bytes of an upgraded connection (after a 101). */
+size_t kd_hm_upgrade_size(size_t n);
+uint8_t *kd_hm_put_upgrade(uint8_t *p, const void *data, size_t n);
 /* HttpRequest{trailer{}} */
 extern const uint8_t kd_hm_trailer[2];
 
@@ -87,6 +95,10 @@ int kd_hm_parse_response(const uint8_t *msg, size_t len, struct kd_hm_response *
 int kd_hm_response_headers(const struct kd_hm_response *r, int64_t *content_length,
                            int (*fn)(void *ud, const char *name, size_t nlen, const char *value, size_t vlen),
                            void *ud);
+
+/* The first value of response header `name` (any case) in *value, or false. Also headers the
+ * filter above drops (Upgrade of a 101). */
+bool kd_hm_response_header(const struct kd_hm_response *r, const char *name, const char **value, size_t *len);
 
 /* A Kubernetes Status object (JSON) for an error kasd answers itself, with the reason the API
  * server uses for code. Writes at most cap bytes (truncating the message); returns the length. */

@@ -502,6 +502,9 @@ static void render_metrics(struct kd_control *c, struct buf *b)
         for (size_t i = 0; i < 6; i++)
             bprintf(b, "kasd_kubernetes_api_requests_total{outcome=\"%s\"} %llu\n", names[i],
                     (unsigned long long)vals[i]);
+        family(b, "kasd_kubernetes_api_upgrades_total", "counter",
+               "Front door requests switched to another protocol (101: kubectl exec, attach, port-forward).");
+        bprintf(b, "kasd_kubernetes_api_upgrades_total %llu\n", (unsigned long long)ks.upgraded);
         family(b, "kasd_kubernetes_api_requests_active", "gauge",
                "Front door requests open now (waiting for a tunnel, or streaming).");
         bprintf(b, "kasd_kubernetes_api_requests_active %llu\n", (unsigned long long)ks.active);

@@ -65,6 +65,12 @@ struct kreq {
     bool body_done;
     uint64_t req_unacked;
     struct chunk *head, *tail, *inflight;
+    /* A protocol upgrade (kubectl exec/attach/port-forward): asked for by the client; taken over
+     * after the agent's 101 (up), bytes both ways as upgradeData. */
+    const char *upgrade;
+    size_t upgrade_len;
+    struct kd_httpd_upgraded *up;
+    bool up_open, up_eof_sent, read_held;
     /* CORS headers to add to the answer */
     char origin[256];
     bool cors;
@@ -143,6 +149,8 @@ static void kreq_free(struct kreq *q)
         free(q->inflight);
     }
     free(q->hdr);
+    if (q->up != NULL)
+        kd_httpd_up_close(q->up);
     if (q->prev)
         q->prev->next = q->next;
     else
@@ -155,7 +163,7 @@ static void kreq_free(struct kreq *q)
 
 static void maybe_free(struct kreq *q)
 {
-    if (q->got_end && q->req == NULL)
+    if (q->got_end && q->req == NULL && q->up == NULL)
         kreq_free(q);
 }
 
@@ -211,7 +219,8 @@ static void push_body(struct kreq *q)
     }
     if (q->body_off == len) {
         send_blob(q, kd_hm_trailer, sizeof(kd_hm_trailer));
-        send_msg(q, KD_RT_HALF_CLOSE, NULL, q->back, 0);
+        if (q->upgrade == NULL) /* an upgrade's request stream goes on with upgradeData */
+            send_msg(q, KD_RT_HALF_CLOSE, NULL, q->back, 0);
         q->body_done = true;
     }
 }
@@ -315,8 +324,7 @@ static bool start_answer(struct kreq *q, const struct kd_hm_response *r)
 {
     struct hdrs hs = {.n = 0};
     int64_t cl = -1;
-    if (kd_hm_response_headers(r, &cl, add_hdr, &hs) < 0 || r->status_code < 100 || r->status_code > 999 ||
-        (r->status_code < 200 && r->status_code != 101))
+    if (kd_hm_response_headers(r, &cl, add_hdr, &hs) < 0 || r->status_code < 200 || r->status_code > 999)
         return false;
     hs.h[hs.n++] = (struct kd_httpd_header){"via", 3, q->k->cfg.via, strlen(q->k->cfg.via)};
     hs.n += cors_headers(q, hs.h + hs.n);
@@ -326,8 +334,80 @@ static bool start_answer(struct kreq *q, const struct kd_hm_response *r)
     return true;
 }
 
+static void on_up(void *ud, int ev, const uint8_t *data, size_t len);
+
+/* The agent's API server switched protocols (kubectl exec/attach/port-forward): 101 to the client,
+ * then the connection's bytes go both ways as upgradeData. */
+static bool switch_protocols(struct kreq *q, const struct kd_hm_response *r)
+{
+    struct hdrs hs = {.n = 0};
+    int64_t cl = -1;
+    const char *up;
+    size_t ul;
+    if (kd_hm_response_headers(r, &cl, add_hdr, &hs) < 0 || !kd_hm_response_header(r, "upgrade", &up, &ul))
+        return false;
+    hs.h[hs.n++] = (struct kd_httpd_header){"upgrade", 7, up, ul};
+    hs.h[hs.n++] = (struct kd_httpd_header){"via", 3, q->k->cfg.via, strlen(q->k->cfg.via)};
+    hs.n += cors_headers(q, hs.h + hs.n);
+    q->up = kd_httpd_upgrade(q->req, hs.h, hs.n, on_up, q); /* the request handle is released */
+    q->req = NULL;
+    q->started = true;
+    if (q->up == NULL)
+        return false;
+    q->k->stats.proxied++;
+    q->k->stats.upgraded++;
+    return true;
+}
+
+/* The upgraded connection failed, or the agent broke the protocol after the 101. */
+static void up_broke(struct kreq *q)
+{
+    if (q->up != NULL) {
+        kd_httpd_up_close(q->up);
+        q->up = NULL;
+    }
+    q->finished = true;
+    complete_inflight(q);
+    if (!q->got_end)
+        send_msg(q, KD_RT_CANCEL, NULL, q->back, 0);
+}
+
+/* After the 101: the agent's upgradeData to the client, one write at a time. */
+static void pump_upgraded(struct kreq *q)
+{
+    while (q->inflight == NULL && q->head != NULL && q->up != NULL && q->up_open) {
+        struct chunk *c = q->head;
+        q->head = c->next;
+        if (q->head == NULL)
+            q->tail = NULL;
+        struct kd_hm_response r;
+        bool ok = kd_hm_parse_response(c->blob->data, c->blob->len, &r) == 0 &&
+                  (r.kind == KD_HM_UPGRADE || r.kind == KD_HM_TRAILER);
+        if (ok && r.kind == KD_HM_UPGRADE && r.data_len > 0) {
+            q->inflight = c; /* released and acknowledged when written */
+            kd_httpd_up_write(q->up, r.data, r.data_len);
+            continue;
+        }
+        chunk_done(q, c);
+        if (!ok) {
+            q->k->stats.failed++;
+            up_broke(q);
+            return;
+        }
+    }
+    if (q->got_end && q->head == NULL && q->inflight == NULL && q->up != NULL) {
+        kd_httpd_up_close(q->up); /* the agent's side is over: so is the connection */
+        q->up = NULL;
+        q->finished = true;
+    }
+}
+
 static void pump(struct kreq *q)
 {
+    if (q->up != NULL) {
+        pump_upgraded(q);
+        return;
+    }
     while (q->inflight == NULL && q->head != NULL && !q->finished && q->req != NULL) {
         struct chunk *c = q->head;
         q->head = c->next;
@@ -350,9 +430,18 @@ static void pump(struct kreq *q)
                 complete_inflight(q); /* written at once */
             continue;
         }
+        if (r.kind == KD_HM_HEADER && !q->started && r.status_code == 101 && q->upgrade != NULL) {
+            bool ok = switch_protocols(q, &r);
+            chunk_done(q, c);
+            if (!ok)
+                up_broke(q);
+            else
+                pump_upgraded(q);
+            return;
+        }
         bool ok = (r.kind == KD_HM_HEADER && !q->started && start_answer(q, &r)) ||
                   (r.kind == KD_HM_DATA && q->started) || (r.kind == KD_HM_TRAILER && q->started);
-        chunk_done(q, c); /* upgrade data is not supported here: out of order like the rest */
+        chunk_done(q, c); /* upgrade data without a 101: out of order like the rest */
         if (!ok) {
             agent_broke(q);
             break;
@@ -376,6 +465,51 @@ static void on_event(void *ud, int ev)
         /* GONE: the client left (or its connection broke) before the answer was complete; h2o freed
          * its request, the handle is still ours to release. */
         client_gone(q);
+    }
+    maybe_free(q);
+}
+
+/* The upgraded connection's events. */
+static void on_up(void *ud, int ev, const uint8_t *data, size_t len)
+{
+    struct kreq *q = ud;
+    switch (ev) {
+    case KD_HTTPD_UP_OPEN:
+        q->up_open = true;
+        pump(q);
+        break;
+    case KD_HTTPD_UP_DATA:
+        while (len > 0 && !q->got_end) {
+            size_t n = len < BODY_CHUNK ? len : BODY_CHUNK;
+            size_t sz = kd_hm_upgrade_size(n);
+            struct kd_rt_blob *d = payload(q->k, sizeof(*d) + sz);
+            d->len = (uint32_t)sz;
+            kd_hm_put_upgrade(d->data, data, n);
+            send_msg(q, KD_RT_DATA, d, q->back, 0);
+            q->req_unacked += sz;
+            data += n;
+            len -= n;
+        }
+        if (q->req_unacked > KD_RT_WINDOW && !q->read_held && q->up != NULL) {
+            q->read_held = true; /* the agent is slower than the client */
+            kd_httpd_up_read(q->up, false);
+        }
+        break;
+    case KD_HTTPD_UP_EOF:
+        if (!q->got_end && !q->up_eof_sent) {
+            q->up_eof_sent = true;
+            send_msg(q, KD_RT_HALF_CLOSE, NULL, q->back, 0);
+        }
+        break;
+    case KD_HTTPD_UP_ERROR:
+        up_broke(q);
+        break;
+    case KD_HTTPD_UP_WRITTEN:
+        complete_inflight(q);
+        pump(q);
+        break;
+    default:
+        break;
     }
     maybe_free(q);
 }
@@ -407,7 +541,7 @@ bool kd_kubeapi_on_message(struct kd_kubeapi *k, const struct kd_msg *m)
         break;
     case KD_RT_RDATA: {
         struct kd_rt_blob *b = m->ptr;
-        if (q->finished || q->got_end) {
+        if ((q->finished && q->up == NULL) || q->got_end) {
             uint32_t len = b->len;
             release(k, b);
             ack(q, len);
@@ -442,6 +576,10 @@ bool kd_kubeapi_on_message(struct kd_kubeapi *k, const struct kd_msg *m)
     case KD_RT_ACK_REQ:
         q->req_unacked -= m->u64 < q->req_unacked ? m->u64 : q->req_unacked;
         push_body(q);
+        if (q->read_held && q->req_unacked < KD_RT_WINDOW / 2 && q->up != NULL) {
+            q->read_held = false;
+            kd_httpd_up_read(q->up, true);
+        }
         break;
     default:
         break;
@@ -617,12 +755,11 @@ void kd_kubeapi_on_request(void *ud, struct kd_httpd_req *req, const char *metho
         kreq_free(q);
         return;
     }
-    if (kd_httpd_req_upgrade(req) || header_get(req, "upgrade", &h, NULL)) {
+    q->upgrade = kd_httpd_req_upgrade_value(req, &q->upgrade_len);
+    if (q->upgrade == NULL && header_get(req, "upgrade", &h, NULL)) {
         free(url_path);
         k->stats.bad_requests++;
-        status_answer(
-            q, 501,
-            "protocol upgrades (kubectl exec, attach, port-forward) are not supported by this kasd yet");
+        status_answer(q, 400, "Bad request: a protocol upgrade needs HTTP/1.1");
         kreq_free(q);
         return;
     }
@@ -645,6 +782,8 @@ void kd_kubeapi_on_request(void *ud, struct kd_httpd_req *req, const char *metho
         .headers = hs,
         .nheaders = nh,
         .via = k->cfg.via,
+        .upgrade = q->upgrade,
+        .upgrade_len = q->upgrade_len,
         .imp = &imp,
         .content_length = (int64_t)blen,
     };

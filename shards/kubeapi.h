@@ -42,7 +42,7 @@ struct kd_kubeapi_cfg {
 };
 
 struct kd_kubeapi_stats {
-    uint64_t requests, proxied, unauthorized, forbidden, bad_requests, no_tunnel, failed, active;
+    uint64_t requests, proxied, upgraded, unauthorized, forbidden, bad_requests, no_tunnel, failed, active;
 };
 
 struct kd_kubeapi;

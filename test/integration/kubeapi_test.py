@@ -74,7 +74,14 @@ class Recorder:
         self.lock = threading.Lock()
 
     def __call__(self, call):
-        msgs = list(call)  # up to close_send
+        # up to the trailer, as agentk reads: an upgrade's request stream stays open after it
+        msgs = []
+        for raw in call:
+            msgs.append(raw)
+            m = kaspb.grpctool.HttpRequest()
+            m.ParseFromString(raw)
+            if m.WhichOneof("message") == "trailer":
+                break
         header, body, trailer = parse_request(msgs)
         with self.lock:
             self.requests.append((header, body, trailer, call.meta))
@@ -322,11 +329,16 @@ limits:
         self.assertIn("not connected", self.status_of(r, body)["message"])
         self.assertLess(time.monotonic() - t0, 5)
 
-    def test_upgrade_refused_clearly(self):
+    def test_upgrade_without_101_is_a_plain_answer(self):
+        """An upgrade the API server does not accept (here 404) is answered like any request; the
+        agent saw the Upgrade and Connection: upgrade that kas puts back."""
         h = dict(self.auth(), Connection="Upgrade", Upgrade="SPDY/3.1")
         r, body = self.request("POST", "/k8s-proxy/api/v1/namespaces/d/pods/p/exec", h)
-        self.assertEqual(r.status, 501)
-        self.assertIn("not supported", self.status_of(r, body)["message"])
+        self.assertEqual(r.status, 404)
+        self.assertEqual(body, b"no such path\n")
+        rq = self.last()[0].request
+        self.assertEqual(list(rq.header["Upgrade"].value), ["SPDY/3.1"])
+        self.assertEqual(list(rq.header["Connection"].value), ["upgrade"])
 
     def test_streaming_and_client_cancel(self):
         self.rec.release.clear()
@@ -342,7 +354,7 @@ limits:
         c.sock.shutdown(socket.SHUT_RDWR)
         c.close()
         self.assertTrue(self.rec.cancelled.wait(10), "the agent's call was not cancelled")
-        wait_until(lambda: metric(self.kasd, "kasd_kubernetes_api_requests_active") == 0, 10)
+        self.assertTrue(wait_until(lambda: metric(self.kasd, "kasd_kubernetes_api_requests_active") == 0, 10))
 
     def test_agent_error_after_headers_cuts_the_body(self):
         c = http.client.HTTPConnection(self.host, self.port, timeout=10)

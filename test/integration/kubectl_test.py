@@ -11,9 +11,12 @@ the other."""
 import base64
 import json
 import os
+import socket
+import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import unittest
 
@@ -178,12 +181,61 @@ users:
         self.assertNotEqual(p.returncode, 0)
         self.assertIn("Unauthorized", p.stderr)
 
+    def upgrade(self, inst):
+        """An exec-style upgrade (SPDY/3.1) over TLS: the 101, then bytes both ways; fake_k8s echoes
+        every byte after its 101 (kubectl's own SPDY framing is not modelled: the bytes are opaque
+        to kasd and the agent)."""
+        host, port = getattr(self, inst).listeners["kubernetes_api"]
+        ctx = ssl.create_default_context(cafile=os.path.join(CERTS, "ca.pem"))
+        ctx.set_alpn_protocols(["http/1.1"])  # as client-go's SPDY dialer does
+        s = ctx.wrap_socket(socket.create_connection((host, port), timeout=20), server_hostname="localhost")
+        s.sendall((f"POST /k8s-proxy/api/v1/namespaces/default/pods/pod-a/exec?command=sh&stdin=true HTTP/1.1\r\n"
+                   f"Host: {host}\r\nAuthorization: Bearer pat:{AGENT}:{USER_TOKEN}\r\n"
+                   f"Connection: Upgrade\r\nUpgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: v4.channel.k8s.io\r\n"
+                   f"Content-Length: 0\r\n\r\n").encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = s.recv(4096)
+            self.assertTrue(chunk, head)
+            head += chunk
+        head, rest = head.split(b"\r\n\r\n", 1)
+        lines = head.decode().split("\r\n")
+        self.assertTrue(lines[0].startswith("HTTP/1.1 101"), lines)
+        hdrs = {l.split(":", 1)[0].lower(): l.split(":", 1)[1].strip() for l in lines[1:]}
+        self.assertEqual(hdrs.get("upgrade"), "SPDY/3.1")
+        self.assertEqual(hdrs.get("connection", "").lower(), "upgrade")
+        payload = os.urandom(3 * 1024 * 1024 + 5)  # beyond the 1 MiB windows, both ways
+        got = bytearray(rest)
+        sender = threading.Thread(target=s.sendall, args=(payload,))
+        sender.start()
+        while len(got) < len(payload):
+            chunk = s.recv(65536)
+            self.assertTrue(chunk, f"closed after {len(got)} bytes")
+            got += chunk
+        sender.join(20)
+        self.assertEqual(bytes(got), payload)
+        s.close()
+        r = self.k8s.wait_for(lambda r: r.path.endswith("/pods/pod-a/exec"), 5)
+        self.assertEqual(r.header("Upgrade"), "SPDY/3.1")
+        self.assertEqual(r.header("X-Stream-Protocol-Version"), "v4.channel.k8s.io")
+        self.assertIn("sh", r.query.get("command", []))
+        k = getattr(self, inst)
+        # the client's EOF half-closes the call, the agent ends the upstream connection and the call
+        self.assertTrue(wait_until(lambda: metric(k, "kasd_kubernetes_api_requests_active") == 0, 5))
+        self.assertGreaterEqual(metric(k, "kasd_kubernetes_api_upgrades_total"), 1)
+
+    def test_upgrade_bytes_both_ways(self):
+        self.upgrade("home")
+
+    def test_upgrade_through_another_instance(self):
+        self.upgrade("front")
+
     def test_through_another_instance(self):
         """kubectl on the instance without the agent: the call is forwarded over the private API."""
         out = self.kubectl("get", "pods", inst="front").stdout
         self.assertIn("pod-a", out)
         self.assertGreaterEqual(metric(self.front, "kasd_kubernetes_api_requests_total", outcome="proxied"), 1)
-        wait_until(lambda: metric(self.front, "kasd_kubernetes_api_requests_active") == 0, 10)
+        self.assertTrue(wait_until(lambda: metric(self.front, "kasd_kubernetes_api_requests_active") == 0, 10))
 
 
 if __name__ == "__main__":

@@ -261,6 +261,12 @@ func (k *k8sCall) pumpRequest(pw *io.PipeWriter, noBody bool, upConn chan io.Rea
 		return nil
 	}
 	pw.Close()
+	if conn != nil {
+		// The client's side of the upgraded connection ended (kas half-closes the call when the
+		// client's connection reads EOF): end the upstream connection too, which ends its reader
+		// and so the call. A 101 body offers no CloseWrite, so this is a full close.
+		conn.Close()
+	}
 	if !trailer {
 		return errors.New("request stream ended without a trailer")
 	}
