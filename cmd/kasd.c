@@ -1,5 +1,6 @@
 /* kasd.c — the kasd command: options, configuration, start, signals, stop. */
 #include <errno.h>
+#include <stdatomic.h>
 #include <getopt.h>
 #include <signal.h>
 #include <stddef.h>
@@ -109,6 +110,34 @@ static void wake_shard(void *ud, unsigned slot)
 
 /* SIGHUP: load the token file again and swap it in; the old table is freed once every shard has
  * passed a quiescent point (no shard can still hold a pointer into it). */
+/* The Kubernetes API access-token table. The control thread is its only reader: a reload (main
+ * thread, SIGHUP) leaves the new table in `pending`; the control thread takes it at its next check
+ * and frees the table it replaces itself, so no table is freed under a reader. A pending table never
+ * taken is freed by the next reload (or at exit). */
+struct access_slot {
+    _Atomic(struct kd_access *) pending;
+    struct kd_access *cur; /* the control thread's */
+};
+
+static void reload_access(const struct kd_config *cfg, struct access_slot *slot)
+{
+    char err[512];
+    struct kd_access *t;
+    if (!cfg->kubernetes_api.enabled || cfg->kubernetes_api.access_token_file == NULL)
+        return;
+    if (kd_access_load_file(cfg->kubernetes_api.access_token_file, &t, err, sizeof(err)) < 0) {
+        kd_log_msg(KD_LOG_ERROR, "access_tokens_reload_failed", "kubernetes_api.access_token_file: %s "
+                   "(keeping the previous tokens)", err);
+        return;
+    }
+    kd_access_free(atomic_exchange_explicit(&slot->pending, t, memory_order_acq_rel));
+    struct kd_logline l;
+    kd_log_begin(&l, KD_LOG_INFO, "access_tokens_reloaded");
+    kd_log_str(&l, "file", cfg->kubernetes_api.access_token_file);
+    kd_log_uint(&l, "users", kd_access_count(t));
+    kd_log_end(&l);
+}
+
 static void reload_tokens(const struct kd_config *cfg, struct kd_kas *kas, struct kd_server *srv)
 {
     char err[512];
@@ -185,8 +214,9 @@ static void usage(FILE *f)
         "\n"
         "Without redis.server.address in the config, kasd starts its own redis-server on a free\n"
         "loopback port and stops it on exit. SIGTERM/SIGINT stop gracefully (limits.shutdown_grace);\n"
-        "SIGHUP reloads the agent token file and agent configurations. Under systemd (NOTIFY_SOCKET)\n"
-        "kasd reports READY=1 once it serves and STOPPING=1 when it starts to drain.\n");
+        "SIGHUP reloads the agent token file, agent configurations and the Kubernetes API access tokens.\n"
+        "Under systemd (NOTIFY_SOCKET) kasd reports READY=1 once it serves and STOPPING=1 when it\n"
+        "starts to drain.\n");
 }
 
 /* Redis options from the configuration, made on the main thread before shards start: host names
@@ -327,8 +357,14 @@ static int listener_tls(const char *name, const struct kd_listen_cfg *cfg, struc
 /* The front door's credential check against the static access-token file (control thread). */
 static int access_authorize(void *ud, const char *token, size_t len, int64_t agent_id, struct kd_hm_imp *imp)
 {
+    struct access_slot *slot = ud;
+    struct kd_access *fresh = atomic_exchange_explicit(&slot->pending, NULL, memory_order_acq_rel);
+    if (fresh != NULL) {
+        kd_access_free(slot->cur);
+        slot->cur = fresh;
+    }
     struct kd_access_grant g;
-    int rc = kd_access_check(ud, token, len, agent_id, &g);
+    int rc = kd_access_check(slot->cur, token, len, agent_id, &g);
     if (rc == 0)
         *imp = (struct kd_hm_imp){.username = g.username, .groups = g.groups, .ngroups = g.ngroups, .uid = g.uid};
     return rc;
@@ -520,6 +556,10 @@ int main(int argc, char **argv)
         kd_config_free(&cfg);
         return 2;
     }
+    /* The access-token table moves to its slot (the control thread's from now on). */
+    static struct access_slot access;
+    access.cur = files.access;
+    files.access = NULL;
 
     kd_log_configure(cfg.log.level, 2);
     if (kd_log_start() < 0)
@@ -737,8 +777,8 @@ int main(int argc, char **argv)
     }
     struct kd_kubeapi_cfg kcfg = {
         .prefix = cfg.kubernetes_api.url_path_prefix,
-        .authorize = files.access != NULL ? access_authorize : NULL,
-        .authorize_ud = files.access,
+        .authorize = access_authorize,
+        .authorize_ud = &access,
         .origins = origins,
         .norigins = norigins,
         .routing_timeout_ms = kas.routing_timeout_ms,
@@ -811,6 +851,7 @@ int main(int argc, char **argv)
         }
         if (sig == SIGHUP) {
             reload_tokens(&cfg, &kas, srv);
+            reload_access(&cfg, &access);
             if (kas.agentcfg != NULL) {
                 agentcfg_fp = kd_agentcfg_fingerprint(cfg.agent.configuration_dir);
                 reload_agentcfg(&cfg, &kas, srv);
@@ -831,6 +872,8 @@ int main(int argc, char **argv)
     exit_code = 0;
 out:
     kd_control_destroy(ctl); /* before the server: it borrows the server and its router */
+    kd_access_free(access.cur); /* the control thread has stopped */
+    kd_access_free(atomic_exchange(&access.pending, NULL));
     kd_server_destroy(srv);
     if (kas.epoch != NULL)
         kd_epoch_destroy(kas.epoch);

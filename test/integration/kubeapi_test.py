@@ -7,6 +7,7 @@ import base64
 import http.client
 import json
 import os
+import signal
 import socket
 import sys
 import tempfile
@@ -364,6 +365,31 @@ limits:
         with self.assertRaises(http.client.IncompleteRead):
             r.read()
         c.close()
+
+    def test_sighup_reloads_the_access_tokens(self):
+        path = os.path.join(self.dir, "access.yaml")
+        with open(path) as f:
+            original = f.read()
+        new_token = "k8s-added-by-reload-0123456789"
+        try:
+            r, _ = self.request("GET", "/k8s-proxy/nothing", self.auth(new_token))
+            self.assertEqual(r.status, 401)
+            with open(path, "w") as f:
+                f.write(original + f"  - {{token: {new_token}, agents: [{AGENT}]}}\n")
+            self.kasd.signal(signal.SIGHUP)
+            self.kasd.wait_event("access_tokens_reloaded", 10)
+            r, _ = self.request("GET", "/k8s-proxy/nothing", self.auth(new_token))
+            self.assertEqual(r.status, 404)  # the agent's answer: the token is known now
+            # a broken file keeps the tokens in use
+            with open(path, "w") as f:
+                f.write("users: [\n")
+            self.kasd.signal(signal.SIGHUP)
+            self.kasd.wait_event("access_tokens_reload_failed", 10)
+            r, _ = self.request("GET", "/k8s-proxy/nothing", self.auth(new_token))
+            self.assertEqual(r.status, 404)
+        finally:
+            with open(path, "w") as f:
+                f.write(original)
 
     def test_garbage_from_agent_is_502(self):
         r, body = self.request("GET", "/k8s-proxy/garbage", self.auth())
