@@ -1,6 +1,6 @@
 /* httpmap.h — HTTP requests and responses as the messages of KubernetesApi/MakeRequest
  * (gitlab.agent.grpctool.HttpRequest / HttpResponse, wire.md "Kubernetes API through the tunnel"),
- * for the Kubernetes API front door (shards/kubeapi.c). It does what GitLab kas's front door does to
+ * for the Kubernetes API front door (control/kubeapi.c). It does what GitLab kas's front door does to
  * a request before it enters the tunnel: header names in Go's canonical form, values of one name
  * grouped, hop-by-hop headers and the user's credentials removed, `Via` added, the query parsed into
  * a map, impersonation as HeaderExtra in `extra`; and the reverse for the agent's answer.

@@ -58,7 +58,7 @@ enum {
     KD_RT_RDATA,                     /* O->R ptr2: front, ptr: kd_rt_blob (a response message) */
     KD_RT_END,                       /* O->R ptr2: front, u32: status, ptr: kd_rt_end payload */
     KD_RT_ACK_REQ,                   /* O->R ptr2: front, u64: request bytes handed to the tunnel */
-    /* Observability (shards/control.c, router participant n = the control thread). Every shard
+    /* Observability (control/control.c, router participant n = the control thread). Every shard
      * answers a request on its own thread; the control thread never reads shard-local state. */
     KD_RT_STATS_REQ, /* control->shard u64: round number */
     KD_RT_STATS,     /* shard->control u64: round number, ptr: struct kd_kas_snapshot payload (release it) */

@@ -2,7 +2,7 @@
  * anyone else who reaches it sends bytes to it. Each input goes two ways:
  *  1. the input is what one client sends on one connection: it is written to a loopback socket
  *     accepted by a real core/httpd server (h2o: HTTP/1.1, h2c by prior knowledge or Upgrade, as
- *     kasd runs it), whose requests are answered by shards/control.c's kd_control_route exactly as
+ *     kasd runs it), whose requests are answered by control/control.c's kd_control_route exactly as
  *     the control thread does (a request it queues for a round gets 200 "ok"); the driver reads
  *     until the server closes;
  *  2. the input split into a method and a path goes to kd_control_route directly, so bytes h2o
@@ -22,7 +22,7 @@
 #include <unistd.h>
 
 #include "core/httpd.h"
-#include "shards/control.h"
+#include "control/control.h"
 #include "test/fuzz/fuzz.h"
 
 static bool is(const char *s, size_t n, const char *lit)

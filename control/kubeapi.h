@@ -2,7 +2,7 @@
  * <prefix>... from kubectl, the GitLab UI or a CI job becomes a routed
  * KubernetesApi/MakeRequest call to the agent its credential names, and the agent's answer streams
  * back (docs/kubernetes_api.md).
- * Concurrency: runs on the control thread (shards/control.c), router participant n. Each request is
+ * Concurrency: runs on the control thread (control/control.c), router participant n. Each request is
  * the front half of a routed call (the protocol of shards/kas.h): START goes to the agent's owner
  * shard, which binds a tunnel (or forwards to a peer instance) exactly as for an api-listener call;
  * BOUND, HEADER, RDATA, END and ACK_REQ come back here.
@@ -13,8 +13,8 @@
  *   agent's HttpResponse messages (RDATA) ─> status + headers, body chunks (each acknowledged
  *   when h2o has written it: a slow client slows the agent), trailer ─> final
  */
-#ifndef KD_SHARDS_KUBEAPI_H
-#define KD_SHARDS_KUBEAPI_H
+#ifndef KD_CONTROL_KUBEAPI_H
+#define KD_CONTROL_KUBEAPI_H
 
 #include <stdbool.h>
 #include <stddef.h>

@@ -11,8 +11,8 @@
  *   HTTP request ─> queued for the next round ─> round k: STATS_REQ(k) to every shard
  *   shard i: STATS(k, snapshot) ─> stored ─> all n answered, or 2 s passed ─> answer queued requests
  */
-#ifndef KD_SHARDS_CONTROL_H
-#define KD_SHARDS_CONTROL_H
+#ifndef KD_CONTROL_CONTROL_H
+#define KD_CONTROL_CONTROL_H
 
 #include <stdbool.h>
 #include <stddef.h>
@@ -29,7 +29,7 @@ int kd_control_create(struct kd_server *srv, const struct sockaddr_storage *addr
                       struct kd_control **out, char *err, size_t errlen);
 /* "127.0.0.1:8151", the bound address (port 0 resolved). */
 void kd_control_address(const struct kd_control *c, char *buf, size_t len);
-/* The Kubernetes API front door (shards/kubeapi.h) on the same thread: binds now (a busy port fails
+/* The Kubernetes API front door (control/kubeapi.h) on the same thread: binds now (a busy port fails
  * the start); cfg's strings must outlive the control. Call before kd_control_start. */
 struct kd_kubeapi_cfg;
 int kd_control_add_kubeapi(struct kd_control *c, const struct sockaddr_storage *addr, socklen_t addrlen,

@@ -15,7 +15,7 @@
  * The loop follows the router's sleep protocol (router.h): drain, then prepare_sleep before blocking
  * in h2o's epoll wait; a shard that sends while we sleep writes our eventfd, which h2o watches.
  */
-#include "shards/control.h"
+#include "control/control.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -36,7 +36,7 @@
 #include "core/log.h"
 #include "router/router.h"
 #include "shards/kas.h"
-#include "shards/kubeapi.h"
+#include "control/kubeapi.h"
 #include "shards/server.h"
 #include "shards/shard.h"
 

@@ -10,7 +10,7 @@
  *   GONE:       the client left: CANCEL (bound) or CANCEL_WAIT; queued chunks released
  * A kreq is freed when it has seen END and its HTTP request is released (answered or gone).
  */
-#include "shards/kubeapi.h"
+#include "control/kubeapi.h"
 
 #include <errno.h>
 #include <stdarg.h>
