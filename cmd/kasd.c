@@ -1,5 +1,6 @@
 /* kasd.c — the kasd command: options, configuration, start, signals, stop. */
 #include <errno.h>
+#include <netdb.h>
 #include <stdatomic.h>
 #include <getopt.h>
 #include <signal.h>
@@ -26,6 +27,7 @@
 #include "shards/presence.h"
 #include "shards/conn.h"
 #include "control/control.h"
+#include "control/gitlab.h"
 #include "control/kubeapi.h"
 #include "shards/grpc.h"
 #include "shards/redis.h"
@@ -315,6 +317,9 @@ struct start_files {
     struct kd_agentcfg_set *agentcfg;            /* agent.configuration_dir; NULL when unset */
     uint64_t agentcfg_fp;                        /* its fingerprint when loaded (change poll) */
     struct kd_access *access;                    /* kubernetes_api.access_token_file; NULL when unset */
+    bool gitlab_tokens;                          /* agent.token_source: gitlab */
+    uint8_t gitlab_secret[128];                  /* gitlab.authentication_secret_file */
+    struct kd_gitlab_cfg gitlab;                 /* GitLab's address, resolved */
 };
 
 static void start_files_free(struct start_files *f)
@@ -385,6 +390,71 @@ static int secret_load(const char *key, const char *path, uint8_t *out, size_t c
 
 /* Load every file of *f (zeroed by the caller). On error returns a negative errno, writes one line
  * naming the key into err and frees what was loaded. */
+/* agent.token_source: gitlab: GitLab's address resolved now (the control thread does no DNS) and
+ * its secret read, each error naming its key. */
+static int gitlab_load(struct start_files *f, const struct kd_config *cfg, char *err, size_t errlen)
+{
+    if (cfg->gitlab.address == NULL || cfg->gitlab.authentication_secret_file == NULL) {
+        snprintf(err, errlen, "agent.token_source: gitlab needs %s",
+                 cfg->gitlab.address == NULL ? "gitlab.address" : "gitlab.authentication_secret_file");
+        return -EINVAL;
+    }
+    if (cfg->agent.token_file != NULL) {
+        snprintf(err, errlen, "agent.token_file: not used with agent.token_source: gitlab (remove one of them)");
+        return -EINVAL;
+    }
+    size_t slen = 0;
+    int rc = secret_load("gitlab.authentication_secret_file", cfg->gitlab.authentication_secret_file,
+                         f->gitlab_secret, sizeof(f->gitlab_secret), &slen, err, errlen);
+    if (rc < 0)
+        return rc;
+    struct kd_gitlab_cfg *g = &f->gitlab;
+    const char *hp = cfg->gitlab.address + 7; /* after http:// (checked by the config) */
+    const char *slash = strchr(hp, '/');
+    size_t hl = slash ? (size_t)(slash - hp) : strlen(hp);
+    if (hl >= sizeof(g->host) || (slash && strlen(slash) >= sizeof(g->prefix))) {
+        snprintf(err, errlen, "gitlab.address: too long");
+        return -EINVAL;
+    }
+    memcpy(g->host, hp, hl);
+    g->host[hl] = '\0';
+    snprintf(g->prefix, sizeof(g->prefix), "%s", slash ? slash : "");
+    size_t pl = strlen(g->prefix);
+    while (pl > 0 && g->prefix[pl - 1] == '/')
+        g->prefix[--pl] = '\0';
+    char host[300], port[8] = "80";
+    snprintf(host, sizeof(host), "%s", g->host);
+    char *colon = host[0] == '[' ? strstr(host, "]:") : strrchr(host, ':');
+    if (colon != NULL) {
+        if (host[0] == '[')
+            colon++;
+        snprintf(port, sizeof(port), "%s", colon + 1);
+        *colon = '\0';
+    }
+    if (host[0] == '[') {
+        memmove(host, host + 1, strlen(host));
+        char *rb = strchr(host, ']');
+        if (rb)
+            *rb = '\0';
+    }
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM}, *res = NULL;
+    int gr = getaddrinfo(host, port, &hints, &res);
+    if (gr != 0 || res == NULL) {
+        snprintf(err, errlen, "gitlab.address: %s: %s", cfg->gitlab.address, gai_strerror(gr));
+        return -EINVAL;
+    }
+    memcpy(&g->addr, res->ai_addr, res->ai_addrlen);
+    g->addrlen = res->ai_addrlen;
+    freeaddrinfo(res);
+    g->secret = f->gitlab_secret;
+    g->secret_len = slen;
+    g->timeout_ms = cfg->gitlab.timeout_ms;
+    g->cache_ttl_ms = cfg->gitlab.agent_info_cache_ttl_ms;
+    g->error_ttl_ms = cfg->gitlab.agent_info_cache_error_ttl_ms;
+    f->gitlab_tokens = true;
+    return 0;
+}
+
 static int start_files_load(struct start_files *f, const struct kd_config *cfg, char *err, size_t errlen)
 {
     static const char *const names[NLISTENERS] = {"agent", "api", "private_api"};
@@ -392,6 +462,14 @@ static int start_files_load(struct start_files *f, const struct kd_config *cfg, 
                                                       &cfg->private_api.listen};
     char why[400];
     int rc = 0;
+    const char *src = cfg->agent.token_source;
+    if (src != NULL && strcmp(src, "file") != 0 && strcmp(src, "gitlab") != 0) {
+        snprintf(err, errlen, "agent.token_source: expected file or gitlab, got \"%.64s\"", src);
+        rc = -EINVAL;
+        goto fail;
+    }
+    if (src != NULL && strcmp(src, "gitlab") == 0 && (rc = gitlab_load(f, cfg, err, errlen)) < 0)
+        goto fail;
     if (cfg->agent.token_file != NULL &&
         (rc = kd_tokens_load_file(cfg->agent.token_file, &f->tokens, why, sizeof(why))) < 0) {
         snprintf(err, errlen, "agent.token_file: %s", why);
@@ -577,6 +655,7 @@ int main(int argc, char **argv)
                                                  kd_tracker_get_connected_agents_method};
     const struct kd_grpc_method private_methods[] = {kd_grpc_health_method, kd_kas_gateway_method};
     struct kd_kas kas = {.routing_timeout_ms = cfg.limits.routing_timeout_ms,
+                         .gitlab_tokens = files.gitlab_tokens,
                          .max_message = cfg.limits.grpc_max_message_size,
                          .pods_per_connection = cfg.limits.pods_per_connection,
                          .pods_per_agent = cfg.limits.pods_per_agent,
@@ -787,6 +866,7 @@ int main(int argc, char **argv)
     };
     if (kd_control_create(srv, &cfg.observability.listen.addr, cfg.observability.listen.addrlen, &ctl, err,
                           sizeof(err)) < 0 ||
+        (files.gitlab_tokens && (kd_control_set_gitlab(ctl, &files.gitlab), false)) ||
         (cfg.kubernetes_api.enabled &&
          kd_control_add_kubeapi(ctl, &cfg.kubernetes_api.listen.addr, cfg.kubernetes_api.listen.addrlen, &kcfg,
                                 cfg.kubernetes_api.max_request_body_size, cfg.kubernetes_api.listen.certificate_file,

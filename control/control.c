@@ -36,6 +36,7 @@
 #include "core/log.h"
 #include "router/router.h"
 #include "shards/kas.h"
+#include "control/gitlab.h"
 #include "control/kubeapi.h"
 #include "shards/server.h"
 #include "shards/shard.h"
@@ -67,6 +68,10 @@ struct kd_control {
     size_t kube_max_body;
     const char *kube_cert, *kube_key; /* TLS (NULL: h2c and HTTP/1.1 in the clear) */
     struct kd_kubeapi *kube;
+    /* Agent tokens resolved by GitLab (agent.token_source: gitlab), if configured. */
+    bool gitlab_on;
+    struct kd_gitlab_cfg gitlab_cfg;
+    struct kd_gitlab *gitlab;
 
     /* round state, control thread only */
     uint64_t round;
@@ -490,6 +495,23 @@ static void render_metrics(struct kd_control *c, struct buf *b)
         bprintf(b, "k8s_api_proxy_routing_duration_seconds_count{status=\"%s\"} %llu\n", outcome[o],
                 (unsigned long long)h.count);
     }
+    if (c->gitlab != NULL) {
+        struct kd_gitlab_stats gs;
+        kd_gitlab_stats(c->gitlab, &gs);
+        family(b, "kasd_gitlab_agent_info_requests_total", "counter",
+               "agent_info requests to GitLab (agent.token_source: gitlab), by outcome: ok (a known agent), "
+               "unauthenticated (401/403/404), failed (no answer, another status, an answer not understood).");
+        bprintf(b, "kasd_gitlab_agent_info_requests_total{outcome=\"ok\"} %llu\n", (unsigned long long)gs.ok);
+        bprintf(b, "kasd_gitlab_agent_info_requests_total{outcome=\"unauthenticated\"} %llu\n",
+                (unsigned long long)gs.unauthenticated);
+        bprintf(b, "kasd_gitlab_agent_info_requests_total{outcome=\"failed\"} %llu\n", (unsigned long long)gs.failed);
+        family(b, "kasd_gitlab_agent_info_cache_hits_total", "counter",
+               "Token lookups from the shards answered from the control thread's cache.");
+        bprintf(b, "kasd_gitlab_agent_info_cache_hits_total %llu\n", (unsigned long long)gs.cache_hits);
+        family(b, "kasd_gitlab_agent_info_coalesced_total", "counter",
+               "Token lookups that joined a request already in flight for the same token (single flight).");
+        bprintf(b, "kasd_gitlab_agent_info_coalesced_total %llu\n", (unsigned long long)gs.coalesced);
+    }
     if (c->kube != NULL) {
         struct kd_kubeapi_stats ks;
         kd_kubeapi_stats(c->kube, &ks);
@@ -608,7 +630,8 @@ static void finish_round(struct kd_control *c)
 static void on_router_msg(void *ud, const struct kd_msg *m)
 {
     struct kd_control *c = ud;
-    if (c->kube != NULL && kd_kubeapi_on_message(c->kube, m)) {
+    if ((c->kube != NULL && kd_kubeapi_on_message(c->kube, m)) ||
+        (c->gitlab != NULL && kd_gitlab_on_message(c->gitlab, m))) {
         /* after the handler, which may have sent (FRONT_DONE): the stop barrier's count */
         atomic_fetch_add_explicit(&c->srv->ctl_handled, 1, memory_order_release);
         return;
@@ -709,6 +732,11 @@ static void *control_main(void *arg)
         int timeout = -1;
         if (c->in_round)
             timeout = (int)(c->deadline_ms - now);
+        if (c->gitlab != NULL) {
+            uint64_t next = kd_gitlab_tick(c->gitlab, now);
+            if (next != UINT64_MAX && (timeout < 0 || next - now < (uint64_t)timeout))
+                timeout = next > now ? (int)(next - now) : 0;
+        }
         if (kd_router_has_backlog(c->router, c->self))
             timeout = 1; /* overflow: nobody rings for it, retry soon */
         if (!kd_router_prepare_sleep(c->router, c->self))
@@ -731,6 +759,8 @@ static void *control_main(void *arg)
     kd_router_drain(c->router, c->self, DRAIN_BUDGET);
     kd_kubeapi_destroy(c->kube); /* the shards are gone: what is still open is answered here */
     c->kube = NULL;
+    kd_gitlab_destroy(c->gitlab);
+    c->gitlab = NULL;
     for (int i = 0; i < 5 && kd_httpd_connections(c->httpd) != 0; i++)
         kd_httpd_run(c->httpd, 20);
     if (!kd_httpd_destroy(c->httpd))
@@ -814,6 +844,12 @@ int kd_control_add_kubeapi(struct kd_control *c, const struct sockaddr_storage *
     return 0;
 }
 
+void kd_control_set_gitlab(struct kd_control *c, const struct kd_gitlab_cfg *cfg)
+{
+    c->gitlab_cfg = *cfg;
+    c->gitlab_on = true;
+}
+
 void kd_control_kubeapi_address(const struct kd_control *c, char *buf, size_t len)
 {
     kd_listener_format(&c->kube_bound, buf, len);
@@ -841,6 +877,10 @@ int kd_control_start(struct kd_control *c, char *err, size_t errlen)
         return rc;
     }
     c->listen_fd = -1; /* the httpd owns it now */
+    if (c->gitlab_on && kd_gitlab_create(c->srv, c->httpd, &c->gitlab_cfg, &c->gitlab) < 0) {
+        snprintf(err, errlen, "gitlab client: out of memory");
+        return -ENOMEM;
+    }
     if (c->kube_fd >= 0) {
         rc = kd_kubeapi_create(c->srv, &c->kube_cfg, &c->kube);
         if (rc < 0) {
@@ -908,6 +948,7 @@ void kd_control_destroy(struct kd_control *c)
     if (c->kube_fd >= 0)
         close(c->kube_fd);
     kd_kubeapi_destroy(c->kube);
+    kd_gitlab_destroy(c->gitlab);
     if (c->efd >= 0)
         close(c->efd);
     free(c->have);

@@ -36,6 +36,10 @@ int kd_control_add_kubeapi(struct kd_control *c, const struct sockaddr_storage *
                            const struct kd_kubeapi_cfg *cfg, size_t max_body, const char *cert_file,
                            const char *key_file, char *err, size_t errlen);
 void kd_control_kubeapi_address(const struct kd_control *c, char *buf, size_t len);
+/* Agent tokens resolved by GitLab (control/gitlab.h) on this thread. Call before kd_control_start;
+ * cfg's secret must outlive the control. */
+struct kd_gitlab_cfg;
+void kd_control_set_gitlab(struct kd_control *c, const struct kd_gitlab_cfg *cfg);
 /* Starts the control thread. 0 or -errno (message in err). */
 int kd_control_start(struct kd_control *c, char *err, size_t errlen);
 /* Answers what is pending (503), stops the thread and joins it. */

@@ -248,7 +248,7 @@ const char *kd_log_level_name(enum kd_log_level l)
 
 /* Every heap string a kd_config owns. A new char * member of struct kd_config must be added here,
  * or it will leak on free and be shared (then double-freed) by the transactional copy. */
-#define NSTRINGS 51
+#define NSTRINGS 54
 
 static void string_slots(struct kd_config *c, char **s[NSTRINGS])
 {
@@ -260,6 +260,9 @@ static void string_slots(struct kd_config *c, char **s[NSTRINGS])
     s[i++] = &c->agent.token_file;
     s[i++] = &c->agent.configuration_dir;
     s[i++] = &c->gitlab.external_url;
+    s[i++] = &c->gitlab.address;
+    s[i++] = &c->gitlab.authentication_secret_file;
+    s[i++] = &c->agent.token_source;
     s[i++] = &c->api.listen.address;
     s[i++] = &c->api.listen.authentication_secret_file;
     s[i++] = &c->private_api.listen.address;
@@ -402,6 +405,9 @@ int kd_config_defaults(struct kd_config *c)
     c->agent.listen.websocket = 1; /* agentk's ws:// and wss:// addresses (GitLab.com's default) */
     c->log.level = KD_LOG_INFO;
     c->kubernetes_api.max_request_body_size = 16u << 20;
+    c->gitlab.timeout_ms = 10000;                   /* GitLab kas: 10 s per request */
+    c->gitlab.agent_info_cache_ttl_ms = 300000;       /* GitLab kas: agent_info_cache_ttl 5 min */
+    c->gitlab.agent_info_cache_error_ttl_ms = 60000;  /* GitLab kas: agent_info_cache_error_ttl 1 min */
 
     c->source = strdup("<defaults>");
     c->redis.key_prefix = strdup("gitlab-kas");
@@ -511,10 +517,25 @@ static const struct field agent_keys[] = {
     {.key = "listen", .kind = K_MAP, .sub = agent_listen_keys, .done = agent_listen_done},
     {.key = "token_file", .kind = K_STRING, .off = OFF(agent.token_file)},
     {.key = "configuration_dir", .kind = K_STRING, .off = OFF(agent.configuration_dir)},
+    {.key = "token_source", .kind = K_STRING, .off = OFF(agent.token_source)},
     {0},
 };
+static int gitlab_done(struct parse *p, struct kd_yaml_mark at);
 static const struct field gitlab_keys[] = {
     {.key = "external_url", .kind = K_STRING, .off = OFF(gitlab.external_url)},
+    {.key = "address", .kind = K_STRING, .off = OFF(gitlab.address)},
+    {.key = "authentication_secret_file", .kind = K_STRING, .off = OFF(gitlab.authentication_secret_file)},
+    {.key = "timeout", .kind = K_DURATION, .off = OFF(gitlab.timeout_ms), .min = 100, .max = 600000},
+    {.key = "agent_info_cache_ttl",
+     .kind = K_DURATION,
+     .off = OFF(gitlab.agent_info_cache_ttl_ms),
+     .min = 1000,
+     .max = 86400000},
+    {.key = "agent_info_cache_error_ttl",
+     .kind = K_DURATION,
+     .off = OFF(gitlab.agent_info_cache_error_ttl_ms),
+     .min = 1000,
+     .max = 86400000},
     {0},
 };
 static const struct field api_listen_keys[] = {
@@ -768,7 +789,7 @@ static const struct field top_keys[] = {
     {.key = "observability", .kind = K_MAP, .sub = observability_keys},
     {.key = "kubernetes_api", .kind = K_MAP, .sub = kubernetes_api_keys, .done = kubernetes_api_done},
     {.key = "redis", .kind = K_MAP, .sub = redis_keys, .done = redis_done},
-    {.key = "gitlab", .kind = K_MAP, .sub = gitlab_keys},
+    {.key = "gitlab", .kind = K_MAP, .sub = gitlab_keys, .done = gitlab_done},
     {.key = "limits", .kind = K_MAP, .sub = limits_keys},
     {.key = "log", .kind = K_MAP, .sub = log_keys},
     {.key = "grpc", .kind = K_MAP, .sub = grpc_keys},
@@ -1379,6 +1400,25 @@ static int kubernetes_api_listen_done(struct parse *p, struct kd_yaml_mark at)
 }
 
 /* Peers dial the advertised address as it is: a numeric ip:port (no DNS on the shards). */
+/* http://host[:port][/prefix]: kasd reads GitLab's internal API over plain HTTP (https is not
+ * supported yet: say so rather than dial TLS as plain text). */
+static int gitlab_done(struct parse *p, struct kd_yaml_mark at)
+{
+    const char *a = p->c->gitlab.address;
+    if (a == NULL)
+        return 0;
+    bool ok = strncmp(a, "http://", 7) == 0 && a[7] != '\0' && a[7] != '/';
+    for (const char *q = a; ok && *q; q++)
+        ok = *q > ' ' && *q < 0x7f && *q != '?' && *q != '#';
+    if (!ok) {
+        size_t saved = push(p, "address", 7);
+        int r = fail(p, at, "expected http://host[:port][/path] (https:// is not supported yet), got \"%s\"", a);
+        pop(p, saved);
+        return r;
+    }
+    return 0;
+}
+
 static int kubernetes_api_done(struct parse *p, struct kd_yaml_mark at)
 {
     p->c->kubernetes_api.enabled = true;

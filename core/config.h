@@ -44,9 +44,15 @@ struct kd_config {
         struct kd_listen_cfg listen;
         char *token_file;        /* embedded token resolver: token -> agent (NULL: none configured) */
         char *configuration_dir; /* per-agent configuration files <name or id>.yaml (NULL: none) */
+        char *token_source;      /* agent.token_source: "file" (NULL: the default) or "gitlab" */
     } agent;
     struct {
         char *external_url; /* gitlab.external_url: GitLab's public URL, told to agents (NULL: "") */
+        char *address;      /* gitlab.address: http://host[:port][/prefix] of GitLab's internal API */
+        char *authentication_secret_file; /* gitlab.authentication_secret_file: signs Gitlab-Kas-Api-Request */
+        uint32_t timeout_ms;              /* gitlab.timeout: one request to GitLab */
+        uint32_t agent_info_cache_ttl_ms; /* gitlab.agent_info_cache_ttl: a known agent token is kept */
+        uint32_t agent_info_cache_error_ttl_ms; /* gitlab.agent_info_cache_error_ttl: a refused one */
     } gitlab;
     struct {
         struct kd_listen_cfg listen;

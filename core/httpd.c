@@ -435,6 +435,45 @@ static void up_on_switched(void *ud, h2o_socket_t *sock, size_t reqsize)
     up_set_read(u);
 }
 
+static void up_on_connect(h2o_socket_t *sock, const char *err)
+{
+    struct kd_httpd_upgraded *u = sock->data;
+    if (u == NULL)
+        return;
+    if (err != NULL) {
+        u->dead = true;
+        up_event(u, KD_HTTPD_UP_ERROR, NULL, 0);
+        return;
+    }
+    u->open = true;
+    u->want_read = true;
+    if (!up_event(u, KD_HTTPD_UP_OPEN, NULL, 0))
+        return;
+    up_set_read(u);
+}
+
+struct kd_httpd_upgraded *kd_httpd_connect(struct kd_httpd *h, const struct sockaddr *sa, unsigned salen,
+                                           kd_httpd_up_fn fn, void *ud)
+{
+    struct kd_httpd_upgraded *u = calloc(1, sizeof(*u));
+    if (u == NULL)
+        return NULL;
+    u->h = h;
+    u->fn = fn;
+    u->ud = ud;
+    u->sock = h2o_socket_connect(h->loop, (struct sockaddr *)sa, salen, up_on_connect);
+    if (u->sock == NULL) {
+        free(u);
+        return NULL;
+    }
+    u->sock->data = u;
+    u->next = h->upgraded;
+    if (u->next)
+        u->next->prev = u;
+    h->upgraded = u;
+    return u;
+}
+
 struct kd_httpd_upgraded *kd_httpd_upgrade(struct kd_httpd_req *r, const struct kd_httpd_header *hs, size_t n,
                                            kd_httpd_up_fn fn, void *ud)
 {
@@ -468,7 +507,7 @@ void kd_httpd_up_read(struct kd_httpd_upgraded *u, bool on)
 
 void kd_httpd_up_write(struct kd_httpd_upgraded *u, const void *data, size_t len)
 {
-    if (u->sock == NULL || u->writing || u->dead)
+    if (u->sock == NULL || !u->open || u->writing || u->dead)
         return;
     h2o_iovec_t buf = h2o_iovec_init(data, len);
     u->writing = true;

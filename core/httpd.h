@@ -132,6 +132,12 @@ const char *kd_httpd_req_upgrade_value(const struct kd_httpd_req *req, size_t *l
  * request handle is released here. NULL when out of memory or the request is gone. */
 struct kd_httpd_upgraded *kd_httpd_upgrade(struct kd_httpd_req *req, const struct kd_httpd_header *hs,
                                            size_t n, kd_httpd_up_fn fn, void *ud);
+/* An outgoing TCP connection on the loop, driven like an upgraded one: OPEN once connected (or
+ * ERROR), then DATA/EOF/ERROR/WRITTEN; kd_httpd_up_write after OPEN. NULL when the socket could
+ * not be made. (For calls to GitLab's internal API from the control thread.) */
+struct sockaddr;
+struct kd_httpd_upgraded *kd_httpd_connect(struct kd_httpd *h, const struct sockaddr *sa, unsigned salen,
+                                           kd_httpd_up_fn fn, void *ud);
 /* Reading from the client on or off (flow control: DATA stops until turned on again). */
 void kd_httpd_up_read(struct kd_httpd_upgraded *u, bool on);
 /* Write bytes to the client; one write at a time (the next after WRITTEN). */

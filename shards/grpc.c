@@ -60,6 +60,9 @@ struct parked {
     const struct kd_grpc_method *m;
     struct parked_msg *head, *tail;
     bool half_closed;
+    /* suspended by its service (kd_grpc_call_suspend): told when the call ends or leaves the shard */
+    void (*gone)(void *ud);
+    void *gone_ud;
 };
 
 #define PARKED_BYTES_MAX (1u << 20)
@@ -779,6 +782,8 @@ static void park_done(kd_grpc_call *call, int status, const char *message)
     struct parked *p = find_parked(g, call, &link);
     if (p != NULL) {
         *link = p->next;
+        if (p->gone != NULL)
+            p->gone(p->gone_ud);
         free_parked(g, p);
     }
 }
@@ -800,6 +805,40 @@ static int park(struct gconn *g, kd_grpc_call *call, const struct kd_grpc_method
     return 0;
 }
 
+/* Start a parked call again (its method's start()), then replay what it received meanwhile. */
+static void restart_parked(struct gconn *g, struct parked *p)
+{
+    kd_grpc_call *call = p->call;
+    kd_h2_call_set_handler(call, NULL, NULL);
+    g->starting = p->m;
+    int rc = p->m->start(call, p->m->ud);
+    g->starting = NULL;
+    const struct kd_h2_handler *h = kd_h2_call_handler(call);
+    if (h == &park_handler) {
+        /* start() parked it again (suspended, or moving): what it received so far stays recorded,
+         * ahead of anything that comes later, in its new record. */
+        struct parked *np = find_parked(g, call, NULL);
+        if (np != NULL && np != p) {
+            np->head = p->head;
+            np->tail = p->tail;
+            np->half_closed = np->half_closed || p->half_closed;
+            p->head = p->tail = NULL;
+        }
+    } else if (h == NULL) {
+        /* rejected, or neither accepted nor answered: answer (a no-op if it already was) */
+        kd_h2_call_finish(call, rc > 0 ? rc : KD_GRPC_INTERNAL, rc > 0 ? NULL : "call could not start", NULL,
+                          0);
+    } else {
+        for (struct parked_msg *m = p->head; m != NULL && kd_h2_call_handler(call) == h; m = m->next)
+            if (h->on_message && h->on_message(call, m->data, m->len) < 0)
+                kd_h2_call_cancel(call, KD_GRPC_INTERNAL, "handler failed");
+        if (p->half_closed && kd_h2_call_handler(call) == h && h->on_half_close)
+            h->on_half_close(call);
+        kd_h2_call_hold_input(call, false);
+    }
+    free_parked(g, p);
+}
+
 /* On the new shard: start every parked call again, then replay what it received meanwhile. */
 static void unpark_all(struct gconn *g)
 {
@@ -814,27 +853,34 @@ static void unpark_all(struct gconn *g)
     while (rev != NULL) {
         struct parked *p = rev;
         rev = p->next;
-        kd_grpc_call *call = p->call;
-        kd_h2_call_set_handler(call, NULL, NULL);
-        g->starting = p->m;
-        int rc = p->m->start(call, p->m->ud);
-        g->starting = NULL;
-        const struct kd_h2_handler *h = kd_h2_call_handler(call);
-        if (h == NULL) {
-            /* rejected, or neither accepted nor answered: answer (a no-op if it already was) */
-            kd_h2_call_finish(call, rc > 0 ? rc : KD_GRPC_INTERNAL, rc > 0 ? NULL : "call could not start",
-                              NULL, 0);
-        } else if (h != NULL && h != &park_handler) {
-            for (struct parked_msg *m = p->head; m != NULL && kd_h2_call_handler(call) == h; m = m->next)
-                if (h->on_message && h->on_message(call, m->data, m->len) < 0)
-                    kd_h2_call_cancel(call, KD_GRPC_INTERNAL, "handler failed");
-            if (p->half_closed && kd_h2_call_handler(call) == h && h->on_half_close)
-                h->on_half_close(call);
-            kd_h2_call_hold_input(call, false);
-        }
-        free_parked(g, p);
+        restart_parked(g, p);
     }
     want_flush(g);
+}
+
+int kd_grpc_call_suspend(kd_grpc_call *call, void (*gone)(void *ud), void *ud)
+{
+    struct gconn *g = call_gconn(call);
+    if (!g->server || g->starting == NULL || g->c == NULL)
+        return -EINVAL;
+    if (park(g, call, g->starting) != 0)
+        return -ENOMEM;
+    g->parked->gone = gone; /* park() put it first */
+    g->parked->gone_ud = ud;
+    return 0;
+}
+
+bool kd_grpc_call_resume(kd_grpc_call *call)
+{
+    struct gconn *g = call_gconn(call);
+    struct parked **link;
+    struct parked *p = find_parked(g, call, &link);
+    if (p == NULL || g->moving_to >= 0)
+        return false; /* a moving connection restarts its parked calls on the new shard */
+    *link = p->next;
+    restart_parked(g, p);
+    want_flush(g);
+    return true;
 }
 
 int kd_grpc_call_move(kd_grpc_call *call, unsigned to)
@@ -848,6 +894,13 @@ int kd_grpc_call_move(kd_grpc_call *call, unsigned to)
     if (rc < 0)
         return rc;
     g->moving_to = (int)to;
+    /* Calls suspended by their service here start again on the new shard: their owners on this
+     * shard forget them now (their hooks are this shard's). */
+    for (struct parked *p = g->parked; p != NULL; p = p->next)
+        if (p->gone != NULL) {
+            p->gone(p->gone_ud);
+            p->gone = NULL;
+        }
     return park(g, call, g->starting) == 0 ? 0 : -ENOMEM;
 }
 

@@ -104,6 +104,16 @@ void kd_grpc_conn_set_user(kd_grpc_call *call, void *user);
 int kd_grpc_call_move(kd_grpc_call *call, unsigned to);
 unsigned kd_grpc_call_shard(const kd_grpc_call *call);
 
+/* Suspend a call from inside its method's start() while its service waits for something (an agent
+ * token resolved by GitLab): the call is parked like a moving one (messages, half-close and
+ * cancellation recorded, input held) until kd_grpc_call_resume() runs start() again and replays.
+ * gone(ud) is called (on this shard) if the call ends meanwhile, or its connection is handed to
+ * another shard (where start() runs again); after it the service must forget the call. 0 (the
+ * caller's start() returns 0), -EINVAL (not inside start()) or -ENOMEM. */
+int kd_grpc_call_suspend(kd_grpc_call *call, void (*gone)(void *ud), void *ud);
+/* Start a suspended call again, on this shard. false if it is not suspended here (any more). */
+bool kd_grpc_call_resume(kd_grpc_call *call);
+
 /* --- client channels --- */
 struct kd_grpc_channel;
 

@@ -70,6 +70,29 @@ enum {
      * the owner whenever it starts or stops having ready tunnels (bit 0 of u32) or idle ones (bit
      * 1). u64: agent id. The owner advertises the instance in Redis and hands calls to it. */
     KD_RT_HOLDER_STATE, /* holder shard -> owner shard */
+    /* Agent tokens resolved by GitLab (agent.token_source: gitlab; control/gitlab.c): a shard asks
+     * the control thread once per token it does not know, the control thread answers every shard
+     * that asked (one GitLab request per token, whatever the number of shards and calls). */
+    KD_RT_TOKEN_RESOLVE,  /* shard -> control, ptr: struct kd_rt_token_req payload */
+    KD_RT_TOKEN_RESOLVED, /* control -> shard, ptr: struct kd_rt_token_ans payload */
+};
+
+#define KD_TOKEN_DIGEST_LEN 32 /* SHA-256 of the token: the only form a token is kept in */
+
+struct kd_rt_token_req {
+    uint8_t digest[KD_TOKEN_DIGEST_LEN];
+    uint32_t len;
+    char token[]; /* wiped by the control thread once its request to GitLab is written */
+};
+
+struct kd_rt_token_ans {
+    uint8_t digest[KD_TOKEN_DIGEST_LEN];
+    int32_t status;  /* 0 (known agent), KD_GRPC_UNAUTHENTICATED or KD_GRPC_UNAVAILABLE */
+    uint32_t ttl_ms; /* how long the shard may keep the answer */
+    int64_t agent_id, project_id;
+    char why[160]; /* UNAVAILABLE: what went wrong with GitLab */
+    uint32_t name_len;
+    char name[]; /* agent_name */
 };
 
 struct kd_rt_blob {
@@ -109,6 +132,7 @@ struct kd_rt_end {
 /* Process-wide, read-only after start (except the token table, swapped atomically on reload). */
 struct kd_kas {
     struct kd_tokens_handle *tokens; /* agent tokens (NULL: every agent call is UNAUTHENTICATED) */
+    bool gitlab_tokens; /* agent.token_source: gitlab: tokens are resolved by the control thread */
     struct kd_epoch *epoch;          /* shards pass a quiescent point each turn (token reloads) */
     uint8_t api_secret[128];         /* JWT secret of the api listener */
     size_t api_secret_len;           /* 0: no secret configured: api calls are UNAUTHENTICATED */

@@ -1,7 +1,188 @@
 /* register.c — agent calls' gate (token, hand-off to the owner shard, shared connections) and
  * AgentRegistrar/Register with its pods (see service.h). */
+#include "core/sha2.h"
 #include "shards/requests.h"
 #include "shards/service.h"
+
+/* ---- agent tokens resolved by GitLab (agent.token_source: gitlab) ----
+ *
+ * A shard keeps what the control thread told it (by SHA-256 of the token, never the token) until
+ * the answer's TTL. A call whose token it does not know is suspended (kd_grpc_call_suspend) and the
+ * control thread asked once per token; its answer resumes every call waiting for that token, whose
+ * start() then finds the answer here. */
+struct tok_entry {
+    struct tok_entry *next;
+    uint8_t digest[KD_TOKEN_DIGEST_LEN];
+    int32_t status;
+    uint64_t expires_ms;
+    int64_t agent_id, project_id;
+    char why[160];
+    char name[256];
+};
+
+struct tok_wait {
+    struct tok_wait *next;
+    struct kd_kas_shard *ks;
+    uint8_t digest[KD_TOKEN_DIGEST_LEN];
+    kd_grpc_call *call;
+    bool asked; /* this shard's request for the digest went with this waiter */
+};
+
+#define TOK_CACHE_MAX 65536
+
+static struct tok_entry *tok_get(struct kd_kas_shard *ks, const uint8_t *d, uint64_t now)
+{
+    for (struct tok_entry *e = ks->tok_cache[d[0]]; e != NULL; e = e->next)
+        if (memcmp(e->digest, d, KD_TOKEN_DIGEST_LEN) == 0)
+            return e->expires_ms > now ? e : NULL;
+    return NULL;
+}
+
+static void tok_drop_expired(struct kd_kas_shard *ks, uint64_t now)
+{
+    for (unsigned b = 0; b < 256; b++) {
+        struct tok_entry **pp = &ks->tok_cache[b];
+        while (*pp != NULL) {
+            struct tok_entry *e = *pp;
+            if (e->expires_ms <= now) {
+                *pp = e->next;
+                free(e);
+                ks->tok_entries--;
+            } else {
+                pp = &e->next;
+            }
+        }
+    }
+}
+
+void kas_token_cache_free(struct kd_kas_shard *ks)
+{
+    for (unsigned b = 0; b < 256; b++)
+        while (ks->tok_cache[b] != NULL) {
+            struct tok_entry *e = ks->tok_cache[b];
+            ks->tok_cache[b] = e->next;
+            free(e);
+        }
+    while (ks->tok_waiting != NULL) { /* their calls ended with their connections */
+        struct tok_wait *w = ks->tok_waiting;
+        ks->tok_waiting = w->next;
+        free(w);
+    }
+}
+
+static void tok_wait_unlink(struct tok_wait *w)
+{
+    struct tok_wait **pp = &w->ks->tok_waiting;
+    while (*pp != NULL && *pp != w)
+        pp = &(*pp)->next;
+    if (*pp == w)
+        *pp = w->next;
+}
+
+/* The suspended call ended, or left with its connection: forget it. */
+static void tok_wait_gone(void *ud)
+{
+    struct tok_wait *w = ud;
+    tok_wait_unlink(w);
+    free(w);
+}
+
+void kas_token_resolved(struct kd_kas_shard *ks, const struct kd_msg *m)
+{
+    const struct kd_rt_token_ans *a = m->ptr;
+    uint64_t now = kd_shard_now_ms(ks->s);
+    struct tok_entry *e = tok_get(ks, a->digest, 0); /* also an expired one: refreshed in place */
+    if (e == NULL) {
+        if (ks->tok_entries >= TOK_CACHE_MAX)
+            tok_drop_expired(ks, now);
+        e = calloc(1, sizeof(*e));
+        if (e != NULL) {
+            memcpy(e->digest, a->digest, KD_TOKEN_DIGEST_LEN);
+            e->next = ks->tok_cache[e->digest[0]];
+            ks->tok_cache[e->digest[0]] = e;
+            ks->tok_entries++;
+        }
+    }
+    if (e != NULL) {
+        e->status = a->status;
+        /* An UNAVAILABLE answer is kept just long enough for the calls resumed now to see it. */
+        e->expires_ms = now + (a->ttl_ms ? a->ttl_ms : 1);
+        e->agent_id = a->agent_id;
+        e->project_id = a->project_id;
+        snprintf(e->why, sizeof(e->why), "%s", a->why);
+        size_t nl = a->name_len < sizeof(e->name) - 1 ? a->name_len : sizeof(e->name) - 1;
+        memcpy(e->name, a->name, nl);
+        e->name[nl] = '\0';
+    }
+    uint8_t digest[KD_TOKEN_DIGEST_LEN];
+    memcpy(digest, a->digest, sizeof(digest));
+    kd_kas_release(ks->s, m->ptr);
+    /* Resume the calls waiting for this token (each runs start() again, which finds the answer). */
+    for (;;) {
+        struct tok_wait *w = ks->tok_waiting;
+        while (w != NULL && memcmp(w->digest, digest, KD_TOKEN_DIGEST_LEN) != 0)
+            w = w->next;
+        if (w == NULL)
+            break;
+        tok_wait_unlink(w);
+        kd_grpc_call *call = w->call;
+        free(w);
+        kd_grpc_call_resume(call);
+    }
+}
+
+/* The token's identity from the shard's cache (1), or the call suspended until the control thread
+ * answers (0), or the call answered (< 0). */
+static int gitlab_ident(struct kd_kas_shard *ks, kd_grpc_call *call, const char *tok, size_t tlen,
+                        struct kd_agent_ident *ident)
+{
+    uint8_t d[KD_TOKEN_DIGEST_LEN];
+    kd_sha256(tok, tlen, d);
+    struct tok_entry *e = tok_get(ks, d, kd_shard_now_ms(ks->s));
+    if (e != NULL) {
+        if (e->status == 0) {
+            ident->agent_id = e->agent_id;
+            ident->project_id = e->project_id;
+            ident->agent_name = e->name;
+            return 1;
+        }
+        if (e->status == KD_GRPC_UNAVAILABLE) {
+            /* GitLab could not say: not the agent's fault (it retries), not UNAUTHENTICATED. */
+            char msg[200];
+            snprintf(msg, sizeof(msg), "GitLab unavailable: %s", e->why);
+            kd_grpc_finish(call, KD_GRPC_UNAVAILABLE, msg, NULL, 0);
+            return -KD_GRPC_UNAVAILABLE;
+        }
+        return -KD_GRPC_UNAUTHENTICATED;
+    }
+    struct tok_wait *w = calloc(1, sizeof(*w));
+    if (w == NULL) {
+        kd_grpc_finish(call, KD_GRPC_RESOURCE_EXHAUSTED, "out of memory", NULL, 0);
+        return -KD_GRPC_RESOURCE_EXHAUSTED;
+    }
+    w->ks = ks;
+    memcpy(w->digest, d, sizeof(d));
+    w->call = call;
+    bool asked = false;
+    for (struct tok_wait *o = ks->tok_waiting; o != NULL && !asked; o = o->next)
+        asked = memcmp(o->digest, d, sizeof(d)) == 0;
+    if (kd_grpc_call_suspend(call, tok_wait_gone, w) < 0) {
+        free(w);
+        kd_grpc_finish(call, KD_GRPC_INTERNAL, "call could not wait for its token", NULL, 0);
+        return -KD_GRPC_INTERNAL;
+    }
+    w->next = ks->tok_waiting;
+    ks->tok_waiting = w;
+    if (!asked) {
+        struct kd_rt_token_req *q = kd_kas_payload(ks->s, sizeof(*q) + tlen);
+        memcpy(q->digest, d, sizeof(d));
+        q->len = (uint32_t)tlen;
+        memcpy(q->token, tok, tlen);
+        struct kd_msg m = {.type = KD_RT_TOKEN_RESOLVE, .ptr = q};
+        kd_shard_post(ks->s, ks->kas->nshards, &m); /* to the control thread */
+    }
+    return 0;
+}
 
 /* Authenticate an agent call and make sure it runs on the agent's owner shard (kas.h). */
 int kd_kas_agent_call_gate(kd_grpc_call *call, struct kd_agent_ident *ident)
@@ -10,8 +191,24 @@ int kd_kas_agent_call_gate(kd_grpc_call *call, struct kd_agent_ident *ident)
     struct kd_kas_shard *ks = kd_kas_shard_of(s);
     size_t tlen;
     const char *tok = kd_kas_bearer(call, &tlen);
-    const struct kd_tokens *table = ks->kas->tokens ? kd_tokens_handle_get(ks->kas->tokens) : NULL;
-    if (tok == NULL || table == NULL || kd_tokens_lookup(table, tok, tlen, ident) < 0) {
+    bool known = false;
+    if (ks->kas->gitlab_tokens) {
+        if (tok != NULL && tlen > 0 && tlen <= 4096) {
+            int g = gitlab_ident(ks, call, tok, tlen, ident);
+            if (g == 0)
+                return 1; /* suspended: start() runs again when GitLab has answered */
+            if (g == 1)
+                known = true;
+            else if (g != -KD_GRPC_UNAUTHENTICATED) {
+                ks->stats.auth_failures++;
+                return -g; /* answered (GitLab unavailable, out of memory) */
+            }
+        }
+    } else {
+        const struct kd_tokens *table = ks->kas->tokens ? kd_tokens_handle_get(ks->kas->tokens) : NULL;
+        known = tok != NULL && table != NULL && kd_tokens_lookup(table, tok, tlen, ident) == 0;
+    }
+    if (!known) {
         ks->stats.auth_failures++;
         kd_log_msg(KD_LOG_INFO, "agent_auth_failed", "%s",
                    tok == NULL ? "missing bearer token" : "unknown or revoked agent token");

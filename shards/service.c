@@ -178,6 +178,7 @@ void kd_kas_shard_stop(struct kd_shard *s)
     kd_pool_fini(&ks->pool, drop_waiting);
     kd_agentconfig_shard_free(ks->acfg);
     kd_jwt_cache_free(ks->api_jwt);
+    kas_token_cache_free(ks);
     free(ks);
     kd_shard_set_user(s, NULL);
 }
@@ -300,6 +301,12 @@ void kd_kas_on_message(struct kd_shard *s, const struct kd_msg *m)
     case KD_RT_HOLDER_STATE:
         if (ks != NULL)
             kas_holder_state(ks, m);
+        return;
+    case KD_RT_TOKEN_RESOLVED:
+        if (ks != NULL)
+            kas_token_resolved(ks, m);
+        else
+            kd_kas_release(s, m->ptr);
         return;
     default:
         kd_log_msg(KD_LOG_ERROR, "router_unknown_message", "type %u from %u dropped", m->type, m->from);

@@ -154,7 +154,16 @@ struct kd_kas_shard {
         bool cancelled;
     } away[32];
     uint64_t relay_seq;
+    /* agent.token_source: gitlab (register.c): tokens this shard has had resolved, by SHA-256, and
+     * the agent calls suspended until the control thread answers for theirs. */
+    struct tok_entry *tok_cache[256];
+    size_t tok_entries;
+    struct tok_wait *tok_waiting;
 };
+
+/* register.c */
+void kas_token_resolved(struct kd_kas_shard *ks, const struct kd_msg *m);
+void kas_token_cache_free(struct kd_kas_shard *ks);
 
 /* backs.c */
 bool kas_any_wait(struct kd_pool_wait *w, void *ud);

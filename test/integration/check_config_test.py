@@ -220,6 +220,32 @@ class CheckConfig(unittest.TestCase):
                     self.break_file(name, how)
                     self.assert_refused_like_start(self.kube_config(True), "kubernetes_api.listen TLS")
 
+    def gitlab_config(self, extra):
+        with open(self.config()) as f:
+            text = f.read()
+        text = text.replace(f"  token_file: {self.d}/tokens.yaml\n", "  token_source: gitlab\n")
+        text += "gitlab:\n" + extra
+        path = os.path.join(self.d, "kasd.yaml")
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_gitlab_token_source(self):
+        self.put("gitlab-secret", base64.b64encode(os.urandom(32)).decode() + "\n")
+        sec = f"  authentication_secret_file: {self.d}/gitlab-secret\n"
+        cases = [
+            (sec, "agent.token_source: gitlab needs gitlab.address"),
+            ("  address: http://127.0.0.1:1\n", "needs gitlab.authentication_secret_file"),
+            ("  address: http://127.0.0.1:1\n  authentication_secret_file: " + self.d + "/missing\n",
+             "gitlab.authentication_secret_file"),
+            ("  address: http://no-such-host.invalid:8181\n" + sec, "gitlab.address: http://no-such-host.invalid"),
+        ]
+        for extra, want in cases:
+            with self.subTest(want=want):
+                self.assert_refused_like_start(self.gitlab_config(extra), want)
+        r = run("--check-config", self.gitlab_config("  address: http://127.0.0.1:1/gitlab\n" + sec))
+        self.assertEqual(r.returncode, 0, r.stderr)
+
     @unittest.skipUnless(HAVE_CERTS, "no test certificates")
     def test_broken_redis_tls_ca(self):
         for how in ("missing", "garbage"):

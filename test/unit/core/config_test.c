@@ -489,7 +489,7 @@ Test(config, unknown_keys_everywhere)
         {"lisen: 1\n", "kasd.yaml:1:1: lisen: unknown key (expected one of: shards, agent, api, private_api, "
                        "fleet, observability, kubernetes_api, redis, gitlab, limits, log, grpc)"},
         {"agent:\n  lisen: 1\n",
-         "kasd.yaml:2:3: agent.lisen: unknown key (expected one of: listen, token_file, configuration_dir)"},
+         "kasd.yaml:2:3: agent.lisen: unknown key (expected one of: listen, token_file, configuration_dir, token_source)"},
         {"agent:\n  listen:\n    authentication_secret_file: x\n",
          "kasd.yaml:3:5: agent.listen.authentication_secret_file: unknown key (expected one of: address, "
          "certificate_file, key_file, max_connection_age, "
@@ -1645,4 +1645,41 @@ Test(config, h2_abuse_limits)
          "kasd.yaml:2:24: limits.h2_rapid_reset_rate: expected a decimal integer, got \"33/s\""},
     };
     EXPECT_ERRORS(cases);
+}
+
+Test(config, gitlab_token_source_keys)
+{
+    struct kd_config c;
+
+    cr_assert_eq(kd_config_defaults(&c), 0);
+    cr_assert_null(c.agent.token_source);
+    cr_assert_eq(c.gitlab.timeout_ms, 10000);
+    cr_assert_eq(c.gitlab.agent_info_cache_ttl_ms, 300000);
+    cr_assert_eq(c.gitlab.agent_info_cache_error_ttl_ms, 60000);
+    kd_config_free(&c);
+
+    expect_ok(&c, "agent:\n  token_source: gitlab\ngitlab:\n  address: http://gitlab-webservice:8181/prefix\n"
+                  "  authentication_secret_file: /s\n  timeout: 2s\n  agent_info_cache_ttl: 10m\n"
+                  "  agent_info_cache_error_ttl: 5s\n");
+    cr_assert_str_eq(c.agent.token_source, "gitlab");
+    cr_assert_str_eq(c.gitlab.address, "http://gitlab-webservice:8181/prefix");
+    cr_assert_eq(c.gitlab.timeout_ms, 2000);
+    cr_assert_eq(c.gitlab.agent_info_cache_ttl_ms, 600000);
+    cr_assert_eq(c.gitlab.agent_info_cache_error_ttl_ms, 5000);
+    kd_config_free(&c);
+
+    static const struct error_case cases[] = {
+        {"gitlab:\n  address: https://gitlab.example.com\n",
+         "kasd.yaml:2:3: gitlab.address: expected http://host[:port][/path] (https:// is not supported yet), got "
+         "\"https://gitlab.example.com\""},
+        {"gitlab:\n  address: gitlab:8181\n", NULL},
+        {"gitlab:\n  timeout: 0s\n", NULL},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        char err[512] = "";
+        cr_assert_neq(load(&c, cases[i].yaml, err, sizeof(err)), 0, "accepted <<%s>>", cases[i].yaml);
+        if (cases[i].want != NULL)
+            cr_assert_str_eq(err, cases[i].want);
+        kd_config_free(&c);
+    }
 }
