@@ -91,25 +91,24 @@ static bool transport_header(const char *k, size_t n)
     return false;
 }
 
-/* The caller's metadata for RequestInfo.meta: everything but transport headers, kas-hop-* and
- * the caller's authorization; -bin values decoded to raw bytes. Values of one key stay together
+/* The caller's metadata for RequestInfo.meta (kas.h): everything but transport headers, kas-hop-*
+ * and the caller's authorization; -bin values decoded to raw bytes. Values of one key stay together
  * (a protobuf map keeps only the last entry of a key). Returns a kd_chunkpool_malloc'd blob or NULL. */
-static uint8_t *request_md_blob(kd_grpc_call *call, size_t *out_len)
+uint8_t *kd_kas_request_md_blob(kd_kas_header_fn get, void *ud, size_t *out_len)
 {
     struct kd_h2_header h, h2;
     size_t cap = 64, len = 0;
     uint8_t *blob = kd_chunkpool_malloc(cap);
     if (blob == NULL)
         return NULL;
-    for (size_t i = 0; kd_h2_call_header(call, i, &h); i++) {
+    for (size_t i = 0; get(ud, i, &h); i++) {
         if (transport_header(h.name, h.namelen) || (h.namelen >= 8 && memcmp(h.name, "kas-hop-", 8) == 0) ||
             (h.namelen == 13 && memcmp(h.name, "authorization", 13) == 0))
             continue;
         /* first occurrence of this key only; gather all its values */
         bool seen = false;
         for (size_t j = 0; j < i && !seen; j++)
-            if (kd_h2_call_header(call, j, &h2) && h2.namelen == h.namelen &&
-                memcmp(h2.name, h.name, h.namelen) == 0)
+            if (get(ud, j, &h2) && h2.namelen == h.namelen && memcmp(h2.name, h.name, h.namelen) == 0)
                 seen = true;
         if (seen)
             continue;
@@ -117,7 +116,7 @@ static uint8_t *request_md_blob(kd_grpc_call *call, size_t *out_len)
         size_t vlens[64], nv = 0, total = 0;
         uint8_t *decoded[64];
         bool bin = ends_with_bin(h.name, h.namelen);
-        for (size_t j = i; kd_h2_call_header(call, j, &h2) && nv < 64; j++) {
+        for (size_t j = i; get(ud, j, &h2) && nv < 64; j++) {
             if (h2.namelen != h.namelen || memcmp(h2.name, h.name, h.namelen) != 0)
                 continue;
             decoded[nv] = NULL;
@@ -521,7 +520,7 @@ static int start_routed(kd_grpc_call *call, int64_t agent_id, const char *path, 
     }
 
     size_t mdlen = 0;
-    uint8_t *md = request_md_blob(call, &mdlen);
+    uint8_t *md = kd_kas_request_md_blob(call_header, call, &mdlen);
     struct front *f = kd_chunkpool_calloc(1, sizeof(*f));
     if (md == NULL || f == NULL) {
         kd_chunkpool_free(md);
