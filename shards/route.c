@@ -166,6 +166,9 @@ struct md_out {
     char *arena;
     size_t alen, acap;
     bool oom;
+    const char *last_k; /* the blob key last copied, and its copy (the values of an entry share it) */
+    size_t last_klen;
+    char *last_kp;
 };
 
 static bool printable(const uint8_t *v, size_t n)
@@ -184,14 +187,25 @@ static int md_collect(void *ud, const char *k, size_t klen, const uint8_t *v, si
         return 0; /* never let an agent inject transport headers or bytes HTTP/2 forbids */
     if (o->n == o->cap || o->n >= 64)
         return 0;
-    size_t need = klen + (bin ? (vlen + 2) / 3 * 4 : vlen);
+    /* kd_tun_blob_each passes the same key pointer for every value of an entry: the key is copied
+     * once per entry, as it is in the blob once per entry. Then the arena never needs more than twice
+     * the blob: a value costs at least vlen + 2 bytes there and at most (vlen + 2) / 3 * 4 here, a key
+     * klen + 2 there and klen here. (Copied per value, a long key with many short values overflowed
+     * the arena and values were dropped.) */
+    bool same = k == o->last_k && klen == o->last_klen;
+    size_t need = (same ? 0 : klen) + (bin ? (vlen + 2) / 3 * 4 : vlen);
     if (o->alen + need > o->acap) {
         o->oom = true;
         return 0;
     }
-    char *kp = o->arena + o->alen;
-    memcpy(kp, k, klen);
-    o->alen += klen;
+    char *kp = same ? o->last_kp : o->arena + o->alen;
+    if (!same) {
+        memcpy(kp, k, klen);
+        o->alen += klen;
+        o->last_k = k;
+        o->last_klen = klen;
+        o->last_kp = kp;
+    }
     char *vp = o->arena + o->alen;
     size_t vl = bin ? kd_base64_encode_ex(v, vlen, vp, KD_B64_NOPAD) : (memcpy(vp, v, vlen), vlen);
     o->alen += vl;
@@ -199,7 +213,7 @@ static int md_collect(void *ud, const char *k, size_t klen, const uint8_t *v, si
     return 0;
 }
 
-/* md blob -> headers; arena sized 2x the blob (base64 grows 4/3). Caller frees o->arena. */
+/* md blob -> headers; arena sized 2x the blob (why that is enough: md_collect). Caller frees o->arena. */
 static void blob_to_headers(const uint8_t *blob, size_t len, struct md_out *o, struct kd_h2_header *h,
                             size_t cap)
 {
