@@ -276,6 +276,14 @@ struct kd_kas_hop {
 typedef bool (*kd_kas_header_fn)(void *ud, size_t i, struct kd_h2_header *out); /* i-th header, false past the end */
 int kd_kas_parse_hop(kd_kas_header_fn get, void *ud, bool gateway, struct kd_kas_hop *out, const char **why);
 
+/* A routed call's request metadata as an md blob for RequestInfo.meta (untrusted bytes; exported for
+ * test/fuzz/md_fuzz.c): every header but transport ones (':'-pseudo headers, content-type, te,
+ * grpc-timeout, ...), kas-hop-* and authorization; the values of a key in one entry, in order, at
+ * the key's first occurrence (at most 64); -bin values base64-decoded as grpc-go reads them (a value
+ * that does not decode is dropped). Returns a kd_chunkpool_malloc'd blob of *len bytes, NULL when out
+ * of memory. */
+uint8_t *kd_kas_request_md_blob(kd_kas_header_fn get, void *ud, size_t *len);
+
 /* "Bearer <x>" from the call's authorization header; NULL if absent or not a bearer credential. */
 const char *kd_kas_bearer(kd_grpc_call *call, size_t *len);
 

@@ -91,25 +91,24 @@ static bool transport_header(const char *k, size_t n)
     return false;
 }
 
-/* The caller's metadata for RequestInfo.meta: everything but transport headers, kas-hop-* and
- * the caller's authorization; -bin values decoded to raw bytes. Values of one key stay together
+/* The caller's metadata for RequestInfo.meta (kas.h): everything but transport headers, kas-hop-*
+ * and the caller's authorization; -bin values decoded to raw bytes. Values of one key stay together
  * (a protobuf map keeps only the last entry of a key). Returns a kd_chunkpool_malloc'd blob or NULL. */
-static uint8_t *request_md_blob(kd_grpc_call *call, size_t *out_len)
+uint8_t *kd_kas_request_md_blob(kd_kas_header_fn get, void *ud, size_t *out_len)
 {
     struct kd_h2_header h, h2;
     size_t cap = 64, len = 0;
     uint8_t *blob = kd_chunkpool_malloc(cap);
     if (blob == NULL)
         return NULL;
-    for (size_t i = 0; kd_h2_call_header(call, i, &h); i++) {
+    for (size_t i = 0; get(ud, i, &h); i++) {
         if (transport_header(h.name, h.namelen) || (h.namelen >= 8 && memcmp(h.name, "kas-hop-", 8) == 0) ||
             (h.namelen == 13 && memcmp(h.name, "authorization", 13) == 0))
             continue;
         /* first occurrence of this key only; gather all its values */
         bool seen = false;
         for (size_t j = 0; j < i && !seen; j++)
-            if (kd_h2_call_header(call, j, &h2) && h2.namelen == h.namelen &&
-                memcmp(h2.name, h.name, h.namelen) == 0)
+            if (get(ud, j, &h2) && h2.namelen == h.namelen && memcmp(h2.name, h.name, h.namelen) == 0)
                 seen = true;
         if (seen)
             continue;
@@ -117,7 +116,7 @@ static uint8_t *request_md_blob(kd_grpc_call *call, size_t *out_len)
         size_t vlens[64], nv = 0, total = 0;
         uint8_t *decoded[64];
         bool bin = ends_with_bin(h.name, h.namelen);
-        for (size_t j = i; kd_h2_call_header(call, j, &h2) && nv < 64; j++) {
+        for (size_t j = i; get(ud, j, &h2) && nv < 64; j++) {
             if (h2.namelen != h.namelen || memcmp(h2.name, h.name, h.namelen) != 0)
                 continue;
             decoded[nv] = NULL;
@@ -167,6 +166,9 @@ struct md_out {
     char *arena;
     size_t alen, acap;
     bool oom;
+    const char *last_k; /* the blob key last copied, and its copy (the values of an entry share it) */
+    size_t last_klen;
+    char *last_kp;
 };
 
 static bool printable(const uint8_t *v, size_t n)
@@ -185,14 +187,25 @@ static int md_collect(void *ud, const char *k, size_t klen, const uint8_t *v, si
         return 0; /* never let an agent inject transport headers or bytes HTTP/2 forbids */
     if (o->n == o->cap || o->n >= 64)
         return 0;
-    size_t need = klen + (bin ? (vlen + 2) / 3 * 4 : vlen);
+    /* kd_tun_blob_each passes the same key pointer for every value of an entry: the key is copied
+     * once per entry, as it is in the blob once per entry. Then the arena never needs more than twice
+     * the blob: a value costs at least vlen + 2 bytes there and at most (vlen + 2) / 3 * 4 here, a key
+     * klen + 2 there and klen here. (Copied per value, a long key with many short values overflowed
+     * the arena and values were dropped.) */
+    bool same = k == o->last_k && klen == o->last_klen;
+    size_t need = (same ? 0 : klen) + (bin ? (vlen + 2) / 3 * 4 : vlen);
     if (o->alen + need > o->acap) {
         o->oom = true;
         return 0;
     }
-    char *kp = o->arena + o->alen;
-    memcpy(kp, k, klen);
-    o->alen += klen;
+    char *kp = same ? o->last_kp : o->arena + o->alen;
+    if (!same) {
+        memcpy(kp, k, klen);
+        o->alen += klen;
+        o->last_k = k;
+        o->last_klen = klen;
+        o->last_kp = kp;
+    }
     char *vp = o->arena + o->alen;
     size_t vl = bin ? kd_base64_encode_ex(v, vlen, vp, KD_B64_NOPAD) : (memcpy(vp, v, vlen), vlen);
     o->alen += vl;
@@ -200,7 +213,7 @@ static int md_collect(void *ud, const char *k, size_t klen, const uint8_t *v, si
     return 0;
 }
 
-/* md blob -> headers; arena sized 2x the blob (base64 grows 4/3). Caller frees o->arena. */
+/* md blob -> headers; arena sized 2x the blob (why that is enough: md_collect). Caller frees o->arena. */
 static void blob_to_headers(const uint8_t *blob, size_t len, struct md_out *o, struct kd_h2_header *h,
                             size_t cap)
 {
@@ -521,7 +534,7 @@ static int start_routed(kd_grpc_call *call, int64_t agent_id, const char *path, 
     }
 
     size_t mdlen = 0;
-    uint8_t *md = request_md_blob(call, &mdlen);
+    uint8_t *md = kd_kas_request_md_blob(call_header, call, &mdlen);
     struct front *f = kd_chunkpool_calloc(1, sizeof(*f));
     if (md == NULL || f == NULL) {
         kd_chunkpool_free(md);

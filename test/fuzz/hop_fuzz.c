@@ -15,20 +15,7 @@
 #include "shards/fleet.h"
 #include "shards/kas.h"
 #include "test/fuzz/fuzz.h"
-
-struct hlist {
-    struct kd_h2_header h[256];
-    size_t n;
-};
-
-static bool get(void *ud, size_t i, struct kd_h2_header *out)
-{
-    struct hlist *l = ud;
-    if (i >= l->n)
-        return false;
-    *out = l->h[i];
-    return true;
-}
+#include "test/fuzz/hlist.h"
 
 static bool inside(const void *p, size_t n, const uint8_t *data, size_t size)
 {
@@ -38,9 +25,9 @@ static bool inside(const void *p, size_t n, const uint8_t *data, size_t size)
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-    struct hlist l = {.n = 0};
+    struct fuzz_hlist l = {.n = 0};
     const char *p = (const char *)data, *end = p + size;
-    while (p < end && l.n < 256) {
+    while (p < end && l.n < FUZZ_HLIST_MAX) {
         const char *nl = memchr(p, '\n', (size_t)(end - p));
         const char *line_end = nl ? nl : end;
         const char *colon = memchr(p, ':', (size_t)(line_end - p));
@@ -51,7 +38,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     for (int gw = 0; gw < 2; gw++) {
         struct kd_kas_hop hop;
         const char *why = NULL;
-        int st = kd_kas_parse_hop(get, &l, gw, &hop, &why);
+        int st = kd_kas_parse_hop(fuzz_hlist_get, &l, gw, &hop, &why);
         if (st != 0) {
             CHECK(why != NULL && st > 0 && st <= 16);
             continue;

@@ -1,9 +1,11 @@
-/* hop_test.c — the routing metadata of api and kas-to-kas calls (kd_kas_parse_hop, shards/route.c)
- * and peer addresses (kd_fleet_parse_address, shards/fleet.c). */
+/* hop_test.c — the routing metadata of api and kas-to-kas calls (kd_kas_parse_hop, shards/route.c),
+ * call metadata through an md blob and back (kd_kas_request_md_blob, kd_kas_md_headers) and peer
+ * addresses (kd_fleet_parse_address, shards/fleet.c). */
 #include <arpa/inet.h>
 #include <criterion/criterion.h>
 #include <string.h>
 
+#include "core/chunkpool.h"
 #include "shards/fleet.h"
 #include "shards/kas.h"
 
@@ -74,6 +76,44 @@ Test(hop, gateway)
     const char *twoinst[] = {"kas-hop-routing-agent-id", "7", "kas-hop-method", "/a.B/C", "kas-hop-instance",
                              "0123456789abcdef", "kas-hop-instance", "0123456789abcdef", NULL};
     cr_assert_eq(parse(true, &hop, &why, twoinst), KD_GRPC_INVALID_ARGUMENT);
+}
+
+Test(md, round_trip_long_key_many_values)
+{
+    /* A blob holds a key once per entry; the headers made from it carry the key once per value.
+     * The arena (twice the blob) overflowed when the key was copied per value, and values were
+     * dropped: of these 22 headers, 8 came back. */
+    static const char key[] = "x-a-rather-long-metadata-key";
+    const char *kv[2 * 24 + 1];
+    static const char vals[20][2] = {"a", "b", "c", "d", "e", "f", "g", "h", "i", "j",
+                                     "k", "l", "m", "n", "o", "p", "q", "r", "s", "t"};
+    size_t n = 0;
+    kv[n++] = ":path", kv[n++] = "/a.B/C";
+    kv[n++] = "authorization", kv[n++] = "Bearer x";
+    for (size_t i = 0; i < 20; i++)
+        kv[n++] = key, kv[n++] = vals[i];
+    kv[n++] = "x-bin", kv[n++] = "AAH/"; /* 00 01 ff */
+    kv[n++] = "x-bin", kv[n++] = "AAE";  /* 00 01, unpadded */
+    kv[n] = NULL;
+    struct hl l = {kv};
+    size_t blen = 0;
+    uint8_t *blob = kd_kas_request_md_blob(get, &l, &blen);
+    cr_assert_not_null(blob);
+    struct kd_h2_header h[64];
+    char *arena = NULL;
+    size_t nh = kd_kas_md_headers(blob, blen, h, 64, &arena);
+    cr_assert_eq(nh, 22, "got %zu", nh);
+    for (size_t i = 0; i < 20; i++) {
+        cr_assert_eq(h[i].namelen, strlen(key));
+        cr_assert(memcmp(h[i].name, key, strlen(key)) == 0);
+        cr_assert_eq(h[i].valuelen, 1);
+        cr_assert_eq(h[i].value[0], vals[i][0]);
+    }
+    cr_assert(h[20].namelen == 5 && memcmp(h[20].name, "x-bin", 5) == 0);
+    cr_assert(h[20].valuelen == 4 && memcmp(h[20].value, "AAH/", 4) == 0);
+    cr_assert(h[21].valuelen == 3 && memcmp(h[21].value, "AAE", 3) == 0);
+    kd_chunkpool_free(arena);
+    kd_chunkpool_free(blob);
 }
 
 Test(fleet, parse_address)
