@@ -318,6 +318,7 @@ struct start_files {
     uint64_t agentcfg_fp;                        /* its fingerprint when loaded (change poll) */
     struct kd_access *access;                    /* kubernetes_api.access_token_file; NULL when unset */
     bool gitlab_tokens;                          /* agent.token_source: gitlab */
+    bool gitlab_on;                              /* gitlab.address: the control thread's client */
     uint8_t gitlab_secret[128];                  /* gitlab.authentication_secret_file */
     struct kd_gitlab_cfg gitlab;                 /* GitLab's address, resolved */
 };
@@ -392,14 +393,14 @@ static int secret_load(const char *key, const char *path, uint8_t *out, size_t c
  * naming the key into err and frees what was loaded. */
 /* agent.token_source: gitlab: GitLab's address resolved now (the control thread does no DNS) and
  * its secret read, each error naming its key. */
-static int gitlab_load(struct start_files *f, const struct kd_config *cfg, char *err, size_t errlen)
+static int gitlab_load(struct start_files *f, const struct kd_config *cfg, bool tokens, char *err, size_t errlen)
 {
     if (cfg->gitlab.address == NULL || cfg->gitlab.authentication_secret_file == NULL) {
-        snprintf(err, errlen, "agent.token_source: gitlab needs %s",
+        snprintf(err, errlen, "%s needs %s", tokens ? "agent.token_source: gitlab" : "gitlab.address",
                  cfg->gitlab.address == NULL ? "gitlab.address" : "gitlab.authentication_secret_file");
         return -EINVAL;
     }
-    if (cfg->agent.token_file != NULL) {
+    if (tokens && cfg->agent.token_file != NULL) {
         snprintf(err, errlen, "agent.token_file: not used with agent.token_source: gitlab (remove one of them)");
         return -EINVAL;
     }
@@ -451,7 +452,8 @@ static int gitlab_load(struct start_files *f, const struct kd_config *cfg, char 
     g->timeout_ms = cfg->gitlab.timeout_ms;
     g->cache_ttl_ms = cfg->gitlab.agent_info_cache_ttl_ms;
     g->error_ttl_ms = cfg->gitlab.agent_info_cache_error_ttl_ms;
-    f->gitlab_tokens = true;
+    f->gitlab_tokens = tokens;
+    f->gitlab_on = true;
     return 0;
 }
 
@@ -468,7 +470,8 @@ static int start_files_load(struct start_files *f, const struct kd_config *cfg, 
         rc = -EINVAL;
         goto fail;
     }
-    if (src != NULL && strcmp(src, "gitlab") == 0 && (rc = gitlab_load(f, cfg, err, errlen)) < 0)
+    bool gl_tokens = src != NULL && strcmp(src, "gitlab") == 0;
+    if ((gl_tokens || cfg->gitlab.address != NULL) && (rc = gitlab_load(f, cfg, gl_tokens, err, errlen)) < 0)
         goto fail;
     if (cfg->agent.token_file != NULL &&
         (rc = kd_tokens_load_file(cfg->agent.token_file, &f->tokens, why, sizeof(why))) < 0) {
@@ -856,7 +859,8 @@ int main(int argc, char **argv)
     }
     struct kd_kubeapi_cfg kcfg = {
         .prefix = cfg.kubernetes_api.url_path_prefix,
-        .authorize = access_authorize,
+        /* the access-token file, else GitLab (gitlab.address), else nobody */
+        .authorize = cfg.kubernetes_api.access_token_file != NULL ? access_authorize : NULL,
         .authorize_ud = &access,
         .origins = origins,
         .norigins = norigins,
@@ -866,7 +870,7 @@ int main(int argc, char **argv)
     };
     if (kd_control_create(srv, &cfg.observability.listen.addr, cfg.observability.listen.addrlen, &ctl, err,
                           sizeof(err)) < 0 ||
-        (files.gitlab_tokens && (kd_control_set_gitlab(ctl, &files.gitlab), false)) ||
+        (files.gitlab_on && (kd_control_set_gitlab(ctl, &files.gitlab), false)) ||
         (cfg.kubernetes_api.enabled &&
          kd_control_add_kubeapi(ctl, &cfg.kubernetes_api.listen.addr, cfg.kubernetes_api.listen.addrlen, &kcfg,
                                 cfg.kubernetes_api.max_request_body_size, cfg.kubernetes_api.listen.certificate_file,

@@ -511,6 +511,15 @@ static void render_metrics(struct kd_control *c, struct buf *b)
         family(b, "kasd_gitlab_agent_info_coalesced_total", "counter",
                "Token lookups that joined a request already in flight for the same token (single flight).");
         bprintf(b, "kasd_gitlab_agent_info_coalesced_total %llu\n", (unsigned long long)gs.coalesced);
+        family(b, "kasd_gitlab_proxy_auth_total", "counter",
+               "Kubernetes API front door credentials checked by GitLab (authorize_proxy_user, "
+               "job/allowed_agents), by outcome: ok, denied (401/403 to the user), failed (503).");
+        bprintf(b, "kasd_gitlab_proxy_auth_total{outcome=\"ok\"} %llu\n", (unsigned long long)gs.auth_ok);
+        bprintf(b, "kasd_gitlab_proxy_auth_total{outcome=\"denied\"} %llu\n", (unsigned long long)gs.auth_denied);
+        bprintf(b, "kasd_gitlab_proxy_auth_total{outcome=\"failed\"} %llu\n", (unsigned long long)gs.auth_failed);
+        family(b, "kasd_gitlab_proxy_auth_cache_hits_total", "counter",
+               "Front door credentials answered from the cache (no request to GitLab).");
+        bprintf(b, "kasd_gitlab_proxy_auth_cache_hits_total %llu\n", (unsigned long long)gs.auth_cache_hits);
     }
     if (c->kube != NULL) {
         struct kd_kubeapi_stats ks;
@@ -887,6 +896,8 @@ int kd_control_start(struct kd_control *c, char *err, size_t errlen)
             snprintf(err, errlen, "kubernetes_api: out of memory");
             return rc;
         }
+        if (c->gitlab != NULL)
+            kd_kubeapi_set_gitlab(c->kube, c->gitlab);
         struct kd_httpd_site_opts so = {
             .listen_fd = c->kube_fd,
             .on_request = kd_kubeapi_on_request,

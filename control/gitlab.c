@@ -7,6 +7,7 @@
 #include "control/gitlab.h"
 
 #include <errno.h>
+#include <stdarg.h>
 #include <inttypes.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -20,6 +21,7 @@
 #include "core/json.h"
 #include "core/jwt.h"
 #include "core/log.h"
+#include "core/sha2.h"
 #include "router/router.h"
 #include "shards/grpc.h"
 #include "shards/kas.h"
@@ -40,9 +42,34 @@ struct entry {
     char name[256];
 };
 
+enum { REQ_AGENT_INFO, REQ_AUTH_USER, REQ_AUTH_JOB };
+
+struct kd_gitlab_wait {
+    struct kd_gitlab_wait *next;
+    struct req *r;
+    kd_gitlab_auth_fn fn;
+    void *ud;
+};
+
+/* A front door credential's answer: cached by SHA-256 of (kind, agent id, token). */
+struct auth_entry {
+    struct auth_entry *next;
+    uint8_t digest[KD_TOKEN_DIGEST_LEN];
+    uint64_t expires_ms;
+    struct kd_gitlab_auth ans; /* its strings point into the arrays below */
+    char why[160];
+    char username[300];
+    char uid[64];
+    char groups_buf[4096];
+    const char *groups[64];
+};
+
 struct req {
     struct req *next;
     struct kd_gitlab *g;
+    int kind;
+    int64_t for_agent;               /* REQ_AUTH_*: the agent the credential names */
+    struct kd_gitlab_wait *uwaiters; /* REQ_AUTH_*: the front door's requests waiting */
     uint8_t digest[KD_TOKEN_DIGEST_LEN];
     char *token; /* wiped and freed once written */
     size_t token_len;
@@ -68,6 +95,8 @@ struct kd_gitlab {
     struct kd_gitlab_cfg cfg;
     struct entry *buckets[CACHE_BUCKETS];
     size_t nentries;
+    struct auth_entry *auth[256];
+    size_t nauth;
     struct req *reqs; /* in flight and queued, oldest first is not kept: any order */
     unsigned running;
     bool starting;
@@ -171,6 +200,11 @@ static void req_free(struct kd_gitlab *g, struct req *r)
     }
     kd_h1_parser_free(r->parser);
     free(r->waiters);
+    while (r->uwaiters != NULL) { /* only at destroy: the front door answers its own requests */
+        struct kd_gitlab_wait *w = r->uwaiters;
+        r->uwaiters = w->next;
+        free(w);
+    }
     if (r->started)
         g->running--;
     free(r);
@@ -178,11 +212,19 @@ static void req_free(struct kd_gitlab *g, struct req *r)
 
 static void start_queued(struct kd_gitlab *g);
 
+static void finish_auth(struct req *r, struct auth_entry *e);
+static void finish_auth_fail(struct req *r, int status, const char *why);
+static void finish_auth_answer(struct req *r);
+
 /* The request is over: its answer goes to every waiting shard, and into the cache. */
 static void finish(struct req *r, int32_t status, int64_t agent_id, int64_t project_id, const char *name,
                    const char *why)
 {
     struct kd_gitlab *g = r->g;
+    if (r->kind != REQ_AGENT_INFO) {
+        finish_auth_fail(r, status == KD_GRPC_UNAUTHENTICATED ? 401 : 503, why);
+        return;
+    }
     uint64_t now = kd_clock_ms();
     struct entry e = {.status = status, .agent_id = agent_id, .project_id = project_id};
     memcpy(e.digest, r->digest, KD_TOKEN_DIGEST_LEN);
@@ -290,7 +332,9 @@ static void on_conn(void *ud, int ev, const uint8_t *data, size_t len)
     }
     return;
 complete:
-    if (r->status == 200) {
+    if (r->kind != REQ_AGENT_INFO) {
+        finish_auth_answer(r);
+    } else if (r->status == 200) {
         finish_ok(r);
     } else if (r->status == 401 || r->status == 403 || r->status == 404) {
         finish(r, KD_GRPC_UNAUTHENTICATED, 0, 0, NULL, NULL);
@@ -300,43 +344,78 @@ complete:
     }
 }
 
-/* The request bytes: GET agent_info with the agent's token and the kas JWT. */
+/* JSON string content for a token: tokens are printable ASCII; '"' and '\\' escaped. */
+static size_t json_escape(const char *in, size_t n, char *out, size_t cap)
+{
+    size_t o = 0;
+    for (size_t i = 0; i < n && o + 2 < cap; i++) {
+        if (in[i] == '"' || in[i] == '\\')
+            out[o++] = '\\';
+        out[o++] = in[i];
+    }
+    out[o] = '\0';
+    return o;
+}
+
+/* The request bytes: the call for the request's kind, with its credential and the kas JWT. */
 static int build_request(struct kd_gitlab *g, struct req *r)
 {
-    char jwt[512], payload[200], target[300], auth[1100];
+    char jwt[512], payload[200], target[320], auth[1100], body[2300];
     int64_t now = (int64_t)time(NULL);
     snprintf(payload, sizeof(payload),
              "{\"iss\":\"gitlab-kas\",\"aud\":\"gitlab\",\"iat\":%" PRId64 ",\"nbf\":%" PRId64
              ",\"exp\":%" PRId64 "}",
              now, now - 5, now + 60);
     if (kd_jwt_sign(KD_JWT_HS256, g->cfg.secret, g->cfg.secret_len, payload, jwt, sizeof(jwt)) < 0)
-        return -EINVAL;
-    snprintf(target, sizeof(target), "%s%s", g->cfg.prefix, AGENT_INFO_PATH);
-    int an = snprintf(auth, sizeof(auth), "Bearer %.*s", (int)r->token_len, r->token);
-    struct kd_h1_header hs[] = {
-        {"Authorization", 13, auth, (size_t)an}, {"Gitlab-Kas-Api-Request", 22, jwt, strlen(jwt)},
-        {"Accept", 6, "application/json", 16},   {"User-Agent", 10, "kasd", 4},
-        {"Connection", 10, "close", 5},
-    };
-    struct kd_h1_request rq = {.method = "GET",
+        return -ENOMEM;
+    for (size_t i = 0; i < r->token_len; i++)
+        if (r->token[i] <= ' ' || r->token[i] >= 0x7f)
+            return -EINVAL; /* bytes HTTP (and GitLab) would never take in a token */
+    struct kd_h1_header hs[6];
+    size_t nh = 0, blen = 0;
+    const char *method = "GET", *path = AGENT_INFO_PATH;
+    int an = 0;
+    if (r->kind == REQ_AGENT_INFO) {
+        an = snprintf(auth, sizeof(auth), "Bearer %.*s", (int)r->token_len, r->token);
+        hs[nh++] = (struct kd_h1_header){"Authorization", 13, auth, (size_t)an};
+    } else if (r->kind == REQ_AUTH_USER) {
+        char esc[2100];
+        json_escape(r->token, r->token_len, esc, sizeof(esc));
+        blen = (size_t)snprintf(body, sizeof(body),
+                                "{\"agent_id\":%" PRId64
+                                ",\"access_type\":\"personal_access_token\",\"access_key\":\"%s\"}",
+                                r->for_agent, esc);
+        explicit_bzero(esc, sizeof(esc));
+        method = "POST";
+        path = "/api/v4/internal/kubernetes/authorize_proxy_user";
+        hs[nh++] = (struct kd_h1_header){"Content-Type", 12, "application/json", 16};
+    } else {
+        an = snprintf(auth, sizeof(auth), "%.*s", (int)r->token_len, r->token);
+        path = "/api/v4/job/allowed_agents";
+        hs[nh++] = (struct kd_h1_header){"Job-Token", 9, auth, (size_t)an};
+    }
+    snprintf(target, sizeof(target), "%s%s", g->cfg.prefix, path);
+    hs[nh++] = (struct kd_h1_header){"Gitlab-Kas-Api-Request", 22, jwt, strlen(jwt)};
+    hs[nh++] = (struct kd_h1_header){"Accept", 6, "application/json", 16};
+    hs[nh++] = (struct kd_h1_header){"User-Agent", 10, "kasd", 4};
+    hs[nh++] = (struct kd_h1_header){"Connection", 10, "close", 5};
+    struct kd_h1_request rq = {.method = method,
                                .target = target,
                                .host = g->cfg.host,
                                .headers = hs,
-                               .nheaders = sizeof(hs) / sizeof(hs[0])};
+                               .nheaders = nh,
+                               .body = r->kind == REQ_AUTH_USER ? body : NULL,
+                               .body_len = blen};
     size_t need = 0;
     char err[120];
     int rc = kd_h1_request_write(&rq, NULL, 0, &need, err, sizeof(err));
-    if (rc != KD_H1_E_NOSPACE && rc != 0) {
-        explicit_bzero(auth, sizeof(auth));
-        return -EINVAL; /* a token with bytes HTTP forbids: never a valid agent token */
-    }
-    r->out = malloc(need);
-    if (r->out == NULL || kd_h1_request_write(&rq, r->out, need, &r->out_len, err, sizeof(err)) != 0) {
-        explicit_bzero(auth, sizeof(auth));
-        return -ENOMEM;
+    if (rc == 0 || rc == KD_H1_E_NOSPACE) {
+        r->out = malloc(need);
+        rc = r->out != NULL ? kd_h1_request_write(&rq, r->out, need, &r->out_len, err, sizeof(err)) : -ENOMEM;
     }
     explicit_bzero(auth, sizeof(auth));
-    return 0;
+    explicit_bzero(body, sizeof(body));
+    return rc == 0 ? 0 : rc == -ENOMEM ? -ENOMEM : -EINVAL;
 }
 
 static void start(struct kd_gitlab *g, struct req *r)
@@ -435,6 +514,329 @@ bool kd_gitlab_on_message(struct kd_gitlab *g, const struct kd_msg *m)
     return true;
 }
 
+/* ---- the front door's credentials ---- */
+
+static struct auth_entry *auth_get(struct kd_gitlab *g, const uint8_t *d, uint64_t now)
+{
+    for (struct auth_entry *e = g->auth[d[0]]; e != NULL; e = e->next)
+        if (memcmp(e->digest, d, KD_TOKEN_DIGEST_LEN) == 0)
+            return e->expires_ms > now ? e : NULL;
+    return NULL;
+}
+
+static void auth_put(struct kd_gitlab *g, struct auth_entry *tmpl, uint64_t now)
+{
+    if (g->nauth >= CACHE_MAX)
+        for (unsigned b = 0; b < 256; b++) {
+            struct auth_entry **pp = &g->auth[b];
+            while (*pp != NULL) {
+                struct auth_entry *e = *pp;
+                if (e->expires_ms <= now) {
+                    *pp = e->next;
+                    free(e);
+                    g->nauth--;
+                } else {
+                    pp = &e->next;
+                }
+            }
+        }
+    struct auth_entry **pp = &g->auth[tmpl->digest[0]];
+    for (; *pp != NULL; pp = &(*pp)->next)
+        if (memcmp((*pp)->digest, tmpl->digest, KD_TOKEN_DIGEST_LEN) == 0) {
+            struct auth_entry *old = *pp;
+            *pp = old->next;
+            free(old);
+            g->nauth--;
+            break;
+        }
+    if (g->nauth >= CACHE_MAX)
+        return;
+    struct auth_entry *e = malloc(sizeof(*e));
+    if (e == NULL)
+        return;
+    memcpy(e, tmpl, sizeof(*e));
+    /* the answer's strings point into the entry itself */
+    e->ans.why = e->why;
+    e->ans.username = tmpl->ans.username ? e->username : NULL;
+    e->ans.uid = tmpl->ans.uid ? e->uid : NULL;
+    for (size_t i = 0; i < e->ans.ngroups; i++)
+        e->groups[i] = e->groups_buf + (tmpl->groups[i] - tmpl->groups_buf);
+    e->ans.groups = e->groups;
+    e->next = g->auth[e->digest[0]];
+    g->auth[e->digest[0]] = e;
+    g->nauth++;
+}
+
+static void auth_entry_init(struct auth_entry *e, const uint8_t *digest, int status, const char *why)
+{
+    memset(e, 0, sizeof(*e));
+    memcpy(e->digest, digest, KD_TOKEN_DIGEST_LEN);
+    e->ans.status = status;
+    snprintf(e->why, sizeof(e->why), "%s", why ? why : "");
+    e->ans.why = e->why;
+    e->ans.groups = e->groups;
+}
+
+static void add_group(struct auth_entry *e, size_t *used, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void add_group(struct auth_entry *e, size_t *used, const char *fmt, ...)
+{
+    if (e->ans.ngroups >= sizeof(e->groups) / sizeof(e->groups[0]) || *used >= sizeof(e->groups_buf) - 1)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(e->groups_buf + *used, sizeof(e->groups_buf) - *used, fmt, ap);
+    va_end(ap);
+    if (n < 0 || (size_t)n >= sizeof(e->groups_buf) - *used)
+        return; /* does not fit: left out rather than cut */
+    e->groups[e->ans.ngroups++] = e->groups_buf + *used;
+    *used += (size_t)n + 1;
+}
+
+/* Each role of each project (or group) of access_as.user: gitlab:<what>_role:<id>:<role>. */
+static void user_roles(struct auth_entry *e, size_t *used, const struct kd_json *list, const char *what)
+{
+    struct kd_json_iter it, rit;
+    struct kd_json item, roles, role;
+    if (kd_json_enter(list, &it) < 0)
+        return;
+    while (kd_json_next(&it, NULL, &item)) {
+        int64_t id;
+        char rname[64];
+        if (kd_json_get_int64(&item, "id", &id) < 0 || kd_json_get(&item, "roles", &roles) < 0 ||
+            kd_json_enter(&roles, &rit) < 0)
+            continue;
+        while (kd_json_next(&rit, NULL, &role))
+            if (kd_json_str(&role, rname, sizeof(rname)) > 0)
+                add_group(e, used, "gitlab:%s_role:%" PRId64 ":%s", what, id, rname);
+    }
+}
+
+/* authorize_proxy_user's 200: the agent must be the one asked for; access_as says how. */
+static int parse_user(struct req *r, const struct kd_json *root, struct auth_entry *e)
+{
+    int64_t aid;
+    struct kd_json aa, v;
+    char uname[200];
+    if (kd_json_get_int64(root, "agent.id", &aid) < 0 || kd_json_get(root, "access_as", &aa) < 0)
+        return -EBADMSG;
+    if (aid != r->for_agent) {
+        auth_entry_init(e, r->digest, 403, "Forbidden: agentId is not allowed");
+        return 0;
+    }
+    auth_entry_init(e, r->digest, 200, NULL);
+    if (kd_json_get(&aa, "agent", &v) == 0)
+        return 0; /* access as the agent: no impersonation */
+    if (kd_json_get(&aa, "user", &v) < 0 || kd_json_get_str(root, "user.username", uname, sizeof(uname)) <= 0)
+        return -EBADMSG;
+    snprintf(e->username, sizeof(e->username), "gitlab:user:%s", uname);
+    e->ans.username = e->username;
+    size_t used = 0;
+    add_group(e, &used, "gitlab:user");
+    struct kd_json list;
+    if (kd_json_get(&v, "projects", &list) == 0)
+        user_roles(e, &used, &list, "project");
+    if (kd_json_get(&v, "groups", &list) == 0)
+        user_roles(e, &used, &list, "group");
+    return 0;
+}
+
+/* job/allowed_agents's 200: the agent must be among the allowed ones; its access_as says how. */
+static int parse_job(struct req *r, const struct kd_json *root, struct auth_entry *e)
+{
+    struct kd_json list, a, aa, v, groups, gitem;
+    struct kd_json_iter it, git;
+    if (kd_json_get(root, "allowed_agents", &list) < 0 || kd_json_enter(&list, &it) < 0)
+        return -EBADMSG;
+    bool found = false;
+    while (!found && kd_json_next(&it, NULL, &a)) {
+        int64_t id;
+        found = kd_json_get_int64(&a, "id", &id) == 0 && id == r->for_agent;
+    }
+    if (!found) {
+        auth_entry_init(e, r->digest, 403, "Forbidden: agentId is not allowed");
+        return 0;
+    }
+    auth_entry_init(e, r->digest, 200, NULL);
+    if (kd_json_get(&a, "configuration.access_as", &aa) < 0 || kd_json_get(&aa, "agent", &v) == 0)
+        return 0; /* access as the agent (GitLab's default for CI) */
+    size_t used = 0;
+    if (kd_json_get(&aa, "impersonate", &v) == 0) {
+        if (kd_json_get_str(&v, "username", e->username, sizeof(e->username)) <= 0)
+            return -EBADMSG;
+        e->ans.username = e->username;
+        if (kd_json_get_str(&v, "uid", e->uid, sizeof(e->uid)) > 0)
+            e->ans.uid = e->uid;
+        struct kd_json g;
+        char gname[256];
+        if (kd_json_get(&v, "groups", &groups) == 0 && kd_json_enter(&groups, &git) == 0)
+            while (kd_json_next(&git, NULL, &g))
+                if (kd_json_str(&g, gname, sizeof(gname)) > 0)
+                    add_group(e, &used, "%s", gname);
+        return 0;
+    }
+    if (kd_json_get(&aa, "ci_job", &v) < 0)
+        return -EBADMSG; /* an access_as this kasd does not know */
+    int64_t job_id, project_id;
+    if (kd_json_get_int64(root, "job.id", &job_id) < 0 ||
+        kd_json_get_int64(root, "project.id", &project_id) < 0)
+        return -EBADMSG;
+    snprintf(e->username, sizeof(e->username), "gitlab:ci_job:%" PRId64, job_id);
+    e->ans.username = e->username;
+    add_group(e, &used, "gitlab:ci_job");
+    if (kd_json_get(root, "project.groups", &groups) == 0 && kd_json_enter(&groups, &git) == 0)
+        while (kd_json_next(&git, NULL, &gitem)) {
+            int64_t gid;
+            if (kd_json_get_int64(&gitem, "id", &gid) == 0)
+                add_group(e, &used, "gitlab:group:%" PRId64, gid);
+        }
+    add_group(e, &used, "gitlab:project:%" PRId64, project_id);
+    char slug[128], tier[64];
+    if (kd_json_get_str(root, "environment.slug", slug, sizeof(slug)) > 0)
+        add_group(e, &used, "gitlab:project_env:%" PRId64 ":%s", project_id, slug);
+    if (kd_json_get_str(root, "environment.tier", tier, sizeof(tier)) > 0) {
+        add_group(e, &used, "gitlab:project_env_tier:%" PRId64 ":%s", project_id, tier);
+        if (kd_json_get(root, "project.groups", &groups) == 0 && kd_json_enter(&groups, &git) == 0)
+            while (kd_json_next(&git, NULL, &gitem)) {
+                int64_t gid;
+                if (kd_json_get_int64(&gitem, "id", &gid) == 0)
+                    add_group(e, &used, "gitlab:group_env_tier:%" PRId64 ":%s", gid, tier);
+            }
+    }
+    return 0;
+}
+
+static void finish_auth_answer(struct req *r)
+{
+    static struct auth_entry e; /* large: one at a time, on this thread only */
+    if (r->status == 200) {
+        struct kd_json root;
+        int rc = kd_json_parse((const char *)r->body, r->body_len, &root, NULL);
+        if (rc == 0)
+            rc = r->kind == REQ_AUTH_USER ? parse_user(r, &root, &e) : parse_job(r, &root, &e);
+        if (rc < 0) {
+            finish_auth_fail(r, 503,
+                             r->kind == REQ_AUTH_USER ? "authorize_proxy_user answer not understood"
+                                                      : "job/allowed_agents answer not understood");
+            return;
+        }
+    } else if (r->status == 400 || r->status == 401 || r->status == 403 || r->status == 404) {
+        /* as kas: an unknown or revoked credential (GitLab answers 400 for an unknown personal
+         * access token), an unknown agent, or no access to it are all 401 to the user */
+        auth_entry_init(&e, r->digest, 401, "Unauthorized");
+    } else {
+        char why[120];
+        snprintf(why, sizeof(why), "%s answered HTTP %d",
+                 r->kind == REQ_AUTH_USER ? "authorize_proxy_user" : "job/allowed_agents", r->status);
+        finish_auth_fail(r, 503, why);
+        return;
+    }
+    finish_auth(r, &e);
+}
+
+static void finish_auth_fail(struct req *r, int status, const char *why)
+{
+    static struct auth_entry e;
+    auth_entry_init(&e, r->digest, status, why);
+    if (status == 503) {
+        struct kd_logline l;
+        kd_log_begin(&l, KD_LOG_WARN, "gitlab_request_failed");
+        kd_log_str(&l, "endpoint", r->kind == REQ_AUTH_USER ? "authorize_proxy_user" : "job/allowed_agents");
+        kd_log_str(&l, "reason", why);
+        kd_log_end(&l);
+    }
+    finish_auth(r, &e);
+}
+
+/* Every front door request waiting for this credential gets the answer; cached unless GitLab failed. */
+static void finish_auth(struct req *r, struct auth_entry *e)
+{
+    struct kd_gitlab *g = r->g;
+    uint64_t now = kd_clock_ms();
+    int st = e->ans.status;
+    if (st == 200)
+        g->stats.auth_ok++;
+    else if (st == 401 || st == 403)
+        g->stats.auth_denied++;
+    else
+        g->stats.auth_failed++;
+    uint32_t ttl = st == 200 ? g->cfg.cache_ttl_ms : st == 503 ? 0 : g->cfg.error_ttl_ms;
+    e->expires_ms = now + ttl;
+    if (ttl > 0)
+        auth_put(g, e, now);
+    struct kd_gitlab_wait *w = r->uwaiters;
+    r->uwaiters = NULL;
+    while (w != NULL) {
+        struct kd_gitlab_wait *n = w->next;
+        w->fn(w->ud, &e->ans);
+        free(w);
+        w = n;
+    }
+    req_free(g, r);
+    start_queued(g);
+}
+
+int kd_gitlab_authorize(struct kd_gitlab *g, enum kd_gitlab_cred kind, const char *token, size_t len,
+                        int64_t agent_id, kd_gitlab_auth_fn fn, void *ud, struct kd_gitlab_wait **wp)
+{
+    struct kd_sha256 h;
+    uint8_t d[KD_TOKEN_DIGEST_LEN], k = (uint8_t)(kind == KD_GITLAB_PAT ? 'p' : 'c');
+    kd_sha256_init(&h);
+    kd_sha256_update(&h, &k, 1);
+    kd_sha256_update(&h, &agent_id, sizeof(agent_id));
+    kd_sha256_update(&h, token, len);
+    kd_sha256_final(&h, d);
+    struct auth_entry *e = auth_get(g, d, kd_clock_ms());
+    if (e != NULL) {
+        g->stats.auth_cache_hits++;
+        fn(ud, &e->ans);
+        return 1;
+    }
+    struct kd_gitlab_wait *w = calloc(1, sizeof(*w));
+    struct req *r = g->reqs;
+    while (r != NULL && memcmp(r->digest, d, KD_TOKEN_DIGEST_LEN) != 0)
+        r = r->next;
+    if (w == NULL ||
+        (r == NULL && ((r = calloc(1, sizeof(*r))) == NULL || (r->token = malloc(len + 1)) == NULL))) {
+        if (r != NULL && r->token == NULL && r->g == NULL)
+            free(r);
+        free(w);
+        struct kd_gitlab_auth oom = {.status = 503, .why = "out of memory"};
+        fn(ud, &oom);
+        return 1;
+    }
+    if (r->g == NULL) { /* a new request */
+        r->g = g;
+        r->kind = kind == KD_GITLAB_PAT ? REQ_AUTH_USER : REQ_AUTH_JOB;
+        r->for_agent = agent_id;
+        memcpy(r->digest, d, KD_TOKEN_DIGEST_LEN);
+        memcpy(r->token, token, len);
+        r->token_len = len;
+        r->next = g->reqs;
+        g->reqs = r;
+    } else {
+        g->stats.coalesced++;
+    }
+    w->r = r;
+    w->fn = fn;
+    w->ud = ud;
+    w->next = r->uwaiters;
+    r->uwaiters = w;
+    *wp = w;
+    start_queued(g); /* may answer at once (no connection could be made): then w is gone */
+    return 0;
+}
+
+void kd_gitlab_cancel(struct kd_gitlab_wait *w)
+{
+    struct kd_gitlab_wait **pp = &w->r->uwaiters;
+    while (*pp != NULL && *pp != w)
+        pp = &(*pp)->next;
+    if (*pp == w)
+        *pp = w->next;
+    free(w);
+}
+
 uint64_t kd_gitlab_tick(struct kd_gitlab *g, uint64_t now)
 {
     uint64_t next = UINT64_MAX;
@@ -482,6 +884,12 @@ void kd_gitlab_destroy(struct kd_gitlab *g)
         return;
     while (g->reqs != NULL)
         req_free(g, g->reqs);
+    for (unsigned b = 0; b < 256; b++)
+        while (g->auth[b] != NULL) {
+            struct auth_entry *e = g->auth[b];
+            g->auth[b] = e->next;
+            free(e);
+        }
     for (unsigned b = 0; b < CACHE_BUCKETS; b++)
         while (g->buckets[b] != NULL) {
             struct entry *e = g->buckets[b];

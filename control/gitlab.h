@@ -24,6 +24,7 @@
 struct kd_server;
 struct kd_httpd;
 struct kd_msg;
+struct kd_gitlab;
 
 struct kd_gitlab_cfg {
     struct sockaddr_storage addr; /* resolved at start (no DNS on the control thread) */
@@ -38,7 +39,32 @@ struct kd_gitlab_cfg {
 
 struct kd_gitlab_stats {
     uint64_t requests, ok, unauthenticated, failed, cache_hits, coalesced, cached;
+    /* the front door's credentials (authorize_proxy_user, job/allowed_agents) */
+    uint64_t auth_ok, auth_denied, auth_failed, auth_cache_hits;
 };
+
+/* A Kubernetes API front door credential checked by GitLab (control/kubeapi.c):
+ *   pat: POST <address>/api/v4/internal/kubernetes/authorize_proxy_user
+ *        {"agent_id", "access_type": "personal_access_token", "access_key"}
+ *   ci:  GET <address>/api/v4/job/allowed_agents with Job-Token
+ * and the impersonation GitLab kas derives from the answer (docs/kubernetes_api.md). */
+enum kd_gitlab_cred { KD_GITLAB_PAT, KD_GITLAB_CI };
+struct kd_gitlab_auth {
+    int status; /* 200 allowed; 401 unknown credential; 403 not allowed for the agent; 503 GitLab failed */
+    const char *why;
+    const char *username; /* NULL: no impersonation (access as the agent) */
+    const char *const *groups;
+    size_t ngroups;
+    const char *uid;
+};
+typedef void (*kd_gitlab_auth_fn)(void *ud, const struct kd_gitlab_auth *a);
+struct kd_gitlab_wait;
+/* Check a credential for agent_id. 1: answered now (fn called before returning); 0: *w set, fn is
+ * called later (exactly once) unless kd_gitlab_cancel(*w) is called first. Strings in the answer
+ * are valid during fn only. */
+int kd_gitlab_authorize(struct kd_gitlab *g, enum kd_gitlab_cred kind, const char *token, size_t len,
+                        int64_t agent_id, kd_gitlab_auth_fn fn, void *ud, struct kd_gitlab_wait **w);
+void kd_gitlab_cancel(struct kd_gitlab_wait *w);
 
 struct kd_gitlab;
 int kd_gitlab_create(struct kd_server *srv, struct kd_httpd *httpd, const struct kd_gitlab_cfg *cfg,

@@ -12,6 +12,8 @@
  */
 #include "control/kubeapi.h"
 
+#include "control/gitlab.h"
+
 #include <errno.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -41,6 +43,7 @@ struct chunk {
 
 struct kd_kubeapi {
     struct kd_server *srv;
+    struct kd_gitlab *gitlab; /* credentials checked by GitLab when no access-token file is set */
     struct kd_router *router;
     unsigned self, n;
     struct kd_kubeapi_cfg cfg;
@@ -71,6 +74,11 @@ struct kreq {
     size_t upgrade_len;
     struct kd_httpd_upgraded *up;
     bool up_open, up_eof_sent, read_held;
+    /* the credential checked by GitLab (kd_gitlab_authorize): the request waits for the answer */
+    struct kd_gitlab_wait *auth_wait;
+    bool in_auth, free_after_auth;
+    const char *method; /* h2o's, valid while req is */
+    size_t mlen;
     /* CORS headers to add to the answer */
     char origin[256];
     bool cors;
@@ -149,6 +157,8 @@ static void kreq_free(struct kreq *q)
         free(q->inflight);
     }
     free(q->hdr);
+    if (q->auth_wait != NULL)
+        kd_gitlab_cancel(q->auth_wait);
     if (q->up != NULL)
         kd_httpd_up_close(q->up);
     if (q->prev)
@@ -645,6 +655,130 @@ static const char *parse_credential(const struct kd_httpd_header *h, int64_t *ag
     return NULL;
 }
 
+static void unauthorized(struct kreq *q, const char *why)
+{
+    q->k->stats.unauthorized++;
+    struct kd_logline l;
+    kd_log_begin(&l, KD_LOG_INFO, "kubernetes_api_unauthorized");
+    kd_log_str(&l, "reason", why);
+    kd_log_end(&l);
+    status_answer(q, 401, "Unauthorized");
+}
+
+/* The credential is good: the request becomes a routed call (its header message now, sent at
+ * BOUND; START to the agent's owner shard). false: answered with an error (the caller frees q). */
+static bool route_request(struct kreq *q, const struct kd_hm_imp *imp)
+{
+    struct kd_kubeapi *k = q->k;
+    struct kd_httpd_req *req = q->req;
+    struct kd_httpd_header h;
+    if (req == NULL)
+        return false; /* gone while its credential was checked */
+    const char *raw, *query;
+    size_t rawlen, qlen;
+    kd_httpd_req_target(req, &raw, &rawlen, &query, &qlen);
+    size_t keep = k->prefix_len - 1; /* keep the prefix's last '/' */
+    char *url_path = malloc(rawlen - keep + 1);
+    long ulen = url_path ? kd_hm_path_decode(raw + keep, rawlen - keep, url_path) : -1;
+    if (ulen < 0) {
+        free(url_path);
+        k->stats.bad_requests++;
+        status_answer(q, 400, "Bad request: invalid percent-encoding in the URL path");
+        return false;
+    }
+    q->upgrade = kd_httpd_req_upgrade_value(req, &q->upgrade_len);
+    if (q->upgrade == NULL && header_get(req, "upgrade", &h, NULL)) {
+        free(url_path);
+        k->stats.bad_requests++;
+        status_answer(q, 400, "Bad request: a protocol upgrade needs HTTP/1.1");
+        return false;
+    }
+
+    /* The header message, sent at BOUND. */
+    struct kd_hm_header hs[256];
+    size_t nh = 0;
+    for (size_t i = 0; nh < 256 && kd_httpd_req_header(req, i, &h); i++)
+        hs[nh++] = (struct kd_hm_header){h.name, h.name_len, h.value, h.value_len};
+    const uint8_t *body;
+    size_t blen;
+    kd_httpd_req_body(req, &body, &blen);
+    struct kd_hm_request rq = {
+        .method = q->method,
+        .method_len = q->mlen,
+        .url_path = url_path,
+        .url_path_len = (size_t)ulen,
+        .query = query,
+        .query_len = qlen,
+        .headers = hs,
+        .nheaders = nh,
+        .via = k->cfg.via,
+        .upgrade = q->upgrade,
+        .upgrade_len = q->upgrade_len,
+        .imp = imp,
+        .content_length = (int64_t)blen,
+    };
+    int rc = kd_hm_encode_request_header(&rq, k->cfg.max_header_message, &q->hdr, &q->hdr_len);
+    free(url_path);
+    if (rc < 0) {
+        k->stats.bad_requests++;
+        status_answer(q, rc == -E2BIG ? 431 : 503, "%s",
+                      rc == -E2BIG ? "Request header fields too large" : "out of memory");
+        return false;
+    }
+
+    /* START, as an api-listener call would. */
+    q->o = kd_hash_owner((uint64_t)q->agent_id, k->n);
+    size_t ml = sizeof(MAKE_REQUEST) - 1;
+    struct kd_rt_start *st = payload(k, sizeof(*st) + ml);
+    memset(st, 0, sizeof(*st));
+    st->agent_id = q->agent_id;
+    st->deadline_ms = kd_clock_ms() + k->cfg.routing_timeout_ms;
+    st->method_len = (uint32_t)ml;
+    st->md_len = 0;
+    st->flags = 0;
+    st->reply_to = k->self;
+    memcpy(st->data, MAKE_REQUEST, ml);
+    q->got_end = false;
+    kd_httpd_watch(req, on_event, q);
+    send_msg(q, KD_RT_START, st, q, (uint64_t)q->agent_id);
+    return true;
+}
+
+/* GitLab's answer for the request's credential (kd_gitlab_authorize). */
+static void on_authorized(void *ud, const struct kd_gitlab_auth *a)
+{
+    struct kreq *q = ud;
+    struct kd_kubeapi *k = q->k;
+    q->auth_wait = NULL;
+    bool ok = false;
+    if (q->req == NULL) {
+        /* the client left while GitLab was asked */
+    } else if (a->status == 401) {
+        unauthorized(q, "GitLab refused the credential");
+    } else if (a->status == 403) {
+        k->stats.forbidden++;
+        status_answer(q, 403, "%s", a->why && a->why[0] ? a->why : "Forbidden: agentId is not allowed");
+    } else if (a->status != 200) {
+        k->stats.failed++;
+        status_answer(q, 503, "GitLab unavailable: %s", a->why ? a->why : "");
+    } else {
+        struct kd_hm_imp imp = {
+            .username = a->username, .groups = a->groups, .ngroups = a->ngroups, .uid = a->uid};
+        ok = route_request(q, &imp);
+    }
+    if (!ok) {
+        if (q->in_auth)
+            q->free_after_auth = true;
+        else
+            kreq_free(q);
+    }
+}
+
+void kd_kubeapi_set_gitlab(struct kd_kubeapi *k, struct kd_gitlab *g)
+{
+    k->gitlab = g;
+}
+
 void kd_kubeapi_on_request(void *ud, struct kd_httpd_req *req, const char *method, size_t mlen,
                            const char *path, size_t plen)
 {
@@ -703,23 +837,13 @@ void kd_kubeapi_on_request(void *ud, struct kd_httpd_req *req, const char *metho
         }
     }
 
-    /* The prefix, then the path the agent's API server sees. */
+    /* The prefix. */
     const char *raw, *query;
     size_t rawlen, qlen;
     kd_httpd_req_target(req, &raw, &rawlen, &query, &qlen);
     if (rawlen < k->prefix_len || memcmp(raw, k->cfg.prefix, k->prefix_len) != 0) {
         k->stats.bad_requests++;
         status_answer(q, 400, "Bad request: URL does not start with expected prefix %s", k->cfg.prefix);
-        kreq_free(q);
-        return;
-    }
-    size_t keep = k->prefix_len - 1; /* keep the prefix's last '/' */
-    char *url_path = malloc(rawlen - keep + 1);
-    long ulen = url_path ? kd_hm_path_decode(raw + keep, rawlen - keep, url_path) : -1;
-    if (ulen < 0) {
-        free(url_path);
-        k->stats.bad_requests++;
-        status_answer(q, 400, "Bad request: invalid percent-encoding in the URL path");
         kreq_free(q);
         return;
     }
@@ -733,86 +857,38 @@ void kd_kubeapi_on_request(void *ud, struct kd_httpd_req *req, const char *metho
         why = nauth == 0 ? "no valid credentials provided" : "more than one authorization header";
     else
         why = parse_credential(&h, &agent_id, &tok, &tlen);
+    q->agent_id = agent_id;
+    q->method = method;
+    q->mlen = mlen;
+    if (why == NULL && k->cfg.authorize == NULL && k->gitlab != NULL) {
+        /* GitLab decides: the request waits (GONE is watched meanwhile). */
+        bool pat = h.value_len > 7 + 3 && memcmp(h.value + 7, "pat", 3) == 0;
+        q->in_auth = true;
+        kd_httpd_watch(req, on_event, q);
+        kd_gitlab_authorize(k->gitlab, pat ? KD_GITLAB_PAT : KD_GITLAB_CI, tok, tlen, agent_id, on_authorized,
+                            q, &q->auth_wait);
+        q->in_auth = false;
+        if (q->free_after_auth)
+            kreq_free(q);
+        return;
+    }
     struct kd_hm_imp imp = {0};
     int arc = -ENOENT;
     if (why == NULL && k->cfg.authorize != NULL)
         arc = k->cfg.authorize(k->cfg.authorize_ud, tok, tlen, agent_id, &imp);
     if (why != NULL || arc == -ENOENT) {
-        free(url_path);
-        k->stats.unauthorized++;
-        struct kd_logline l;
-        kd_log_begin(&l, KD_LOG_INFO, "kubernetes_api_unauthorized");
-        kd_log_str(&l, "reason", why ? why : "unknown token");
-        kd_log_end(&l);
-        status_answer(q, 401, "Unauthorized");
+        unauthorized(q, why ? why : "unknown token");
         kreq_free(q);
         return;
     }
     if (arc != 0) {
-        free(url_path);
         k->stats.forbidden++;
         status_answer(q, 403, "Forbidden: agentId is not allowed");
         kreq_free(q);
         return;
     }
-    q->upgrade = kd_httpd_req_upgrade_value(req, &q->upgrade_len);
-    if (q->upgrade == NULL && header_get(req, "upgrade", &h, NULL)) {
-        free(url_path);
-        k->stats.bad_requests++;
-        status_answer(q, 400, "Bad request: a protocol upgrade needs HTTP/1.1");
+    if (!route_request(q, &imp))
         kreq_free(q);
-        return;
-    }
-
-    /* The header message, sent at BOUND. */
-    struct kd_hm_header hs[256];
-    size_t nh = 0;
-    for (size_t i = 0; nh < 256 && kd_httpd_req_header(req, i, &h); i++)
-        hs[nh++] = (struct kd_hm_header){h.name, h.name_len, h.value, h.value_len};
-    const uint8_t *body;
-    size_t blen;
-    kd_httpd_req_body(req, &body, &blen);
-    struct kd_hm_request rq = {
-        .method = method,
-        .method_len = mlen,
-        .url_path = url_path,
-        .url_path_len = (size_t)ulen,
-        .query = query,
-        .query_len = qlen,
-        .headers = hs,
-        .nheaders = nh,
-        .via = k->cfg.via,
-        .upgrade = q->upgrade,
-        .upgrade_len = q->upgrade_len,
-        .imp = &imp,
-        .content_length = (int64_t)blen,
-    };
-    int rc = kd_hm_encode_request_header(&rq, k->cfg.max_header_message, &q->hdr, &q->hdr_len);
-    free(url_path);
-    if (rc < 0) {
-        k->stats.bad_requests++;
-        status_answer(q, rc == -E2BIG ? 431 : 503, "%s",
-                      rc == -E2BIG ? "Request header fields too large" : "out of memory");
-        kreq_free(q);
-        return;
-    }
-
-    /* START, as an api-listener call would. */
-    q->agent_id = agent_id;
-    q->o = kd_hash_owner((uint64_t)agent_id, k->n);
-    size_t ml = sizeof(MAKE_REQUEST) - 1;
-    struct kd_rt_start *st = payload(k, sizeof(*st) + ml);
-    memset(st, 0, sizeof(*st));
-    st->agent_id = agent_id;
-    st->deadline_ms = kd_clock_ms() + k->cfg.routing_timeout_ms;
-    st->method_len = (uint32_t)ml;
-    st->md_len = 0;
-    st->flags = 0;
-    st->reply_to = k->self;
-    memcpy(st->data, MAKE_REQUEST, ml);
-    q->got_end = false;
-    kd_httpd_watch(req, on_event, q);
-    send_msg(q, KD_RT_START, st, q, (uint64_t)agent_id);
 }
 
 int kd_kubeapi_create(struct kd_server *srv, const struct kd_kubeapi_cfg *cfg, struct kd_kubeapi **out)

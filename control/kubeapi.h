@@ -55,6 +55,9 @@ void kd_kubeapi_on_request(void *ud, struct kd_httpd_req *req, const char *metho
                            const char *path, size_t plen);
 /* A router message for the front door: true if it was one (KD_RT_BOUND .. KD_RT_ACK_REQ). */
 bool kd_kubeapi_on_message(struct kd_kubeapi *k, const struct kd_msg *m);
+/* Check credentials with GitLab (control/gitlab.h) when cfg.authorize is NULL. */
+struct kd_gitlab;
+void kd_kubeapi_set_gitlab(struct kd_kubeapi *k, struct kd_gitlab *g);
 /* Whether kasd is stopping (no new requests are routed then). */
 bool kd_kubeapi_stopping(const struct kd_kubeapi *k);
 void kd_kubeapi_stats(const struct kd_kubeapi *k, struct kd_kubeapi_stats *out);

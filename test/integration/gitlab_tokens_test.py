@@ -164,5 +164,137 @@ limits:
             self.gitlab.come_back()
 
 
+class FrontDoorGitLab(unittest.TestCase):
+    """The Kubernetes API front door's credentials checked by GitLab (no access-token file):
+    pat via authorize_proxy_user, ci via job/allowed_agents, impersonation as kas derives it."""
+
+    AGENT = 21
+
+    @classmethod
+    def setUpClass(cls):
+        import kubeapi_test  # the recording MakeRequest handler
+        cls.kt = kubeapi_test
+        cls.dir = d = tempfile.mkdtemp(prefix="kasd-gitlab-k8s-")
+        secret = os.urandom(32)
+        with open(os.path.join(d, "gitlab-secret"), "w") as f:
+            f.write(base64.b64encode(secret).decode() + "\n")
+        cls.gitlab = FakeGitLab(secret).start()
+        cls.agent_token = token()
+        cls.gitlab.add_agent(cls.agent_token, agent_id=cls.AGENT, project_id=210, name="k8s-agent")
+        cls.gitlab.add_user("pat-agent-access-0123456789", user_id=1, username="alice")
+        cls.gitlab.grant(cls.AGENT, 1)  # access as the agent
+        cls.gitlab.add_user("pat-user-access-0123456789", user_id=2, username="bob")
+        cls.gitlab.grant(cls.AGENT, 2, {"user": {"projects": [{"id": 210, "roles": ["developer"]}],
+                                                 "groups": [{"id": 7, "roles": ["maintainer"]}]}})
+        cls.gitlab.add_user("pat-no-grant-0123456789", user_id=3, username="eve")
+        from fake_gitlab import allowed_agent
+        cls.gitlab.add_job("job-token-allowed-0123456789", job_id=501, pipeline_id=50, project_id=300, user_id=2,
+                           username="bob", groups=(7, 8),
+                           allowed_agents=[allowed_agent(cls.AGENT, 210, access_as={"ci_job": {}})])
+        cls.gitlab.add_job("job-token-other-0123456789", job_id=502, pipeline_id=50, project_id=300, user_id=2,
+                           username="bob", allowed_agents=[allowed_agent(99, 990)])
+        cfg = f"""\
+shards: 2
+agent:
+  listen:
+    address: 127.0.0.1:0
+  token_source: gitlab
+gitlab:
+  address: {cls.gitlab.url}
+  authentication_secret_file: {d}/gitlab-secret
+  timeout: 2s
+api:
+  listen:
+    address: 127.0.0.1:0
+private_api:
+  listen:
+    address: 127.0.0.1:0
+observability:
+  listen:
+    address: 127.0.0.1:0
+kubernetes_api:
+  listen:
+    address: 127.0.0.1:0
+limits:
+  routing_timeout: 2s
+  shutdown_grace: 2s
+"""
+        cls.kasd = Kasd(config=cfg)
+        assert cls.kasd.started, cls.kasd.log()
+        cls.host, cls.port = cls.kasd.listeners["kubernetes_api"]
+        cls.rec = cls.kt.Recorder()
+        cls.agent = AgentK("%s:%d" % cls.kasd.listeners["agent"], cls.agent_token, pods=1, idle=2,
+                           handlers={cls.kt.MAKE_REQUEST: cls.rec}).start()
+        cls.agent.wait_for(lambda s: s["registers"] >= 1 and s["tunnels_idle"] >= 2, timeout=15)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.agent.stop(5)
+        rc = cls.kasd.stop()
+        cls.gitlab.stop()
+        assert rc == 0, f"kasd exited {rc}\n" + cls.kasd.log()
+
+    def get(self, cred, agent=None):
+        import http.client
+        c = http.client.HTTPConnection(self.host, self.port, timeout=10)
+        c.request("GET", "/k8s-proxy/api/v1/pods", headers={"Authorization": f"Bearer {cred.format(a=agent or self.AGENT)}"})
+        r = c.getresponse()
+        body = r.read()
+        c.close()
+        return r, body
+
+    def extra(self):
+        with self.rec.lock:
+            hdr = self.rec.requests[-1][0]
+        if not hdr.HasField("extra"):
+            return None
+        ex = self.kt.kaspb.kubernetes_api_rpc.HeaderExtra()
+        ex.ParseFromString(hdr.extra.value)
+        return ex.imp_config
+
+    def test_pat_as_agent_cached(self):
+        self.gitlab.reset_counts()
+        for _ in range(3):
+            r, _ = self.get("pat:{a}:pat-agent-access-0123456789")
+            self.assertEqual(r.status, 404)  # the agent's answer: the request went through
+            self.assertIsNone(self.extra())
+        self.assertEqual(self.gitlab.count("authorize_proxy_user"), 1)
+
+    def test_pat_as_user_impersonates(self):
+        r, _ = self.get("pat:{a}:pat-user-access-0123456789")
+        self.assertEqual(r.status, 404)
+        imp = self.extra()
+        self.assertEqual(imp.username, "gitlab:user:bob")
+        self.assertEqual(list(imp.groups), ["gitlab:user", "gitlab:project_role:210:developer",
+                                            "gitlab:group_role:7:maintainer"])
+
+    def test_pat_refused(self):
+        for cred, agent in (("pat:{a}:pat-unknown-0123456789", None), ("pat:{a}:pat-no-grant-0123456789", None),
+                            ("pat:{a}:pat-agent-access-0123456789", 77)):
+            r, body = self.get(cred, agent)
+            self.assertEqual(r.status, 401, (cred, body))
+            self.assertEqual(r.getheader("Gitlab-Unauthorized"), "true")
+
+    def test_ci_job(self):
+        r, _ = self.get("ci:{a}:job-token-allowed-0123456789")
+        self.assertEqual(r.status, 404)
+        imp = self.extra()
+        self.assertEqual(imp.username, "gitlab:ci_job:501")
+        self.assertEqual(list(imp.groups), ["gitlab:ci_job", "gitlab:group:7", "gitlab:group:8", "gitlab:project:300"])
+        r, body = self.get("ci:{a}:job-token-other-0123456789")
+        self.assertEqual(r.status, 403, body)
+        r, _ = self.get("ci:{a}:job-token-unknown-0123456789")
+        self.assertEqual(r.status, 401)
+
+    def test_z_gitlab_away_is_503(self):
+        self.gitlab.go_away()
+        try:
+            r, body = self.get("pat:{a}:pat-never-seen-0123456789")
+            self.assertEqual(r.status, 503, body)
+            self.assertIn("GitLab unavailable", body.decode())
+        finally:
+            self.gitlab.come_back()
+
+
 if __name__ == "__main__":
     unittest.main()
