@@ -321,6 +321,7 @@ struct start_files {
     bool gitlab_on;                              /* gitlab.address: the control thread's client */
     uint8_t gitlab_secret[128];                  /* gitlab.authentication_secret_file */
     struct kd_gitlab_cfg gitlab;                 /* GitLab's address, resolved */
+    struct kd_httpd_tls *gitlab_tls;             /* https:// to GitLab */
 };
 
 static void start_files_free(struct start_files *f)
@@ -328,6 +329,7 @@ static void start_files_free(struct start_files *f)
     kd_tokens_free(f->tokens);
     kd_agentcfg_free(f->agentcfg);
     kd_access_free(f->access);
+    kd_httpd_client_tls_free(f->gitlab_tls);
     for (int i = 0; i < NLISTENERS; i++)
         if (f->listener_tls[i] != NULL)
             kd_tls_ctx_destroy(f->listener_tls[i]);
@@ -410,7 +412,8 @@ static int gitlab_load(struct start_files *f, const struct kd_config *cfg, bool 
     if (rc < 0)
         return rc;
     struct kd_gitlab_cfg *g = &f->gitlab;
-    const char *hp = cfg->gitlab.address + 7; /* after http:// (checked by the config) */
+    bool https = strncmp(cfg->gitlab.address, "https://", 8) == 0;
+    const char *hp = cfg->gitlab.address + (https ? 8 : 7); /* the scheme was checked by the config */
     const char *slash = strchr(hp, '/');
     size_t hl = slash ? (size_t)(slash - hp) : strlen(hp);
     if (hl >= sizeof(g->host) || (slash && strlen(slash) >= sizeof(g->prefix))) {
@@ -423,7 +426,8 @@ static int gitlab_load(struct start_files *f, const struct kd_config *cfg, bool 
     size_t pl = strlen(g->prefix);
     while (pl > 0 && g->prefix[pl - 1] == '/')
         g->prefix[--pl] = '\0';
-    char host[300], port[8] = "80";
+    char host[300], port[8];
+    snprintf(port, sizeof(port), "%s", https ? "443" : "80");
     snprintf(host, sizeof(host), "%s", g->host);
     char *colon = host[0] == '[' ? strstr(host, "]:") : strrchr(host, ':');
     if (colon != NULL) {
@@ -438,15 +442,28 @@ static int gitlab_load(struct start_files *f, const struct kd_config *cfg, bool 
         if (rb)
             *rb = '\0';
     }
+    snprintf(g->server_name, sizeof(g->server_name), "%s", host);
     struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM}, *res = NULL;
     int gr = getaddrinfo(host, port, &hints, &res);
     if (gr != 0 || res == NULL) {
         snprintf(err, errlen, "gitlab.address: %s: %s", cfg->gitlab.address, gai_strerror(gr));
         return -EINVAL;
     }
-    memcpy(&g->addr, res->ai_addr, res->ai_addrlen);
-    g->addrlen = res->ai_addrlen;
+    g->naddrs = 0;
+    for (struct addrinfo *a = res; a != NULL && g->naddrs < 4; a = a->ai_next) {
+        memcpy(&g->addrs[g->naddrs], a->ai_addr, a->ai_addrlen);
+        g->addrlens[g->naddrs++] = a->ai_addrlen;
+    }
     freeaddrinfo(res);
+    if (https) {
+        char why[300];
+        f->gitlab_tls = kd_httpd_client_tls_new(cfg->gitlab.ca_file, why, sizeof(why));
+        if (f->gitlab_tls == NULL) {
+            snprintf(err, errlen, "gitlab.ca_file: %s", why);
+            return -EINVAL;
+        }
+        g->tls = f->gitlab_tls;
+    }
     g->secret = f->gitlab_secret;
     g->secret_len = slen;
     g->timeout_ms = cfg->gitlab.timeout_ms;

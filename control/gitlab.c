@@ -78,6 +78,8 @@ struct req {
     bool started;
     uint64_t deadline_ms;
     struct kd_httpd_upgraded *conn;
+    unsigned addr_idx; /* the address being tried (GitLab's name may resolve to several) */
+    bool opened;
     char *out; /* the request bytes, until written */
     size_t out_len;
     struct kd_h1_parser *parser;
@@ -270,12 +272,23 @@ static void finish_ok(struct req *r)
     finish(r, 0, agent_id, project_id, name, NULL);
 }
 
+static void on_conn(void *ud, int ev, const uint8_t *data, size_t len);
+
+static struct kd_httpd_upgraded *connect_to(struct req *r)
+{
+    const struct kd_gitlab_cfg *c = &r->g->cfg;
+    return kd_httpd_connect(r->g->httpd, (const struct sockaddr *)&c->addrs[r->addr_idx],
+                            c->addrlens[r->addr_idx], c->tls, c->tls != NULL ? c->server_name : NULL, on_conn,
+                            r);
+}
+
 static void on_conn(void *ud, int ev, const uint8_t *data, size_t len)
 {
     struct req *r = ud;
     char why[200];
     switch (ev) {
     case KD_HTTPD_UP_OPEN:
+        r->opened = true;
         kd_httpd_up_write(r->conn, r->out, r->out_len);
         break;
     case KD_HTTPD_UP_WRITTEN:
@@ -326,8 +339,18 @@ static void on_conn(void *ud, int ev, const uint8_t *data, size_t len)
         goto complete;
     case KD_HTTPD_UP_ERROR:
     default:
+        if (!r->opened && r->addr_idx + 1 < r->g->cfg.naddrs) {
+            /* the next address of GitLab's name */
+            kd_httpd_up_close(r->conn);
+            r->addr_idx++;
+            r->conn = connect_to(r);
+            if (r->conn != NULL)
+                return;
+        }
+        snprintf(why, sizeof(why), "connection to GitLab failed: %.*s", (int)(len < 120 ? len : 120),
+                 data != NULL ? (const char *)data : "");
         r->done = true;
-        finish(r, KD_GRPC_UNAVAILABLE, 0, 0, NULL, "agent_info: connection to GitLab failed");
+        finish(r, KD_GRPC_UNAVAILABLE, 0, 0, NULL, why);
         return;
     }
     return;
@@ -432,8 +455,7 @@ static void start(struct kd_gitlab *g, struct req *r)
         return;
     }
     if (rc == 0)
-        r->conn =
-            kd_httpd_connect(g->httpd, (const struct sockaddr *)&g->cfg.addr, g->cfg.addrlen, on_conn, r);
+        r->conn = connect_to(r);
     if (rc < 0 || r->conn == NULL)
         finish(r, KD_GRPC_UNAVAILABLE, 0, 0, NULL, "agent_info: no connection to GitLab could be made");
 }

@@ -25,10 +25,14 @@ struct kd_server;
 struct kd_httpd;
 struct kd_msg;
 struct kd_gitlab;
+struct kd_httpd_tls;
 
 struct kd_gitlab_cfg {
-    struct sockaddr_storage addr; /* resolved at start (no DNS on the control thread) */
-    socklen_t addrlen;
+    struct sockaddr_storage addrs[4]; /* resolved at start (no DNS on the control thread), tried in order */
+    socklen_t addrlens[4];
+    unsigned naddrs;
+    struct kd_httpd_tls *tls; /* https:// (NULL: plain HTTP) */
+    char server_name[256];    /* the name GitLab's certificate must carry (the address's host) */
     char host[300];        /* Host header: the address as configured */
     char prefix[256];      /* path prefix of the address ("" or "/gitlab") */
     const uint8_t *secret; /* gitlab.authentication_secret_file: signs Gitlab-Kas-Api-Request */

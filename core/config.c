@@ -248,7 +248,7 @@ const char *kd_log_level_name(enum kd_log_level l)
 
 /* Every heap string a kd_config owns. A new char * member of struct kd_config must be added here,
  * or it will leak on free and be shared (then double-freed) by the transactional copy. */
-#define NSTRINGS 54
+#define NSTRINGS 55
 
 static void string_slots(struct kd_config *c, char **s[NSTRINGS])
 {
@@ -262,6 +262,7 @@ static void string_slots(struct kd_config *c, char **s[NSTRINGS])
     s[i++] = &c->gitlab.external_url;
     s[i++] = &c->gitlab.address;
     s[i++] = &c->gitlab.authentication_secret_file;
+    s[i++] = &c->gitlab.ca_file;
     s[i++] = &c->agent.token_source;
     s[i++] = &c->api.listen.address;
     s[i++] = &c->api.listen.authentication_secret_file;
@@ -525,6 +526,7 @@ static const struct field gitlab_keys[] = {
     {.key = "external_url", .kind = K_STRING, .off = OFF(gitlab.external_url)},
     {.key = "address", .kind = K_STRING, .off = OFF(gitlab.address)},
     {.key = "authentication_secret_file", .kind = K_STRING, .off = OFF(gitlab.authentication_secret_file)},
+    {.key = "ca_file", .kind = K_STRING, .off = OFF(gitlab.ca_file)},
     {.key = "timeout", .kind = K_DURATION, .off = OFF(gitlab.timeout_ms), .min = 100, .max = 600000},
     {.key = "agent_info_cache_ttl",
      .kind = K_DURATION,
@@ -1400,19 +1402,19 @@ static int kubernetes_api_listen_done(struct parse *p, struct kd_yaml_mark at)
 }
 
 /* Peers dial the advertised address as it is: a numeric ip:port (no DNS on the shards). */
-/* http://host[:port][/prefix]: kasd reads GitLab's internal API over plain HTTP (https is not
- * supported yet: say so rather than dial TLS as plain text). */
+/* http(s)://host[:port][/prefix] of GitLab's internal API. */
 static int gitlab_done(struct parse *p, struct kd_yaml_mark at)
 {
     const char *a = p->c->gitlab.address;
     if (a == NULL)
         return 0;
-    bool ok = strncmp(a, "http://", 7) == 0 && a[7] != '\0' && a[7] != '/';
+    size_t sl = strncmp(a, "https://", 8) == 0 ? 8 : strncmp(a, "http://", 7) == 0 ? 7 : 0;
+    bool ok = sl > 0 && a[sl] != '\0' && a[sl] != '/';
     for (const char *q = a; ok && *q; q++)
         ok = *q > ' ' && *q < 0x7f && *q != '?' && *q != '#';
     if (!ok) {
         size_t saved = push(p, "address", 7);
-        int r = fail(p, at, "expected http://host[:port][/path] (https:// is not supported yet), got \"%s\"", a);
+        int r = fail(p, at, "expected http://host[:port][/path] or https://..., got \"%s\"", a);
         pop(p, saved);
         return r;
     }

@@ -40,6 +40,8 @@ struct site {
 
 struct kd_httpd_upgraded {
     struct kd_httpd *h;
+    SSL_CTX *tls;            /* kd_httpd_connect over TLS: the client context (borrowed) */
+    const char *server_name; /* and the name its certificate must carry (borrowed) */
     h2o_socket_t *sock; /* NULL until the 101 went out, and after close */
     kd_httpd_up_fn fn;
     void *ud;
@@ -383,7 +385,10 @@ static void up_on_read(h2o_socket_t *sock, const char *err)
         u->dead = true;
         h2o_socket_read_stop(sock);
         u->reading = false;
-        up_event(u, err == h2o_socket_error_closed ? KD_HTTPD_UP_EOF : KD_HTTPD_UP_ERROR, NULL, 0);
+        if (err == h2o_socket_error_closed)
+            up_event(u, KD_HTTPD_UP_EOF, NULL, 0);
+        else
+            up_event(u, KD_HTTPD_UP_ERROR, (const uint8_t *)err, strlen(err));
     }
 }
 
@@ -435,14 +440,14 @@ static void up_on_switched(void *ud, h2o_socket_t *sock, size_t reqsize)
     up_set_read(u);
 }
 
-static void up_on_connect(h2o_socket_t *sock, const char *err)
+static void up_opened(h2o_socket_t *sock, const char *err)
 {
     struct kd_httpd_upgraded *u = sock->data;
     if (u == NULL)
         return;
     if (err != NULL) {
         u->dead = true;
-        up_event(u, KD_HTTPD_UP_ERROR, NULL, 0);
+        up_event(u, KD_HTTPD_UP_ERROR, (const uint8_t *)err, strlen(err));
         return;
     }
     u->open = true;
@@ -452,12 +457,76 @@ static void up_on_connect(h2o_socket_t *sock, const char *err)
     up_set_read(u);
 }
 
+static void up_on_connect(h2o_socket_t *sock, const char *err)
+{
+    struct kd_httpd_upgraded *u = sock->data;
+    if (u == NULL)
+        return;
+    if (err == NULL && u->tls != NULL) {
+        /* h2o checks the certificate against the CAs of the context and the name */
+        h2o_socket_ssl_handshake(sock, u->tls, u->server_name, up_opened);
+        return;
+    }
+    if (err != NULL) {
+        u->dead = true;
+        up_event(u, KD_HTTPD_UP_ERROR, (const uint8_t *)err, strlen(err));
+        return;
+    }
+    u->open = true;
+    u->want_read = true;
+    if (!up_event(u, KD_HTTPD_UP_OPEN, NULL, 0))
+        return;
+    up_set_read(u);
+}
+
+struct kd_httpd_tls {
+    SSL_CTX *ctx;
+};
+
+struct kd_httpd_tls *kd_httpd_client_tls_new(const char *ca_file, char *err, size_t errlen)
+{
+    struct kd_httpd_tls *t = calloc(1, sizeof(*t));
+    const char *what = "out of memory";
+    if (t == NULL || (t->ctx = SSL_CTX_new(TLS_client_method())) == NULL)
+        goto fail;
+    SSL_CTX_set_min_proto_version(t->ctx, TLS1_2_VERSION);
+    SSL_CTX_set_verify(t->ctx, SSL_VERIFY_PEER, NULL);
+    what = ca_file != NULL ? ca_file : "the system's CA store";
+    if ((ca_file != NULL ? SSL_CTX_load_verify_locations(t->ctx, ca_file, NULL)
+                         : SSL_CTX_set_default_verify_paths(t->ctx)) != 1)
+        goto fail;
+    return t;
+fail: {
+    char why[256] = "";
+    unsigned long e = ERR_get_error();
+    if (e != 0)
+        ERR_error_string_n(e, why, sizeof(why));
+    ERR_clear_error();
+    snprintf(err, errlen, "TLS: %s%s%s", what, why[0] ? ": " : "", why);
+    if (t != NULL)
+        SSL_CTX_free(t->ctx);
+    free(t);
+    return NULL;
+}
+}
+
+void kd_httpd_client_tls_free(struct kd_httpd_tls *t)
+{
+    if (t != NULL) {
+        SSL_CTX_free(t->ctx);
+        free(t);
+    }
+}
+
 struct kd_httpd_upgraded *kd_httpd_connect(struct kd_httpd *h, const struct sockaddr *sa, unsigned salen,
+                                           const struct kd_httpd_tls *tls, const char *server_name,
                                            kd_httpd_up_fn fn, void *ud)
 {
     struct kd_httpd_upgraded *u = calloc(1, sizeof(*u));
     if (u == NULL)
         return NULL;
+    u->tls = tls != NULL ? tls->ctx : NULL;
+    u->server_name = server_name;
     u->h = h;
     u->fn = fn;
     u->ud = ud;

@@ -120,7 +120,8 @@ void kd_httpd_release(struct kd_httpd_req *req);
  *   kd_httpd_req_upgrade_value(req)          the client asked for an upgrade
  *   u = kd_httpd_upgrade(req, headers, fn)   101 (with "connection: upgrade") is written; req is done
  *   fn(OPEN) then DATA... from the client; kd_httpd_up_write(u, bytes) borrowed until WRITTEN
- *   fn(EOF) the client closed its side; fn(ERROR) the connection broke (or the 101 could not go out)
+ *   fn(EOF) the client closed its side; fn(ERROR) the connection broke (or the 101 could not go out;
+ *   data/len may hold a reason text)
  *   kd_httpd_up_close(u)                     the caller is done: the connection closes, no more events
  * Events are never delivered from inside kd_httpd_upgrade/up_write/up_read/up_close. */
 enum { KD_HTTPD_UP_OPEN = 1, KD_HTTPD_UP_DATA, KD_HTTPD_UP_EOF, KD_HTTPD_UP_ERROR, KD_HTTPD_UP_WRITTEN };
@@ -132,11 +133,19 @@ const char *kd_httpd_req_upgrade_value(const struct kd_httpd_req *req, size_t *l
  * request handle is released here. NULL when out of memory or the request is gone. */
 struct kd_httpd_upgraded *kd_httpd_upgrade(struct kd_httpd_req *req, const struct kd_httpd_header *hs,
                                            size_t n, kd_httpd_up_fn fn, void *ud);
-/* An outgoing TCP connection on the loop, driven like an upgraded one: OPEN once connected (or
- * ERROR), then DATA/EOF/ERROR/WRITTEN; kd_httpd_up_write after OPEN. NULL when the socket could
- * not be made. (For calls to GitLab's internal API from the control thread.) */
+/* An outgoing TCP connection on the loop, driven like an upgraded one: OPEN once connected (and,
+ * with tls, once the TLS handshake verified the server's certificate against the context's CAs and
+ * server_name), or ERROR (data/len: h2o's reason); then DATA/EOF/ERROR/WRITTEN; kd_httpd_up_write
+ * after OPEN. NULL when the socket could not be made. tls and server_name are borrowed for the
+ * connection's life. (For calls to GitLab's internal API from the control thread.) */
 struct sockaddr;
+struct kd_httpd_tls;
+/* A client TLS context verifying servers with ca_file (NULL: the system's store). NULL with the
+ * reason in err. */
+struct kd_httpd_tls *kd_httpd_client_tls_new(const char *ca_file, char *err, size_t errlen);
+void kd_httpd_client_tls_free(struct kd_httpd_tls *t);
 struct kd_httpd_upgraded *kd_httpd_connect(struct kd_httpd *h, const struct sockaddr *sa, unsigned salen,
+                                           const struct kd_httpd_tls *tls, const char *server_name,
                                            kd_httpd_up_fn fn, void *ud);
 /* Reading from the client on or off (flow control: DATA stops until turned on again). */
 void kd_httpd_up_read(struct kd_httpd_upgraded *u, bool on);

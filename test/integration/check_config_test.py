@@ -239,6 +239,7 @@ class CheckConfig(unittest.TestCase):
             ("  address: http://127.0.0.1:1\n  authentication_secret_file: " + self.d + "/missing\n",
              "gitlab.authentication_secret_file"),
             ("  address: http://no-such-host.invalid:8181\n" + sec, "gitlab.address: http://no-such-host.invalid"),
+            ("  address: https://127.0.0.1:1\n  ca_file: " + self.d + "/no-ca.pem\n" + sec, "gitlab.ca_file"),
         ]
         for extra, want in cases:
             with self.subTest(want=want):

@@ -297,10 +297,12 @@ def _unauthorized(message="401 Unauthorized"):
 
 
 class FakeGitLab:
-    def __init__(self, secret, *, port=0, jwt_leeway=0):
+    def __init__(self, secret, *, port=0, jwt_leeway=0, tls=None):
+        """tls: (certificate file, key file): serve HTTPS (the url says https://localhost:PORT)."""
         if isinstance(secret, str):
             secret = secret.encode()
         self.secret = secret
+        self.tls = tls
         self.jwt_leeway = jwt_leeway
         self.jwt_on_job_api = True
         self.keep_alive = True
@@ -336,6 +338,11 @@ class FakeGitLab:
 
     def _serve(self, port):
         self._server = _Server(("127.0.0.1", port), _Handler)
+        if self.tls is not None:
+            import ssl
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*self.tls)
+            self._server.socket = ctx.wrap_socket(self._server.socket, server_side=True)
         self._server.fake = self
         self._port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
@@ -348,6 +355,8 @@ class FakeGitLab:
 
     @property
     def url(self):
+        if self.tls is not None:
+            return f"https://localhost:{self._port}"
         return f"http://127.0.0.1:{self._port}"
 
     def _halt(self, close_socket):

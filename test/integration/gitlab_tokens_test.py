@@ -296,5 +296,61 @@ limits:
             self.gitlab.come_back()
 
 
+
+CERTS = os.environ.get("KD_TEST_CERTS", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "certs"))
+
+
+class GitLabOverTLS(unittest.TestCase):
+    """https:// to GitLab: the certificate is checked against gitlab.ca_file and the address's host."""
+
+    def start(self, ca):
+        d = tempfile.mkdtemp(prefix="kasd-gitlab-tls-")
+        secret = os.urandom(32)
+        with open(os.path.join(d, "gitlab-secret"), "w") as f:
+            f.write(base64.b64encode(secret).decode() + "\n")
+        g = FakeGitLab(secret, tls=(os.path.join(CERTS, "server.pem"), os.path.join(CERTS, "server.key"))).start()
+        self.addCleanup(g.stop)
+        tok = token()
+        g.add_agent(tok, agent_id=31, project_id=310, name="tls-agent")
+        k = Kasd(config=f"""\
+shards: 1
+agent:
+  listen:
+    address: 127.0.0.1:0
+  token_source: gitlab
+gitlab:
+  address: {g.url}
+  authentication_secret_file: {d}/gitlab-secret
+  ca_file: {os.path.join(CERTS, ca)}
+  timeout: 2s
+api:
+  listen:
+    address: 127.0.0.1:0
+private_api:
+  listen:
+    address: 127.0.0.1:0
+observability:
+  listen:
+    address: 127.0.0.1:0
+""")
+        self.addCleanup(k.kill)
+        self.assertTrue(k.started, k.log())
+        a = AgentK("%s:%d" % k.listeners["agent"], tok, pods=1, idle=1, backoff=(5, 5)).start()
+        self.addCleanup(a.kill)
+        return g, k, a
+
+    def test_verified_certificate(self):
+        g, k, a = self.start("ca.pem")
+        a.wait_for(lambda s: s["registers"] >= 1, timeout=15)
+        self.assertEqual(g.count("agent_info"), 1)
+        self.assertEqual(k.stop(), 0, k.log())
+
+    def test_unknown_ca_is_unavailable(self):
+        g, k, a = self.start("other-ca.pem")
+        self.assertTrue(a.wait_for(lambda s: "UNAVAILABLE" in s["last_error"], timeout=10), a.stats)
+        self.assertIn("connection to GitLab failed", a.stats["last_error"])
+        self.assertEqual(g.count("agent_info"), 0)  # no request went out
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -1669,9 +1669,10 @@ Test(config, gitlab_token_source_keys)
     kd_config_free(&c);
 
     static const struct error_case cases[] = {
-        {"gitlab:\n  address: https://gitlab.example.com\n",
-         "kasd.yaml:2:3: gitlab.address: expected http://host[:port][/path] (https:// is not supported yet), got "
-         "\"https://gitlab.example.com\""},
+        {"gitlab:\n  address: ftp://gitlab.example.com\n",
+         "kasd.yaml:2:3: gitlab.address: expected http://host[:port][/path] or https://..., got "
+         "\"ftp://gitlab.example.com\""},
+        {"gitlab:\n  address: https://\n", NULL},
         {"gitlab:\n  address: gitlab:8181\n", NULL},
         {"gitlab:\n  timeout: 0s\n", NULL},
     };
