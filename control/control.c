@@ -389,6 +389,9 @@ static void render_metrics(struct kd_control *c, struct buf *b)
                "connection shared with other agents (an L7 proxy in front of kasd).");
     KAS_SERIES("counter", sn->kas.holder_bounces, "kasd_shared_connection_bounces_total",
                "Of those, calls the holder shard sent back (its idle tunnels were taken meanwhile).");
+    KAS_SERIES("counter", sn->kas.token_redis_hits, "kasd_gitlab_agent_info_redis_hits_total",
+               "Agent tokens (agent.token_source: gitlab) this shard found in Redis, shared by another "
+               "instance (or this one before a restart), instead of asking GitLab.");
     KAS_SERIES("counter", sn->kas.fwd_raced, "kasd_fleet_raced_total",
                "Second candidates offered a call while the first had not answered within "
                "fleet.second_candidate_delay (the loser is cancelled before any request byte).");

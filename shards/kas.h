@@ -204,6 +204,7 @@ struct kd_kas_stats {
     uint64_t pr_subscriptions, pr_events, pr_lookups, pr_lookup_failures;
     uint64_t pr_cache_hits, pr_cache_stale_hits, pr_cache_entries, pr_cache_evictions;
     uint64_t pr_sub_unconfirmed;
+    uint64_t token_redis_hits; /* agent tokens (token_source: gitlab) found in Redis (another instance's) */
 };
 void kd_kas_stats(struct kd_shard *s, struct kd_kas_stats *out);
 

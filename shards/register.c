@@ -1,6 +1,10 @@
+#include <time.h>
 /* register.c — agent calls' gate (token, hand-off to the owner shard, shared connections) and
  * AgentRegistrar/Register with its pods (see service.h). */
+#include "core/resp.h"
 #include "core/sha2.h"
+#include "shards/redis.h"
+#include "shards/tracker.h"
 #include "shards/requests.h"
 #include "shards/service.h"
 
@@ -87,10 +91,14 @@ static void tok_wait_gone(void *ud)
     free(w);
 }
 
+static void redis_share(struct kd_kas_shard *ks, const struct kd_rt_token_ans *a);
+
 void kas_token_resolved(struct kd_kas_shard *ks, const struct kd_msg *m)
 {
     const struct kd_rt_token_ans *a = m->ptr;
     uint64_t now = kd_shard_now_ms(ks->s);
+    if (m->from == ks->kas->nshards)
+        redis_share(ks, a); /* from the control thread (not from Redis itself) */
     struct tok_entry *e = tok_get(ks, a->digest, 0); /* also an expired one: refreshed in place */
     if (e == NULL) {
         if (ks->tok_entries >= TOK_CACHE_MAX)
@@ -129,6 +137,118 @@ void kas_token_resolved(struct kd_kas_shard *ks, const struct kd_msg *m)
         free(w);
         kd_grpc_call_resume(call);
     }
+}
+
+static void ask_control(struct kd_kas_shard *ks, const uint8_t *d, const char *tok, size_t tlen)
+{
+    struct kd_rt_token_req *q = kd_kas_payload(ks->s, sizeof(*q) + tlen);
+    memcpy(q->digest, d, KD_TOKEN_DIGEST_LEN);
+    q->len = (uint32_t)tlen;
+    memcpy(q->token, tok, tlen);
+    struct kd_msg m = {.type = KD_RT_TOKEN_RESOLVE, .ptr = q};
+    kd_shard_post(ks->s, ks->kas->nshards, &m); /* to the control thread */
+}
+
+/* ---- the fleet's shared answers: <prefix>:agent_info:<hex SHA-256 of the token> in Redis ----
+ * value "<expiry unix ms> <agent_id> <project_id> <agent_name>", set with PX by a shard that got a
+ * known agent from the control thread; a shard that misses its own cache looks there before asking
+ * the control thread (so an agent that moves to another instance costs GitLab nothing). Only known
+ * agents are shared, never tokens. */
+struct redis_lookup {
+    struct kd_kas_shard *ks;
+    uint8_t digest[KD_TOKEN_DIGEST_LEN];
+    size_t tlen;
+    char token[]; /* wiped when done */
+};
+
+static void redis_key(const struct kd_kas_shard *ks, const uint8_t *d, char *key, size_t cap)
+{
+    static const char hex[] = "0123456789abcdef";
+    int n = snprintf(key, cap, "%s:agent_info:", ks->kas->tracker->prefix);
+    for (size_t i = 0; i < KD_TOKEN_DIGEST_LEN && (size_t)n + 2 < cap; i++) {
+        key[n++] = hex[d[i] >> 4];
+        key[n++] = hex[d[i] & 15];
+    }
+    key[n] = '\0';
+}
+
+static void redis_got(void *arg, const struct kd_resp *reply, const char *err)
+{
+    struct redis_lookup *lk = arg;
+    struct kd_kas_shard *ks = lk->ks;
+    long long exp_ms = 0, agent_id = 0, project_id = 0;
+    int name_at = 0;
+    char buf[400];
+    bool hit = false;
+    if (err == NULL && reply != NULL && reply->type == KD_RESP_STRING && reply->len < sizeof(buf)) {
+        memcpy(buf, reply->str, reply->len);
+        buf[reply->len] = '\0';
+        hit = sscanf(buf, "%lld %lld %lld %n", &exp_ms, &agent_id, &project_id, &name_at) == 3 && name_at > 0 &&
+              agent_id > 0 && project_id > 0;
+    }
+    uint64_t now_wall = (uint64_t)time(NULL) * 1000;
+    if (hit && (uint64_t)exp_ms > now_wall) {
+        /* as the control thread would answer: the same message, handled by the same code */
+        size_t nl = strlen(buf + name_at);
+        struct kd_rt_token_ans *a = kd_kas_payload(ks->s, sizeof(*a) + nl);
+        memset(a, 0, sizeof(*a));
+        memcpy(a->digest, lk->digest, KD_TOKEN_DIGEST_LEN);
+        a->ttl_ms = (uint32_t)((uint64_t)exp_ms - now_wall);
+        a->agent_id = agent_id;
+        a->project_id = project_id;
+        a->name_len = (uint32_t)nl;
+        memcpy(a->name, buf + name_at, nl);
+        ks->stats.token_redis_hits++;
+        struct kd_msg m = {.type = KD_RT_TOKEN_RESOLVED, .ptr = a};
+        kd_shard_post(ks->s, kd_shard_id(ks->s), &m); /* handled at the next mailbox step, as any answer */
+    } else {
+        ask_control(ks, lk->digest, lk->token, lk->tlen);
+    }
+    explicit_bzero(lk->token, lk->tlen);
+    free(lk);
+}
+
+/* Look the token's digest up in Redis first (true: asked; the answer or the control thread follows). */
+static bool ask_redis(struct kd_kas_shard *ks, const uint8_t *d, const char *tok, size_t tlen)
+{
+    struct kd_redis *r = kd_shard_redis(ks->s);
+    if (ks->kas->tracker == NULL || r == NULL || !kd_redis_up(r))
+        return false;
+    struct redis_lookup *lk = malloc(sizeof(*lk) + tlen);
+    if (lk == NULL)
+        return false;
+    lk->ks = ks;
+    memcpy(lk->digest, d, KD_TOKEN_DIGEST_LEN);
+    lk->tlen = tlen;
+    memcpy(lk->token, tok, tlen);
+    char key[300];
+    redis_key(ks, d, key, sizeof(key));
+    const char *argv[] = {"GET", key};
+    size_t lens[] = {3, strlen(key)};
+    if (kd_redis_cmd(r, redis_got, lk, 2, argv, lens) != 0) {
+        explicit_bzero(lk->token, tlen);
+        free(lk);
+        return false;
+    }
+    return true;
+}
+
+/* A known agent from the control thread: shared with the fleet for the rest of its TTL. */
+static void redis_share(struct kd_kas_shard *ks, const struct kd_rt_token_ans *a)
+{
+    struct kd_redis *r = kd_shard_redis(ks->s);
+    if (ks->kas->tracker == NULL || r == NULL || !kd_redis_up(r) || a->status != 0 || a->ttl_ms < 1000 ||
+        a->name_len > 255)
+        return;
+    char key[300], val[400], px[24];
+    redis_key(ks, a->digest, key, sizeof(key));
+    int vl = snprintf(val, sizeof(val), "%llu %lld %lld %.*s",
+                      (unsigned long long)((uint64_t)time(NULL) * 1000 + a->ttl_ms), (long long)a->agent_id,
+                      (long long)a->project_id, (int)a->name_len, a->name);
+    snprintf(px, sizeof(px), "%u", a->ttl_ms);
+    const char *argv[] = {"SET", key, val, "PX", px};
+    size_t lens[] = {3, strlen(key), (size_t)vl, 2, strlen(px)};
+    kd_redis_cmd(r, NULL, NULL, 5, argv, lens);
 }
 
 /* The token's identity from the shard's cache (1), or the call suspended until the control thread
@@ -173,14 +293,8 @@ static int gitlab_ident(struct kd_kas_shard *ks, kd_grpc_call *call, const char 
     }
     w->next = ks->tok_waiting;
     ks->tok_waiting = w;
-    if (!asked) {
-        struct kd_rt_token_req *q = kd_kas_payload(ks->s, sizeof(*q) + tlen);
-        memcpy(q->digest, d, sizeof(d));
-        q->len = (uint32_t)tlen;
-        memcpy(q->token, tok, tlen);
-        struct kd_msg m = {.type = KD_RT_TOKEN_RESOLVE, .ptr = q};
-        kd_shard_post(ks->s, ks->kas->nshards, &m); /* to the control thread */
-    }
+    if (!asked && !ask_redis(ks, d, tok, tlen))
+        ask_control(ks, d, tok, tlen);
     return 0;
 }
 

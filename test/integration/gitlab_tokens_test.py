@@ -297,6 +297,63 @@ limits:
 
 
 
+class SharedThroughRedis(unittest.TestCase):
+    """Two instances with one Redis: an agent known to the first costs GitLab nothing on the second."""
+
+    def test_second_instance_reads_redis(self):
+        from redis_fixture import RedisServer
+        d = tempfile.mkdtemp(prefix="kasd-gitlab-redis-")
+        secret = os.urandom(32)
+        with open(os.path.join(d, "gitlab-secret"), "w") as f:
+            f.write(base64.b64encode(secret).decode() + "\n")
+        g = FakeGitLab(secret).start()
+        self.addCleanup(g.stop)
+        redis = RedisServer()
+        self.addCleanup(redis.stop)
+        tok = token()
+        g.add_agent(tok, agent_id=41, project_id=410, name="shared-agent")
+        cfg = f"""\
+shards: 2
+agent:
+  listen:
+    address: 127.0.0.1:0
+  token_source: gitlab
+gitlab:
+  address: {g.url}
+  authentication_secret_file: {d}/gitlab-secret
+api:
+  listen:
+    address: 127.0.0.1:0
+private_api:
+  listen:
+    address: 127.0.0.1:0
+observability:
+  listen:
+    address: 127.0.0.1:0
+redis:
+  server:
+    address: {redis.address}
+"""
+        ks = [Kasd(config=cfg), Kasd(config=cfg)]
+        for k in ks:
+            self.addCleanup(k.kill)
+            self.assertTrue(k.started, k.log())
+        for i, k in enumerate(ks):
+            a = AgentK("%s:%d" % k.listeners["agent"], tok, pods=2, idle=1).start()
+            try:
+                a.wait_for(lambda s: s["registers"] >= 2, timeout=15)
+            finally:
+                a.stop(5)
+            self.assertEqual(g.count("agent_info"), 1, f"after instance {i}")
+        self.assertGreaterEqual(sum(metric(ks[1], "kasd_gitlab_agent_info_redis_hits_total", shard=str(s))
+                                    for s in (0, 1)), 1)
+        keys = redis.cmd("KEYS", "*agent_info*")
+        self.assertEqual(len(keys), 1)
+        self.assertNotIn(tok.encode(), redis.cmd("GET", keys[0]))  # no token in Redis
+        for k in ks:
+            self.assertEqual(k.stop(), 0, k.log())
+
+
 CERTS = os.environ.get("KD_TEST_CERTS", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "certs"))
 
 
