@@ -230,6 +230,34 @@ users:
     def test_upgrade_through_another_instance(self):
         self.upgrade("front")
 
+    def curl(self, path, token=USER_TOKEN, extra=()):
+        host, port = self.home.listeners["kubernetes_api"]
+        cmd = ["curl", "-sS", "--http2", "--cacert", os.path.join(CERTS, "ca.pem"), "--max-time", "15",
+               "-H", f"Authorization: Bearer pat:{AGENT}:{token}", "-w", "\n%{http_code} %{http_version}",
+               *extra, f"https://localhost:{port}/k8s-proxy{path}"]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        body, _, tail = p.stdout.rpartition("\n")
+        code, version = tail.split()
+        return int(code), version, body
+
+    def test_curl_over_http2(self):
+        code, version, body = self.curl("/api/v1/namespaces/default/pods")
+        self.assertEqual((code, version), (200, "2"), body)
+        self.assertEqual(sorted(p["metadata"]["name"] for p in json.loads(body)["items"]), ["pod-a", "pod-b"])
+        # a watch streams its events, then ends with the API server's stream
+        code, version, body = self.curl("/api/v1/namespaces/default/pods?watch=1")
+        self.assertEqual((code, version), (200, "2"))
+        events = [json.loads(l) for l in body.splitlines() if l.strip()]
+        self.assertGreaterEqual(len(events), 2)
+        self.assertTrue(all("type" in e for e in events), events)
+        # a bad credential: 401, and nothing reaches the API server
+        self.k8s.clear()
+        code, version, body = self.curl("/api/v1/namespaces/default/pods", token="wrong-token-0123456789")
+        self.assertEqual(code, 401)
+        self.assertEqual(json.loads(body)["reason"], "Unauthorized")
+        time.sleep(0.3)
+        self.assertEqual(self.k8s.requests, [])
+
     def test_through_another_instance(self):
         """kubectl on the instance without the agent: the call is forwarded over the private API."""
         out = self.kubectl("get", "pods", inst="front").stdout
