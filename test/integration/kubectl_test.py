@@ -11,6 +11,7 @@ the other."""
 import base64
 import json
 import os
+import select
 import socket
 import ssl
 import subprocess
@@ -206,13 +207,27 @@ users:
         self.assertEqual(hdrs.get("connection", "").lower(), "upgrade")
         payload = os.urandom(3 * 1024 * 1024 + 5)  # beyond the 1 MiB windows, both ways
         got = bytearray(rest)
-        sender = threading.Thread(target=s.sendall, args=(payload,))
-        sender.start()
+        # one thread sends and receives (an SSL object must not be read and written at once from two
+        # threads), without blocking, so neither direction's flow control can stall the other
+        s.setblocking(False)
+        sent = 0
+        deadline = time.monotonic() + 30
         while len(got) < len(payload):
-            chunk = s.recv(65536)
-            self.assertTrue(chunk, f"closed after {len(got)} bytes")
-            got += chunk
-        sender.join(20)
+            self.assertLess(time.monotonic(), deadline, f"{sent} sent, {len(got)} echoed")
+            want_w = sent < len(payload)
+            r, w, _ = select.select([s], [s] if want_w else [], [], 1)
+            if s in r or s.pending():
+                try:
+                    chunk = s.recv(65536)
+                    self.assertTrue(chunk, f"closed after {len(got)} bytes")
+                    got += chunk
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    pass
+            if want_w and s in w:
+                try:
+                    sent += s.send(payload[sent:sent + 65536])
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    pass
         self.assertEqual(bytes(got), payload)
         s.close()
         r = self.k8s.wait_for(lambda r: r.path.endswith("/pods/pod-a/exec"), 5)
