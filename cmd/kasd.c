@@ -457,7 +457,7 @@ static int gitlab_load(struct start_files *f, const struct kd_config *cfg, bool 
     freeaddrinfo(res);
     if (https) {
         char why[300];
-        f->gitlab_tls = kd_httpd_client_tls_new(cfg->gitlab.ca_file, why, sizeof(why));
+        f->gitlab_tls = kd_httpd_client_tls_new(cfg->gitlab.ca_file, g->server_name, why, sizeof(why));
         if (f->gitlab_tls == NULL) {
             snprintf(err, errlen, "gitlab.ca_file: %s", why);
             return -EINVAL;

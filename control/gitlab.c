@@ -31,6 +31,7 @@
 #define CACHE_BUCKETS   4096
 #define CACHE_MAX       100000
 #define BODY_MAX        (64u * 1024)
+#define QUEUE_MAX       1024 /* requests waiting for a slot; more are answered UNAVAILABLE / 503 at once */
 #define AGENT_INFO_PATH "/api/v4/internal/kubernetes/agent_info"
 
 struct entry {
@@ -68,6 +69,7 @@ struct req {
     struct req *next;
     struct kd_gitlab *g;
     int kind;
+    bool in_callbacks;               /* finish_auth is calling the waiters */
     int64_t for_agent;               /* REQ_AUTH_*: the agent the credential names */
     struct kd_gitlab_wait *uwaiters; /* REQ_AUTH_*: the front door's requests waiting */
     uint8_t digest[KD_TOKEN_DIGEST_LEN];
@@ -84,8 +86,8 @@ struct req {
     size_t out_len;
     struct kd_h1_parser *parser;
     int status;
-    uint8_t body[BODY_MAX];
-    size_t body_len;
+    uint8_t *body; /* grows as the answer arrives, up to BODY_MAX */
+    size_t body_len, body_cap;
     bool done;
 };
 
@@ -100,7 +102,7 @@ struct kd_gitlab {
     struct auth_entry *auth[256];
     size_t nauth;
     struct req *reqs; /* in flight and queued, oldest first is not kept: any order */
-    unsigned running;
+    unsigned running, queued;
     bool starting;
     struct kd_gitlab_stats stats;
 };
@@ -201,6 +203,7 @@ static void req_free(struct kd_gitlab *g, struct req *r)
         free(r->out);
     }
     kd_h1_parser_free(r->parser);
+    free(r->body);
     free(r->waiters);
     while (r->uwaiters != NULL) { /* only at destroy: the front door answers its own requests */
         struct kd_gitlab_wait *w = r->uwaiters;
@@ -209,6 +212,8 @@ static void req_free(struct kd_gitlab *g, struct req *r)
     }
     if (r->started)
         g->running--;
+    else
+        g->queued--;
     free(r);
 }
 
@@ -313,8 +318,21 @@ static void on_conn(void *ud, int ev, const uint8_t *data, size_t len)
             else if (rc == KD_H1_EV_BODY) {
                 if (r->body_len + body.len > BODY_MAX) {
                     r->done = true;
-                    finish(r, KD_GRPC_UNAVAILABLE, 0, 0, NULL, "agent_info answer over 64 KiB");
+                    finish(r, KD_GRPC_UNAVAILABLE, 0, 0, NULL, "GitLab's answer is over 64 KiB");
                     return;
+                }
+                if (r->body_len + body.len > r->body_cap) {
+                    size_t cap = r->body_cap ? r->body_cap : 1024;
+                    while (cap < r->body_len + body.len)
+                        cap *= 2;
+                    uint8_t *nb = realloc(r->body, cap);
+                    if (nb == NULL) {
+                        r->done = true;
+                        finish(r, KD_GRPC_UNAVAILABLE, 0, 0, NULL, "out of memory");
+                        return;
+                    }
+                    r->body = nb;
+                    r->body_cap = cap;
                 }
                 memcpy(r->body + r->body_len, body.p, body.len);
                 r->body_len += body.len;
@@ -391,6 +409,8 @@ static int build_request(struct kd_gitlab *g, struct req *r)
              now, now - 5, now + 60);
     if (kd_jwt_sign(KD_JWT_HS256, g->cfg.secret, g->cfg.secret_len, payload, jwt, sizeof(jwt)) < 0)
         return -ENOMEM;
+    if (r->token_len == 0 || r->token_len > 1024)
+        return -EINVAL; /* longer than any GitLab token, and than the buffers below: never cut */
     for (size_t i = 0; i < r->token_len; i++)
         if (r->token[i] <= ' ' || r->token[i] >= 0x7f)
             return -EINVAL; /* bytes HTTP (and GitLab) would never take in a token */
@@ -444,9 +464,9 @@ static int build_request(struct kd_gitlab *g, struct req *r)
 static void start(struct kd_gitlab *g, struct req *r)
 {
     r->started = true;
+    g->queued--;
     g->running++;
     g->stats.requests++;
-    r->deadline_ms = kd_clock_ms() + g->cfg.timeout_ms;
     struct kd_h1_limits lim = {.body_max = BODY_MAX, .allow_close_delimited = true};
     r->parser = kd_h1_parser_new(&lim);
     int rc = r->parser != NULL ? build_request(g, r) : -ENOMEM;
@@ -474,6 +494,24 @@ static void start_queued(struct kd_gitlab *g)
         start(g, r); /* may finish (and free) it at once: the list is walked again */
     }
     g->starting = false;
+}
+
+/* Requests are kept in arrival order: the oldest waiting one starts first. */
+static void req_append(struct kd_gitlab *g, struct req *r)
+{
+    struct req **pp = &g->reqs;
+    while (*pp != NULL)
+        pp = &(*pp)->next;
+    r->next = NULL;
+    *pp = r;
+    g->queued++;
+    r->deadline_ms = kd_clock_ms() + g->cfg.timeout_ms; /* waiting counts against the timeout too */
+}
+
+/* Room for one more request (at most QUEUE_MAX waiting for a slot among max_requests). */
+static bool req_room(const struct kd_gitlab *g)
+{
+    return g->queued < QUEUE_MAX;
 }
 
 static int add_waiter(struct req *r, unsigned shard)
@@ -508,19 +546,19 @@ bool kd_gitlab_on_message(struct kd_gitlab *g, const struct kd_msg *m)
         struct req *r = g->reqs;
         while (r != NULL && memcmp(r->digest, q->digest, KD_TOKEN_DIGEST_LEN) != 0)
             r = r->next;
-        if (r != NULL) {
+        if (r != NULL && add_waiter(r, shard) == 0) {
             g->stats.coalesced++;
-            add_waiter(r, shard);
-        } else if ((r = calloc(1, sizeof(*r))) != NULL && (r->token = malloc(q->len + 1)) != NULL &&
-                   add_waiter(r, shard) == 0) {
+        } else if (r == NULL && req_room(g) && (r = calloc(1, sizeof(*r))) != NULL &&
+                   (r->token = malloc(q->len + 1)) != NULL && add_waiter(r, shard) == 0) {
             r->g = g;
             memcpy(r->digest, q->digest, KD_TOKEN_DIGEST_LEN);
             memcpy(r->token, q->token, q->len);
             r->token_len = q->len;
-            r->next = g->reqs;
-            g->reqs = r;
+            req_append(g, r);
             start_queued(g);
         } else {
+            if (r != NULL && r->g != NULL)
+                r = NULL; /* an existing request: not ours to free */
             if (r != NULL) {
                 free(r->token);
                 free(r->waiters);
@@ -528,7 +566,8 @@ bool kd_gitlab_on_message(struct kd_gitlab *g, const struct kd_msg *m)
             }
             struct entry oom = {.status = KD_GRPC_UNAVAILABLE};
             memcpy(oom.digest, q->digest, KD_TOKEN_DIGEST_LEN);
-            answer_shard(g, shard, &oom, 0, "out of memory");
+            answer_shard(g, shard, &oom, 0,
+                         req_room(g) ? "out of memory" : "too many requests waiting for GitLab");
         }
     }
     explicit_bzero(q->token, q->len);
@@ -786,15 +825,19 @@ static void finish_auth(struct req *r, struct auth_entry *e)
     e->expires_ms = now + ttl;
     if (ttl > 0)
         auth_put(g, e, now);
-    struct kd_gitlab_wait *w = r->uwaiters;
-    r->uwaiters = NULL;
-    while (w != NULL) {
-        struct kd_gitlab_wait *n = w->next;
-        w->fn(w->ud, &e->ans);
-        free(w);
-        w = n;
-    }
-    req_free(g, r);
+    /* Out of the list first: a callback that asks again for the same credential makes a new
+     * request, and one that cancels a waiter of this request only marks it. */
+    struct req **pp = &g->reqs;
+    while (*pp != NULL && *pp != r)
+        pp = &(*pp)->next;
+    if (*pp == r)
+        *pp = r->next;
+    r->next = NULL;
+    r->in_callbacks = true;
+    for (struct kd_gitlab_wait *w = r->uwaiters; w != NULL; w = w->next)
+        if (w->fn != NULL)
+            w->fn(w->ud, &e->ans);
+    req_free(g, r); /* frees the waiters */
     start_queued(g);
 }
 
@@ -818,12 +861,15 @@ int kd_gitlab_authorize(struct kd_gitlab *g, enum kd_gitlab_cred kind, const cha
     struct req *r = g->reqs;
     while (r != NULL && memcmp(r->digest, d, KD_TOKEN_DIGEST_LEN) != 0)
         r = r->next;
-    if (w == NULL ||
-        (r == NULL && ((r = calloc(1, sizeof(*r))) == NULL || (r->token = malloc(len + 1)) == NULL))) {
-        if (r != NULL && r->token == NULL && r->g == NULL)
+    if (w == NULL || (r == NULL && (!req_room(g) || (r = calloc(1, sizeof(*r))) == NULL ||
+                                    (r->token = malloc(len + 1)) == NULL))) {
+        if (r != NULL && r->g == NULL) {
+            free(r->token);
             free(r);
+        }
         free(w);
-        struct kd_gitlab_auth oom = {.status = 503, .why = "out of memory"};
+        struct kd_gitlab_auth oom = {
+            .status = 503, .why = req_room(g) ? "out of memory" : "too many requests waiting for GitLab"};
         fn(ud, &oom);
         return 1;
     }
@@ -834,8 +880,7 @@ int kd_gitlab_authorize(struct kd_gitlab *g, enum kd_gitlab_cred kind, const cha
         memcpy(r->digest, d, KD_TOKEN_DIGEST_LEN);
         memcpy(r->token, token, len);
         r->token_len = len;
-        r->next = g->reqs;
-        g->reqs = r;
+        req_append(g, r);
     } else {
         g->stats.coalesced++;
     }
@@ -851,29 +896,49 @@ int kd_gitlab_authorize(struct kd_gitlab *g, enum kd_gitlab_cred kind, const cha
 
 void kd_gitlab_cancel(struct kd_gitlab_wait *w)
 {
-    struct kd_gitlab_wait **pp = &w->r->uwaiters;
+    struct req *r = w->r;
+    if (r->in_callbacks) {
+        w->fn = NULL; /* its answer is being given out: freed with the request */
+        return;
+    }
+    struct kd_gitlab_wait **pp = &r->uwaiters;
     while (*pp != NULL && *pp != w)
         pp = &(*pp)->next;
     if (*pp == w)
         *pp = w->next;
     free(w);
+    if (r->uwaiters == NULL && !r->started)
+        req_free(r->g, r); /* nobody waits for it any more: it is not sent */
 }
 
 uint64_t kd_gitlab_tick(struct kd_gitlab *g, uint64_t now)
 {
-    uint64_t next = UINT64_MAX;
-    for (struct req *r = g->reqs; r != NULL;) {
-        struct req *n = r->next;
-        if (r->started && now >= r->deadline_ms) {
-            char why[120];
-            snprintf(why, sizeof(why), "agent_info: no answer from GitLab within %u ms", g->cfg.timeout_ms);
-            r->done = true;
-            finish(r, KD_GRPC_UNAVAILABLE, 0, 0, NULL, why);
-        } else if (r->started && r->deadline_ms < next) {
-            next = r->deadline_ms;
-        }
-        r = n;
+    /* Finishing a request may start or free others: one expired request at a time, the list
+     * walked again from the start each time, nothing started until the end. */
+    bool was = g->starting;
+    g->starting = true;
+    for (;;) {
+        struct req *r = g->reqs;
+        while (r != NULL && now < r->deadline_ms)
+            r = r->next;
+        if (r == NULL)
+            break;
+        char why[160];
+        snprintf(why, sizeof(why), "%s: no answer from GitLab within %u ms",
+                 r->kind == REQ_AGENT_INFO  ? "agent_info"
+                 : r->kind == REQ_AUTH_USER ? "authorize_proxy_user"
+                                            : "job/allowed_agents",
+                 g->cfg.timeout_ms);
+        r->done = true;
+        finish(r, KD_GRPC_UNAVAILABLE, 0, 0, NULL, why);
     }
+    g->starting = was;
+    if (!was)
+        start_queued(g);
+    uint64_t next = UINT64_MAX;
+    for (struct req *r = g->reqs; r != NULL; r = r->next)
+        if (r->deadline_ms < next)
+            next = r->deadline_ms;
     return next;
 }
 

@@ -32,7 +32,7 @@ struct kd_gitlab_cfg {
     socklen_t addrlens[4];
     unsigned naddrs;
     struct kd_httpd_tls *tls; /* https:// (NULL: plain HTTP) */
-    char server_name[256];    /* the name GitLab's certificate must carry (the address's host) */
+    char server_name[300];    /* the name GitLab's certificate must carry (the address's host) */
     char host[300];        /* Host header: the address as configured */
     char prefix[256];      /* path prefix of the address ("" or "/gitlab") */
     const uint8_t *secret; /* gitlab.authentication_secret_file: signs Gitlab-Kas-Api-Request */

@@ -338,7 +338,11 @@ static bool start_answer(struct kreq *q, const struct kd_hm_response *r)
         return false;
     hs.h[hs.n++] = (struct kd_httpd_header){"via", 3, q->k->cfg.via, strlen(q->k->cfg.via)};
     hs.n += cors_headers(q, hs.h + hs.n);
-    kd_httpd_start(q->req, r->status_code, hs.h, hs.n, cl);
+    /* The agent's Content-Length is not passed on: h2o 2.2 does not hold a body to a declared length,
+     * so an agent that sent more (or less) than it declared could write a second response into a
+     * kept-alive HTTP/1.1 connection. The body is framed by h2o (chunked, or HTTP/2 DATA) instead. */
+    (void)cl;
+    kd_httpd_start(q->req, r->status_code, hs.h, hs.n, -1);
     q->started = true;
     q->k->stats.proxied++;
     return true;
@@ -753,6 +757,9 @@ static void on_authorized(void *ud, const struct kd_gitlab_auth *a)
     bool ok = false;
     if (q->req == NULL) {
         /* the client left while GitLab was asked */
+    } else if (kd_kubeapi_stopping(k)) {
+        k->stats.failed++;
+        status_answer(q, 503, "kasd is stopping"); /* no START to shards that may be gone */
     } else if (a->status == 401) {
         unauthorized(q, "GitLab refused the credential");
     } else if (a->status == 403) {

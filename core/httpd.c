@@ -12,6 +12,7 @@
  */
 #include "core/httpd.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
@@ -24,6 +25,7 @@
 #include <h2o/http1.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
+#include <openssl/x509v3.h>
 
 /* One listening socket with its own h2o configuration (limits) and request callback. h2o
  * dispatches by Host, not by socket, so each site gets its own globalconf and context; they share
@@ -483,7 +485,7 @@ struct kd_httpd_tls {
     SSL_CTX *ctx;
 };
 
-struct kd_httpd_tls *kd_httpd_client_tls_new(const char *ca_file, char *err, size_t errlen)
+struct kd_httpd_tls *kd_httpd_client_tls_new(const char *ca_file, const char *server_name, char *err, size_t errlen)
 {
     struct kd_httpd_tls *t = calloc(1, sizeof(*t));
     const char *what = "out of memory";
@@ -491,6 +493,14 @@ struct kd_httpd_tls *kd_httpd_client_tls_new(const char *ca_file, char *err, siz
         goto fail;
     SSL_CTX_set_min_proto_version(t->ctx, TLS1_2_VERSION);
     SSL_CTX_set_verify(t->ctx, SSL_VERIFY_PEER, NULL);
+    /* The name (or address) the certificate must carry, checked by OpenSSL during the handshake:
+     * h2o 2.2 sends it as SNI but does not check the certificate against it. */
+    what = server_name;
+    X509_VERIFY_PARAM *vp = SSL_CTX_get0_param(t->ctx);
+    unsigned char ipbuf[16];
+    bool is_ip = inet_pton(AF_INET, server_name, ipbuf) == 1 || inet_pton(AF_INET6, server_name, ipbuf) == 1;
+    if ((is_ip ? X509_VERIFY_PARAM_set1_ip_asc(vp, server_name) : X509_VERIFY_PARAM_set1_host(vp, server_name, 0)) != 1)
+        goto fail;
     what = ca_file != NULL ? ca_file : "the system's CA store";
     if ((ca_file != NULL ? SSL_CTX_load_verify_locations(t->ctx, ca_file, NULL)
                          : SSL_CTX_set_default_verify_paths(t->ctx)) != 1)

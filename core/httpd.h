@@ -140,9 +140,9 @@ struct kd_httpd_upgraded *kd_httpd_upgrade(struct kd_httpd_req *req, const struc
  * connection's life. (For calls to GitLab's internal API from the control thread.) */
 struct sockaddr;
 struct kd_httpd_tls;
-/* A client TLS context verifying servers with ca_file (NULL: the system's store). NULL with the
- * reason in err. */
-struct kd_httpd_tls *kd_httpd_client_tls_new(const char *ca_file, char *err, size_t errlen);
+/* A client TLS context verifying servers with ca_file (NULL: the system's store) and the name (or IP
+ * address) server_name. NULL with the reason in err. */
+struct kd_httpd_tls *kd_httpd_client_tls_new(const char *ca_file, const char *server_name, char *err, size_t errlen);
 void kd_httpd_client_tls_free(struct kd_httpd_tls *t);
 struct kd_httpd_upgraded *kd_httpd_connect(struct kd_httpd *h, const struct sockaddr *sa, unsigned salen,
                                            const struct kd_httpd_tls *tls, const char *server_name,

@@ -59,6 +59,19 @@ static void tok_drop_expired(struct kd_kas_shard *ks, uint64_t now)
     }
 }
 
+/* Stopping: no answer about a token comes any more (the control thread sends none once the stop
+ * began); every call still waiting for one starts again now and is answered UNAVAILABLE. */
+void kas_token_stop(struct kd_kas_shard *ks)
+{
+    while (ks->tok_waiting != NULL) {
+        struct tok_wait *w = ks->tok_waiting;
+        ks->tok_waiting = w->next;
+        kd_grpc_call *call = w->call;
+        free(w);
+        kd_grpc_call_resume(call); /* its gate sees stop_seen */
+    }
+}
+
 void kas_token_cache_free(struct kd_kas_shard *ks)
 {
     for (unsigned b = 0; b < 256; b++)
@@ -125,6 +138,22 @@ void kas_token_resolved(struct kd_kas_shard *ks, const struct kd_msg *m)
     uint8_t digest[KD_TOKEN_DIGEST_LEN];
     memcpy(digest, a->digest, sizeof(digest));
     kd_kas_release(ks->s, m->ptr);
+    if (e == NULL) {
+        /* nowhere to keep the answer (out of memory): the waiting calls start again and ask again
+         * (each once: a call suspended again goes to the head of the list, behind this walk) */
+        for (struct tok_wait **pp = &ks->tok_waiting; *pp != NULL;) {
+            struct tok_wait *w = *pp;
+            if (memcmp(w->digest, digest, KD_TOKEN_DIGEST_LEN) != 0) {
+                pp = &w->next;
+                continue;
+            }
+            *pp = w->next;
+            kd_grpc_call *call = w->call;
+            free(w);
+            kd_grpc_call_resume(call);
+        }
+        return;
+    }
     /* Resume the calls waiting for this token (each runs start() again, which finds the answer). */
     for (;;) {
         struct tok_wait *w = ks->tok_waiting;
@@ -274,6 +303,10 @@ static int gitlab_ident(struct kd_kas_shard *ks, kd_grpc_call *call, const char 
             return -KD_GRPC_UNAVAILABLE;
         }
         return -KD_GRPC_UNAUTHENTICATED;
+    }
+    if (ks->stop_seen) {
+        kd_grpc_finish(call, KD_GRPC_UNAVAILABLE, "kasd is stopping", NULL, 0);
+        return -KD_GRPC_UNAVAILABLE;
     }
     struct tok_wait *w = calloc(1, sizeof(*w));
     if (w == NULL) {

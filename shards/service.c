@@ -220,6 +220,7 @@ void kd_kas_on_turn(struct kd_shard *s)
     if (s->stopping && !ks->stop_seen) {
         ks->stop_seen = true;
         end_waiting(ks);
+        kas_token_stop(ks); /* agent calls waiting for GitLab's answer about their token */
         /* Stop advertising at once: this shard's entries leave Redis before its agents do. */
         if (ks->tracker != NULL)
             kd_tracker_stop(ks->tracker);

@@ -163,6 +163,7 @@ struct kd_kas_shard {
 
 /* register.c */
 void kas_token_resolved(struct kd_kas_shard *ks, const struct kd_msg *m);
+void kas_token_stop(struct kd_kas_shard *ks);
 void kas_token_cache_free(struct kd_kas_shard *ks);
 
 /* backs.c */

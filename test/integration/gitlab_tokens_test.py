@@ -164,6 +164,71 @@ limits:
             self.gitlab.come_back()
 
 
+class GitLabHung(unittest.TestCase):
+    """A GitLab that accepts and never answers: stop does not wait for it, and the control thread
+    survives requests that time out while others queue and fail at once."""
+
+    def test_stop_with_a_call_waiting_for_its_token_and_a_full_queue(self):
+        import socket
+        d = tempfile.mkdtemp(prefix="kasd-gitlab-hung-")
+        secret = os.urandom(32)
+        with open(os.path.join(d, "gitlab-secret"), "w") as f:
+            f.write(base64.b64encode(secret).decode() + "\n")
+        g = FakeGitLab(secret).start()
+        self.addCleanup(g.stop)
+        g.go_away(hang=True)
+        k = Kasd(config=f"""\
+shards: 1
+agent:
+  listen:
+    address: 127.0.0.1:0
+  token_source: gitlab
+gitlab:
+  address: {g.url}
+  authentication_secret_file: {d}/gitlab-secret
+  timeout: 1s
+api:
+  listen:
+    address: 127.0.0.1:0
+private_api:
+  listen:
+    address: 127.0.0.1:0
+observability:
+  listen:
+    address: 127.0.0.1:0
+kubernetes_api:
+  listen:
+    address: 127.0.0.1:0
+limits:
+  shutdown_grace: 10s
+""")
+        self.addCleanup(k.kill)
+        self.assertTrue(k.started, k.log())
+        host, port = k.listeners["kubernetes_api"]
+        socks = []
+
+        def send(tok):
+            s = socket.create_connection((host, port))
+            s.sendall(f"GET /k8s-proxy/api HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer pat:1:{tok}\r\n\r\n".encode())
+            socks.append(s)
+        # every slot taken, a token that fails at once queued behind them, more behind it; the first
+        # ones time out while the rest start and fail (the reviewer's use-after-free scenario)
+        for i in range(17):
+            send(f"slot-token-{i:02d}-0123456789")
+        send("a b")
+        for i in range(15):
+            send(f"later-token-{i:02d}-0123456789")
+        a = AgentK("%s:%d" % k.listeners["agent"], token(), pods=1, idle=1, backoff=(5, 5)).start()
+        self.addCleanup(a.kill)
+        time.sleep(2.5)
+        self.assertIsNone(k.proc.poll(), k.log())
+        t0 = time.monotonic()
+        self.assertEqual(k.stop(), 0, k.log())
+        self.assertLess(time.monotonic() - t0, 5)  # not the 10 s grace: the waiting call ended at once
+        for s in socks:
+            s.close()
+
+
 class FrontDoorGitLab(unittest.TestCase):
     """The Kubernetes API front door's credentials checked by GitLab (no access-token file):
     pat via authorize_proxy_user, ci via job/allowed_agents, impersonation as kas derives it."""
@@ -360,12 +425,12 @@ CERTS = os.environ.get("KD_TEST_CERTS", os.path.join(os.path.dirname(os.path.abs
 class GitLabOverTLS(unittest.TestCase):
     """https:// to GitLab: the certificate is checked against gitlab.ca_file and the address's host."""
 
-    def start(self, ca):
+    def start(self, ca, cert=None):
         d = tempfile.mkdtemp(prefix="kasd-gitlab-tls-")
         secret = os.urandom(32)
         with open(os.path.join(d, "gitlab-secret"), "w") as f:
             f.write(base64.b64encode(secret).decode() + "\n")
-        g = FakeGitLab(secret, tls=(os.path.join(CERTS, "server.pem"), os.path.join(CERTS, "server.key"))).start()
+        g = FakeGitLab(secret, tls=cert or (os.path.join(CERTS, "server.pem"), os.path.join(CERTS, "server.key"))).start()
         self.addCleanup(g.stop)
         tok = token()
         g.add_agent(tok, agent_id=31, project_id=310, name="tls-agent")
@@ -401,6 +466,24 @@ observability:
         a.wait_for(lambda s: s["registers"] >= 1, timeout=15)
         self.assertEqual(g.count("agent_info"), 1)
         self.assertEqual(k.stop(), 0, k.log())
+
+    def test_certificate_for_another_name_is_refused(self):
+        """Signed by the right CA, but for other.example: GitLab is https://localhost, so no request
+        (and no agent token) goes out."""
+        import subprocess
+        d = tempfile.mkdtemp(prefix="kasd-wrong-name-")
+        key, csr, crt, ext = (os.path.join(d, n) for n in ("w.key", "w.csr", "w.pem", "ext.cnf"))
+        with open(ext, "w") as f:
+            f.write("subjectAltName=DNS:other.example\n")
+        subprocess.run(["openssl", "req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr,
+                        "-subj", "/CN=other.example"], check=True, capture_output=True)
+        subprocess.run(["openssl", "x509", "-req", "-in", csr, "-CA", os.path.join(CERTS, "ca.pem"), "-CAkey",
+                        os.path.join(CERTS, "ca.key"), "-CAcreateserial", "-CAserial", os.path.join(d, "ca.srl"),
+                        "-days", "2", "-extfile", ext, "-out", crt], check=True, capture_output=True)
+        g, k, a = self.start("ca.pem", cert=(crt, key))
+        self.assertTrue(a.wait_for(lambda s: "UNAVAILABLE" in s["last_error"], timeout=10), a.stats)
+        self.assertIn("hostname mismatch", a.stats["last_error"])
+        self.assertEqual(g.count("agent_info"), 0)
 
     def test_unknown_ca_is_unavailable(self):
         g, k, a = self.start("other-ca.pem")

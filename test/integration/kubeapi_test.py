@@ -118,6 +118,11 @@ class Recorder:
             call.send_message(response_header(200, {"Content-Length": ["100"]}))
             call.send_message(response_data(b"x" * 10))
             call.send_error(14, "agent lost its API server")
+        elif path == "/smuggle":
+            # declares 5 bytes, sends more that look like a second response
+            call.send_message(response_header(200, {"Content-Length": ["5"]}))
+            call.send_message(response_data(b"hello" + b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nSMUGGLED"))
+            call.send_message(response_trailer())
         elif path == "/garbage":
             call.send_message(b"\xff\xff\xff")
         else:
@@ -390,6 +395,19 @@ limits:
         finally:
             with open(path, "w") as f:
                 f.write(original)
+
+    def test_agent_cannot_split_the_response(self):
+        """An agent's Content-Length is not passed on (h2o would not hold the body to it): what it sends
+        is one body, and the kept-alive connection still carries the next request."""
+        c = http.client.HTTPConnection(self.host, self.port, timeout=10)
+        c.request("GET", "/k8s-proxy/smuggle", headers=self.auth())
+        r = c.getresponse()
+        self.assertIsNone(r.getheader("Content-Length"))
+        self.assertEqual(r.read(), b"hello" + b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nSMUGGLED")
+        c.request("GET", "/k8s-proxy/nothing", headers=self.auth())
+        r = c.getresponse()
+        self.assertEqual((r.status, r.read()), (404, b"no such path\n"))
+        c.close()
 
     def test_garbage_from_agent_is_502(self):
         r, body = self.request("GET", "/k8s-proxy/garbage", self.auth())
