@@ -227,8 +227,9 @@ static void render_metrics(struct kd_control *c, struct buf *b)
                   "io_uring completions for a connection slot that was already reused (dropped).");
     SHARD_COUNTER(loops, "kasd_shard_loop_turns_total", "Turns of the shard's event loop.");
     SHARD_COUNTER(sleeps, "kasd_shard_sleeps_total", "Times the shard blocked waiting for work.");
-    SHARD_COUNTER(memory_trims, "kasd_shard_memory_trims_total",
-                  "Times the shard gave freed heap back to the kernel (idle, after 256 or more connections left).");
+    SHARD_COUNTER(
+        memory_trims, "kasd_shard_memory_trims_total",
+        "Times the shard gave freed heap back to the kernel (idle, after 256 or more connections left).");
 
     SHARD_COUNTER(redis.commands, "kasd_redis_commands_total",
                   "Commands issued on the shard's Redis connection (accepted for sending).");
@@ -346,9 +347,10 @@ static void render_metrics(struct kd_control *c, struct buf *b)
                 if (c->snaps[i].kas.routed_by_status[k] != 0)
                     bprintf(b, "kasd_routed_calls_by_code_total{shard=\"%u\",code=\"%s\"} %llu\n", i,
                             codes[k], (unsigned long long)c->snaps[i].kas.routed_by_status[k]);
-    family(b, "kasd_fleet_forwarded_total", "counter",
-           "Offers of a routed call to a peer instance, by answer: ready (delivered there), no_tunnel (the peer "
-           "had none: the next candidate was tried), failed (unreachable, refused or broken: likewise).");
+    family(
+        b, "kasd_fleet_forwarded_total", "counter",
+        "Offers of a routed call to a peer instance, by answer: ready (delivered there), no_tunnel (the peer "
+        "had none: the next candidate was tried), failed (unreachable, refused or broken: likewise).");
     for (unsigned i = 0; i < c->n; i++)
         if (c->have[i]) {
             const struct kd_kas_stats *k = &c->snaps[i].kas;
@@ -397,9 +399,10 @@ static void render_metrics(struct kd_control *c, struct buf *b)
                "fleet.second_candidate_delay (the loser is cancelled before any request byte).");
     KAS_SERIES("counter", sn->kas.fwd_race_won, "kasd_fleet_race_won_total",
                "Of those, the races the second candidate won.");
-    KAS_SERIES("counter", sn->kas.recheck_found, "kasd_fleet_recheck_found_total",
-               "Safety re-checks of a waiting call that found a peer holding its agent's tunnel (events missed "
-               "it; expected 0).");
+    KAS_SERIES(
+        "counter", sn->kas.recheck_found, "kasd_fleet_recheck_found_total",
+        "Safety re-checks of a waiting call that found a peer holding its agent's tunnel (events missed "
+        "it; expected 0).");
     KAS_SERIES("gauge", sn->kas.peer_channels, "kasd_fleet_peer_connections",
                "Connections to peer instances' private listeners open on the shard.");
     KAS_SERIES("gauge", sn->kas.forwarding, "kasd_fleet_forwarding_calls",
@@ -416,9 +419,10 @@ static void render_metrics(struct kd_control *c, struct buf *b)
                "Routed calls that found their agent's route in the shard's route cache.");
     KAS_SERIES("counter", sn->kas.pr_cache_stale_hits, "kasd_presence_cache_stale_hits_total",
                "Route cache hits used while Redis was down (events may have been missed).");
-    KAS_SERIES("counter", sn->kas.pr_sub_unconfirmed, "kasd_presence_subscribe_unconfirmed_total",
-               "Route lookups that read Redis without a confirmed SUBSCRIBE of the agent's presence channel "
-               "(refused: an ACL without channel rights; or slower than 1 s). Non-zero: events are not relied on.");
+    KAS_SERIES(
+        "counter", sn->kas.pr_sub_unconfirmed, "kasd_presence_subscribe_unconfirmed_total",
+        "Route lookups that read Redis without a confirmed SUBSCRIBE of the agent's presence channel "
+        "(refused: an ACL without channel rights; or slower than 1 s). Non-zero: events are not relied on.");
     KAS_SERIES("gauge", sn->kas.pr_cache_entries, "kasd_presence_cache_entries",
                "Agents with a cached route on the shard (at most fleet.route_cache_size).");
     KAS_SERIES("counter", sn->kas.pr_cache_evictions, "kasd_presence_cache_evictions_total",
@@ -501,13 +505,15 @@ static void render_metrics(struct kd_control *c, struct buf *b)
     if (c->gitlab != NULL) {
         struct kd_gitlab_stats gs;
         kd_gitlab_stats(c->gitlab, &gs);
-        family(b, "kasd_gitlab_agent_info_requests_total", "counter",
-               "agent_info requests to GitLab (agent.token_source: gitlab), by outcome: ok (a known agent), "
-               "unauthenticated (401/403/404), failed (no answer, another status, an answer not understood).");
+        family(
+            b, "kasd_gitlab_agent_info_requests_total", "counter",
+            "agent_info requests to GitLab (agent.token_source: gitlab), by outcome: ok (a known agent), "
+            "unauthenticated (401/403/404), failed (no answer, another status, an answer not understood).");
         bprintf(b, "kasd_gitlab_agent_info_requests_total{outcome=\"ok\"} %llu\n", (unsigned long long)gs.ok);
         bprintf(b, "kasd_gitlab_agent_info_requests_total{outcome=\"unauthenticated\"} %llu\n",
                 (unsigned long long)gs.unauthenticated);
-        bprintf(b, "kasd_gitlab_agent_info_requests_total{outcome=\"failed\"} %llu\n", (unsigned long long)gs.failed);
+        bprintf(b, "kasd_gitlab_agent_info_requests_total{outcome=\"failed\"} %llu\n",
+                (unsigned long long)gs.failed);
         family(b, "kasd_gitlab_agent_info_cache_hits_total", "counter",
                "Token lookups from the shards answered from the control thread's cache.");
         bprintf(b, "kasd_gitlab_agent_info_cache_hits_total %llu\n", (unsigned long long)gs.cache_hits);
@@ -518,8 +524,10 @@ static void render_metrics(struct kd_control *c, struct buf *b)
                "Kubernetes API front door credentials checked by GitLab (authorize_proxy_user, "
                "job/allowed_agents), by outcome: ok, denied (401/403 to the user), failed (503).");
         bprintf(b, "kasd_gitlab_proxy_auth_total{outcome=\"ok\"} %llu\n", (unsigned long long)gs.auth_ok);
-        bprintf(b, "kasd_gitlab_proxy_auth_total{outcome=\"denied\"} %llu\n", (unsigned long long)gs.auth_denied);
-        bprintf(b, "kasd_gitlab_proxy_auth_total{outcome=\"failed\"} %llu\n", (unsigned long long)gs.auth_failed);
+        bprintf(b, "kasd_gitlab_proxy_auth_total{outcome=\"denied\"} %llu\n",
+                (unsigned long long)gs.auth_denied);
+        bprintf(b, "kasd_gitlab_proxy_auth_total{outcome=\"failed\"} %llu\n",
+                (unsigned long long)gs.auth_failed);
         family(b, "kasd_gitlab_proxy_auth_cache_hits_total", "counter",
                "Front door credentials answered from the cache (no request to GitLab).");
         bprintf(b, "kasd_gitlab_proxy_auth_cache_hits_total %llu\n", (unsigned long long)gs.auth_cache_hits);
@@ -530,9 +538,10 @@ static void render_metrics(struct kd_control *c, struct buf *b)
         family(b, "kasd_kubernetes_api_requests_total", "counter",
                "Requests to the Kubernetes API front door, by outcome (proxied: the agent's answer "
                "started; no_tunnel: no tunnel within limits.routing_timeout).");
-        static const char *const names[] = {"proxied",      "unauthorized", "forbidden",
+        static const char *const names[] = {"proxied",     "unauthorized", "forbidden",
                                             "bad_request", "no_tunnel",    "failed"};
-        const uint64_t vals[] = {ks.proxied, ks.unauthorized, ks.forbidden, ks.bad_requests, ks.no_tunnel, ks.failed};
+        const uint64_t vals[] = {ks.proxied,      ks.unauthorized, ks.forbidden,
+                                 ks.bad_requests, ks.no_tunnel,    ks.failed};
         for (size_t i = 0; i < 6; i++)
             bprintf(b, "kasd_kubernetes_api_requests_total{outcome=\"%s\"} %llu\n", names[i],
                     (unsigned long long)vals[i]);
@@ -600,7 +609,13 @@ static void answer(struct kd_control *c, struct pending *p)
                      !kd_stat_get(&kd_server_shard_stats(c->srv, i)->redis.up))
                 len = snprintf(msg, sizeof(msg), "shard %u: redis connection is down\n", i);
         }
-        if (len == 0)
+        if (len == 0 && c->gitlab != NULL) {
+            /* GitLab unavailable does not make kasd unready: agents and credentials it knows keep
+             * working, and another instance could not reach GitLab either. The body says it. */
+            char body[300] = "ok\n";
+            size_t bl = 3 + kd_gitlab_health(c->gitlab, body + 3, sizeof(body) - 3);
+            kd_httpd_respond(p->req, 200, "text/plain; charset=utf-8", body, bl);
+        } else if (len == 0)
             kd_httpd_respond(p->req, 200, "text/plain; charset=utf-8", "ok\n", 3);
         else
             kd_httpd_respond(p->req, 503, "text/plain; charset=utf-8", msg, (size_t)len);
@@ -906,8 +921,8 @@ int kd_control_start(struct kd_control *c, char *err, size_t errlen)
             .on_request = kd_kubeapi_on_request,
             .ud = c->kube,
             .max_body = c->kube_max_body,
-            .req_timeout_ms = 10000,       /* GitLab kas: ReadHeaderTimeout 10 s */
-            .idle_timeout_ms = 3600000,    /* watches may be quiet for long */
+            .req_timeout_ms = 10000,    /* GitLab kas: ReadHeaderTimeout 10 s */
+            .idle_timeout_ms = 3600000, /* watches may be quiet for long */
             .cert_file = c->kube_cert,
             .key_file = c->kube_key,
         };

@@ -105,6 +105,9 @@ struct kd_gitlab {
     unsigned running, queued;
     bool starting;
     struct kd_gitlab_stats stats;
+    /* For /readiness: when GitLab last answered, and when and why it last failed. */
+    uint64_t last_ok_ms, last_fail_ms;
+    char last_why[160];
 };
 
 static unsigned bucket_of(const uint8_t *d)
@@ -246,7 +249,11 @@ static void finish(struct req *r, int32_t status, int64_t agent_id, int64_t proj
         g->stats.ok++;
     else if (status == KD_GRPC_UNAUTHENTICATED)
         g->stats.unauthenticated++;
-    else {
+    if (status == 0 || status == KD_GRPC_UNAUTHENTICATED) {
+        g->last_ok_ms = now;
+    } else {
+        g->last_fail_ms = now;
+        snprintf(g->last_why, sizeof(g->last_why), "%s", why ? why : "");
         g->stats.failed++;
         struct kd_logline l;
         kd_log_begin(&l, KD_LOG_WARN, "gitlab_request_failed");
@@ -821,6 +828,12 @@ static void finish_auth(struct req *r, struct auth_entry *e)
         g->stats.auth_denied++;
     else
         g->stats.auth_failed++;
+    if (st == 503) {
+        g->last_fail_ms = now;
+        snprintf(g->last_why, sizeof(g->last_why), "%s", e->why);
+    } else {
+        g->last_ok_ms = now;
+    }
     uint32_t ttl = st == 200 ? g->cfg.cache_ttl_ms : st == 503 ? 0 : g->cfg.error_ttl_ms;
     e->expires_ms = now + ttl;
     if (ttl > 0)
@@ -957,6 +970,22 @@ int kd_gitlab_create(struct kd_server *srv, struct kd_httpd *httpd, const struct
         g->cfg.max_requests = 16;
     *out = g;
     return 0;
+}
+
+size_t kd_gitlab_health(const struct kd_gitlab *g, char *buf, size_t cap)
+{
+    uint64_t now = kd_clock_ms();
+    int n;
+    if (g->last_fail_ms != 0 && g->last_fail_ms >= g->last_ok_ms)
+        n = snprintf(buf, cap,
+                     "gitlab: the last request failed %llu ms ago (%s); known agents keep working\n",
+                     (unsigned long long)(now - g->last_fail_ms), g->last_why);
+    else if (g->last_ok_ms != 0)
+        n = snprintf(buf, cap, "gitlab: ok (last answer %llu ms ago)\n",
+                     (unsigned long long)(now - g->last_ok_ms));
+    else
+        n = snprintf(buf, cap, "gitlab: no request yet\n");
+    return n < 0 ? 0 : (size_t)n < cap ? (size_t)n : cap - 1;
 }
 
 void kd_gitlab_stats(const struct kd_gitlab *g, struct kd_gitlab_stats *out)

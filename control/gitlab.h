@@ -78,6 +78,8 @@ bool kd_gitlab_on_message(struct kd_gitlab *g, const struct kd_msg *m);
 /* Requests past their deadline fail; returns the next deadline (ms, UINT64_MAX: none). */
 uint64_t kd_gitlab_tick(struct kd_gitlab *g, uint64_t now_ms);
 void kd_gitlab_stats(const struct kd_gitlab *g, struct kd_gitlab_stats *out);
+/* One line for /readiness: GitLab's state as the last requests saw it. Returns its length. */
+size_t kd_gitlab_health(const struct kd_gitlab *g, char *buf, size_t cap);
 void kd_gitlab_destroy(struct kd_gitlab *g);
 
 #endif

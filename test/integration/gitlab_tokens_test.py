@@ -143,6 +143,13 @@ limits:
                     c.close()
                 self.assertGreaterEqual(
                     metric(self.kasd, "kasd_gitlab_agent_info_requests_total", outcome="failed"), 1)
+                # /readiness stays 200 (known agents work) and says what happened to GitLab
+                import urllib.request
+                with urllib.request.urlopen("http://%s:%d/readiness" % self.kasd.listeners["observability"],
+                                            timeout=5) as resp:
+                    body = resp.read().decode()
+                self.assertIn("gitlab: the last request failed", body)
+                self.assertIn("connection to GitLab failed", body)
             finally:
                 self.gitlab.come_back()
         finally:
