@@ -63,13 +63,14 @@ static void tok_drop_expired(struct kd_kas_shard *ks, uint64_t now)
  * began); every call still waiting for one starts again now and is answered UNAVAILABLE. */
 void kas_token_stop(struct kd_kas_shard *ks)
 {
-    while (ks->tok_waiting != NULL) {
-        struct tok_wait *w = ks->tok_waiting;
-        ks->tok_waiting = w->next;
-        kd_grpc_call *call = w->call;
-        free(w);
-        kd_grpc_call_resume(call); /* its gate sees stop_seen */
-    }
+    for (unsigned b = 0; b < 256; b++)
+        while (ks->tok_waiting[b] != NULL) {
+            struct tok_wait *w = ks->tok_waiting[b];
+            ks->tok_waiting[b] = w->next;
+            kd_grpc_call *call = w->call;
+            free(w);
+            kd_grpc_call_resume(call); /* its gate sees stop_seen */
+        }
 }
 
 void kas_token_cache_free(struct kd_kas_shard *ks)
@@ -80,16 +81,17 @@ void kas_token_cache_free(struct kd_kas_shard *ks)
             ks->tok_cache[b] = e->next;
             free(e);
         }
-    while (ks->tok_waiting != NULL) { /* their calls ended with their connections */
-        struct tok_wait *w = ks->tok_waiting;
-        ks->tok_waiting = w->next;
-        free(w);
-    }
+    for (unsigned b = 0; b < 256; b++)
+        while (ks->tok_waiting[b] != NULL) { /* their calls ended with their connections */
+            struct tok_wait *w = ks->tok_waiting[b];
+            ks->tok_waiting[b] = w->next;
+            free(w);
+        }
 }
 
 static void tok_wait_unlink(struct tok_wait *w)
 {
-    struct tok_wait **pp = &w->ks->tok_waiting;
+    struct tok_wait **pp = &w->ks->tok_waiting[w->digest[0]];
     while (*pp != NULL && *pp != w)
         pp = &(*pp)->next;
     if (*pp == w)
@@ -141,7 +143,7 @@ void kas_token_resolved(struct kd_kas_shard *ks, const struct kd_msg *m)
     if (e == NULL) {
         /* nowhere to keep the answer (out of memory): the waiting calls start again and ask again
          * (each once: a call suspended again goes to the head of the list, behind this walk) */
-        for (struct tok_wait **pp = &ks->tok_waiting; *pp != NULL;) {
+        for (struct tok_wait **pp = &ks->tok_waiting[digest[0]]; *pp != NULL;) {
             struct tok_wait *w = *pp;
             if (memcmp(w->digest, digest, KD_TOKEN_DIGEST_LEN) != 0) {
                 pp = &w->next;
@@ -154,9 +156,11 @@ void kas_token_resolved(struct kd_kas_shard *ks, const struct kd_msg *m)
         }
         return;
     }
-    /* Resume the calls waiting for this token (each runs start() again, which finds the answer). */
+    /* Resume the calls waiting for this token (each runs start() again, which finds the answer).
+     * The bucket is searched again after each one: resuming a call can hand its connection to
+     * another shard, whose other waiting calls then leave the bucket (their gone hooks). */
     for (;;) {
-        struct tok_wait *w = ks->tok_waiting;
+        struct tok_wait *w = ks->tok_waiting[digest[0]];
         while (w != NULL && memcmp(w->digest, digest, KD_TOKEN_DIGEST_LEN) != 0)
             w = w->next;
         if (w == NULL)
@@ -317,15 +321,15 @@ static int gitlab_ident(struct kd_kas_shard *ks, kd_grpc_call *call, const char 
     memcpy(w->digest, d, sizeof(d));
     w->call = call;
     bool asked = false;
-    for (struct tok_wait *o = ks->tok_waiting; o != NULL && !asked; o = o->next)
+    for (struct tok_wait *o = ks->tok_waiting[d[0]]; o != NULL && !asked; o = o->next)
         asked = memcmp(o->digest, d, sizeof(d)) == 0;
     if (kd_grpc_call_suspend(call, tok_wait_gone, w) < 0) {
         free(w);
         kd_grpc_finish(call, KD_GRPC_INTERNAL, "call could not wait for its token", NULL, 0);
         return -KD_GRPC_INTERNAL;
     }
-    w->next = ks->tok_waiting;
-    ks->tok_waiting = w;
+    w->next = ks->tok_waiting[d[0]];
+    ks->tok_waiting[d[0]] = w;
     if (!asked && !ask_redis(ks, d, tok, tlen))
         ask_control(ks, d, tok, tlen);
     return 0;

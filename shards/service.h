@@ -158,7 +158,7 @@ struct kd_kas_shard {
      * the agent calls suspended until the control thread answers for theirs. */
     struct tok_entry *tok_cache[256];
     size_t tok_entries;
-    struct tok_wait *tok_waiting;
+    struct tok_wait *tok_waiting[256]; /* by the digest's first byte */
 };
 
 /* register.c */
