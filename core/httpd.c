@@ -158,21 +158,6 @@ void kd_httpd_req_body(const struct kd_httpd_req *r, const uint8_t **body, size_
     }
 }
 
-bool kd_httpd_req_has_body(const struct kd_httpd_req *r)
-{
-    return r->req != NULL && r->req->entity.base != NULL;
-}
-
-bool kd_httpd_req_upgrade(const struct kd_httpd_req *r)
-{
-    return r->req != NULL && r->req->upgrade.base != NULL;
-}
-
-int kd_httpd_req_version(const struct kd_httpd_req *r)
-{
-    return r->req != NULL ? r->req->version : 0;
-}
-
 /* ---- streamed answers ---- */
 
 static void add_headers(h2o_req_t *req, const struct kd_httpd_header *hs, size_t n);
@@ -591,11 +576,6 @@ void kd_httpd_up_write(struct kd_httpd_upgraded *u, const void *data, size_t len
     h2o_iovec_t buf = h2o_iovec_init(data, len);
     u->writing = true;
     h2o_socket_write(u->sock, &buf, 1, up_on_written);
-}
-
-bool kd_httpd_up_writing(const struct kd_httpd_upgraded *u)
-{
-    return u->writing;
 }
 
 void kd_httpd_up_close(struct kd_httpd_upgraded *u)

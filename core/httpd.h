@@ -83,11 +83,6 @@ void kd_httpd_req_target(const struct kd_httpd_req *req, const char **path, size
                          size_t *qlen);
 /* The whole request body (h2o 2.2 reads it before the callback runs); NULL/0 if none. */
 void kd_httpd_req_body(const struct kd_httpd_req *req, const uint8_t **body, size_t *len);
-bool kd_httpd_req_has_body(const struct kd_httpd_req *req);
-/* An Upgrade other than h2c was asked for (h2o keeps the Upgrade header apart from the others). */
-bool kd_httpd_req_upgrade(const struct kd_httpd_req *req);
-/* 0x101 for HTTP/1.1, 0x200 for HTTP/2, 0 when gone. */
-int kd_httpd_req_version(const struct kd_httpd_req *req);
 
 /* ---- streamed answers ----
  *
@@ -151,7 +146,6 @@ struct kd_httpd_upgraded *kd_httpd_connect(struct kd_httpd *h, const struct sock
 void kd_httpd_up_read(struct kd_httpd_upgraded *u, bool on);
 /* Write bytes to the client; one write at a time (the next after WRITTEN). */
 void kd_httpd_up_write(struct kd_httpd_upgraded *u, const void *data, size_t len);
-bool kd_httpd_up_writing(const struct kd_httpd_upgraded *u);
 void kd_httpd_up_close(struct kd_httpd_upgraded *u);
 
 /* Stop accepting: every listening socket is closed; open connections finish their current requests. */
