@@ -128,8 +128,10 @@ static void reload_access(const struct kd_config *cfg, struct access_slot *slot)
     if (!cfg->kubernetes_api.enabled || cfg->kubernetes_api.access_token_file == NULL)
         return;
     if (kd_access_load_file(cfg->kubernetes_api.access_token_file, &t, err, sizeof(err)) < 0) {
-        kd_log_msg(KD_LOG_ERROR, "access_tokens_reload_failed", "kubernetes_api.access_token_file: %s "
-                   "(keeping the previous tokens)", err);
+        kd_log_msg(KD_LOG_ERROR, "access_tokens_reload_failed",
+                   "kubernetes_api.access_token_file: %s "
+                   "(keeping the previous tokens)",
+                   err);
         return;
     }
     kd_access_free(atomic_exchange_explicit(&slot->pending, t, memory_order_acq_rel));
@@ -374,7 +376,8 @@ static int access_authorize(void *ud, const char *token, size_t len, int64_t age
     struct kd_access_grant g;
     int rc = kd_access_check(slot->cur, token, len, agent_id, &g);
     if (rc == 0)
-        *imp = (struct kd_hm_imp){.username = g.username, .groups = g.groups, .ngroups = g.ngroups, .uid = g.uid};
+        *imp = (struct kd_hm_imp){
+            .username = g.username, .groups = g.groups, .ngroups = g.ngroups, .uid = g.uid};
     return rc;
 }
 
@@ -395,7 +398,8 @@ static int secret_load(const char *key, const char *path, uint8_t *out, size_t c
  * naming the key into err and frees what was loaded. */
 /* agent.token_source: gitlab: GitLab's address resolved now (the control thread does no DNS) and
  * its secret read, each error naming its key. */
-static int gitlab_load(struct start_files *f, const struct kd_config *cfg, bool tokens, char *err, size_t errlen)
+static int gitlab_load(struct start_files *f, const struct kd_config *cfg, bool tokens, char *err,
+                       size_t errlen)
 {
     if (cfg->gitlab.address == NULL || cfg->gitlab.authentication_secret_file == NULL) {
         snprintf(err, errlen, "%s needs %s", tokens ? "agent.token_source: gitlab" : "gitlab.address",
@@ -403,7 +407,8 @@ static int gitlab_load(struct start_files *f, const struct kd_config *cfg, bool 
         return -EINVAL;
     }
     if (tokens && cfg->agent.token_file != NULL) {
-        snprintf(err, errlen, "agent.token_file: not used with agent.token_source: gitlab (remove one of them)");
+        snprintf(err, errlen,
+                 "agent.token_file: not used with agent.token_source: gitlab (remove one of them)");
         return -EINVAL;
     }
     size_t slen = 0;
@@ -501,8 +506,8 @@ static int start_files_load(struct start_files *f, const struct kd_config *cfg, 
         goto fail;
     }
     if (cfg->kubernetes_api.enabled && cfg->kubernetes_api.listen.certificate_file != NULL &&
-        (rc = kd_httpd_tls_check(cfg->kubernetes_api.listen.certificate_file, cfg->kubernetes_api.listen.key_file,
-                                 why, sizeof(why))) < 0) {
+        (rc = kd_httpd_tls_check(cfg->kubernetes_api.listen.certificate_file,
+                                 cfg->kubernetes_api.listen.key_file, why, sizeof(why))) < 0) {
         snprintf(err, errlen, "kubernetes_api.listen %s", why);
         goto fail;
     }
@@ -889,8 +894,9 @@ int main(int argc, char **argv)
                           sizeof(err)) < 0 ||
         (files.gitlab_on && (kd_control_set_gitlab(ctl, &files.gitlab), false)) ||
         (cfg.kubernetes_api.enabled &&
-         kd_control_add_kubeapi(ctl, &cfg.kubernetes_api.listen.addr, cfg.kubernetes_api.listen.addrlen, &kcfg,
-                                cfg.kubernetes_api.max_request_body_size, cfg.kubernetes_api.listen.certificate_file,
+         kd_control_add_kubeapi(ctl, &cfg.kubernetes_api.listen.addr, cfg.kubernetes_api.listen.addrlen,
+                                &kcfg, cfg.kubernetes_api.max_request_body_size,
+                                cfg.kubernetes_api.listen.certificate_file,
                                 cfg.kubernetes_api.listen.key_file, err, sizeof(err)) < 0) ||
         kd_control_start(ctl, err, sizeof(err)) < 0) {
         kd_log_msg(KD_LOG_ERROR, "start_failed", "%s", err);
@@ -910,7 +916,8 @@ int main(int argc, char **argv)
             kd_log_begin(&l, KD_LOG_INFO, "listening");
             kd_log_str(&l, "listener", "kubernetes_api");
             kd_log_str(&l, "address", addr);
-            kd_log_str(&l, "protocol", cfg.kubernetes_api.listen.certificate_file ? "https (h2, http/1.1)" : "http/1.1+h2c");
+            kd_log_str(&l, "protocol",
+                       cfg.kubernetes_api.listen.certificate_file ? "https (h2, http/1.1)" : "http/1.1+h2c");
             kd_log_end(&l);
         }
     }

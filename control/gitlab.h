@@ -33,9 +33,9 @@ struct kd_gitlab_cfg {
     unsigned naddrs;
     struct kd_httpd_tls *tls; /* https:// (NULL: plain HTTP) */
     char server_name[300];    /* the name GitLab's certificate must carry (the address's host) */
-    char host[300];        /* Host header: the address as configured */
-    char prefix[256];      /* path prefix of the address ("" or "/gitlab") */
-    const uint8_t *secret; /* gitlab.authentication_secret_file: signs Gitlab-Kas-Api-Request */
+    char host[300];           /* Host header: the address as configured */
+    char prefix[256];         /* path prefix of the address ("" or "/gitlab") */
+    const uint8_t *secret;    /* gitlab.authentication_secret_file: signs Gitlab-Kas-Api-Request */
     size_t secret_len;
     uint32_t timeout_ms, cache_ttl_ms, error_ttl_ms;
     unsigned max_requests; /* at once; more wait */

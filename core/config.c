@@ -406,9 +406,9 @@ int kd_config_defaults(struct kd_config *c)
     c->agent.listen.websocket = 1; /* agentk's ws:// and wss:// addresses (GitLab.com's default) */
     c->log.level = KD_LOG_INFO;
     c->kubernetes_api.max_request_body_size = 16u << 20;
-    c->gitlab.timeout_ms = 10000;                   /* GitLab kas: 10 s per request */
-    c->gitlab.agent_info_cache_ttl_ms = 300000;       /* GitLab kas: agent_info_cache_ttl 5 min */
-    c->gitlab.agent_info_cache_error_ttl_ms = 60000;  /* GitLab kas: agent_info_cache_error_ttl 1 min */
+    c->gitlab.timeout_ms = 10000;                    /* GitLab kas: 10 s per request */
+    c->gitlab.agent_info_cache_ttl_ms = 300000;      /* GitLab kas: agent_info_cache_ttl 5 min */
+    c->gitlab.agent_info_cache_error_ttl_ms = 60000; /* GitLab kas: agent_info_cache_error_ttl 1 min */
 
     c->source = strdup("<defaults>");
     c->redis.key_prefix = strdup("gitlab-kas");
@@ -604,8 +604,8 @@ static const struct field observability_keys[] = {
 };
 static int kubernetes_api_done(struct parse *p, struct kd_yaml_mark at);
 static int kubernetes_api_listen_done(struct parse *p, struct kd_yaml_mark at);
-static const struct field kubernetes_api_listen_keys[] = {LISTEN_ADDRESS(kubernetes_api, "127.0.0.1:8154"),
-                                                          TLS_FILES(kubernetes_api), {0}};
+static const struct field kubernetes_api_listen_keys[] = {
+    LISTEN_ADDRESS(kubernetes_api, "127.0.0.1:8154"), TLS_FILES(kubernetes_api), {0}};
 static const struct field kubernetes_api_keys[] = {
     {.key = "listen", .kind = K_MAP, .sub = kubernetes_api_listen_keys, .done = kubernetes_api_listen_done},
     {.key = "url_path_prefix", .kind = K_STRING, .off = OFF(kubernetes_api.url_path_prefix)},

@@ -49,10 +49,11 @@ struct kd_config {
     struct {
         char *external_url; /* gitlab.external_url: GitLab's public URL, told to agents (NULL: "") */
         char *address;      /* gitlab.address: http://host[:port][/prefix] of GitLab's internal API */
-        char *authentication_secret_file; /* gitlab.authentication_secret_file: signs Gitlab-Kas-Api-Request */
-        char *ca_file;                    /* gitlab.ca_file: CAs for https:// (NULL: the system store) */
-        uint32_t timeout_ms;              /* gitlab.timeout: one request to GitLab */
-        uint32_t agent_info_cache_ttl_ms; /* gitlab.agent_info_cache_ttl: a known agent token is kept */
+        char
+            *authentication_secret_file; /* gitlab.authentication_secret_file: signs Gitlab-Kas-Api-Request */
+        char *ca_file;                   /* gitlab.ca_file: CAs for https:// (NULL: the system store) */
+        uint32_t timeout_ms;             /* gitlab.timeout: one request to GitLab */
+        uint32_t agent_info_cache_ttl_ms;       /* gitlab.agent_info_cache_ttl: a known agent token is kept */
         uint32_t agent_info_cache_error_ttl_ms; /* gitlab.agent_info_cache_error_ttl: a refused one */
     } gitlab;
     struct {

@@ -44,7 +44,7 @@ struct kd_httpd_upgraded {
     struct kd_httpd *h;
     SSL_CTX *tls;            /* kd_httpd_connect over TLS: the client context (borrowed) */
     const char *server_name; /* and the name its certificate must carry (borrowed) */
-    h2o_socket_t *sock; /* NULL until the 101 went out, and after close */
+    h2o_socket_t *sock;      /* NULL until the 101 went out, and after close */
     kd_httpd_up_fn fn;
     void *ud;
     bool open, reading, want_read, writing, in_cb, close_pending, dead;
@@ -470,7 +470,8 @@ struct kd_httpd_tls {
     SSL_CTX *ctx;
 };
 
-struct kd_httpd_tls *kd_httpd_client_tls_new(const char *ca_file, const char *server_name, char *err, size_t errlen)
+struct kd_httpd_tls *kd_httpd_client_tls_new(const char *ca_file, const char *server_name, char *err,
+                                             size_t errlen)
 {
     struct kd_httpd_tls *t = calloc(1, sizeof(*t));
     const char *what = "out of memory";
@@ -484,14 +485,15 @@ struct kd_httpd_tls *kd_httpd_client_tls_new(const char *ca_file, const char *se
     X509_VERIFY_PARAM *vp = SSL_CTX_get0_param(t->ctx);
     unsigned char ipbuf[16];
     bool is_ip = inet_pton(AF_INET, server_name, ipbuf) == 1 || inet_pton(AF_INET6, server_name, ipbuf) == 1;
-    if ((is_ip ? X509_VERIFY_PARAM_set1_ip_asc(vp, server_name) : X509_VERIFY_PARAM_set1_host(vp, server_name, 0)) != 1)
+    if ((is_ip ? X509_VERIFY_PARAM_set1_ip_asc(vp, server_name)
+               : X509_VERIFY_PARAM_set1_host(vp, server_name, 0)) != 1)
         goto fail;
     what = ca_file != NULL ? ca_file : "the system's CA store";
     if ((ca_file != NULL ? SSL_CTX_load_verify_locations(t->ctx, ca_file, NULL)
                          : SSL_CTX_set_default_verify_paths(t->ctx)) != 1)
         goto fail;
     return t;
-fail: {
+fail : {
     char why[256] = "";
     unsigned long e = ERR_get_error();
     if (e != 0)
