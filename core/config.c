@@ -18,11 +18,11 @@
  */
 #include "core/config.h"
 #include "core/h2.h" /* the defaults of limits.h2_* */
+#include "core/secretfile.h"
 #include "core/yamlev.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
-#include <fcntl.h>
 #include <netinet/in.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -1060,8 +1060,6 @@ static int set_string(struct parse *p, char **slot, const char *v, size_t n, str
     return 0;
 }
 
-static int read_file(const char *path, char **out, size_t *outlen);
-
 /* A secret's file is read while loading, so a missing or empty file fails the load (with the key
  * and position) instead of the first connection much later. One trailing newline ("\n" or "\r\n",
  * as editors leave it) is not part of the secret. */
@@ -1073,7 +1071,7 @@ static int read_secret(struct parse *p, const struct field *f, const char *v, si
     int r;
 
     quote_value(got, sizeof(got), v, n);
-    r = read_file(v, &buf, &len);
+    r = kd_secretfile_read(v, FILE_MAX, &buf, &len);
     if (r < 0)
         return fail(p, at, "cannot read %s: %s", got, r == -EFBIG ? "file too large" : strerror(-r));
     if (len > 0 && buf[len - 1] == '\n')
@@ -1669,56 +1667,6 @@ int kd_config_load_string(struct kd_config *c, const char *name, const char *yam
     return 0;
 }
 
-/* Whole file into a malloc'd buffer. 0 or -errno. */
-static int read_file(const char *path, char **out, size_t *outlen)
-{
-    size_t cap = 4096, len = 0;
-    char *buf = NULL;
-    int fd, r = 0;
-
-    fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return -errno;
-    for (;;) {
-        ssize_t n;
-
-        if (!buf || len == cap) {
-            char *nb;
-
-            if (buf)
-                cap *= 2;
-            nb = realloc(buf, cap);
-            if (!nb) {
-                r = -ENOMEM;
-                break;
-            }
-            buf = nb;
-        }
-        n = read(fd, buf + len, cap - len);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0) {
-            r = -errno;
-            break;
-        }
-        if (n == 0)
-            break;
-        len += (size_t)n;
-        if (len > FILE_MAX) {
-            r = -EFBIG;
-            break;
-        }
-    }
-    close(fd);
-    if (r < 0) {
-        free(buf);
-        return r;
-    }
-    *out = buf;
-    *outlen = len;
-    return 0;
-}
-
 int kd_config_load_file(struct kd_config *c, const char *path, char *err, size_t errlen)
 {
     char name[512];
@@ -1726,7 +1674,7 @@ int kd_config_load_file(struct kd_config *c, const char *path, char *err, size_t
     char *buf = NULL;
     int r;
 
-    r = read_file(path, &buf, &len);
+    r = kd_secretfile_read(path, FILE_MAX, &buf, &len);
     if (r < 0) {
         append_escaped(name, sizeof(name), &nl, path, strlen(path), sizeof(name) / 4 - 4);
         if (r == -EFBIG)
