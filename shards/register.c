@@ -59,6 +59,22 @@ static void tok_drop_expired(struct kd_kas_shard *ks, uint64_t now)
     }
 }
 
+/* The cache is full of live answers: forget whole buckets, starting at `first`, until it is 1/16
+ * below its bound, so a flood of distinct tokens keeps the cache bounded and sweeps once per
+ * ~4096 answers, not once per answer. They are only copies: a forgotten token is asked for again. */
+static void tok_evict(struct kd_kas_shard *ks, unsigned first)
+{
+    for (unsigned i = 0; i < 256 && ks->tok_entries + TOK_CACHE_MAX / 16 >= TOK_CACHE_MAX; i++) {
+        struct tok_entry **head = &ks->tok_cache[(first + i) & 255];
+        while (*head != NULL) {
+            struct tok_entry *e = *head;
+            *head = e->next;
+            free(e);
+            ks->tok_entries--;
+        }
+    }
+}
+
 /* Stopping: no answer about a token comes any more (the control thread sends none once the stop
  * began); every call still waiting for one starts again now and is answered UNAVAILABLE. */
 void kas_token_stop(struct kd_kas_shard *ks)
@@ -118,6 +134,8 @@ void kas_token_resolved(struct kd_kas_shard *ks, const struct kd_msg *m)
     if (e == NULL) {
         if (ks->tok_entries >= TOK_CACHE_MAX)
             tok_drop_expired(ks, now);
+        if (ks->tok_entries >= TOK_CACHE_MAX)
+            tok_evict(ks, a->digest[0]);
         e = calloc(1, sizeof(*e));
         if (e != NULL) {
             memcpy(e->digest, a->digest, KD_TOKEN_DIGEST_LEN);
