@@ -230,6 +230,12 @@ static void render_metrics(struct kd_control *c, struct buf *b)
     SHARD_COUNTER(
         memory_trims, "kasd_shard_memory_trims_total",
         "Times the shard gave freed heap back to the kernel (idle, after 256 or more connections left).");
+    SHARD_COUNTER(buffer_sheds, "kasd_shard_buffer_sheds_total",
+                  "Times the shard returned its receive buffers' pages to the kernel (quiet for a second "
+                  "after 64 or more receives).");
+    SHARD_COUNTER(quiet_sheds, "kasd_shard_quiet_sheds_total",
+                  "Times a connection that had sent nothing for one to two seconds gave back its HTTP/2 "
+                  "output buffer's pages.");
 
     SHARD_COUNTER(redis.commands, "kasd_redis_commands_total",
                   "Commands issued on the shard's Redis connection (accepted for sending).");

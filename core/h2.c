@@ -17,6 +17,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "core/chunkpool.h"
 #include "core/clock.h"
@@ -143,6 +145,13 @@ struct kd_h2 {
      * kd_h2_expire runs on every flush; while now is below this bound nothing can be due, so it
      * answers without walking every call of the connection. */
     uint64_t next_deadline;
+    /* nghttp2's allocator for this session (ng_mem with mem_user_data = this), so the output frame
+     * buffer it makes while the session is created (creating) can live in pages of its own (fb,
+     * fb_len): see ng_malloc and kd_h2_shed. */
+    nghttp2_mem mem;
+    bool creating;
+    void *fb;
+    size_t fb_len;
 };
 
 /* ---- small helpers ---- */
@@ -943,16 +952,42 @@ static int on_stream_close(nghttp2_session *s, int32_t sid, uint32_t error_code,
 
 /* nghttp2's allocations (streams, frames, header copies, HPACK) come from the shard's pool too:
  * with many calls in flight they made up a good part of the malloc traffic per routed call, and
- * glibc's per-thread cache (7 blocks per size) could not absorb it. */
+ * glibc's per-thread cache (7 blocks per size) could not absorb it.
+ *
+ * One exception: the session's output frame buffer. nghttp2 allocates it when the session is made
+ * (16,394 bytes: a frame header, a padding byte and a 16 KiB payload) and keeps it for the
+ * session's life, yet its bytes are dead between two nghttp2_session_mem_send calls (each frame is
+ * copied out at once, kd_h2_send). In the heap, the pages small frames touch stay resident for
+ * every idle connection, next to other blocks. So the one big block asked for while the session is
+ * being created gets pages of its own (mmap: untouched pages cost nothing) and kd_h2_shed can give
+ * them back while the connection is quiet. nghttp2 names no allocation, so "made during creation,
+ * at least 16 KiB" is how it is told apart; every other block, and any later frame-buffer chain
+ * (long header blocks), stays in the pool and is never shed. */
+#define FB_MIN 16384u
 static void *ng_malloc(size_t size, void *ud)
 {
-    (void)ud;
+    struct kd_h2 *h = ud;
+    if (h->creating && h->fb == NULL && size >= FB_MIN) {
+        long page = sysconf(_SC_PAGESIZE);
+        size_t len = (size + (size_t)page - 1) / (size_t)page * (size_t)page;
+        void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p != MAP_FAILED) {
+            h->fb = p;
+            h->fb_len = len;
+            return p;
+        }
+    }
     return kd_chunkpool_malloc(size);
 }
 
 static void ng_free(void *p, void *ud)
 {
-    (void)ud;
+    struct kd_h2 *h = ud;
+    if (p != NULL && p == h->fb) {
+        munmap(p, h->fb_len);
+        h->fb = NULL;
+        return;
+    }
     kd_chunkpool_free(p);
 }
 
@@ -964,7 +999,19 @@ static void *ng_calloc(size_t n, size_t size, void *ud)
 
 static void *ng_realloc(void *p, size_t size, void *ud)
 {
-    (void)ud;
+    if (p == NULL)
+        return ng_malloc(size, ud);
+    struct kd_h2 *h = ud;
+    if (p == h->fb) {
+        if (size <= h->fb_len)
+            return p;
+        void *q = kd_chunkpool_malloc(size);
+        if (q == NULL)
+            return NULL;
+        memcpy(q, p, h->fb_len);
+        ng_free(p, ud);
+        return q;
+    }
     return kd_chunkpool_realloc(p, size);
 }
 
@@ -1016,8 +1063,12 @@ struct kd_h2 *kd_h2_new(const struct kd_h2_opts *o)
      * (on_frame_recv) bites first, this stays as a backstop. */
     nghttp2_option_set_stream_reset_rate_limit(opt, 2u * (uint64_t)h->lim.reset_burst,
                                                2u * (uint64_t)h->lim.reset_rate);
-    int rc = o->server ? nghttp2_session_server_new3(&h->s, cb, h, opt, &ng_mem)
-                       : nghttp2_session_client_new3(&h->s, cb, h, opt, &ng_mem);
+    h->mem = ng_mem;
+    h->mem.mem_user_data = h;
+    h->creating = true;
+    int rc = o->server ? nghttp2_session_server_new3(&h->s, cb, h, opt, &h->mem)
+                       : nghttp2_session_client_new3(&h->s, cb, h, opt, &h->mem);
+    h->creating = false;
     nghttp2_option_del(opt);
     nghttp2_session_callbacks_del(cb);
     if (rc != 0) {
@@ -1148,6 +1199,15 @@ bool kd_h2_finished(const struct kd_h2 *h)
 bool kd_h2_want_write(const struct kd_h2 *h)
 {
     return nghttp2_session_want_write(h->s) != 0;
+}
+
+size_t kd_h2_shed(struct kd_h2 *h)
+{
+    /* want_write is also true while a frame returned by mem_send is not yet marked sent (the next
+     * mem_send does that): then the buffer is left alone. */
+    if (h->fb == NULL || nghttp2_session_want_write(h->s))
+        return 0;
+    return madvise(h->fb, h->fb_len, MADV_DONTNEED) == 0 ? h->fb_len : 0;
 }
 
 void kd_h2_goaway(struct kd_h2 *h, uint32_t error_code, const char *debug)

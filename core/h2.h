@@ -143,6 +143,10 @@ int kd_h2_send(struct kd_h2 *h, kd_h2_write_fn write, void *ud);
 /* true when the session has nothing more to do (peer and we are done, e.g. after GOAWAY). */
 bool kd_h2_finished(const struct kd_h2 *h);
 bool kd_h2_want_write(const struct kd_h2 *h);
+/* The connection has been quiet for a while: give the pages of nghttp2's output frame buffer back to
+ * the kernel (they hold no live bytes between two kd_h2_send calls; the next frame faults a zeroed
+ * page back in). A no-op while output is pending. Returns the bytes given back, 0 if none. */
+size_t kd_h2_shed(struct kd_h2 *h);
 
 /* Graceful (error_code 0): GOAWAY announcing no new streams; calls in flight carry on. Sent once per
  * connection: later calls are no-ops. A GOAWAY with an error is final: at most one follows the

@@ -7,6 +7,7 @@
 #include <netinet/tcp.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -27,37 +28,41 @@ int kd_conntable_init(struct kd_conntable *t, uint32_t capacity)
     memset(t, 0, sizeof(*t));
     if (capacity == 0)
         return -EINVAL;
-    /* calloc: untouched slots stay as zero pages, so a large limit costs memory only when used. */
-    t->slots = calloc(capacity, sizeof(*t->slots));
-    if (t->slots == NULL)
+    /* Mapped, not calloc'ed: calloc may clear the block itself (it does with MALLOC_PERTURB_), which
+     * would touch every page; a fresh mapping is zero pages until a slot is first used. */
+    size_t len = (size_t)capacity * sizeof(*t->slots);
+    void *slots = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (slots == MAP_FAILED)
         return -ENOMEM;
+    t->slots = slots;
     t->capacity = capacity;
     kd_list_init(&t->free);
     kd_list_init(&t->live_list);
-    /* Push in reverse so slot 0 is handed out first (nicer to read in logs and tests). */
-    for (uint32_t i = capacity; i-- > 0;) {
-        struct kd_conn *c = &t->slots[i];
-        c->slot = i;
-        c->gen = 1;
-        c->fd = -1;
-        kd_list_node_init(&c->dirty);
-        kd_list_insert_before(t->free.next, &c->link);
-    }
+    /* Slots from t->fresh on have never been used; they join the table one by one as the free list
+     * runs dry (kd_conntable_alloc), so their pages are not touched until then. */
     return 0;
 }
 
 void kd_conntable_fini(struct kd_conntable *t)
 {
-    free(t->slots);
+    if (t->slots != NULL)
+        munmap(t->slots, (size_t)t->capacity * sizeof(*t->slots));
     memset(t, 0, sizeof(*t));
 }
 
 struct kd_conn *kd_conntable_alloc(struct kd_conntable *t)
 {
     struct kd_list *n = kd_list_pop_front(&t->free);
-    if (n == NULL)
+    struct kd_conn *c;
+    if (n != NULL) {
+        c = KD_CONTAINER_OF(n, struct kd_conn, link);
+    } else if (t->fresh < t->capacity) {
+        c = &t->slots[t->fresh];
+        c->slot = t->fresh++;
+        c->gen = 1;
+    } else {
         return NULL;
-    struct kd_conn *c = KD_CONTAINER_OF(n, struct kd_conn, link);
+    }
     uint32_t slot = c->slot, gen = c->gen;
     memset(c, 0, sizeof(*c));
     c->slot = slot;
@@ -66,6 +71,7 @@ struct kd_conn *kd_conntable_alloc(struct kd_conntable *t)
     c->handoff_to = -1;
     c->state = KD_CONN_OPEN;
     kd_list_node_init(&c->dirty);
+    kd_list_node_init(&c->sent);
     kd_list_push_back(&t->live_list, &c->link);
     t->live++;
     return c;
@@ -74,6 +80,8 @@ struct kd_conn *kd_conntable_alloc(struct kd_conntable *t)
 void kd_conntable_free(struct kd_conntable *t, struct kd_conn *c)
 {
     kd_list_unlink(&c->link);
+    if (kd_list_is_linked(&c->sent))
+        kd_list_unlink(&c->sent);
     c->state = KD_CONN_FREE;
     c->fd = -1;
     c->ctx = NULL;
@@ -110,7 +118,7 @@ int kd_conntable_validate(const struct kd_conntable *t)
         if (c->state == KD_CONN_FREE || ++nlive > t->capacity)
             return -EINVAL;
     }
-    if (nlive != t->live || nfree + nlive != t->capacity)
+    if (nlive != t->live || t->fresh > t->capacity || nfree + nlive != t->fresh)
         return -EINVAL;
     return 0;
 }
@@ -468,6 +476,43 @@ static void arm_send(struct kd_conn *c)
     io_uring_sqe_set_data64(sqe, kd_ud_make(KD_OP_SEND, c->gen, c->slot));
     c->send_armed = true;
     op_begin(c);
+    if (c->ops->on_quiet != NULL) {
+        struct kd_shard *s = c->shard;
+        c->sent_gen = s->quiet_gen;
+        if (!kd_list_is_linked(&c->sent))
+            kd_list_push_back(&s->sent, &c->sent);
+    }
+}
+
+/* Connections that sent lately are on s->sent; every QUIET_MS the shard walks that list and calls
+ * on_quiet for those that sent nothing since the previous walk (sent_gen is older), so a connection
+ * is told one to two walks after its last send, once. Only connections that sent are walked: a
+ * shard with 100k idle agents does no work here. Returns how long the shard may sleep before the
+ * next walk is due (UINT64_MAX: nothing to walk). */
+#define QUIET_MS 1000u
+uint64_t kd_conn_quiet_sweep(struct kd_shard *s)
+{
+    if (kd_list_is_empty(&s->sent))
+        return UINT64_MAX;
+    uint64_t since = s->now_ms - s->quiet_ms;
+    if (since < QUIET_MS)
+        return QUIET_MS - since;
+    struct kd_list *n = s->sent.next;
+    while (n != &s->sent) {
+        struct kd_list *next = n->next;
+        struct kd_conn *c = KD_CONTAINER_OF(n, struct kd_conn, sent);
+        if (c->sent_gen != s->quiet_gen) {
+            kd_list_unlink(&c->sent);
+            if (c->state == KD_CONN_OPEN && !c->send_armed && c->ops->on_quiet != NULL) {
+                c->ops->on_quiet(c);
+                kd_stat_inc(&s->stats.quiet_sheds);
+            }
+        }
+        n = next;
+    }
+    s->quiet_gen++;
+    s->quiet_ms = s->now_ms;
+    return kd_list_is_empty(&s->sent) ? UINT64_MAX : QUIET_MS;
 }
 
 static void flush_one(struct kd_conn *c)

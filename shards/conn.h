@@ -89,6 +89,10 @@ struct kd_conn_ops {
     void (*on_shutdown)(struct kd_conn *c);
     /* Final: the fd is closed; free ctx. err is 0 (clean), or a negative errno. */
     void (*on_close)(struct kd_conn *c, int err);
+    /* Nothing was sent on the connection for one to two seconds since it last sent: give back memory
+     * that only matters while bytes flow (gRPC: nghttp2's output frame buffer). Called once per quiet
+     * spell, on an OPEN connection. NULL: nothing to shed. */
+    void (*on_quiet)(struct kd_conn *c);
 };
 
 enum kd_conn_state { KD_CONN_FREE = 0, KD_CONN_OPEN, KD_CONN_HANDOFF, KD_CONN_CLOSING };
@@ -122,15 +126,21 @@ struct kd_conn {
     struct kd_outchunk *out_head, *out_tail;
     size_t out_bytes;
     struct kd_list dirty; /* on the shard's flush list */
+    struct kd_list sent;  /* on the shard's list of connections that sent lately (on_quiet) */
+    uint32_t sent_gen;    /* the shard's quiet_gen when this connection last sent */
     struct kd_list link;  /* free list when FREE; shard's live list otherwise */
 };
 
-/* The connection table: a fixed array sized at boot, with a free list.
- * Invariants (kd_conntable_validate): live + free == capacity; a free slot is FREE and on the
- * free list exactly once; a live slot is not FREE. */
+/* The connection table: a fixed array sized at boot (a mapping: zero pages until used), with a free
+ * list. Slots [0, fresh) have been used at least once; slots [fresh, capacity) never were and are
+ * neither touched nor listed, so a large limit costs memory only as connections come (131,072
+ * slots are 17 MiB).
+ * Invariants (kd_conntable_validate): live + free == fresh <= capacity; a free slot is FREE and on
+ * the free list exactly once; a live slot is not FREE. */
 struct kd_conntable {
     struct kd_conn *slots;
     uint32_t capacity;
+    uint32_t fresh; /* slots handed out at least once: the next never-used slot */
     uint32_t live;
     struct kd_list free; /* FREE slots, LIFO so hot slots are reused while cache-warm */
     struct kd_list live_list;

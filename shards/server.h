@@ -76,6 +76,8 @@ struct kd_shard_stats {
     kd_stat sleeps;
     kd_stat accept_errors;
     kd_stat memory_trims; /* heap returned to the kernel after many connections left (shard.c) */
+    kd_stat buffer_sheds; /* receive buffers' pages returned to the kernel while quiet (shard.c) */
+    kd_stat quiet_sheds;  /* connections told to shed memory after a quiet spell (conn.c) */
     /* gRPC listeners, by listener index (kd_server_opts.listeners): connections opened here
      * (accepted, not adopted) and closed here (after any hand-off), calls started, TLS handshakes
      * completed and failed, connections closed because our keepalive PING went unanswered.

@@ -110,6 +110,7 @@ void kd_shard_buf_return(struct kd_shard *s, uint16_t bid)
     io_uring_buf_ring_add(s->br, s->bufs + (size_t)bid * s->buf_size, s->buf_size, bid,
                           io_uring_buf_ring_mask(s->nbufs), (int)s->br_pending);
     s->br_pending++;
+    s->bufs_used++;
 }
 
 /* Provided buffer ring, registered by hand (liburing 2.3 has no io_uring_setup_buf_ring). */
@@ -123,9 +124,15 @@ static int setup_buffers(struct kd_shard *s)
     if (map == MAP_FAILED)
         return -errno;
     s->br = map;
-    s->bufs = malloc((size_t)s->nbufs * s->buf_size);
-    if (s->bufs == NULL)
-        return -ENOMEM;
+    /* Mapped, not malloc'ed: page-aligned, so maybe_shed can drop its pages. */
+    long page = sysconf(_SC_PAGESIZE);
+    size_t len = (size_t)s->nbufs * s->buf_size;
+    len = (len + (size_t)page - 1) / (size_t)page * (size_t)page;
+    void *bufs = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_ANONYMOUS | MAP_PRIVATE, -1, 0);
+    if (bufs == MAP_FAILED)
+        return -errno;
+    s->bufs = bufs;
+    s->bufs_len = len;
     struct io_uring_buf_reg reg = {.ring_addr = (uintptr_t)s->br, .ring_entries = s->nbufs, .bgid = 0};
     int rc = io_uring_register_buf_ring(&s->ring, &reg, 0);
     if (rc < 0)
@@ -145,6 +152,7 @@ static int setup_ring(struct kd_shard *s)
     p.flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_CQSIZE;
     p.cq_entries = CQ_ENTRIES;
     int rc = io_uring_queue_init_params(RING_ENTRIES, &s->ring, &p);
+    s->defer_taskrun = rc == 0;
     if (rc == -EINVAL) {
         /* Kernels before 6.1 lack DEFER_TASKRUN (and before 6.0 SINGLE_ISSUER): run without. */
         memset(&p, 0, sizeof(p));
@@ -319,6 +327,41 @@ static void maybe_trim(struct kd_shard *s, uint64_t wait_ms)
     kd_stat_inc(&s->stats.memory_trims);
 }
 
+/* Give the receive buffers' pages back to the kernel once the shard has gone quiet. The ring hands
+ * buffers out in order, so any traffic touches all nbufs x buf_size bytes (16 MiB by default)
+ * however few are in use at once, and an idle shard would keep them resident for good: at 5,000
+ * idle agents that was a quarter of kasd's RSS. Here, between two reaps, every buffer is back in the
+ * ring (complete_recv returns each one before the next completion), and with DEFER_TASKRUN the
+ * kernel copies received bytes into them only inside io_uring_enter on this thread, so their
+ * contents are dead and MADV_DONTNEED is safe: the next receive into a page faults in a zero page.
+ * Without DEFER_TASKRUN (kernels before 6.1) task work may run at any return to user space, between
+ * a copy and our reap, so nothing is shed there.
+ * Looked at when the shard is about to sleep, every SHED_CHECK_MS: shed when fewer than nbufs/32
+ * buffers were used since the last look (a busy shard keeps its buffers: they would only fault back
+ * in), at least SHED_MIN_BUFS (1 MiB by default) were used since the last shed, and the last shed is
+ * SHED_EVERY_MS old. Returns how long the shard may sleep before it wants another look. */
+#define SHED_CHECK_MS 250u
+#define SHED_EVERY_MS 1000u
+#define SHED_MIN_BUFS 64u
+static uint64_t maybe_shed(struct kd_shard *s)
+{
+    if (!s->defer_taskrun || s->bufs_used - s->shed_used < SHED_MIN_BUFS)
+        return UINT64_MAX; /* nothing worth shedding: sleep as long as the timers allow */
+    uint64_t since = s->now_ms - s->shed_check_ms;
+    if (since < SHED_CHECK_MS)
+        return SHED_CHECK_MS - since;
+    uint64_t recent = s->bufs_used - s->shed_check_used;
+    s->shed_check_used = s->bufs_used;
+    s->shed_check_ms = s->now_ms;
+    if (recent >= s->nbufs / 32u || s->now_ms - s->shed_ms < SHED_EVERY_MS)
+        return SHED_CHECK_MS;
+    if (madvise(s->bufs, s->bufs_len, MADV_DONTNEED) == 0)
+        kd_stat_inc(&s->stats.buffer_sheds);
+    s->shed_used = s->bufs_used;
+    s->shed_ms = s->now_ms;
+    return UINT64_MAX;
+}
+
 static void loop(struct kd_shard *s)
 {
     struct kd_server *srv = s->srv;
@@ -371,6 +414,12 @@ static void loop(struct kd_shard *s)
         uint64_t next = kd_timerwheel_next(&s->timers);
         uint64_t wait_ms = next == UINT64_MAX ? 60000 : (next > s->now_ms ? next - s->now_ms : 0);
         maybe_trim(s, wait_ms);
+        uint64_t shed_ms = maybe_shed(s);
+        if (wait_ms > shed_ms)
+            wait_ms = shed_ms;
+        uint64_t quiet_ms = kd_conn_quiet_sweep(s);
+        if (wait_ms > quiet_ms)
+            wait_ms = quiet_ms;
         if (kd_router_has_backlog(r, s->id) && wait_ms > 1)
             wait_ms = 1; /* our overflow waits for room in a ring: nobody will ring us for that */
         if (settled && wait_ms > 1)
@@ -407,6 +456,7 @@ static int setup(struct kd_shard *s)
         return rc;
     }
     kd_list_init(&s->dirty);
+    kd_list_init(&s->sent);
     s->now_ms = kd_clock_ms();
     kd_timerwheel_init(&s->timers, s->now_ms);
     kd_timer_init(&s->stop_timer, stop_timer_cb);
@@ -457,7 +507,8 @@ static void teardown(struct kd_shard *s)
     if (s->br != NULL)
         munmap(s->br, s->br_map_len);
     s->br = NULL;
-    free(s->bufs);
+    if (s->bufs != NULL)
+        munmap(s->bufs, s->bufs_len);
     s->bufs = NULL;
     kd_conntable_fini(&s->conns);
     free(s->local);

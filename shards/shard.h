@@ -76,6 +76,11 @@ struct kd_shard {
     uint8_t *bufs;
     uint32_t nbufs, buf_size;
     uint32_t br_pending; /* buffers added since the last advance */
+    size_t bufs_len;     /* the mapping behind bufs (page-rounded) */
+    bool defer_taskrun;  /* the ring runs with IORING_SETUP_DEFER_TASKRUN (see maybe_shed) */
+    uint64_t bufs_used;  /* receive completions that consumed a buffer, ever */
+    uint64_t shed_used, shed_ms;             /* bufs_used and time at the last shed */
+    uint64_t shed_check_used, shed_check_ms; /* bufs_used and time at the last look */
 
     struct kd_shard_listener listeners[KD_MAX_LISTENERS];
     unsigned nlisteners;
@@ -83,6 +88,9 @@ struct kd_shard {
 
     struct kd_conntable conns;
     struct kd_list dirty; /* connections needing on_flush or a send this turn */
+    struct kd_list sent;  /* connections that sent since their last on_quiet (conn.c) */
+    uint32_t quiet_gen;   /* walks of `sent` so far */
+    uint64_t quiet_ms;    /* time of the last walk */
     struct kd_timerwheel timers;
     uint64_t now_ms;
     uint32_t ops_inflight; /* every op of this shard (conns, listeners, eventfd) */
@@ -183,6 +191,7 @@ void kd_conn_accepted(struct kd_shard *s, int fd, unsigned listener);
 void kd_conn_adopt(struct kd_shard *s, struct kd_handoff *h);
 void kd_conn_complete(struct kd_shard *s, struct io_uring_cqe *cqe);
 void kd_conn_flush_all(struct kd_shard *s);
+uint64_t kd_conn_quiet_sweep(struct kd_shard *s);
 void kd_conn_shutdown_all(struct kd_shard *s, bool force);
 void kd_shard_buf_return(struct kd_shard *s, uint16_t bid);
 const struct kd_conn_ops *kd_shard_listener_ops(const struct kd_shard *s, unsigned listener);

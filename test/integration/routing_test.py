@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import gitlab_client  # noqa: E402
 from agentk import AgentK  # noqa: E402
 from gitlab_client import GitLabClient, collect, make_jwt  # noqa: E402
-from kasd_harness import Kasd  # noqa: E402
+from kasd_harness import Kasd, metric, wait_until  # noqa: E402
 
 NAGENTS = 6     # connected for the whole class
 SPARE = (7, 8, 9)  # in the token file, connected by single tests only
@@ -148,6 +148,38 @@ limits:
         self.assertEqual(res.code, grpc.StatusCode.OK, res.details)
         self.assertEqual(b"".join(res.messages), b"".join(chunks))
         self.assertIn(("x-echo-count", "80"), res.trailing_metadata)
+
+    def test_calls_after_idle_memory_is_given_back(self):
+        # A quiet shard drops its receive buffers' pages and a quiet connection its HTTP/2 output
+        # buffer's pages (docs/architecture.md, "Memory while quiet"). Bytes must be intact after
+        # both, and the memory must really go: RSS falls once the shed has happened.
+        def sheds():
+            return (metric(self.kasd, "kasd_shard_buffer_sheds_total"),
+                    metric(self.kasd, "kasd_shard_quiet_sheds_total"))
+
+        def rss_kib():
+            with open(f"/proc/{self.kasd.proc.pid}/status") as f:
+                return int(next(x for x in f if x.startswith("VmRSS:")).split()[1])
+
+        for round_ in range(2):
+            before = sheds()
+            chunks = [os.urandom(64 * 1024) for _ in range(64)]  # 4 MiB each way: 256+ buffers
+            res = collect(self.gl.stream("/test.Echo/Stream", iter(chunks), agent_id=6, timeout=60))
+            self.assertEqual(res.code, grpc.StatusCode.OK, res.details)
+            self.assertEqual(b"".join(res.messages), b"".join(chunks))
+            loaded = rss_kib()
+            after = wait_until(lambda: (lambda s: s if s[0] > before[0] and s[1] > before[1] else None)(sheds()),
+                               timeout=10)
+            self.assertIsNotNone(after, f"round {round_}: no shed within 10 s: {before} -> {sheds()}")
+            shed = rss_kib()
+            self.assertLess(shed, loaded - 1024, f"round {round_}: RSS {loaded} -> {shed} KiB after the shed")
+        # after the sheds: every agent still answers, with its own id, and large bodies are intact
+        for i in range(1, NAGENTS + 1):
+            data, _ = self.gl.unary("/test.Echo/Who", b"", agent_id=i, timeout=10)
+            self.assertEqual(data, str(i).encode())
+        big = os.urandom(3 << 20)
+        data, _ = self.gl.unary("/test.Echo/Unary", big, agent_id=6, timeout=30)
+        self.assertEqual(data, big)
 
     def test_server_streaming(self):
         res = collect(self.gl.server_stream("/test.Echo/Stream", b"one", agent_id=4, timeout=10))

@@ -26,6 +26,10 @@ static int to_peer(void *ud, const uint8_t *data, size_t len)
     return 0;
 }
 
+/* When set, both sessions give their output frame buffer's pages back at every quiet point (as a
+ * shard does for a connection that went quiet), so the next frame is written into fresh pages. */
+static bool shed_when_quiet;
+
 /* Move bytes both ways until neither side has anything to say. */
 static void pump(struct side *c, struct side *s)
 {
@@ -33,8 +37,13 @@ static void pump(struct side *c, struct side *s)
         c->moved = s->moved = 0;
         cr_assert_eq(kd_h2_send(c->h, to_peer, c), 0);
         cr_assert_eq(kd_h2_send(s->h, to_peer, s), 0);
-        if (c->moved == 0 && s->moved == 0)
+        if (c->moved == 0 && s->moved == 0) {
+            if (shed_when_quiet) {
+                cr_assert_geq(kd_h2_shed(c->h), 16384, "a quiet session sheds its frame buffer");
+                cr_assert_geq(kd_h2_shed(s->h), 16384, "a quiet session sheds its frame buffer");
+            }
             return;
+        }
     }
     cr_assert_fail("no quiet point");
 }
@@ -142,6 +151,8 @@ static void echo_run(const size_t *sizes, size_t n)
         cr_assert_geq(rc, 0);
         queued += KD_GRPC_PREFIX + sizes[i];
         cr_assert_eq(kd_h2_call_queued(call), queued, "queued bytes count the prefix and the payload");
+        if (shed_when_quiet)
+            cr_assert_eq(kd_h2_shed(cli), 0, "nothing is shed while output is pending");
         if (rc == 1) { /* over the high-water mark: let it drain */
             pump(&cs, &ss);
             queued = kd_h2_call_queued(call);
@@ -173,6 +184,15 @@ Test(h2, echo_sizes_around_chunk_classes)
     }
     cr_assert_leq(st.kept_bytes, bound);
     kd_chunkpool_drain();
+}
+
+/* The frame buffer's pages given back between sends: every byte still arrives, in order. */
+Test(h2, shed_at_quiet_points_keeps_every_byte)
+{
+    static const size_t sizes[] = {0, 1, 100, 16000, 16384, 16500, 65536, 70000, 300000, 3, 1u << 20, 17};
+    shed_when_quiet = true;
+    echo_run(sizes, sizeof(sizes) / sizeof(sizes[0]));
+    shed_when_quiet = false;
 }
 
 Test(h2, many_small_messages_share_chunks)

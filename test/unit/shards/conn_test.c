@@ -1,6 +1,11 @@
 /* conn_test.c — the connection table: generations, staleness, capacity, invariants. */
 #include <criterion/criterion.h>
 #include <errno.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "shards/conn.h"
 
@@ -104,5 +109,30 @@ Test(conn, random_alloc_free_keeps_invariants)
             cr_assert_eq(kd_conntable_validate(&t), 0);
     }
     cr_assert_eq(kd_conntable_validate(&t), 0);
+    kd_conntable_fini(&t);
+}
+
+/* A large table costs memory only for the slots in use: slots that were never handed out stay
+ * zero pages (the whole point of sizing connections_per_shard generously). */
+Test(conn, unused_slots_stay_untouched)
+{
+    struct kd_conntable t;
+    enum { CAP = 1 << 18 };
+    cr_assert_eq(kd_conntable_init(&t, CAP), 0);
+    for (int i = 0; i < 100; i++)
+        cr_assert_not_null(kd_conntable_alloc(&t));
+    cr_assert_eq(kd_conntable_validate(&t), 0);
+    long page = sysconf(_SC_PAGESIZE);
+    uintptr_t lo = ((uintptr_t)&t.slots[CAP / 4] + (uintptr_t)page - 1) & ~((uintptr_t)page - 1);
+    uintptr_t hi = (uintptr_t)&t.slots[CAP - 1] & ~((uintptr_t)page - 1);
+    size_t npages = (hi - lo) / (size_t)page;
+    unsigned char *vec = malloc(npages);
+    cr_assert_not_null(vec);
+    cr_assert_eq(mincore((void *)lo, npages * (size_t)page, vec), 0, "mincore: %s", strerror(errno));
+    size_t resident = 0;
+    for (size_t i = 0; i < npages; i++)
+        resident += vec[i] & 1;
+    cr_assert_eq(resident, 0, "%zu of %zu pages of never-used slots are resident", resident, npages);
+    free(vec);
     kd_conntable_fini(&t);
 }
