@@ -94,6 +94,36 @@ void kd_conntable_free(struct kd_conntable *t, struct kd_conn *c)
     t->live--;
 }
 
+uint32_t kd_conntable_trim(struct kd_conntable *t)
+{
+    uint32_t top = 0; /* one past the highest live slot */
+    for (const struct kd_list *n = t->live_list.next; n != &t->live_list; n = n->next) {
+        const struct kd_conn *c = KD_CONTAINER_OF(n, struct kd_conn, link);
+        if (c->slot + 1 > top)
+            top = c->slot + 1;
+    }
+    if (top >= t->fresh)
+        return 0;
+    for (struct kd_list *n = t->free.next; n != &t->free;) {
+        struct kd_list *next = n->next;
+        if (KD_CONTAINER_OF(n, struct kd_conn, link)->slot >= top)
+            kd_list_unlink(n);
+        n = next;
+    }
+    /* Only whole pages inside [top, fresh) go; slots sharing a page with a live one keep their bytes,
+     * which kd_conntable_alloc overwrites anyway when it hands them out again. Their generations
+     * restart at 1: no operation is in flight for a freed slot (it is freed only when inflight is 0),
+     * so no completion can name the old ones. */
+    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t lo = ((uintptr_t)&t->slots[top] + page - 1) & ~(page - 1);
+    uintptr_t hi = (uintptr_t)&t->slots[t->fresh] & ~(page - 1);
+    if (hi > lo)
+        madvise((void *)lo, hi - lo, MADV_DONTNEED);
+    uint32_t dropped = t->fresh - top;
+    t->fresh = top;
+    return dropped;
+}
+
 struct kd_conn *kd_conntable_lookup(struct kd_conntable *t, uint64_t ud)
 {
     uint32_t slot = kd_ud_slot(ud);

@@ -150,6 +150,9 @@ int kd_conntable_init(struct kd_conntable *t, uint32_t capacity);
 void kd_conntable_fini(struct kd_conntable *t);
 /* A slot in state OPEN with a fresh generation, or NULL when the table is full. */
 struct kd_conn *kd_conntable_alloc(struct kd_conntable *t);
+/* After many connections left: forget the slots above the highest live one (they become never-used
+ * again) and give their whole pages back to the kernel. Returns how many slots were forgotten. */
+uint32_t kd_conntable_trim(struct kd_conntable *t);
 /* Return the slot (state FREE, generation bumped). */
 void kd_conntable_free(struct kd_conntable *t, struct kd_conn *c);
 /* The live connection a user_data names, or NULL when the slot is free or the generation is stale. */

@@ -11,6 +11,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "core/chunkpool.h"
 #include "core/clock.h"
 #include "core/log.h"
 
@@ -322,6 +323,10 @@ static void maybe_trim(struct kd_shard *s, uint64_t wait_ms)
         s->trim_peak = live;
     if (wait_ms < 10 || s->trim_peak - live < TRIM_CONNS)
         return;
+    /* The pool's kept blocks (up to 2.2 MiB per thread) would pin heap pages the trim could give
+     * back; the next burst refills the pool from malloc. */
+    kd_chunkpool_drain();
+    kd_conntable_trim(&s->conns);
     malloc_trim(0);
     s->trim_peak = live;
     kd_stat_inc(&s->stats.memory_trims);

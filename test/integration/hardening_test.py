@@ -431,9 +431,25 @@ class MemoryGivenBack(unittest.TestCase):
                 if after - before < (peak - before) / 2 or time.monotonic() > deadline:
                     break
                 time.sleep(0.2)
-            self.assertLess(after - before, (peak - before) / 2,
+            # a fifth: the heap (pool drained first), the connection table's slots and the receive
+            # buffers all go back (measured: +43 MB with 3,000 connections, +3.6 MB after they left)
+            self.assertLess(after - before, (peak - before) / 5,
                             f"RSS {before} KiB at start, {peak} with {n} connections, {after} after they left")
             self.assertGreaterEqual(metric(k, "kasd_shard_memory_trims_total"), 1)
+            # the forgotten slots are handed out again: a second wave is served like the first
+            socks = []
+            for _ in range(n):
+                s = socket.create_connection(k.listeners["agent"], timeout=5)
+                s.sendall(preface)
+                socks.append(s)
+            for s in socks:
+                got = b""
+                while len(got) < 9:
+                    chunk = s.recv(9 - len(got))
+                    self.assertTrue(chunk, "kasd closed a connection of the second wave")
+                    got += chunk
+                self.assertEqual(got[3], 0x4, "kasd's first frame is its SETTINGS")
+                s.close()
         finally:
             self.assertEqual(k.stop(), 0)
 

@@ -136,3 +136,43 @@ Test(conn, unused_slots_stay_untouched)
     free(vec);
     kd_conntable_fini(&t);
 }
+
+/* After a storm has left, the slots above the highest live one are forgotten and their pages go
+ * back to the kernel; the table stays consistent and hands them out again. */
+Test(conn, trim_forgets_slots_above_the_highest_live_one)
+{
+    struct kd_conntable t;
+    enum { CAP = 1 << 16, USED = 20000 };
+    static struct kd_conn *c[USED];
+    cr_assert_eq(kd_conntable_init(&t, CAP), 0);
+    for (int i = 0; i < USED; i++)
+        cr_assert_not_null(c[i] = kd_conntable_alloc(&t));
+    for (int i = 0; i < USED; i++)
+        if (i != 3 && i != 100)
+            kd_conntable_free(&t, c[i]);
+    cr_assert_eq(kd_conntable_trim(&t), USED - 101, "slots above the live slot 100 are forgotten");
+    cr_assert_eq(kd_conntable_validate(&t), 0);
+    cr_assert_eq(t.live, 2);
+    long page = sysconf(_SC_PAGESIZE);
+    uintptr_t lo = ((uintptr_t)&t.slots[200] + (uintptr_t)page - 1) & ~((uintptr_t)page - 1);
+    uintptr_t hi = (uintptr_t)&t.slots[USED] & ~((uintptr_t)page - 1);
+    size_t npages = (hi - lo) / (size_t)page;
+    unsigned char *vec = malloc(npages);
+    cr_assert_eq(mincore((void *)lo, npages * (size_t)page, vec), 0);
+    size_t resident = 0;
+    for (size_t i = 0; i < npages; i++)
+        resident += vec[i] & 1;
+    free(vec);
+    cr_assert_eq(resident, 0, "%zu of %zu pages of forgotten slots are still resident", resident, npages);
+    /* the table fills up again, every slot once, the two live ones never handed out twice */
+    for (int i = 0; i < CAP - 2; i++) {
+        struct kd_conn *x = kd_conntable_alloc(&t);
+        cr_assert_not_null(x, "alloc %d", i);
+        cr_assert(x != c[3] && x != c[100]);
+        cr_assert_eq(x->state, KD_CONN_OPEN);
+    }
+    cr_assert_null(kd_conntable_alloc(&t));
+    cr_assert_eq(kd_conntable_validate(&t), 0);
+    cr_assert_eq(kd_conntable_trim(&t), 0, "nothing above the highest live slot");
+    kd_conntable_fini(&t);
+}
