@@ -162,6 +162,19 @@ void *kd_chunkpool_malloc(size_t size)
     return h + 1;
 }
 
+void *kd_chunkpool_malloc_exact(size_t size)
+{
+    if (size > SIZE_MAX - sizeof(struct mhdr))
+        return NULL;
+    /* kd_chunkpool_put keeps a block only when cap is exactly a class size; any other cap is freed. */
+    struct mhdr *h = malloc(sizeof(*h) + size);
+    if (h == NULL)
+        return NULL;
+    h->cap = sizeof(*h) + size;
+    h->magic = MHDR_MAGIC;
+    return h + 1;
+}
+
 void *kd_chunkpool_calloc(size_t n, size_t size)
 {
     if (size != 0 && n > SIZE_MAX / size)

@@ -47,6 +47,11 @@ void kd_chunkpool_put(void *p, size_t cap);
 /* malloc-shaped: any size (0 gives a valid block), free without the size, alignment as malloc's. */
 void *kd_chunkpool_malloc(size_t size);
 void *kd_chunkpool_calloc(size_t n, size_t size);
+/* As kd_chunkpool_malloc, but exactly the size asked, straight from malloc and never rounded up to a
+ * class: for blocks that live as long as a connection, where the rounding would be paid for the
+ * whole of its life (nghttp2's session state, a call's stored request headers). kd_chunkpool_free
+ * and _realloc take it like any other block. */
+void *kd_chunkpool_malloc_exact(size_t size);
 void *kd_chunkpool_realloc(void *p, size_t size);
 void kd_chunkpool_free(void *p);
 /* Free every block this thread keeps (tests; a thread's exit does it too). */

@@ -56,13 +56,16 @@ struct hdr_ref {
     uint32_t noff, nlen, voff, vlen;
 };
 
-/* Header block storage: copies in one growable arena, entries as offsets (arena may move). */
+/* Header block storage: copies in one growable arena, entries as offsets (arena may move). Once a
+ * block is complete it may be compacted (hdrs_compact): entries and arena then share one block of
+ * exactly their size (one), instead of two grown by doubling. */
 struct hdrs {
     struct hdr_ref *v;
     size_t n, cap;
     char *arena;
     size_t len, acap;
     size_t bytes; /* name + value + 32 per entry, as SETTINGS_MAX_HEADER_LIST_SIZE counts */
+    bool one;     /* v and arena are one block (v first) */
 };
 
 struct chunk {
@@ -103,8 +106,6 @@ struct kd_h2_call {
     const char *bad_header; /* server: why the request's header block is malformed (RST PROTOCOL_ERROR) */
     uint8_t recv_alg;       /* enum kd_compress_alg of the peer's grpc-encoding */
     uint8_t send_alg;       /* what our messages on this call are compressed with */
-    int fail_status;        /* deliver() refused a message: status and message for on_data_chunk */
-    char fail_msg[160];
     int fin_status;
     struct kd_list link;     /* h->calls */
     struct kd_list writable; /* h->writable_list */
@@ -145,6 +146,10 @@ struct kd_h2 {
      * kd_h2_expire runs on every flush; while now is below this bound nothing can be due, so it
      * answers without walking every call of the connection. */
     uint64_t next_deadline;
+    /* deliver() refused a message: status and message for on_data_chunk, which reads them right
+     * after the deframer returns (per session, not per call: an idle call should not carry them) */
+    int fail_status;
+    char fail_msg[160];
     /* nghttp2's allocator for this session (ng_mem with mem_user_data = this), so the output frame
      * buffer it makes while the session is created (creating) can live in pages of its own (fb,
      * fb_len): see ng_malloc and kd_h2_shed. */
@@ -158,6 +163,8 @@ struct kd_h2 {
 
 static int hdrs_add(struct hdrs *hs, const uint8_t *name, size_t nlen, const uint8_t *value, size_t vlen)
 {
+    if (hs->one)
+        return -EINVAL; /* compacted: complete, it takes no more entries (see hdrs_compact) */
     if (hs->n == hs->cap) {
         size_t ncap = hs->cap ? hs->cap * 2 : 8;
         struct hdr_ref *nv = kd_chunkpool_realloc(hs->v, ncap * sizeof(*nv));
@@ -194,8 +201,32 @@ static int hdrs_add(struct hdrs *hs, const uint8_t *name, size_t nlen, const uin
 static void hdrs_free(struct hdrs *hs)
 {
     kd_chunkpool_free(hs->v);
-    kd_chunkpool_free(hs->arena);
+    if (!hs->one)
+        kd_chunkpool_free(hs->arena);
     memset(hs, 0, sizeof(*hs));
+}
+
+/* A complete block that stays as long as its call (an idle tunnel keeps its request headers for
+ * hours): entries and names/values move into one block of exactly their size. About 1 KiB of
+ * doubling slack per call otherwise. Left as it is when memory is short. Only a server's request
+ * headers are compacted, once the block has ended: on_header stores nothing more for that call. */
+static void hdrs_compact(struct hdrs *hs)
+{
+    if (hs->one || hs->n == 0)
+        return;
+    size_t vbytes = hs->n * sizeof(*hs->v);
+    char *blk = kd_chunkpool_malloc_exact(vbytes + hs->len);
+    if (blk == NULL)
+        return;
+    memcpy(blk, hs->v, vbytes);
+    memcpy(blk + vbytes, hs->arena, hs->len);
+    kd_chunkpool_free(hs->v);
+    kd_chunkpool_free(hs->arena);
+    hs->v = (struct hdr_ref *)(void *)blk;
+    hs->cap = hs->n;
+    hs->arena = blk + vbytes;
+    hs->acap = hs->len;
+    hs->one = true;
 }
 
 static bool hdrs_get(const struct hdrs *hs, size_t i, struct kd_h2_header *out)
@@ -426,8 +457,8 @@ static void consume(struct kd_h2_call *c, size_t len)
 
 static int refuse(struct kd_h2_call *c, int status, const char *msg)
 {
-    c->fail_status = status;
-    snprintf(c->fail_msg, sizeof(c->fail_msg), "%s", msg);
+    c->h->fail_status = status;
+    snprintf(c->h->fail_msg, sizeof(c->h->fail_msg), "%s", msg);
     return -ECANCELED;
 }
 
@@ -447,7 +478,7 @@ static int deliver(void *ud, const uint8_t *msg, size_t len, bool compressed)
     struct kd_compress_buf out;
     int rc = kd_inflater_run(h->inf, c->recv_alg, msg, len, h->o.max_message, &out);
     if (rc == -EMSGSIZE) {
-        char m[sizeof(c->fail_msg)];
+        char m[sizeof(h->fail_msg)];
         snprintf(m, sizeof(m), "grpc: received message after decompression larger than max (%llu vs. %u)%s%s",
                  (unsigned long long)h->o.max_message + 1, h->o.max_message, h->o.max_message_key ? "; " : "",
                  h->o.max_message_key ? h->o.max_message_key : "");
@@ -476,6 +507,9 @@ static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t sid, const u
         nghttp2_session_consume(s, sid, len);
         return 0;
     }
+    struct kd_h2 *h = c->h;
+    h->fail_status = KD_GRPC_INTERNAL;
+    snprintf(h->fail_msg, sizeof(h->fail_msg), "grpc: message refused");
     int rc = kd_grpc_deframer_feed(&c->df, data, len, deliver, c);
     consume(c, len);
     if (rc == -EMSGSIZE) {
@@ -489,8 +523,8 @@ static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t sid, const u
             kd_h2_call_cancel(c, KD_GRPC_RESOURCE_EXHAUSTED, msg);
         }
     } else if (rc == -ECANCELED || rc == -EPROTO) {
-        const char *msg = rc == -EPROTO ? "grpc: reserved flag bits set in a message prefix" : c->fail_msg;
-        int st = rc == -EPROTO ? KD_GRPC_INTERNAL : c->fail_status;
+        const char *msg = rc == -EPROTO ? "grpc: reserved flag bits set in a message prefix" : h->fail_msg;
+        int st = rc == -EPROTO ? KD_GRPC_INTERNAL : h->fail_status;
         if (c->h->o.server)
             fail_server_call(c, st, msg);
         else
@@ -683,6 +717,7 @@ static int server_request_ready(struct kd_h2 *h, struct kd_h2_call *c, bool end_
         kd_compress_accepts(acc, alen, h->o.send_compression))
         c->send_alg = h->o.send_compression;
     c->remote_closed = end_stream;
+    hdrs_compact(&c->hdr); /* complete: a request's headers get no more entries */
     int rc = h->o.on_call ? h->o.on_call(h->o.ud, c) : KD_GRPC_UNIMPLEMENTED;
     if (rc != 0 || c->handler == NULL) {
         /* Rejected, or answered already inside on_call without a handler. */
@@ -977,7 +1012,8 @@ static void *ng_malloc(size_t size, void *ud)
             return p;
         }
     }
-    return kd_chunkpool_malloc(size);
+    /* The rest of what the session is made of lives as long as it does: no class rounding. */
+    return h->creating ? kd_chunkpool_malloc_exact(size) : kd_chunkpool_malloc(size);
 }
 
 static void ng_free(void *p, void *ud)
@@ -993,8 +1029,15 @@ static void ng_free(void *p, void *ud)
 
 static void *ng_calloc(size_t n, size_t size, void *ud)
 {
-    (void)ud;
-    return kd_chunkpool_calloc(n, size);
+    struct kd_h2 *h = ud;
+    if (!h->creating)
+        return kd_chunkpool_calloc(n, size);
+    if (size != 0 && n > SIZE_MAX / size)
+        return NULL;
+    void *p = ng_malloc(n * size, ud);
+    if (p != NULL && p != h->fb)
+        memset(p, 0, n * size); /* a fresh mapping is zero already */
+    return p;
 }
 
 static void *ng_realloc(void *p, size_t size, void *ud)
@@ -1050,6 +1093,9 @@ struct kd_h2 *kd_h2_new(const struct kd_h2_opts *o)
     nghttp2_session_callbacks_set_error_callback2(cb, on_error);
     nghttp2_option_new(&opt);
     nghttp2_option_set_no_auto_window_update(opt, 1);
+    /* nghttp2 keeps closed streams around for RFC 7540 priorities, which gRPC never uses; an idle
+     * agent's finished Register stream cost about 0.3 KiB of its connection. */
+    nghttp2_option_set_no_closed_streams(opt, 1);
     nghttp2_option_set_max_send_header_block_length(opt, 65536);
     if (o->server)
         nghttp2_option_set_no_http_messaging(opt, 1); /* see request_header_check() */

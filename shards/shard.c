@@ -311,18 +311,30 @@ static unsigned reap(struct kd_shard *s, unsigned budget)
     return total;
 }
 
-/* Give freed heap back to the kernel once many connections have left and the shard is about to
- * sleep: glibc keeps freed memory in its arenas, so without this RSS stays at its peak after an
- * agent reconnect storm or a load burst has passed. Only when idle (nothing due for a while), and
- * at most once per TRIM_CONNS connections gone, so a busy shard never pays for it. */
-#define TRIM_CONNS 256u
-static void maybe_trim(struct kd_shard *s, uint64_t wait_ms)
+/* Give freed heap back to the kernel once many connections have left and the departures have
+ * settled: glibc keeps freed memory in its arenas, so without this RSS stays at its peak after an
+ * agent reconnect storm or a load burst has passed. The trim waits until no connection has left for
+ * TRIM_SETTLE_MS (a storm leaving takes a while: trimming at its first 256 would leave the rest of
+ * its memory behind), and happens when TRIM_CONNS or more have left since the last one and the
+ * shard is about to sleep, so a busy shard never pays for it. Returns how long the shard may sleep
+ * before it wants another look. */
+#define TRIM_CONNS     256u
+#define TRIM_SETTLE_MS 500u
+static uint64_t maybe_trim(struct kd_shard *s, uint64_t wait_ms)
 {
     uint32_t live = s->conns.live;
+    if (live < s->trim_live)
+        s->trim_left_ms = s->now_ms; /* someone left since the last look */
+    s->trim_live = live;
     if (live > s->trim_peak)
         s->trim_peak = live;
-    if (wait_ms < 10 || s->trim_peak - live < TRIM_CONNS)
-        return;
+    if (s->trim_peak - live < TRIM_CONNS)
+        return UINT64_MAX;
+    uint64_t quiet = s->now_ms - s->trim_left_ms;
+    if (quiet < TRIM_SETTLE_MS)
+        return TRIM_SETTLE_MS - quiet;
+    if (wait_ms < 10)
+        return TRIM_SETTLE_MS; /* busy: look again later */
     /* The pool's kept blocks (up to 2.2 MiB per thread) would pin heap pages the trim could give
      * back; the next burst refills the pool from malloc. */
     kd_chunkpool_drain();
@@ -330,6 +342,7 @@ static void maybe_trim(struct kd_shard *s, uint64_t wait_ms)
     malloc_trim(0);
     s->trim_peak = live;
     kd_stat_inc(&s->stats.memory_trims);
+    return UINT64_MAX;
 }
 
 /* Give the receive buffers' pages back to the kernel once the shard has gone quiet. The ring hands
@@ -418,7 +431,9 @@ static void loop(struct kd_shard *s)
         }
         uint64_t next = kd_timerwheel_next(&s->timers);
         uint64_t wait_ms = next == UINT64_MAX ? 60000 : (next > s->now_ms ? next - s->now_ms : 0);
-        maybe_trim(s, wait_ms);
+        uint64_t trim_ms = maybe_trim(s, wait_ms);
+        if (wait_ms > trim_ms)
+            wait_ms = trim_ms;
         uint64_t shed_ms = maybe_shed(s);
         if (wait_ms > shed_ms)
             wait_ms = shed_ms;

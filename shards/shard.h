@@ -115,7 +115,9 @@ struct kd_shard {
     _Atomic uint64_t msgs_sent, msgs_handled;
     _Atomic bool drained;
     uint64_t drained_since_ms; /* 0: not drained */
-    uint32_t trim_peak; /* most live connections since the heap was last trimmed (shard.c) */
+    uint32_t trim_peak;        /* most live connections since the heap was last trimmed (shard.c) */
+    uint32_t trim_live;        /* live connections at the last look */
+    uint64_t trim_left_ms;     /* when a connection was last seen to have left */
 };
 
 /* The server as shards see it (defined here, not in server.h: only shards/ looks inside). */

@@ -428,12 +428,12 @@ class MemoryGivenBack(unittest.TestCase):
             deadline = time.monotonic() + 10
             while True:
                 after = vm_rss_kib(k.proc.pid)
-                if after - before < (peak - before) / 2 or time.monotonic() > deadline:
+                if after - before < (peak - before) / 10 or time.monotonic() > deadline:
                     break
                 time.sleep(0.2)
-            # a fifth: the heap (pool drained first), the connection table's slots and the receive
-            # buffers all go back (measured: +43 MB with 3,000 connections, +3.6 MB after they left)
-            self.assertLess(after - before, (peak - before) / 5,
+            # a tenth: the heap (pool drained first), the connection table's slots and the receive
+            # buffers all go back (measured: +44 MB with 3,000 connections, +0.6 MB after they left)
+            self.assertLess(after - before, (peak - before) / 10,
                             f"RSS {before} KiB at start, {peak} with {n} connections, {after} after they left")
             self.assertGreaterEqual(metric(k, "kasd_shard_memory_trims_total"), 1)
             # the forgotten slots are handed out again: a second wave is served like the first

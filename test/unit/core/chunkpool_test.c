@@ -122,6 +122,36 @@ Test(chunkpool, malloc_interface)
     kd_chunkpool_drain();
 }
 
+/* Exact blocks (connection-lifetime state): the size asked, aligned, taken back by free and realloc,
+ * and never kept by the pool, so they cannot pin a class's memory after the connection. */
+Test(chunkpool, exact_blocks_bypass_the_pool)
+{
+    kd_chunkpool_drain();
+    size_t sizes[] = {0, 1, 1024, 2928, 4096, 16394};
+    for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) {
+        struct kd_chunkpool_stats a = st();
+        uint8_t *p = kd_chunkpool_malloc_exact(sizes[i]);
+        cr_assert_not_null(p);
+        cr_assert_eq((uintptr_t)p % 16, 0, "aligned like malloc");
+        memset(p, 0x5a, sizes[i]);
+        struct kd_chunkpool_stats b = st();
+        cr_assert_eq(b.hits + b.misses, a.hits + a.misses, "size %zu: not served by the pool", sizes[i]);
+        kd_chunkpool_free(p);
+        cr_assert_eq(st().kept_bytes, a.kept_bytes, "size %zu: not kept after free", sizes[i]);
+    }
+    /* realloc of an exact block keeps its bytes and moves into the pool's classes */
+    uint8_t *r = kd_chunkpool_malloc_exact(10);
+    for (int i = 0; i < 10; i++)
+        r[i] = (uint8_t)(i + 1);
+    uint8_t *r2 = kd_chunkpool_realloc(r, 3000);
+    cr_assert_not_null(r2);
+    for (int i = 0; i < 10; i++)
+        cr_assert_eq(r2[i], i + 1);
+    kd_chunkpool_free(r2);
+    cr_assert_null(kd_chunkpool_malloc_exact(SIZE_MAX - 4));
+    kd_chunkpool_drain();
+}
+
 Test(chunkpool, kept_blocks_are_bounded)
 {
     for (unsigned k = 0; k < KD_CHUNKPOOL_CLASSES; k++) {
