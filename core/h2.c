@@ -30,6 +30,8 @@
 /* A refused header block that decoded to more than this many times its wire bytes was built from
  * the dynamic table on purpose (one-byte references to a large entry): an HPACK bomb. */
 #define HPACK_AMPLIFY_MAX 32
+#define LIB_ERR_MAX       96  /* nghttp2's error text kept for the log */
+#define FAIL_MSG_MAX      160 /* a refused message's status text */
 
 /* A token bucket: `burst` tokens at most, `rate` regained per second; take() fails when empty. */
 struct bucket {
@@ -136,7 +138,7 @@ struct kd_h2 {
     /* The header block being received: its wire bytes (HEADERS + CONTINUATION payloads) and what
      * it decoded to (as max_header_list counts), to tell an HPACK bomb from plain large metadata. */
     size_t hb_wire, hb_decoded;
-    char lib_err[96]; /* nghttp2's last error text (error_callback2), for the log */
+    char *lib_err; /* nghttp2's last error text (error_callback2), for the log; made on the first */
     struct kd_h2_counters counters;
     /* zlib state, made on first use and reused by every call of the session (messages are inflated
      * and deflated whole, one at a time): an idle call holds none. */
@@ -147,9 +149,10 @@ struct kd_h2 {
      * answers without walking every call of the connection. */
     uint64_t next_deadline;
     /* deliver() refused a message: status and message for on_data_chunk, which reads them right
-     * after the deframer returns (per session, not per call: an idle call should not carry them) */
+     * after the deframer returns (per session, not per call: an idle call should not carry them;
+     * the text is made on the first refusal, as lib_err: a healthy connection carries neither) */
     int fail_status;
-    char fail_msg[160];
+    char *fail_msg;
     /* nghttp2's allocator for this session (ng_mem with mem_user_data = this), so the output frame
      * buffer it makes while the session is created (creating) can live in pages of its own (fb,
      * fb_len): see ng_malloc and kd_h2_shed. */
@@ -457,8 +460,11 @@ static void consume(struct kd_h2_call *c, size_t len)
 
 static int refuse(struct kd_h2_call *c, int status, const char *msg)
 {
-    c->h->fail_status = status;
-    snprintf(c->h->fail_msg, sizeof(c->h->fail_msg), "%s", msg);
+    struct kd_h2 *h = c->h;
+    if (h->fail_msg == NULL && (h->fail_msg = malloc(FAIL_MSG_MAX)) == NULL)
+        return -ENOMEM; /* the call fails with "handler failed" instead */
+    h->fail_status = status;
+    snprintf(h->fail_msg, FAIL_MSG_MAX, "%s", msg);
     return -ECANCELED;
 }
 
@@ -478,7 +484,7 @@ static int deliver(void *ud, const uint8_t *msg, size_t len, bool compressed)
     struct kd_compress_buf out;
     int rc = kd_inflater_run(h->inf, c->recv_alg, msg, len, h->o.max_message, &out);
     if (rc == -EMSGSIZE) {
-        char m[sizeof(h->fail_msg)];
+        char m[FAIL_MSG_MAX];
         snprintf(m, sizeof(m), "grpc: received message after decompression larger than max (%llu vs. %u)%s%s",
                  (unsigned long long)h->o.max_message + 1, h->o.max_message, h->o.max_message_key ? "; " : "",
                  h->o.max_message_key ? h->o.max_message_key : "");
@@ -509,7 +515,8 @@ static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t sid, const u
     }
     struct kd_h2 *h = c->h;
     h->fail_status = KD_GRPC_INTERNAL;
-    snprintf(h->fail_msg, sizeof(h->fail_msg), "grpc: message refused");
+    if (h->fail_msg != NULL)
+        snprintf(h->fail_msg, FAIL_MSG_MAX, "grpc: message refused");
     int rc = kd_grpc_deframer_feed(&c->df, data, len, deliver, c);
     consume(c, len);
     if (rc == -EMSGSIZE) {
@@ -523,7 +530,9 @@ static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t sid, const u
             kd_h2_call_cancel(c, KD_GRPC_RESOURCE_EXHAUSTED, msg);
         }
     } else if (rc == -ECANCELED || rc == -EPROTO) {
-        const char *msg = rc == -EPROTO ? "grpc: reserved flag bits set in a message prefix" : h->fail_msg;
+        const char *msg = rc == -EPROTO         ? "grpc: reserved flag bits set in a message prefix"
+                          : h->fail_msg != NULL ? h->fail_msg
+                                                : "grpc: message refused";
         int st = rc == -EPROTO ? KD_GRPC_INTERNAL : h->fail_status;
         if (c->h->o.server)
             fail_server_call(c, st, msg);
@@ -809,7 +818,9 @@ static int on_begin_frame(nghttp2_session *s, const nghttp2_frame_hd *hd, void *
 static int on_error(nghttp2_session *s, int lib_error_code, const char *msg, size_t len, void *ud)
 {
     struct kd_h2 *h = ud;
-    snprintf(h->lib_err, sizeof(h->lib_err), "%.*s", (int)len, msg);
+    if (h->lib_err == NULL && (h->lib_err = malloc(LIB_ERR_MAX)) == NULL)
+        return 0; /* the log line says "connection error" instead */
+    snprintf(h->lib_err, LIB_ERR_MAX, "%.*s", (int)len, msg);
     return 0;
 }
 
@@ -931,7 +942,7 @@ static int on_frame_send(nghttp2_session *s, const nghttp2_frame *f, void *ud)
             if (h->o.on_abuse && f->goaway.error_code != NGHTTP2_NO_ERROR) {
                 char why[160];
                 snprintf(why, sizeof(why), "GOAWAY %s: %s", nghttp2_http2_strerror(f->goaway.error_code),
-                         h->lib_err[0] ? h->lib_err : "connection error");
+                         h->lib_err != NULL ? h->lib_err : "connection error");
                 h->o.on_abuse(h->o.ud,
                               f->goaway.error_code == NGHTTP2_COMPRESSION_ERROR ? KD_H2_ABUSE_HPACK
                                                                                 : KD_H2_ABUSE_PROTOCOL_ERROR,
@@ -1165,6 +1176,8 @@ void kd_h2_free(struct kd_h2 *h)
         call_free(c);
     }
     nghttp2_session_del(h->s);
+    free(h->lib_err);
+    free(h->fail_msg);
     kd_inflater_free(h->inf);
     kd_deflater_free(h->def);
     free(h);
