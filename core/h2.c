@@ -1107,6 +1107,8 @@ struct kd_h2 *kd_h2_new(const struct kd_h2_opts *o)
     /* nghttp2 keeps closed streams around for RFC 7540 priorities, which gRPC never uses; an idle
      * agent's finished Register stream cost about 0.3 KiB of its connection. */
     nghttp2_option_set_no_closed_streams(opt, 1);
+    if (o->no_send_index)
+        nghttp2_option_set_max_deflate_dynamic_table_size(opt, 0);
     nghttp2_option_set_max_send_header_block_length(opt, 65536);
     if (o->server)
         nghttp2_option_set_no_http_messaging(opt, 1); /* see request_header_check() */

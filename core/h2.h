@@ -110,6 +110,11 @@ struct kd_h2_opts {
      * with identity is INTERNAL, other encodings UNIMPLEMENTED) and handlers see inflated bytes;
      * max_message bounds both the wire size and the inflated size (RESOURCE_EXHAUSTED). */
     uint8_t send_compression;
+    /* The header blocks we send use no HPACK dynamic table: every header goes as a literal (or a
+     * static-table reference). For connections that hold many idle streams and carry few calls each
+     * (agents): the table's entries cost about 2.8 KiB of every idle agent's connection, the literals
+     * about 25 bytes per call. What the peer sends is decoded with its table as usual. */
+    bool no_send_index;
     /* The abuse limits (copied); NULL: the KD_H2_* defaults above. */
     const struct kd_h2_limits *limits;
     /* Server: a new call. */

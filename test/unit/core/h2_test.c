@@ -14,6 +14,7 @@
 struct side {
     struct kd_h2 *h, *peer;
     size_t moved;
+    size_t moved_total;
 };
 
 static int to_peer(void *ud, const uint8_t *data, size_t len)
@@ -21,6 +22,7 @@ static int to_peer(void *ud, const uint8_t *data, size_t len)
     struct side *s = ud;
     const char *err = NULL;
     s->moved += len;
+    s->moved_total += len;
     int rc = kd_h2_recv(s->peer, data, len, &err);
     cr_assert_eq(rc, 0, "recv: %s", err ? err : "?");
     return 0;
@@ -290,6 +292,48 @@ static const struct kd_h2_opts base_srv = {
     .initial_window = 1u << 20,
     .on_call = on_call,
 };
+
+/* Bytes the server sends for one echoed message on call number `i` of the connection. */
+static size_t one_call_bytes(struct pair *p, size_t i)
+{
+    static const size_t sizes[] = {10};
+    struct expect e = {.sizes = sizes, .n = 1, .status = -1};
+    struct kd_h2_call *call =
+        kd_h2_call_start(p->cli, "/t.Echo/Bidi", "localhost", NULL, 0, 0, 0, &client_handler, &e);
+    cr_assert_not_null(call);
+    uint8_t m[10];
+    fill(m, sizeof(m), 0);
+    cr_assert_geq(kd_h2_call_send_message(call, m, sizeof(m)), 0);
+    cr_assert_eq(kd_h2_call_close_send(call), 0);
+    size_t before = p->ss.moved_total;
+    pump(&p->cs, &p->ss);
+    cr_assert(e.done, "call %zu not finished", i);
+    cr_assert_eq(e.status, KD_GRPC_OK);
+    return p->ss.moved_total - before;
+}
+
+/* no_send_index: the server's header blocks never use HPACK's dynamic table, so every call's response
+ * costs the same bytes (with indexing the second call's headers shrink to table references), and
+ * the client decodes them all the same. */
+Test(h2, no_send_index_sends_literal_headers)
+{
+    for (int off = 0; off < 2; off++) {
+        struct kd_h2_opts so = base_srv;
+        so.no_send_index = off == 1;
+        struct pair p;
+        pair_open(&p, &so);
+        pump(&p.cs, &p.ss);
+        size_t first = one_call_bytes(&p, 0), second = one_call_bytes(&p, 1), third = one_call_bytes(&p, 2);
+        if (off) {
+            /* the first block also carries the one-byte table size update to 0 */
+            cr_assert_eq(third, second, "literal headers: %zu, %zu, %zu bytes", first, second, third);
+            cr_assert_leq(first, second + 1, "literal headers: %zu, %zu, %zu bytes", first, second, third);
+        } else {
+            cr_assert_lt(second + 10, first, "indexed headers shrink: %zu then %zu bytes", first, second);
+        }
+        pair_close(&p);
+    }
+}
 
 Test(h2, keepalive_ping_outstanding_until_its_ack)
 {
