@@ -791,7 +791,7 @@ int main(int argc, char **argv)
         sp->grpc.ping_min_interval_ms = sp->cfg->keepalive_min_time_ms;
         sp->grpc.websocket = sp->cfg->websocket != 0; /* set for the agent listener only */
         /* Agent connections: thousands, idle for hours, a few calls each (core/h2.h). */
-        sp->grpc.no_send_index = i == 0;
+        sp->grpc.lean = i == 0;
         kd_grpc_server_cfg_defaults(&sp->grpc);
         struct kd_server_listener *l = &o.listeners[o.nlisteners++];
         l->name = sp->name;

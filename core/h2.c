@@ -212,7 +212,8 @@ static void hdrs_free(struct hdrs *hs)
 /* A complete block that stays as long as its call (an idle tunnel keeps its request headers for
  * hours): entries and names/values move into one block of exactly their size. About 1 KiB of
  * doubling slack per call otherwise. Left as it is when memory is short. Only a server's request
- * headers are compacted, once the block has ended: on_header stores nothing more for that call. */
+ * headers are compacted (on lean sessions, kd_h2_opts), once the block has ended: on_header stores
+ * nothing more for that call. */
 static void hdrs_compact(struct hdrs *hs)
 {
     if (hs->one || hs->n == 0)
@@ -726,7 +727,8 @@ static int server_request_ready(struct kd_h2 *h, struct kd_h2_call *c, bool end_
         kd_compress_accepts(acc, alen, h->o.send_compression))
         c->send_alg = h->o.send_compression;
     c->remote_closed = end_stream;
-    hdrs_compact(&c->hdr); /* complete: a request's headers get no more entries */
+    if (h->o.lean)
+        hdrs_compact(&c->hdr); /* complete: a request's headers get no more entries */
     int rc = h->o.on_call ? h->o.on_call(h->o.ud, c) : KD_GRPC_UNIMPLEMENTED;
     if (rc != 0 || c->handler == NULL) {
         /* Rejected, or answered already inside on_call without a handler. */
@@ -1107,7 +1109,7 @@ struct kd_h2 *kd_h2_new(const struct kd_h2_opts *o)
     /* nghttp2 keeps closed streams around for RFC 7540 priorities, which gRPC never uses; an idle
      * agent's finished Register stream cost about 0.3 KiB of its connection. */
     nghttp2_option_set_no_closed_streams(opt, 1);
-    if (o->no_send_index)
+    if (o->lean)
         nghttp2_option_set_max_deflate_dynamic_table_size(opt, 0);
     nghttp2_option_set_max_send_header_block_length(opt, 65536);
     if (o->server)

@@ -999,7 +999,7 @@ static int server_open(struct kd_conn *c, bool adopted)
         .ping_min_interval_ms = cfg->ping_min_interval_ms,
         .limits = cfg->h2_limits,
         .send_compression = cfg->response_compression,
-        .no_send_index = cfg->no_send_index,
+        .lean = cfg->lean,
         .on_call = server_on_call,
         .on_abuse = on_abuse,
         .ud = g,

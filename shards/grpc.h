@@ -56,7 +56,7 @@ struct kd_grpc_server_cfg {
     const struct kd_h2_limits *h2_limits;  /* HTTP/2 abuse limits (borrowed); NULL: core/h2.h's defaults */
     uint8_t response_compression; /* enum kd_compress_alg: 0 identity; gzip for callers accepting it */
     bool websocket;               /* also HTTP/2 inside WebSocket (core/ws.h), by first bytes */
-    bool no_send_index;           /* kd_h2_opts.no_send_index: headers we send are never indexed */
+    bool lean;                    /* kd_h2_opts.lean: memory before CPU (agent connections) */
     /* A connection of this listener closed; `user` is what kd_grpc_conn_set_user stored (or NULL).
      * Runs on the connection's shard after every call on it has ended. */
     void (*on_conn_close)(struct kd_shard *s, void *user);

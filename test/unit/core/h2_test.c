@@ -312,14 +312,14 @@ static size_t one_call_bytes(struct pair *p, size_t i)
     return p->ss.moved_total - before;
 }
 
-/* no_send_index: the server's header blocks never use HPACK's dynamic table, so every call's response
+/* lean: the server's header blocks never use HPACK's dynamic table, so every call's response
  * costs the same bytes (with indexing the second call's headers shrink to table references), and
  * the client decodes them all the same. */
-Test(h2, no_send_index_sends_literal_headers)
+Test(h2, lean_sends_literal_headers)
 {
     for (int off = 0; off < 2; off++) {
         struct kd_h2_opts so = base_srv;
-        so.no_send_index = off == 1;
+        so.lean = off == 1;
         struct pair p;
         pair_open(&p, &so);
         pump(&p.cs, &p.ss);
