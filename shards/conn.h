@@ -47,6 +47,7 @@ enum kd_op {
     KD_OP_EVENTFD,  /* read on the shard's eventfd (doorbell from a non-shard thread) */
     KD_OP_LCANCEL,  /* cancellation of a listener's accept */
     KD_OP_CONNECT,  /* outbound connect */
+    KD_OP_WAKE,     /* a precise wake-up of the shard's loop (kd_shard_wake_at) */
 };
 
 #define KD_GEN_BITS 24u

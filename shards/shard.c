@@ -106,6 +106,22 @@ void kd_shard_wake(struct kd_shard *s)
     (void)rc; /* EAGAIN means the counter is already non-zero: the shard will wake anyway */
 }
 
+void kd_shard_wake_at(struct kd_shard *s, uint64_t mono_ns)
+{
+    if (mono_ns >= s->wake_at_ns)
+        return;
+    s->wake_at_ns = mono_ns;
+    s->wake_ts.tv_sec = (long long)(mono_ns / 1000000000u);
+    s->wake_ts.tv_nsec = (long long)(mono_ns % 1000000000u);
+    struct io_uring_sqe *sqe = kd_shard_sqe(s);
+    io_uring_prep_timeout(sqe, &s->wake_ts, 0, IORING_TIMEOUT_ABS);
+    io_uring_sqe_set_data64(sqe, kd_ud_make(KD_OP_WAKE, 0, 0));
+    /* The SQE is read at submission, which may come later in this turn: submit now, so wake_ts can
+     * be reused by the next request. */
+    io_uring_submit(&s->ring);
+    s->ops_inflight++;
+}
+
 void kd_shard_buf_return(struct kd_shard *s, uint16_t bid)
 {
     io_uring_buf_ring_add(s->br, s->bufs + (size_t)bid * s->buf_size, s->buf_size, bid,
@@ -282,6 +298,10 @@ static void dispatch(struct kd_shard *s, struct io_uring_cqe *cqe)
         break;
     case KD_OP_DOORBELL:
         /* A wake-up (or a failed msg_ring we sent, which the target's own checks cover). */
+        break;
+    case KD_OP_WAKE: /* -ETIME: the time came; nothing to do but run this turn */
+        s->ops_inflight--;
+        s->wake_at_ns = UINT64_MAX; /* any later pending one still fires; a new request re-arms */
         break;
     default:
         kd_stat_inc(&s->stats.stale_cqes);
@@ -479,6 +499,7 @@ static int setup(struct kd_shard *s)
     kd_list_init(&s->sent);
     s->now_ms = kd_clock_ms();
     kd_timerwheel_init(&s->timers, s->now_ms);
+    s->wake_at_ns = UINT64_MAX;
     kd_timer_init(&s->stop_timer, stop_timer_cb);
     rc = kd_router_attach(srv->router, s->id, &s->ring, kd_ud_make(KD_OP_DOORBELL, 0, 0), s->eventfd,
                           on_router_msg, s);

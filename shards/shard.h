@@ -93,7 +93,9 @@ struct kd_shard {
     uint64_t quiet_ms;    /* time of the last walk */
     struct kd_timerwheel timers;
     uint64_t now_ms;
-    uint32_t ops_inflight; /* every op of this shard (conns, listeners, eventfd) */
+    uint32_t ops_inflight;            /* every op of this shard (conns, listeners, eventfd, wakes) */
+    uint64_t wake_at_ns;              /* earliest kd_shard_wake_at pending (UINT64_MAX: none) */
+    struct __kernel_timespec wake_ts; /* its time, read by the kernel when the SQE is submitted */
 
     bool stopping;          /* stop seen: listeners closing, connections told */
     bool force_closing;     /* the grace period is over: anything still arriving is closed */
@@ -145,6 +147,11 @@ struct kd_server {
 };
 
 /* --- used by protocols and the server --- */
+/* Wake this shard's loop at CLOCK_MONOTONIC time mono_ns (kd_clock_ns), for work due between the
+ * timer wheel's 1 ms ticks (the load generator's paced calls). An io_uring timeout: the loop turn it
+ * ends runs the protocol's on_turn hook. A request no earlier than a pending one is dropped; an
+ * earlier one adds a second timeout. Shard thread only. */
+void kd_shard_wake_at(struct kd_shard *s, uint64_t mono_ns);
 static inline unsigned kd_shard_id(const struct kd_shard *s)
 {
     return s->id;

@@ -400,3 +400,61 @@ Test(handoff, busy_port_fails_with_clear_error)
     kd_server_wait(srv);
     kd_server_destroy(srv);
 }
+
+/* kd_shard_wake_at: a shard with nothing to do (no timer, no connection) sleeps until woken; the
+ * wake arrives at the time asked, not before, and runs a loop turn (on_turn). */
+static _Atomic uint64_t wake_want_ns, wake_seen_ns;
+
+#include <stdatomic.h>
+
+#include "core/clock.h"
+#include "shards/shard.h"
+
+static int wake_start(struct kd_shard *s)
+{
+    uint64_t want = kd_clock_ns() + 200000000ull; /* 200 ms */
+    atomic_store(&wake_want_ns, want);
+    kd_shard_wake_at(s, want + 1000000000ull); /* a later request is replaced by the earlier one */
+    kd_shard_wake_at(s, want);
+    kd_shard_wake_at(s, want + 5000000ull); /* no earlier than the pending one: dropped */
+    return 0;
+}
+
+static void wake_turn(struct kd_shard *s)
+{
+    (void)s;
+    uint64_t now = kd_clock_ns(), want = atomic_load(&wake_want_ns);
+    if (want != 0 && now >= want && atomic_load(&wake_seen_ns) == 0)
+        atomic_store(&wake_seen_ns, now);
+}
+
+Test(handoff, wake_at_runs_a_turn_at_that_time, .timeout = 30)
+{
+    struct kd_server_opts o = {
+        .shards = 1,
+        .pin = false,
+        .connections_per_shard = 8,
+        .recv_buffers = 16,
+        .recv_buffer_size = 4096,
+        .ring_size = 64,
+        .shutdown_grace_ms = 500,
+        .on_shard_start = wake_start,
+        .on_turn = wake_turn,
+    };
+    struct kd_server *srv;
+    char err[256];
+    cr_assert_eq(kd_server_create(&o, &srv, err, sizeof(err)), 0, "create: %s", err);
+    int rc = kd_server_start(srv, err, sizeof(err));
+    if (rc == -ENOSYS || rc == -EPERM)
+        cr_skip_test("io_uring unavailable: %s", err);
+    cr_assert_eq(rc, 0, "start: %s", err);
+    /* without the wake the idle shard would sleep for a minute */
+    for (int i = 0; i < 500 && atomic_load(&wake_seen_ns) == 0; i++)
+        usleep(10000);
+    uint64_t seen = atomic_load(&wake_seen_ns), want = atomic_load(&wake_want_ns);
+    cr_assert_neq(seen, 0, "no loop turn after the wake time within 5 s");
+    cr_assert_geq(seen, want);
+    kd_server_stop(srv);
+    cr_assert_eq(kd_server_wait(srv), 0);
+    kd_server_destroy(srv);
+}
