@@ -221,6 +221,10 @@ static void render_metrics(struct kd_control *c, struct buf *b)
                   "Hand-offs that arrived when this shard's connection table was full.");
     SHARD_COUNTER(recv_bytes, "kasd_received_bytes_total", "Bytes received from sockets (before TLS).");
     SHARD_COUNTER(sent_bytes, "kasd_sent_bytes_total", "Bytes sent to sockets (after TLS).");
+    SHARD_COUNTER(recvs, "kasd_receives_total",
+                  "Socket receives that carried bytes (one provided buffer each).");
+    SHARD_COUNTER(sends, "kasd_sends_total",
+                  "Socket sends submitted (one per connection per loop turn at most).");
     SHARD_COUNTER(enobufs, "kasd_recv_buffers_exhausted_total",
                   "Receives re-armed because the shard's provided buffer ring ran dry.");
     SHARD_COUNTER(stale_cqes, "kasd_stale_completions_total",

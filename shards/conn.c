@@ -367,6 +367,7 @@ static void complete_recv(struct kd_shard *s, struct kd_conn *c, struct io_uring
         uint16_t bid = (uint16_t)(cqe->flags >> IORING_CQE_BUFFER_SHIFT);
         const uint8_t *data = s->bufs + (size_t)bid * s->buf_size;
         kd_stat_add(&s->stats.recv_bytes, (uint64_t)res);
+        kd_stat_inc(&s->stats.recvs);
         if (c->state == KD_CONN_OPEN || c->state == KD_CONN_HANDOFF) {
             int rc = c->ops->on_data(c, data, (size_t)res);
             if (rc < 0)
@@ -506,6 +507,7 @@ static void arm_send(struct kd_conn *c)
     io_uring_sqe_set_data64(sqe, kd_ud_make(KD_OP_SEND, c->gen, c->slot));
     c->send_armed = true;
     op_begin(c);
+    kd_stat_inc(&c->shard->stats.sends);
     if (c->ops->on_quiet != NULL) {
         struct kd_shard *s = c->shard;
         c->sent_gen = s->quiet_gen;

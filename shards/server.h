@@ -70,6 +70,8 @@ struct kd_shard_stats {
     kd_stat handoffs_refused; /* arrived but the table was full */
     kd_stat recv_bytes;
     kd_stat sent_bytes;
+    kd_stat recvs;   /* receive completions that carried bytes (one per buffer) */
+    kd_stat sends;   /* send operations submitted */
     kd_stat enobufs; /* recv re-armed after the buffer ring ran dry */
     kd_stat stale_cqes;
     kd_stat loops;
