@@ -416,7 +416,7 @@ static void pace(struct lgshard *sh)
         uint64_t before = sh->issued_phase;
         issue(sh);
         if (sh->issued_phase == before)
-            break;
+            return; /* no usable channel, or the count is reached: the tick tries again in 1 ms */
     }
     if (sh->inflight < sh->conc) {
         double next = (double)sh->issued_phase / sh->rate * 1e9;
@@ -426,7 +426,8 @@ static void pace(struct lgshard *sh)
 
 static void on_turn(struct kd_shard *s)
 {
-    if (O.rate > 0)
+    /* Stopping (a signal): no new wake, so the shard's own operations can drain. */
+    if (O.rate > 0 && !s->stopping)
         pace(kd_shard_user(s));
 }
 

@@ -368,10 +368,14 @@ static uint64_t maybe_trim(struct kd_shard *s, uint64_t wait_ms)
 /* Give the receive buffers' pages back to the kernel once the shard has gone quiet. The ring hands
  * buffers out in order, so any traffic touches all nbufs x buf_size bytes (16 MiB by default)
  * however few are in use at once, and an idle shard would keep them resident for good: at 5,000
- * idle agents that was a quarter of kasd's RSS. Here, between two reaps, every buffer is back in the
- * ring (complete_recv returns each one before the next completion), and with DEFER_TASKRUN the
- * kernel copies received bytes into them only inside io_uring_enter on this thread, so their
- * contents are dead and MADV_DONTNEED is safe: the next receive into a page faults in a zero page.
+ * idle agents that was a quarter of kasd's RSS. Here, between two reaps, every buffer whose
+ * completion we have seen is back in the ring (complete_recv returns each one before the next
+ * completion), and with DEFER_TASKRUN the kernel copies received bytes into them only inside
+ * io_uring_enter on this thread. A submit during this turn (a full SQ, a doorbell,
+ * kd_shard_wake_at) may have issued a recv inline and filled a buffer, but then its completion is
+ * already in the CQ: so nothing is shed while the CQ holds anything (or has overflowed). Otherwise
+ * the contents are dead and MADV_DONTNEED is safe: the next receive into a page faults in a zero
+ * page.
  * Without DEFER_TASKRUN (kernels before 6.1) task work may run at any return to user space, between
  * a copy and our reap, so nothing is shed there.
  * Looked at when the shard is about to sleep, every SHED_CHECK_MS: shed when fewer than nbufs/32
@@ -392,6 +396,9 @@ static uint64_t maybe_shed(struct kd_shard *s)
     s->shed_check_used = s->bufs_used;
     s->shed_check_ms = s->now_ms;
     if (recent >= s->nbufs / 32u || s->now_ms - s->shed_ms < SHED_EVERY_MS)
+        return SHED_CHECK_MS;
+    /* nothing between this check and the madvise enters the kernel's io_uring */
+    if (io_uring_cq_ready(&s->ring) != 0 || io_uring_cq_has_overflow(&s->ring))
         return SHED_CHECK_MS;
     if (madvise(s->bufs, s->bufs_len, MADV_DONTNEED) == 0)
         kd_stat_inc(&s->stats.buffer_sheds);
