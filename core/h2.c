@@ -14,6 +14,8 @@
 
 #include <errno.h>
 #include <nghttp2/nghttp2.h>
+#include <pthread.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1007,21 +1009,65 @@ static int on_stream_close(nghttp2_session *s, int32_t sid, uint32_t error_code,
  * session's life, yet its bytes are dead between two nghttp2_session_mem_send calls (each frame is
  * copied out at once, kd_h2_send). In the heap, the pages small frames touch stay resident for
  * every idle connection, next to other blocks. So the one big block asked for while the session is
- * being created gets pages of its own (mmap: untouched pages cost nothing) and kd_h2_shed can give
- * them back while the connection is quiet. nghttp2 names no allocation, so "made during creation,
- * at least 16 KiB" is how it is told apart; every other block, and any later frame-buffer chain
- * (long header blocks), stays in the pool and is never shed. */
+ * being created gets page-aligned memory of its own (a slot, fb_get: untouched pages cost nothing)
+ * and kd_h2_shed can give its pages back while the connection is quiet. nghttp2 names no allocation, so "made
+ * during creation, at least 16 KiB" is how it is told apart; every other block, and any later frame-buffer
+ * chain (long header blocks), stays in the pool and is never shed. */
 #define FB_MIN 16384u
+
+/* Frame-buffer slots: page-aligned blocks of FB_SLOT bytes carved from mappings of FB_PER_MAP
+ * slots, shared by every thread (a mutex: a slot is taken once per connection). One mapping per
+ * buffer would cost a kernel VMA each once frees leave holes, and vm.max_map_count (65,530 by
+ * default) is within reach of an instance's agent count. A freed slot's pages go back at once
+ * (MADV_DONTNEED), so a slot handed out is zero and costs nothing until written; the free list is
+ * a separate array, so it touches no freed slot. Mappings are kept: their address space stays
+ * reserved, not their memory. */
+#define FB_SLOT    20480u /* 16,394 bytes rounded up to 4 KiB pages */
+#define FB_PER_MAP 100u
+static pthread_mutex_t fb_lock = PTHREAD_MUTEX_INITIALIZER;
+static void **fb_free; /* free slots */
+static size_t fb_nfree, fb_cap;
+
+static void *fb_get(void)
+{
+    void *p = NULL;
+    pthread_mutex_lock(&fb_lock);
+    if (fb_nfree == 0 && fb_cap < SIZE_MAX / sizeof(void *) / 2 - FB_PER_MAP) {
+        void **nf = realloc(fb_free, (fb_cap + FB_PER_MAP) * sizeof(void *));
+        uint8_t *m = mmap(NULL, (size_t)FB_SLOT * FB_PER_MAP, PROT_READ | PROT_WRITE,
+                          MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (nf != NULL)
+            fb_free = nf;
+        if (nf != NULL && m != MAP_FAILED) {
+            fb_cap += FB_PER_MAP;
+            for (unsigned i = FB_PER_MAP; i-- > 0;) /* slot 0 on top: handed out first */
+                fb_free[fb_nfree++] = m + (size_t)i * FB_SLOT;
+        } else if (m != MAP_FAILED) {
+            munmap(m, (size_t)FB_SLOT * FB_PER_MAP);
+        }
+    }
+    if (fb_nfree > 0)
+        p = fb_free[--fb_nfree];
+    pthread_mutex_unlock(&fb_lock);
+    return p;
+}
+
+static void fb_put(void *p)
+{
+    madvise(p, FB_SLOT, MADV_DONTNEED);
+    pthread_mutex_lock(&fb_lock);
+    fb_free[fb_nfree++] = p; /* room: fb_cap counts every slot ever made */
+    pthread_mutex_unlock(&fb_lock);
+}
+
 static void *ng_malloc(size_t size, void *ud)
 {
     struct kd_h2 *h = ud;
-    if (h->creating && h->fb == NULL && size >= FB_MIN) {
-        long page = sysconf(_SC_PAGESIZE);
-        size_t len = (size + (size_t)page - 1) / (size_t)page * (size_t)page;
-        void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-        if (p != MAP_FAILED) {
+    if (h->creating && h->fb == NULL && size >= FB_MIN && size <= FB_SLOT) {
+        void *p = fb_get();
+        if (p != NULL) {
             h->fb = p;
-            h->fb_len = len;
+            h->fb_len = FB_SLOT;
             return p;
         }
     }
@@ -1033,7 +1079,7 @@ static void ng_free(void *p, void *ud)
 {
     struct kd_h2 *h = ud;
     if (p != NULL && p == h->fb) {
-        munmap(p, h->fb_len);
+        fb_put(p);
         h->fb = NULL;
         return;
     }
@@ -1049,7 +1095,7 @@ static void *ng_calloc(size_t n, size_t size, void *ud)
         return NULL;
     void *p = ng_malloc(n * size, ud);
     if (p != NULL && p != h->fb)
-        memset(p, 0, n * size); /* a fresh mapping is zero already */
+        memset(p, 0, n * size); /* a slot is zero already (fb_put) */
     return p;
 }
 

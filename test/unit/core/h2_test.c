@@ -197,6 +197,54 @@ Test(h2, shed_at_quiet_points_keeps_every_byte)
     shed_when_quiet = false;
 }
 
+static int discard(void *ud, const uint8_t *data, size_t len)
+{
+    (void)ud;
+    (void)data;
+    (void)len;
+    return 0;
+}
+
+static size_t maps_lines(void)
+{
+    FILE *f = fopen("/proc/self/maps", "r");
+    cr_assert_not_null(f);
+    size_t n = 0;
+    for (int ch; (ch = fgetc(f)) != EOF;)
+        n += ch == '\n';
+    fclose(f);
+    return n;
+}
+
+/* Every session's frame buffer is page-aligned memory of its own, yet thousands of sessions coming
+ * and going in any order cost the process a handful of mappings, not one each (vm.max_map_count
+ * is 65,530 by default: an instance with that many agents must not run into it). */
+Test(h2, frame_buffers_do_not_cost_a_mapping_each)
+{
+    enum { N = 3000 };
+    static struct kd_h2 *hs[N];
+    struct kd_h2_opts so = {
+        .server = true, .max_message = 1u << 20, .max_header_list = 16384, .on_call = on_call};
+    size_t before = maps_lines();
+    for (int i = 0; i < N; i++)
+        cr_assert_not_null(hs[i] = kd_h2_new(&so));
+    for (int i = 0; i < N; i += 2) /* every other one: holes everywhere */
+        kd_h2_free(hs[i]);
+    size_t holes = maps_lines();
+    for (int i = 0; i < N; i += 2)
+        cr_assert_not_null(hs[i] = kd_h2_new(&so));
+    for (int i = 0; i < N; i++) {
+        cr_assert_eq(kd_h2_send(hs[i], discard, NULL), 0); /* its SETTINGS, written into the slot */
+        cr_assert_geq(kd_h2_shed(hs[i]), 16384, "session %d sheds its frame buffer", i);
+    }
+    size_t after = maps_lines();
+    for (int i = 0; i < N; i++)
+        kd_h2_free(hs[i]);
+    cr_assert_lt(holes - before, 100, "%zu mappings -> %zu with %d sessions, every other one freed", before,
+                 holes, N / 2);
+    cr_assert_lt(after - before, 100, "%zu mappings -> %zu with %d sessions", before, after, N);
+}
+
 Test(h2, many_small_messages_share_chunks)
 {
     enum { N = 2000 };
