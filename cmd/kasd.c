@@ -981,7 +981,7 @@ int main(int argc, char **argv)
     kd_control_stop(ctl);
     exit_code = 0;
 out:
-    kd_control_destroy(ctl); /* before the server: it borrows the server and its router */
+    kd_control_destroy(ctl);    /* before the server: it borrows the server and its router */
     kd_access_free(access.cur); /* the control thread has stopped */
     kd_access_free(atomic_exchange(&access.pending, NULL));
     kd_server_destroy(srv);

@@ -134,12 +134,12 @@ struct kd_config {
         uint32_t grpc_max_concurrent_streams; /* limits.grpc_max_concurrent_streams: per connection */
         uint32_t grpc_max_header_list_size;   /* limits.grpc_max_header_list_size: metadata bytes per call */
         /* HTTP/2 abuse limits of every gRPC listener (core/h2.h struct kd_h2_limits) */
-        uint32_t h2_rapid_reset_burst;        /* limits.h2_rapid_reset_burst: client RST_STREAMs in a burst */
-        uint32_t h2_rapid_reset_rate;         /* limits.h2_rapid_reset_rate: ... regained per second */
-        uint32_t h2_settings_burst;           /* limits.h2_settings_burst: SETTINGS frames in a burst */
-        uint32_t h2_settings_rate;            /* limits.h2_settings_rate: ... regained per second */
-        uint32_t h2_ping_strikes;             /* limits.h2_ping_strikes: too-early client PINGs tolerated */
-        uint32_t routing_timeout_ms;          /* limits.routing_timeout: longest wait for an agent's tunnel */
+        uint32_t h2_rapid_reset_burst;      /* limits.h2_rapid_reset_burst: client RST_STREAMs in a burst */
+        uint32_t h2_rapid_reset_rate;       /* limits.h2_rapid_reset_rate: ... regained per second */
+        uint32_t h2_settings_burst;         /* limits.h2_settings_burst: SETTINGS frames in a burst */
+        uint32_t h2_settings_rate;          /* limits.h2_settings_rate: ... regained per second */
+        uint32_t h2_ping_strikes;           /* limits.h2_ping_strikes: too-early client PINGs tolerated */
+        uint32_t routing_timeout_ms;        /* limits.routing_timeout: longest wait for an agent's tunnel */
         uint32_t pods_per_connection;       /* limits.pods_per_connection: pod_ids one connection registers */
         uint32_t pods_per_agent;            /* limits.pods_per_agent: pod_ids of one agent on this instance */
         uint32_t agent_meta_max_size;       /* limits.agent_meta_max_size: one Register's AgentMeta, bytes */

@@ -137,7 +137,8 @@ struct sockaddr;
 struct kd_httpd_tls;
 /* A client TLS context verifying servers with ca_file (NULL: the system's store) and the name (or IP
  * address) server_name. NULL with the reason in err. */
-struct kd_httpd_tls *kd_httpd_client_tls_new(const char *ca_file, const char *server_name, char *err, size_t errlen);
+struct kd_httpd_tls *kd_httpd_client_tls_new(const char *ca_file, const char *server_name, char *err,
+                                             size_t errlen);
 void kd_httpd_client_tls_free(struct kd_httpd_tls *t);
 struct kd_httpd_upgraded *kd_httpd_connect(struct kd_httpd *h, const struct sockaddr *sa, unsigned salen,
                                            const struct kd_httpd_tls *tls, const char *server_name,

@@ -129,7 +129,7 @@ void kas_token_resolved(struct kd_kas_shard *ks, const struct kd_msg *m)
     const struct kd_rt_token_ans *a = m->ptr;
     uint64_t now = kd_shard_now_ms(ks->s);
     if (m->from == ks->kas->nshards)
-        redis_share(ks, a); /* from the control thread (not from Redis itself) */
+        redis_share(ks, a);                          /* from the control thread (not from Redis itself) */
     struct tok_entry *e = tok_get(ks, a->digest, 0); /* also an expired one: refreshed in place */
     if (e == NULL) {
         if (ks->tok_entries >= TOK_CACHE_MAX)
@@ -234,8 +234,8 @@ static void redis_got(void *arg, const struct kd_resp *reply, const char *err)
     if (err == NULL && reply != NULL && reply->type == KD_RESP_STRING && reply->len < sizeof(buf)) {
         memcpy(buf, reply->str, reply->len);
         buf[reply->len] = '\0';
-        hit = sscanf(buf, "%lld %lld %lld %n", &exp_ms, &agent_id, &project_id, &name_at) == 3 && name_at > 0 &&
-              agent_id > 0 && project_id > 0;
+        hit = sscanf(buf, "%lld %lld %lld %n", &exp_ms, &agent_id, &project_id, &name_at) == 3 &&
+              name_at > 0 && agent_id > 0 && project_id > 0;
     }
     uint64_t now_wall = (uint64_t)time(NULL) * 1000;
     if (hit && (uint64_t)exp_ms > now_wall) {
@@ -438,8 +438,8 @@ static int register_message(kd_grpc_call *call, const uint8_t *msg, size_t len)
     uint32_t meta_max = ks->kas->agent_meta_max ? ks->kas->agent_meta_max : 16384;
     if (req.meta_len > meta_max) {
         char m[160];
-        snprintf(m, sizeof(m), "agent_meta too large (%zu bytes; limits.agent_meta_max_size is %u)", req.meta_len,
-                 meta_max);
+        snprintf(m, sizeof(m), "agent_meta too large (%zu bytes; limits.agent_meta_max_size is %u)",
+                 req.meta_len, meta_max);
         ks->stats.meta_refused++;
         kd_grpc_finish(call, KD_GRPC_RESOURCE_EXHAUSTED, m, NULL, 0);
         return 0;

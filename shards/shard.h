@@ -75,11 +75,11 @@ struct kd_shard {
     size_t br_map_len;
     uint8_t *bufs;
     uint32_t nbufs, buf_size;
-    uint32_t br_pending; /* buffers added since the last advance */
-    size_t bufs_len;     /* the mapping behind bufs (page-rounded) */
-    bool defer_taskrun;  /* the ring runs with IORING_SETUP_DEFER_TASKRUN (see maybe_shed) */
-    uint64_t bufs_used;  /* receive completions that consumed a buffer, ever */
-    uint64_t shed_used, shed_ms;             /* bufs_used and time at the last shed */
+    uint32_t br_pending;         /* buffers added since the last advance */
+    size_t bufs_len;             /* the mapping behind bufs (page-rounded) */
+    bool defer_taskrun;          /* the ring runs with IORING_SETUP_DEFER_TASKRUN (see maybe_shed) */
+    uint64_t bufs_used;          /* receive completions that consumed a buffer, ever */
+    uint64_t shed_used, shed_ms; /* bufs_used and time at the last shed */
     uint64_t shed_check_used, shed_check_ms; /* bufs_used and time at the last look */
 
     struct kd_shard_listener listeners[KD_MAX_LISTENERS];
